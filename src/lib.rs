@@ -1,0 +1,1 @@
+//! chatloop: a real-time TCP chat server built as one single-threaded mio event loop.
