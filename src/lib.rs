@@ -1,1 +1,2 @@
 //! chatloop: a real-time TCP chat server built as one single-threaded mio event loop.
+pub mod protocol;

@@ -1,0 +1,263 @@
+//! Frame boundaries: header validation and splitting a byte stream into frames.
+//!
+//! As in mini-redis, finding out whether a whole frame is buffered (`check_header`) is separate
+//! from parsing it (`ClientMsg::decode`), and "incomplete" is `Ok(None)`, an expected runtime
+//! condition rather than an error. The header is judged byte by byte as it arrives: a bad magic
+//! is reported after one byte, an oversized length as soon as the eighth header byte is in,
+//! before any of the payload (so a peer cannot make the server buffer a frame it will refuse).
+
+use byteorder::{BigEndian, ByteOrder};
+use std::io::{self, Read};
+
+use super::{HEADER_LEN, MAGIC, VERSION};
+
+/// A fatal framing error: the stream cannot be resynchronised after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// The first two bytes were not "CL".
+    BadMagic,
+    /// The version byte was not 1.
+    UnsupportedVersion(u8),
+    /// The announced payload length exceeds the limit.
+    TooLarge {
+        /// The length the header announced.
+        len: u32,
+        /// The limit in force.
+        max: u32,
+    },
+}
+
+impl FrameError {
+    /// The protocol error code for this framing error.
+    pub fn code(self) -> super::ErrorCode {
+        match self {
+            FrameError::BadMagic => super::ErrorCode::BadMagic,
+            FrameError::UnsupportedVersion(_) => super::ErrorCode::UnsupportedVersion,
+            FrameError::TooLarge { .. } => super::ErrorCode::FrameTooLarge,
+        }
+    }
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::BadMagic => write!(f, "frame does not start with \"CL\""),
+            FrameError::UnsupportedVersion(v) => write!(f, "protocol version {v} is not supported"),
+            FrameError::TooLarge { len, max } => {
+                write!(f, "payload of {len} bytes exceeds max_frame {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// A validated frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The opcode byte.
+    pub opcode: u8,
+    /// The payload length.
+    pub len: u32,
+}
+
+impl Header {
+    /// Header plus payload, in bytes.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.len as usize
+    }
+}
+
+/// Validates as much of a header as `buf` holds.
+///
+/// `Ok(None)`: fewer than 8 bytes, and those present are valid so far.
+/// `Ok(Some(h))`: a whole valid header; the frame is complete once `buf.len() >= h.frame_len()`.
+pub fn check_header(buf: &[u8], max_payload: u32) -> Result<Option<Header>, FrameError> {
+    for (i, &b) in buf.iter().take(2).enumerate() {
+        if b != MAGIC[i] {
+            return Err(FrameError::BadMagic);
+        }
+    }
+    if let Some(&v) = buf.get(2) {
+        if v != VERSION {
+            return Err(FrameError::UnsupportedVersion(v));
+        }
+    }
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = BigEndian::read_u32(&buf[4..8]);
+    if len > max_payload {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_payload,
+        });
+    }
+    Ok(Some(Header {
+        opcode: buf[3],
+        len,
+    }))
+}
+
+/// Splits one whole frame off the front of `buf`: `Ok(Some((opcode, payload, frame_len)))`,
+/// or `Ok(None)` when the frame is not yet complete.
+pub fn split_frame(buf: &[u8], max_payload: u32) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
+    match check_header(buf, max_payload)? {
+        Some(h) if buf.len() >= h.frame_len() => {
+            Ok(Some((h.opcode, &buf[HEADER_LEN..h.frame_len()], h.frame_len())))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// An owned read buffer that turns a byte stream into frames, for clients and runtimes that
+/// read into a buffer of their own (the terminal client, the load generator, a tokio server).
+///
+/// Bytes are appended at the end and frames are parsed in place at the front; the consumed
+/// prefix is dropped lazily (when more room is needed), so a frame is never copied more than
+/// once on its way in, and a steady stream allocates nothing.
+#[derive(Debug)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+    start: usize,
+    max_payload: u32,
+}
+
+impl FrameBuf {
+    /// A buffer that accepts payloads up to `max_payload` bytes.
+    pub fn new(max_payload: u32) -> Self {
+        FrameBuf {
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            max_payload,
+        }
+    }
+
+    /// Buffered bytes not yet returned as frames.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Whether no bytes are buffered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    /// Appends bytes received from elsewhere.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(data);
+    }
+
+    /// One `read` call from `r` into the buffer's free space (at least `min_free` bytes of it).
+    /// Returns what `read` returned; `Ok(0)` is end of stream.
+    pub fn read_from<R: Read>(&mut self, r: &mut R, min_free: usize) -> io::Result<usize> {
+        self.compact();
+        let len = self.buf.len();
+        let want = min_free.max(4096);
+        if self.buf.capacity() - len < want {
+            self.buf.reserve(want);
+        }
+        let cap = self.buf.capacity();
+        self.buf.resize(cap, 0);
+        let res = r.read(&mut self.buf[len..]);
+        let n = *res.as_ref().unwrap_or(&0);
+        self.buf.truncate(len + n);
+        res
+    }
+
+    /// The next whole frame, `Ok(None)` if none is complete yet. The returned payload borrows
+    /// the buffer until the next call.
+    pub fn next_frame(&mut self) -> Result<Option<(u8, &[u8])>, FrameError> {
+        let avail = &self.buf[self.start..];
+        match split_frame(avail, self.max_payload)? {
+            Some((op, _, n)) => {
+                let from = self.start + HEADER_LEN;
+                self.start += n;
+                Ok(Some((op, &self.buf[from..self.start])))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(op: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x43, 0x4C, 1, op];
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn header_is_judged_byte_by_byte() {
+        assert_eq!(check_header(&[], 10), Ok(None));
+        assert_eq!(check_header(&[0x43], 10), Ok(None));
+        assert_eq!(check_header(&[0x44], 10), Err(FrameError::BadMagic));
+        assert_eq!(check_header(&[0x43, 0x00], 10), Err(FrameError::BadMagic));
+        assert_eq!(
+            check_header(&[0x43, 0x4C, 2], 10),
+            Err(FrameError::UnsupportedVersion(2))
+        );
+        assert_eq!(check_header(&[0x43, 0x4C, 1, 7, 0, 0, 0], 10), Ok(None));
+        assert_eq!(
+            check_header(&[0x43, 0x4C, 1, 7, 0, 0, 0, 11], 10),
+            Err(FrameError::TooLarge { len: 11, max: 10 })
+        );
+        assert_eq!(
+            check_header(&[0x43, 0x4C, 1, 7, 0, 0, 0, 10], 10),
+            Ok(Some(Header { opcode: 7, len: 10 }))
+        );
+        // The largest length a u32 can say must not overflow anything.
+        assert!(check_header(&[0x43, 0x4C, 1, 7, 0xFF, 0xFF, 0xFF, 0xFF], u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn split_needs_the_whole_payload() {
+        let f = frame(7, b"abc");
+        for cut in 0..f.len() {
+            assert_eq!(split_frame(&f[..cut], 100), Ok(None));
+        }
+        assert_eq!(split_frame(&f, 100), Ok(Some((7, &b"abc"[..], 11))));
+    }
+
+    #[test]
+    fn framebuf_parses_in_place_across_reads() {
+        let mut stream = frame(7, b"one");
+        stream.extend(frame(8, b""));
+        stream.extend(frame(9, b"three"));
+        let mut fb = FrameBuf::new(100);
+        let mut got = Vec::new();
+        for chunk in stream.chunks(3) {
+            fb.extend(chunk);
+            while let Some((op, p)) = fb.next_frame().expect("valid stream") {
+                got.push((op, p.to_vec()));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![(7, b"one".to_vec()), (8, vec![]), (9, b"three".to_vec())]
+        );
+        assert!(fb.is_empty());
+    }
+
+    #[test]
+    fn framebuf_reads_from_a_reader() {
+        let bytes = frame(7, b"hi");
+        let mut r = &bytes[..];
+        let mut fb = FrameBuf::new(100);
+        assert_eq!(fb.read_from(&mut r, 16).expect("slice read"), 10);
+        assert_eq!(fb.next_frame(), Ok(Some((7, &b"hi"[..]))));
+        assert_eq!(fb.read_from(&mut r, 16).expect("slice read"), 0);
+    }
+}
