@@ -208,7 +208,10 @@ impl TimerWheel {
         self.next_tick = target + 1;
         #[cfg(debug_assertions)]
         for e in self.entries.iter().filter(|e| e.live) {
-            debug_assert!(e.deadline >= self.next_tick, "overdue timer left in the wheel");
+            debug_assert!(
+                e.deadline >= self.next_tick,
+                "overdue timer left in the wheel"
+            );
         }
     }
 

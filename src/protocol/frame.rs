@@ -103,9 +103,11 @@ pub fn check_header(buf: &[u8], max_payload: u32) -> Result<Option<Header>, Fram
 /// or `Ok(None)` when the frame is not yet complete.
 pub fn split_frame(buf: &[u8], max_payload: u32) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
     match check_header(buf, max_payload)? {
-        Some(h) if buf.len() >= h.frame_len() => {
-            Ok(Some((h.opcode, &buf[HEADER_LEN..h.frame_len()], h.frame_len())))
-        }
+        Some(h) if buf.len() >= h.frame_len() => Ok(Some((
+            h.opcode,
+            &buf[HEADER_LEN..h.frame_len()],
+            h.frame_len(),
+        ))),
         _ => Ok(None),
     }
 }

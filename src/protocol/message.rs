@@ -647,10 +647,24 @@ mod tests {
             BadPayload("bytes left over after the last field")
         );
         assert_eq!(bad(op::JOIN, &[0, 1, 0xFF]), BadPayload("invalid UTF-8"));
-        assert_eq!(bad(op::SAY, &[0, 1, b'a', 0xC3]), BadPayload("invalid UTF-8"));
+        assert_eq!(
+            bad(op::SAY, &[0, 1, b'a', 0xC3]),
+            BadPayload("invalid UTF-8")
+        );
         assert_eq!(bad(op::QUIT, &[0xFF]), BadPayload("invalid UTF-8"));
-        assert!(matches!(bad(op::HELLO, &[0, 1, b'a', 1, 2, 3, 4, 5]), BadPayload(_)));
-        assert!(matches!(bad(op::HELLO, &[0, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), BadPayload(_)));
+        assert!(matches!(
+            bad(op::HELLO, &[0, 1, b'a', 1, 2, 3, 4, 5]),
+            BadPayload(_)
+        ));
+        assert!(matches!(
+            bad(
+                op::HELLO,
+                &[
+                    0, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+                ]
+            ),
+            BadPayload(_)
+        ));
         assert!(matches!(bad(op::WHISPER, &[0, 2, b'a']), BadPayload(_)));
         assert!(matches!(bad(op::WHO, &[0, 0, 0]), BadPayload(_)));
         assert_eq!(bad(0x00, &[]), UnknownOpcode(0));

@@ -205,7 +205,8 @@ pub fn valid_room(s: &str) -> bool {
 fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.chars().all(|c| !(c < '\u{20}' || c == '\u{7F}' || c.is_whitespace()))
+        && s.chars()
+            .all(|c| !(c < '\u{20}' || c == '\u{7F}' || c.is_whitespace()))
 }
 
 #[cfg(test)]

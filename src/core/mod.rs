@@ -1,0 +1,1071 @@
+//! The chat state machine, sans I/O.
+//!
+//! [`Chat`] holds sessions, nicks, rooms and timers. It never touches a socket or reads a clock:
+//! a driver (the mio shell in [`crate::server`], a tokio task, a test) feeds it bytes and
+//! instants and takes frames to send, connections to close and the next deadline back out.
+//!
+//! Methods, as in quinn-proto, fall into four groups:
+//! - inputs, `handle_*`: [`Chat::handle_open`], [`Chat::handle_data`], [`Chat::handle_frame`],
+//!   [`Chat::handle_close`], [`Chat::handle_timeout`];
+//! - commands from the application: [`Chat::post`], [`Chat::whisper`], [`Chat::kick`],
+//!   [`Chat::begin_shutdown`];
+//! - outputs, `poll_*`: after a batch of inputs, a driver calls [`Chat::poll_close`] until it
+//!   returns `None` (connections to close once their output is flushed), then
+//!   [`Chat::poll_output`] (the bytes for each connection, in order), then
+//!   [`Chat::poll_timeout`] (when to call `handle_timeout` next);
+//! - getters: [`Chat::stats`], [`Chat::nick`], [`Chat::is_open`], ...
+//!
+//! Invariants (checked with `debug_assert!` in [`Chat::check_invariants`], run by the tests):
+//! - a welcomed session's nick is in `nicks` (ASCII-folded) and its token in `tokens`, each
+//!   mapping back to it; a session that is not welcomed is in neither;
+//! - a room exists exactly while it has members; `Session::rooms` and `Room::members` mirror
+//!   each other, and each `Session::rooms` entry records the member's index in its room;
+//! - every open session has exactly one live timer.
+
+mod hooks;
+mod outbox;
+mod stats;
+
+pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
+pub use outbox::{Chunks, Output};
+pub use stats::{CloseCounts, Stats};
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::id::ConnId;
+use crate::protocol::{
+    self, ClientMsg, ErrorCode, HEADER_LEN, PresenceKind, SERVER_SLACK, SessionToken, encode, op,
+};
+use crate::timer::{TimerId, TimerWheel};
+use outbox::Outbox;
+
+/// Limits and timings of the chat core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatConfig {
+    /// Largest client payload accepted, in bytes (WELCOME's `max_frame`).
+    pub max_frame: u32,
+    /// Most rooms one connection may be in.
+    pub max_rooms_per_conn: usize,
+    /// In rooms with more members than this, PRESENCE goes only to the member concerned.
+    pub presence_limit: usize,
+    /// Silence after which a welcomed connection is sent a PING.
+    pub heartbeat: Duration,
+    /// Silence after which a connection is closed with `idle_timeout`.
+    pub idle_timeout: Duration,
+    /// Time from open to HELLO after which a connection is closed with `hello_timeout`.
+    pub hello_timeout: Duration,
+    /// Most bytes the core queues for one connection in one round before declaring it a slow
+    /// consumer (the shell applies the same limit to what it holds in the connection's ring).
+    pub max_pending: usize,
+    /// Timer wheel tick: timeouts fire up to one tick late.
+    pub tick: Duration,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            max_frame: 65_536,
+            max_rooms_per_conn: 64,
+            presence_limit: 1000,
+            heartbeat: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            hello_timeout: Duration::from_secs(10),
+            max_pending: 1 << 20,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why a connection closed. The shell reports transport reasons to [`Chat::handle_close`]; the
+/// core reports its own through [`Chat::poll_close`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client sent QUIT.
+    Quit,
+    /// The peer closed its end (read returned 0).
+    Eof,
+    /// The peer reset the connection.
+    Reset,
+    /// Writing failed because the peer is gone.
+    BrokenPipe,
+    /// The transport timed out.
+    TimedOut,
+    /// Any other I/O error.
+    IoError,
+    /// A fatal protocol error (bad magic, version, frame too large, or a hook's fatal rejection).
+    Protocol(ErrorCode),
+    /// Silent for the idle timeout.
+    IdleTimeout,
+    /// No HELLO in time.
+    HelloTimeout,
+    /// Queued output exceeded max-pending.
+    SlowConsumer,
+    /// Refused at the connection limit.
+    ServerFull,
+    /// Another connection resumed this session.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+    /// Kicked by the application or operator.
+    Kicked,
+}
+
+impl CloseReason {
+    /// A short name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::Eof => "eof",
+            CloseReason::Reset => "reset",
+            CloseReason::BrokenPipe => "broken_pipe",
+            CloseReason::TimedOut => "timed_out",
+            CloseReason::IoError => "io_error",
+            CloseReason::Protocol(_) => "protocol_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HelloTimeout => "hello_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::ServerFull => "server_full",
+            CloseReason::TakenOver => "session_taken_over",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Kicked => "kicked",
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Protocol(code) => write!(f, "protocol error {code}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// Where session tokens come from. The default reads the OS's random source; tests and
+/// simulations plug in something deterministic.
+pub type TokenSource = Box<dyn FnMut() -> SessionToken>;
+
+/// 16 bytes from the OS's random source (getrandom). If the OS cannot provide them (which on
+/// Linux means no entropy source at all), tokens would be guessable, so this aborts the process
+/// rather than hand out a weak token.
+pub fn os_token() -> SessionToken {
+    let mut t = [0u8; protocol::TOKEN_LEN];
+    if let Err(e) = getrandom::fill(&mut t) {
+        log::error!("the OS random source failed ({e}); cannot issue session tokens");
+        std::process::abort();
+    }
+    t
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct RoomId(usize);
+
+#[derive(Debug)]
+struct Room {
+    name: Box<str>,
+    members: Vec<ConnId>,
+}
+
+#[derive(Debug)]
+struct Session {
+    id: ConnId,
+    welcomed: bool,
+    pinged: bool,
+    nick: Box<str>,
+    token: SessionToken,
+    /// Each room the session is in, with the session's index in that room's `members`.
+    rooms: Vec<(RoomId, u32)>,
+    opened_ms: u64,
+    last_read_ms: u64,
+    timer: TimerId,
+    peer: Option<SocketAddr>,
+}
+
+/// The chat state machine. See the [module documentation](self).
+pub struct Chat {
+    cfg: ChatConfig,
+    epoch: Instant,
+    sessions: Vec<Option<Session>>,
+    open: usize,
+    nicks: HashMap<Box<str>, ConnId>,
+    tokens: HashMap<SessionToken, ConnId>,
+    rooms: Slab<Room>,
+    room_index: HashMap<Box<str>, RoomId>,
+    next_msg_id: u64,
+    ping_seq: u64,
+    outbox: Outbox,
+    closes: VecDeque<(ConnId, CloseReason)>,
+    timers: TimerWheel,
+    fired: Vec<u64>,
+    hooks: Box<dyn Hooks>,
+    token_source: TokenSource,
+    shutting_down: bool,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Chat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chat")
+            .field("config", &self.cfg)
+            .field("connections", &self.open)
+            .field("sessions", &self.nicks.len())
+            .field("rooms", &self.rooms.len())
+            .field("timers", &self.timers.len())
+            .field("shutting_down", &self.shutting_down)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
+/// than the default idle timeout, so ordinary timers never wait a revolution.
+const WHEEL_SLOTS: usize = 1024;
+
+fn fold(nick: &str) -> Box<str> {
+    nick.to_ascii_lowercase().into_boxed_str()
+}
+
+impl Chat {
+    /// A core with no hooks and tokens from the OS. `now` is the origin of its clock.
+    pub fn new(cfg: ChatConfig, now: Instant) -> Chat {
+        Chat::with_parts(cfg, now, Box::new(NoHooks), Box::new(os_token))
+    }
+
+    /// A core with the given hooks and token source.
+    pub fn with_parts(
+        cfg: ChatConfig,
+        now: Instant,
+        hooks: Box<dyn Hooks>,
+        token_source: TokenSource,
+    ) -> Chat {
+        let timers = TimerWheel::new(now, cfg.tick, WHEEL_SLOTS);
+        Chat {
+            cfg,
+            epoch: now,
+            sessions: Vec::new(),
+            open: 0,
+            nicks: HashMap::new(),
+            tokens: HashMap::new(),
+            rooms: Slab::new(),
+            room_index: HashMap::new(),
+            next_msg_id: 1,
+            ping_seq: 0,
+            outbox: Outbox::new(),
+            closes: VecDeque::new(),
+            timers,
+            fired: Vec::new(),
+            hooks,
+            token_source,
+            shutting_down: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Replaces the hooks.
+    pub fn set_hooks(&mut self, hooks: Box<dyn Hooks>) {
+        self.hooks = hooks;
+    }
+
+    // ----- getters -----
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ChatConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Open connections (welcomed or not).
+    pub fn connections(&self) -> usize {
+        self.open
+    }
+
+    /// Welcomed sessions.
+    pub fn sessions(&self) -> usize {
+        self.nicks.len()
+    }
+
+    /// Rooms with at least one member.
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Scheduled timers (one per open connection).
+    pub fn timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Whether `conn` is open as far as the core is concerned.
+    pub fn is_open(&self, conn: ConnId) -> bool {
+        self.session(conn).is_some()
+    }
+
+    /// The nick of a welcomed connection.
+    pub fn nick(&self, conn: ConnId) -> Option<&str> {
+        self.session(conn).filter(|s| s.welcomed).map(|s| &*s.nick)
+    }
+
+    /// The connection holding `nick` (ASCII case folded).
+    pub fn conn_of(&self, nick: &str) -> Option<ConnId> {
+        self.nicks.get(&*fold(nick)).copied()
+    }
+
+    /// Members of `room`, if it exists.
+    pub fn members(&self, room: &str) -> Option<&[ConnId]> {
+        let id = self.room_index.get(room)?;
+        Some(&self.rooms[id.0].members)
+    }
+
+    /// Whether `begin_shutdown` was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    fn session(&self, conn: ConnId) -> Option<&Session> {
+        self.sessions
+            .get(conn.slot())?
+            .as_ref()
+            .filter(|s| s.id == conn)
+    }
+
+    fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
+        self.sessions
+            .get_mut(conn.slot())?
+            .as_mut()
+            .filter(|s| s.id == conn)
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    // ----- inputs -----
+
+    /// A new connection. `peer` is for hooks and logs. Ignored if `conn` is already open.
+    /// During shutdown the connection is refused at once with `shutting_down`.
+    pub fn handle_open(&mut self, now: Instant, conn: ConnId, peer: Option<SocketAddr>) {
+        if self.is_open(conn) {
+            debug_assert!(false, "handle_open twice for {conn}");
+            return;
+        }
+        if self.shutting_down {
+            self.send_error(conn, ErrorCode::ShuttingDown, "server is shutting down");
+            self.closes.push_back((conn, CloseReason::Shutdown));
+            return;
+        }
+        let slot = conn.slot();
+        if slot >= self.sessions.len() {
+            self.sessions.resize_with(slot + 1, || None);
+        }
+        if let Some(stale) = self.sessions[slot].as_ref().map(|s| s.id) {
+            // The driver reused a slot without reporting its previous occupant closed.
+            debug_assert!(false, "slot {slot} reused while {stale} was open");
+            self.remove_session(stale, Some(PresenceKind::Gone), CloseReason::IoError);
+        }
+        let now_ms = self.ms(now);
+        let timer = self
+            .timers
+            .schedule(self.at(now_ms) + self.cfg.hello_timeout, conn.to_u64());
+        self.sessions[slot] = Some(Session {
+            id: conn,
+            welcomed: false,
+            pinged: false,
+            nick: Box::default(),
+            token: [0; protocol::TOKEN_LEN],
+            rooms: Vec::new(),
+            opened_ms: now_ms,
+            last_read_ms: now_ms,
+            timer,
+            peer,
+        });
+        self.open += 1;
+        self.stats.accepted += 1;
+    }
+
+    /// Bytes received on `conn`. Decodes and handles every whole frame at the front of `data`
+    /// and returns how many bytes it consumed; the driver keeps the rest (an incomplete frame)
+    /// and passes it again, followed by more bytes, next time.
+    ///
+    /// A fatal framing error (bad magic, version, or a length over max_frame, all decided from
+    /// the header alone) queues the ERROR, asks for the close, and consumes everything. Bytes
+    /// for a connection that is not open are consumed and ignored.
+    pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) -> usize {
+        let now_ms = self.ms(now);
+        let Some(s) = self.session_mut(conn) else {
+            return data.len();
+        };
+        s.last_read_ms = now_ms;
+        s.pinged = false;
+        self.stats.bytes_in += data.len() as u64;
+        let mut off = 0;
+        while off < data.len() {
+            match protocol::check_header(&data[off..], self.cfg.max_frame) {
+                Err(e) => {
+                    log::debug!("conn {conn}: {e}");
+                    let code = e.code();
+                    self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
+                    return data.len();
+                }
+                Ok(Some(h)) if data.len() - off >= h.frame_len() => {
+                    let payload = &data[off + HEADER_LEN..off + h.frame_len()];
+                    off += h.frame_len();
+                    self.handle_frame(now, conn, h.opcode, payload);
+                    if !self.is_open(conn) {
+                        return data.len();
+                    }
+                    if self.outbox.queued(conn) > self.cfg.max_pending {
+                        // The peer asks for more than it may have queued (WHO or PING floods)
+                        // within one round: that is a slow consumer by definition, and stopping
+                        // here bounds how much one peer can make the core buffer.
+                        self.slow_consumer(conn);
+                        return data.len();
+                    }
+                }
+                Ok(_) => break,
+            }
+        }
+        // Bytes that were not consumed are not counted twice when they come back.
+        self.stats.bytes_in -= (data.len() - off) as u64;
+        off
+    }
+
+    /// One whole frame from `conn` (for drivers that split frames themselves).
+    pub fn handle_frame(&mut self, now: Instant, conn: ConnId, opcode: u8, payload: &[u8]) {
+        let Some(s) = self.session(conn) else { return };
+        let welcomed = s.welcomed;
+        self.stats.frames_in[usize::from(opcode)] += 1;
+        log::trace!("conn {conn}: frame 0x{opcode:02x}, {} bytes", payload.len());
+        if !(op::HELLO..=op::QUIT).contains(&opcode) {
+            self.send_error(
+                conn,
+                ErrorCode::UnknownOpcode,
+                &format!("unknown opcode 0x{opcode:02x}"),
+            );
+            return;
+        }
+        if !welcomed && !matches!(opcode, op::HELLO | op::PING | op::QUIT) {
+            self.send_error(conn, ErrorCode::HelloRequired, "send HELLO first");
+            return;
+        }
+        let msg = match ClientMsg::decode(opcode, payload) {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!("conn {conn}: {e}");
+                self.send_error(conn, e.code(), &e.to_string());
+                return;
+            }
+        };
+        match msg {
+            ClientMsg::Hello { nick, token } => {
+                if welcomed {
+                    self.send_error(conn, ErrorCode::AlreadyWelcomed, "already welcomed");
+                } else {
+                    self.hello(now, conn, nick, token);
+                }
+            }
+            ClientMsg::Join { room } => self.join(conn, room),
+            ClientMsg::Leave { room } => self.leave(conn, room),
+            ClientMsg::Say { room, text } => self.say(conn, room, text),
+            ClientMsg::Whisper { nick, text } => self.whisper_from(conn, nick, text),
+            ClientMsg::Who { room } => self.who(conn, room),
+            ClientMsg::Ping { data } => {
+                let (buf, start) = self.outbox.buf();
+                encode::pong(buf, data);
+                let end = buf.len();
+                self.outbox.send(conn, start, end);
+            }
+            ClientMsg::Pong { .. } => {}
+            ClientMsg::Quit { reason } => {
+                log::debug!("conn {conn}: quit ({reason})");
+                self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
+                self.closes.push_back((conn, CloseReason::Quit));
+            }
+        }
+    }
+
+    /// The transport closed `conn` (EOF, reset, write failure...). Its rooms get PRESENCE gone.
+    /// Nothing is asked back through `poll_close`: the driver already knows. A no-op for a
+    /// connection that is not open.
+    pub fn handle_close(&mut self, conn: ConnId, reason: CloseReason) {
+        if self.is_open(conn) {
+            self.remove_session(conn, Some(PresenceKind::Gone), reason);
+        }
+    }
+
+    /// Runs every timer due by `now`: hello timeouts, heartbeats, idle eviction. Calling it
+    /// early or twice is a no-op.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.timers.expire(now, &mut fired);
+        let now_ms = self.ms(now);
+        for &raw in &fired {
+            if let Some(conn) = ConnId::from_u64(raw) {
+                self.timer_fired(now_ms, conn);
+            }
+        }
+        fired.clear();
+        self.fired = fired;
+    }
+
+    fn timer_fired(&mut self, now_ms: u64, conn: ConnId) {
+        let hello_ms = self.cfg.hello_timeout.as_millis() as u64;
+        let hb_ms = self.cfg.heartbeat.as_millis() as u64;
+        let idle_ms = self.cfg.idle_timeout.as_millis() as u64;
+        let Some(s) = self.session(conn) else { return };
+        let (welcomed, opened, last, pinged) = (s.welcomed, s.opened_ms, s.last_read_ms, s.pinged);
+        // The wheel is re-armed here, at the true deadline, rather than on every frame:
+        // activity only records `last_read_ms`, and a timer that fires early re-arms.
+        let next = if !welcomed {
+            if now_ms >= opened + hello_ms {
+                log::debug!("conn {conn}: no HELLO within {hello_ms} ms");
+                self.stats.hello_timeouts += 1;
+                self.fatal(
+                    conn,
+                    ErrorCode::HelloTimeout,
+                    "no HELLO in time",
+                    CloseReason::HelloTimeout,
+                );
+                return;
+            }
+            opened + hello_ms
+        } else {
+            let silent = now_ms.saturating_sub(last);
+            if silent >= idle_ms {
+                log::debug!("conn {conn}: silent for {silent} ms, evicting");
+                self.stats.idle_timeouts += 1;
+                self.fatal(
+                    conn,
+                    ErrorCode::IdleTimeout,
+                    "nothing received within the idle timeout",
+                    CloseReason::IdleTimeout,
+                );
+                return;
+            }
+            if silent >= hb_ms {
+                if !pinged {
+                    self.send_ping(conn);
+                }
+                last + idle_ms
+            } else {
+                last + hb_ms
+            }
+        };
+        let at = self.at(next);
+        let timer = self.timers.schedule(at, conn.to_u64());
+        if let Some(s) = self.session_mut(conn) {
+            s.timer = timer;
+        }
+    }
+
+    fn send_ping(&mut self, conn: ConnId) {
+        self.ping_seq += 1;
+        let seq = self.ping_seq.to_be_bytes();
+        let (buf, start) = self.outbox.buf();
+        encode::ping(buf, &seq);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+        self.stats.pings_sent += 1;
+        if let Some(s) = self.session_mut(conn) {
+            s.pinged = true;
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next connection to close, with the reason. Close it after flushing the output taken
+    /// by the [`poll_output`](Self::poll_output) that follows (its last frame is usually the
+    /// ERROR that explains the close). The core has already forgotten the connection.
+    #[must_use]
+    pub fn poll_close(&mut self) -> Option<(ConnId, CloseReason)> {
+        self.closes.pop_front()
+    }
+
+    /// Everything queued since the last call: for each connection once, its bytes in order.
+    /// Dropping the returned value discards whatever was not taken from it.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Output<'_> {
+        self.outbox.take()
+    }
+
+    /// Whether output or closes are waiting.
+    pub fn has_output(&self) -> bool {
+        !self.outbox.is_empty() || !self.closes.is_empty()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called (`None`: no timer).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    // ----- commands -----
+
+    /// Posts a system message (`from` is empty, which no nick can be) to every member of
+    /// `room`. Returns false if the room does not exist.
+    pub fn post(&mut self, room: &str, text: &str) -> bool {
+        let Some(&rid) = self.room_index.get(room) else {
+            return false;
+        };
+        self.broadcast_message(rid, "", text);
+        true
+    }
+
+    /// Whispers from the server (`from` is empty) to the holder of `nick`. Returns false if
+    /// nobody holds it.
+    pub fn whisper(&mut self, nick: &str, text: &str) -> bool {
+        let Some(to) = self.conn_of(nick) else {
+            return false;
+        };
+        self.deliver_whisper(to, "", text);
+        true
+    }
+
+    /// Closes `conn` with ERROR kicked and `detail`; its rooms get PRESENCE gone. Returns false
+    /// if it is not open.
+    pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
+        if !self.is_open(conn) {
+            return false;
+        }
+        log::debug!("conn {conn}: kicked ({detail})");
+        self.fatal(conn, ErrorCode::Kicked, detail, CloseReason::Kicked);
+        true
+    }
+
+    /// Sends ERROR shutting_down to every connection and asks for all of them to be closed.
+    /// No PRESENCE is sent (everyone is leaving). Connections opened after this are refused.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        let ids: Vec<ConnId> = self.sessions.iter().flatten().map(|s| s.id).collect();
+        for conn in ids {
+            self.send_error(conn, ErrorCode::ShuttingDown, "server is shutting down");
+            self.remove_session(conn, None, CloseReason::Shutdown);
+            self.closes.push_back((conn, CloseReason::Shutdown));
+        }
+    }
+
+    // ----- commands of clients -----
+
+    fn hello(&mut self, now: Instant, conn: ConnId, nick: &str, token: Option<SessionToken>) {
+        let resume = token.and_then(|t| self.tokens.get(&t).copied());
+        let peer = self.session(conn).and_then(|s| s.peer);
+        let info = HelloInfo {
+            conn,
+            nick,
+            peer,
+            token: token.as_ref(),
+            resumes: resume.is_some(),
+        };
+        if let Err(r) = self.hooks.on_hello(&info) {
+            log::debug!(
+                "conn {conn}: HELLO rejected by hook: {} {}",
+                r.code,
+                r.detail
+            );
+            if r.code.is_fatal() {
+                self.fatal(conn, r.code, &r.detail, CloseReason::Protocol(r.code));
+            } else {
+                self.send_error(conn, r.code, &r.detail);
+            }
+            return;
+        }
+        if let Some(old) = resume {
+            self.resume(now, conn, old);
+            return;
+        }
+        if !protocol::valid_nick(nick) {
+            self.send_error(
+                conn,
+                ErrorCode::BadNick,
+                "nick must be 1 to 32 bytes of UTF-8 without spaces or control characters",
+            );
+            return;
+        }
+        let folded = fold(nick);
+        if self.nicks.contains_key(&folded) {
+            self.send_error(conn, ErrorCode::NickTaken, "nick is taken");
+            return;
+        }
+        let token = self.fresh_token();
+        self.nicks.insert(folded, conn);
+        self.tokens.insert(token, conn);
+        if let Some(s) = self.session_mut(conn) {
+            s.welcomed = true;
+            s.nick = nick.into();
+            s.token = token;
+        }
+        self.stats.sessions_started += 1;
+        log::debug!("conn {conn}: welcomed as {nick}");
+        self.welcome(now, conn);
+    }
+
+    fn fresh_token(&mut self) -> SessionToken {
+        loop {
+            let t = (self.token_source)();
+            if !self.tokens.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    /// Sends WELCOME and moves the connection's timer from the hello deadline to the heartbeat.
+    fn welcome(&mut self, now: Instant, conn: ConnId) {
+        let hb_ms = u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
+        let max_frame = self.cfg.max_frame;
+        let deadline = now + self.cfg.heartbeat;
+        let old_timer = match self.session(conn) {
+            Some(s) => s.timer,
+            None => return,
+        };
+        self.timers.cancel(old_timer);
+        let timer = self.timers.schedule(deadline, conn.to_u64());
+        let Some(s) = self.sessions[conn.slot()].as_mut() else {
+            return;
+        };
+        s.timer = timer;
+        let (buf, start) = self.outbox.buf();
+        encode::welcome(buf, conn.to_u64(), &s.token, max_frame, hb_ms, &s.nick);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+    }
+
+    /// `new` takes over the session of `old`: nick, rooms and membership order, without PRESENCE.
+    /// `old` gets session_taken_over and is closed; the old token stops working.
+    fn resume(&mut self, now: Instant, new: ConnId, old: ConnId) {
+        let Some(mut prev) = self.sessions[old.slot()].take().filter(|s| s.id == old) else {
+            return;
+        };
+        self.timers.cancel(prev.timer);
+        self.open -= 1;
+        self.tokens.remove(&prev.token);
+        let token = self.fresh_token();
+        self.tokens.insert(token, new);
+        self.nicks.insert(fold(&prev.nick), new);
+        for &(rid, idx) in &prev.rooms {
+            let members = &mut self.rooms[rid.0].members;
+            debug_assert_eq!(members[idx as usize], old);
+            members[idx as usize] = new;
+        }
+        log::debug!("conn {new}: resumed the session of {} ({})", prev.nick, old);
+        let nick = std::mem::take(&mut prev.nick);
+        let rooms = std::mem::take(&mut prev.rooms);
+        if let Some(s) = self.session_mut(new) {
+            s.welcomed = true;
+            s.nick = nick;
+            s.rooms = rooms;
+            s.token = token;
+        }
+        self.stats.resumes += 1;
+        self.send_error(
+            old,
+            ErrorCode::SessionTakenOver,
+            "another connection resumed this session",
+        );
+        self.closes.push_back((old, CloseReason::TakenOver));
+        self.stats.closed.count(CloseReason::TakenOver);
+        self.hooks.on_close(old, None, CloseReason::TakenOver);
+        self.welcome(now, new);
+    }
+
+    fn join(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(
+                conn,
+                ErrorCode::BadRoom,
+                "room must be 1 to 64 bytes of UTF-8 without spaces or control characters",
+            );
+            return;
+        }
+        let existing = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        if existing.is_some_and(|rid| s.rooms.iter().any(|&(r, _)| r == rid)) {
+            self.send_error(conn, ErrorCode::AlreadyInRoom, "already in that room");
+            return;
+        }
+        if s.rooms.len() >= self.cfg.max_rooms_per_conn {
+            let detail = format!(
+                "at most {} rooms per connection",
+                self.cfg.max_rooms_per_conn
+            );
+            self.send_error(conn, ErrorCode::TooManyRooms, &detail);
+            return;
+        }
+        let rid = existing.unwrap_or_else(|| {
+            let id = RoomId(self.rooms.insert(Room {
+                name: room.into(),
+                members: Vec::new(),
+            }));
+            self.room_index.insert(room.into(), id);
+            id
+        });
+        let members = &mut self.rooms[rid.0].members;
+        let idx = members.len() as u32;
+        members.push(conn);
+        let Some(s) = self.session_mut(conn) else {
+            return;
+        };
+        s.rooms.push((rid, idx));
+        let nick = s.nick.clone();
+        self.presence(rid, PresenceKind::Join, conn, &nick);
+        self.hooks.on_join(conn, &nick, room);
+    }
+
+    fn leave(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        let rid = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        let Some(pos) = rid.and_then(|rid| s.rooms.iter().position(|&(r, _)| r == rid)) else {
+            self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
+            return;
+        };
+        let nick = s.nick.clone();
+        let (rid, _) = s.rooms[pos];
+        self.presence(rid, PresenceKind::Leave, conn, &nick);
+        self.remove_member(conn, pos);
+        self.hooks.on_leave(conn, &nick, room);
+    }
+
+    fn say(&mut self, conn: ConnId, room: &str, text: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        let rid = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        let Some(rid) = rid.filter(|&rid| s.rooms.iter().any(|&(r, _)| r == rid)) else {
+            self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
+            return;
+        };
+        let nick = s.nick.clone();
+        if self.hooks.on_say(conn, &nick, room, text) == Verdict::Drop {
+            self.stats.vetoed += 1;
+            return;
+        }
+        self.broadcast_message(rid, &nick, text);
+    }
+
+    fn broadcast_message(&mut self, rid: RoomId, from: &str, text: &str) {
+        let msg_id = self.next_msg_id;
+        self.next_msg_id += 1;
+        let room = &self.rooms[rid.0];
+        let (buf, start) = self.outbox.buf();
+        encode::message(buf, msg_id, &room.name, from, text);
+        let end = buf.len();
+        for &m in &room.members {
+            self.outbox.send(m, start, end);
+        }
+        self.stats.messages += 1;
+        self.stats.deliveries += room.members.len() as u64;
+    }
+
+    fn whisper_from(&mut self, conn: ConnId, target: &str, text: &str) {
+        let Some(to) = self.conn_of(target) else {
+            self.send_error(conn, ErrorCode::NoSuchUser, "no such user");
+            return;
+        };
+        let Some(nick) = self.nick(conn).map(Box::<str>::from) else {
+            return;
+        };
+        let to_nick = self.nick(to).map(Box::<str>::from).unwrap_or_default();
+        if self.hooks.on_whisper(conn, &nick, &to_nick, text) == Verdict::Drop {
+            self.stats.vetoed += 1;
+            return;
+        }
+        self.deliver_whisper(to, &nick, text);
+    }
+
+    fn deliver_whisper(&mut self, to: ConnId, from: &str, text: &str) {
+        let msg_id = self.next_msg_id;
+        self.next_msg_id += 1;
+        let (buf, start) = self.outbox.buf();
+        encode::whisper(buf, msg_id, from, text);
+        let end = buf.len();
+        self.outbox.send(to, start, end);
+        self.stats.whispers += 1;
+        self.stats.deliveries += 1;
+    }
+
+    fn who(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        // Each ROSTER payload stays within max_frame + SERVER_SLACK; the slack alone fits the
+        // longest room name plus one longest nick, so every frame carries at least one nick.
+        let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
+        let rid = self.room_index.get(room).copied();
+        let (buf, first) = self.outbox.buf();
+        let mut start = encode::roster_begin(buf, room);
+        if let Some(rid) = rid {
+            for &m in &self.rooms[rid.0].members {
+                let Some(nick) = self.sessions[m.slot()].as_ref().map(|s| &*s.nick) else {
+                    continue;
+                };
+                let payload = buf.len() - start - HEADER_LEN;
+                let count_is_zero = payload == encode::roster_overhead(room.len());
+                if payload + 2 + nick.len() > budget && !count_is_zero {
+                    encode::roster_end(buf, start, true);
+                    start = encode::roster_begin(buf, room);
+                }
+                encode::roster_push(buf, start, nick);
+            }
+        }
+        encode::roster_end(buf, start, false);
+        let end = buf.len();
+        self.outbox.send(conn, first, end);
+    }
+
+    // ----- shared machinery -----
+
+    fn send_error(&mut self, conn: ConnId, code: ErrorCode, detail: &str) {
+        let (buf, start) = self.outbox.buf();
+        encode::error(buf, code, detail);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+        self.stats.errors_sent[code.code() as usize] += 1;
+    }
+
+    /// Sends a fatal ERROR, ends the session (PRESENCE gone) and asks for the close.
+    fn fatal(&mut self, conn: ConnId, code: ErrorCode, detail: &str, reason: CloseReason) {
+        debug_assert!(code.is_fatal());
+        self.send_error(conn, code, detail);
+        self.remove_session(conn, Some(PresenceKind::Gone), reason);
+        self.closes.push_back((conn, reason));
+    }
+
+    fn slow_consumer(&mut self, conn: ConnId) {
+        log::warn!(
+            "conn {conn}: more than {} bytes of output queued; closing it as a slow consumer",
+            self.cfg.max_pending
+        );
+        self.outbox.discard(conn);
+        self.fatal(
+            conn,
+            ErrorCode::SlowConsumer,
+            "too much output queued",
+            CloseReason::SlowConsumer,
+        );
+    }
+
+    /// Sends a PRESENCE about `who` in `rid` to the room, or only to `who` when the room has
+    /// more than presence_limit members (the count includes `who`, who must still be a member).
+    fn presence(&mut self, rid: RoomId, kind: PresenceKind, who: ConnId, nick: &str) {
+        let room = &self.rooms[rid.0];
+        let (buf, start) = self.outbox.buf();
+        encode::presence(buf, kind, &room.name, nick);
+        let end = buf.len();
+        let to_all = room.members.len() <= self.cfg.presence_limit;
+        let self_too = matches!(kind, PresenceKind::Join | PresenceKind::Leave);
+        if to_all {
+            for &m in &room.members {
+                if m != who || self_too {
+                    self.outbox.send(m, start, end);
+                }
+            }
+        } else if self_too {
+            self.outbox.send(who, start, end);
+        }
+    }
+
+    /// Removes the `pos`th room of `conn`'s session from it, and `conn` from that room.
+    fn remove_member(&mut self, conn: ConnId, pos: usize) {
+        let Some(s) = self.session_mut(conn) else {
+            return;
+        };
+        let (rid, idx) = s.rooms.swap_remove(pos);
+        let room = &mut self.rooms[rid.0];
+        debug_assert_eq!(room.members[idx as usize], conn);
+        room.members.swap_remove(idx as usize);
+        if let Some(&moved) = room.members.get(idx as usize) {
+            // The last member took the leaver's place: record its new index.
+            if let Some(ms) = self.sessions[moved.slot()].as_mut() {
+                if let Some(e) = ms.rooms.iter_mut().find(|e| e.0 == rid) {
+                    e.1 = idx;
+                }
+            }
+        }
+        if self.rooms[rid.0].members.is_empty() {
+            let room = self.rooms.remove(rid.0);
+            self.room_index.remove(&room.name);
+        }
+    }
+
+    /// Ends `conn`'s session: PRESENCE `kind` to its rooms (none if `None`), leaves them, frees
+    /// nick, token and timer. Output already queued for `conn` stays queued.
+    fn remove_session(&mut self, conn: ConnId, kind: Option<PresenceKind>, reason: CloseReason) {
+        let Some(s) = self.session(conn) else { return };
+        let nick = s.nick.clone();
+        let welcomed = s.welcomed;
+        while let Some(&(rid, _)) = self.session(conn).and_then(|s| s.rooms.last()) {
+            if let Some(kind) = kind {
+                self.presence(rid, kind, conn, &nick);
+            }
+            let last = self.session(conn).map_or(0, |s| s.rooms.len() - 1);
+            let name = self.rooms[rid.0].name.clone();
+            self.remove_member(conn, last);
+            self.hooks.on_leave(conn, &nick, &name);
+        }
+        let Some(s) = self.sessions[conn.slot()].take() else {
+            return;
+        };
+        self.timers.cancel(s.timer);
+        if welcomed {
+            self.nicks.remove(&fold(&s.nick));
+            self.tokens.remove(&s.token);
+        }
+        self.open -= 1;
+        self.stats.closed.count(reason);
+        log::debug!("conn {conn}: session ended ({reason})");
+        self.hooks
+            .on_close(conn, welcomed.then_some(&*s.nick), reason);
+    }
+
+    /// Checks the cross-structure invariants listed in the module docs. O(everything): for
+    /// tests and debug builds of drivers, not for the hot path.
+    pub fn check_invariants(&self) {
+        let mut open = 0;
+        let mut welcomed = 0;
+        for (slot, s) in self.sessions.iter().enumerate() {
+            let Some(s) = s else { continue };
+            open += 1;
+            assert_eq!(s.id.slot(), slot);
+            if s.welcomed {
+                welcomed += 1;
+                assert_eq!(self.nicks.get(&fold(&s.nick)), Some(&s.id));
+                assert_eq!(self.tokens.get(&s.token), Some(&s.id));
+            }
+            for &(rid, idx) in &s.rooms {
+                assert_eq!(self.rooms[rid.0].members[idx as usize], s.id);
+            }
+        }
+        assert_eq!(open, self.open);
+        assert_eq!(welcomed, self.nicks.len());
+        assert_eq!(welcomed, self.tokens.len());
+        assert_eq!(open, self.timers.len());
+        assert_eq!(self.rooms.len(), self.room_index.len());
+        for (_, room) in &self.rooms {
+            assert!(!room.members.is_empty());
+            for &m in &room.members {
+                assert!(self.session(m).is_some_and(|s| s.welcomed));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

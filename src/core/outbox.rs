@@ -1,0 +1,228 @@
+//! The core's output: frames addressed to connections, encoded once.
+//!
+//! Every frame the core produces is encoded once into `arena`. Sending it to a connection
+//! appends a (start, end) range to that connection's chain for this round; when a connection's
+//! last range ends exactly where the new one starts (the common case: one room's broadcasts in a
+//! row), the range is extended instead, so N messages to one subscriber in one round cost one
+//! range and reach the socket as one contiguous slice. A broadcast to M members costs M range
+//! operations and no copies.
+//!
+//! A round ends when the shell takes the output ([`Outbox::take`]); the next write starts a new
+//! round and clears the arena. Chains are keyed by slot and stamped with the full `ConnId` and
+//! the round, so a stale chain (a closed connection whose slot was reused) is never confused
+//! with a live one.
+//!
+//! Invariants (checked with `debug_assert!`): ranges lie inside the arena, `start <= end`, and
+//! a chain's ranges are in the order they were sent.
+
+use crate::id::ConnId;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    start: u32,
+    end: u32,
+    next: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    /// `ConnId::to_u64`, 0 for none (no `ConnId` is 0). Kept small: this is per slot.
+    id: u64,
+    round: u32,
+    head: u32,
+    tail: u32,
+    bytes: u32,
+}
+
+const EMPTY_CHAIN: Chain = Chain {
+    id: 0,
+    round: 0,
+    head: NIL,
+    tail: NIL,
+    bytes: 0,
+};
+
+/// Encoded frames and who they go to, for one round.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    arena: Vec<u8>,
+    ranges: Vec<Range>,
+    chains: Vec<Chain>,
+    dirty: Vec<(ConnId, u32)>,
+    round: u32,
+    taken: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Self {
+        Outbox {
+            round: 1,
+            ..Default::default()
+        }
+    }
+
+    fn start_round_if_taken(&mut self) {
+        if self.taken {
+            self.arena.clear();
+            self.ranges.clear();
+            self.dirty.clear();
+            // Round 0 is never current, so a zeroed chain is never live.
+            self.round = self.round.wrapping_add(1).max(1);
+            self.taken = false;
+        }
+    }
+
+    /// The buffer to encode a frame into; returns it with the offset the frame will start at.
+    pub(crate) fn buf(&mut self) -> (&mut Vec<u8>, usize) {
+        self.start_round_if_taken();
+        let at = self.arena.len();
+        (&mut self.arena, at)
+    }
+
+    /// Bytes queued for `to` in this round.
+    pub(crate) fn queued(&self, to: ConnId) -> usize {
+        match self.chains.get(to.slot()) {
+            Some(c) if c.id == to.to_u64() && c.round == self.round && !self.taken => {
+                c.bytes as usize
+            }
+            _ => 0,
+        }
+    }
+
+    /// Sends `arena[start..end]` (already encoded) to `to`.
+    pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
+        debug_assert!(!self.taken, "send without buf() first");
+        debug_assert!(start <= end && end <= self.arena.len());
+        let (start, end) = (start as u32, end as u32);
+        let slot = to.slot();
+        if slot >= self.chains.len() {
+            self.chains.resize(slot + 1, EMPTY_CHAIN);
+        }
+        let idx = self.ranges.len() as u32;
+        let chain = &mut self.chains[slot];
+        chain.bytes = chain.bytes.saturating_add(end - start);
+        if chain.id == to.to_u64() && chain.round == self.round && chain.head != NIL {
+            let tail = &mut self.ranges[chain.tail as usize];
+            if tail.end == start {
+                tail.end = end;
+                return;
+            }
+            tail.next = idx;
+            chain.tail = idx;
+        } else {
+            *chain = Chain {
+                id: to.to_u64(),
+                round: self.round,
+                head: idx,
+                tail: idx,
+                bytes: end - start,
+            };
+            self.dirty.push((to, idx));
+        }
+        self.ranges.push(Range {
+            start,
+            end,
+            next: NIL,
+        });
+    }
+
+    /// Drops what was queued for `to` in this round (a slow consumer's backlog).
+    pub(crate) fn discard(&mut self, to: ConnId) {
+        if let Some(c) = self.chains.get_mut(to.slot()) {
+            if c.id == to.to_u64() {
+                *c = EMPTY_CHAIN;
+            }
+        }
+    }
+
+    /// Whether anything is waiting to be taken.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.taken || self.dirty.is_empty()
+    }
+
+    /// Ends the round and hands everything queued in it to the caller.
+    pub(crate) fn take(&mut self) -> Output<'_> {
+        let round = if self.taken { 0 } else { self.round };
+        self.taken = true;
+        Output {
+            arena: &self.arena,
+            ranges: &self.ranges,
+            chains: &self.chains,
+            dirty: &self.dirty,
+            round,
+            pos: 0,
+        }
+    }
+}
+
+/// One round of output, connection by connection. See [`crate::core::Chat::poll_output`].
+///
+/// Each connection appears once, with its bytes in the order the core produced them, as a few
+/// slices borrowed from the core's arena (write them with one `writev`). Whatever is not taken
+/// from it is dropped with it.
+#[derive(Debug)]
+pub struct Output<'a> {
+    arena: &'a [u8],
+    ranges: &'a [Range],
+    chains: &'a [Chain],
+    dirty: &'a [(ConnId, u32)],
+    round: u32,
+    pos: usize,
+}
+
+impl<'a> Iterator for Output<'a> {
+    type Item = (ConnId, Chunks<'a>);
+
+    fn next(&mut self) -> Option<(ConnId, Chunks<'a>)> {
+        while let Some(&(id, head)) = self.dirty.get(self.pos) {
+            self.pos += 1;
+            let c = &self.chains[id.slot()];
+            // A connection discarded (or whose slot was reused) mid-round is listed once per
+            // chain it had; only the entry that started the live chain yields it.
+            if c.id != id.to_u64() || c.round != self.round || c.head != head {
+                continue;
+            }
+            return Some((
+                id,
+                Chunks {
+                    arena: self.arena,
+                    ranges: self.ranges,
+                    next: c.head,
+                    len: c.bytes as usize,
+                },
+            ));
+        }
+        None
+    }
+}
+
+/// The byte slices queued for one connection, in order.
+#[derive(Debug, Clone)]
+pub struct Chunks<'a> {
+    arena: &'a [u8],
+    ranges: &'a [Range],
+    next: u32,
+    len: usize,
+}
+
+impl<'a> Chunks<'a> {
+    /// Total bytes across all the slices.
+    pub fn total_len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.next == NIL {
+            return None;
+        }
+        let r = self.ranges[self.next as usize];
+        self.next = r.next;
+        Some(&self.arena[r.start as usize..r.end as usize])
+    }
+}
