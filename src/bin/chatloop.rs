@@ -1,1 +1,211 @@
-fn main() {}
+//! The `chatloop` server: parses flags, sets up logging and limits, and drives a
+//! [`chatloop::server::Server`] from its own `mio::Poll`, exactly as an embedding application
+//! would (nothing here reaches into the library's internals).
+
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use chatloop::config::Args;
+use chatloop::limits;
+use chatloop::server::Server;
+
+/// The signal fd's token; the server's range starts right after it.
+const SIGNALS: Token = Token(0);
+const SERVER_BASE: Token = Token(1);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("chatloop: {e}");
+        return ExitCode::from(2);
+    }
+    init_logging(args.log_level.filter());
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    if simplelog::TermLogger::init(
+        level,
+        config.clone(),
+        simplelog::TerminalMode::Stderr,
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            simplelog::ColorChoice::Auto
+        } else {
+            simplelog::ColorChoice::Never
+        },
+    )
+    .is_err()
+    {
+        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    // Block the shutdown signals before anything else so they are only ever delivered
+    // through the signal fd, which the poll loop reads like any other event.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("cannot create signalfd: {e}"))?;
+
+    let fd = limits::raise_nofile(args.max_connections)
+        .map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    log::info!(
+        "RLIMIT_NOFILE: soft {} hard {} at start, soft {} hard {} now",
+        fd.before.0,
+        fd.before.1,
+        fd.after.0,
+        fd.after.1
+    );
+    let (max_conns, clamped) = limits::connection_limit(fd.after.0, args.max_connections);
+    if let Some(by) = clamped {
+        log::warn!(
+            "--max-connections {} lowered by {by} to {max_conns}: the fd limit is {} and {} descriptors are reserved for the server itself",
+            max_conns + by,
+            fd.after.0,
+            limits::FD_RESERVE
+        );
+    }
+    log::info!("serving at most {max_conns} connections");
+
+    let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    poll.registry()
+        .register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )
+        .map_err(|e| format!("cannot register signalfd: {e}"))?;
+    let now = Instant::now();
+    let mut server = Server::new(
+        args.server_config(max_conns),
+        poll.registry(),
+        SERVER_BASE,
+        now,
+    )
+    .map_err(|e| format!("cannot create server: {e}"))?;
+    let addr = server
+        .listen(args.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    log::info!("listening on {addr}");
+
+    let mut events = Events::with_capacity(1024);
+    let mut next_stats = (!args.stats_interval.is_zero()).then(|| now + args.stats_interval);
+    let mut last_stats = StatsSnapshot::take(&server, now);
+    loop {
+        let now = Instant::now();
+        let timeout = [
+            server.poll_timeout(now),
+            next_stats.map(|t| t.saturating_duration_since(now)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll failed: {e}"));
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                while let Ok(Some(sig)) = signals.read_signal() {
+                    let name =
+                        Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
+                    if server.is_shutting_down() {
+                        log::warn!("{name} again: exiting now");
+                        std::process::exit(1);
+                    }
+                    log::info!("{name}: shutting down");
+                    server.begin_shutdown(now);
+                }
+            } else if server.owns(event.token()) {
+                server.handle_event(event, now);
+            }
+        }
+        server.handle_timeout(now);
+        server.flush(now);
+        if server.is_shut_down() {
+            log::info!("shutdown complete");
+            return Ok(());
+        }
+        if let Some(t) = next_stats.filter(|&t| now >= t) {
+            let snap = StatsSnapshot::take(&server, now);
+            snap.log(&last_stats, &server);
+            last_stats = snap;
+            next_stats = Some(t + args.stats_interval);
+        }
+    }
+}
+
+/// Totals at one instant, to log rates between two of them.
+struct StatsSnapshot {
+    at: Instant,
+    messages: u64,
+    deliveries: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    accepted: u64,
+}
+
+impl StatsSnapshot {
+    fn take(server: &Server, at: Instant) -> Self {
+        StatsSnapshot {
+            at,
+            messages: server.chat_stats().messages,
+            deliveries: server.chat_stats().deliveries,
+            bytes_in: server.stats().bytes_read,
+            bytes_out: server.stats().bytes_written,
+            accepted: server.stats().accepted,
+        }
+    }
+
+    fn log(&self, prev: &StatsSnapshot, server: &Server) {
+        let secs = self
+            .at
+            .saturating_duration_since(prev.at)
+            .max(Duration::from_millis(1))
+            .as_secs_f64();
+        let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs;
+        let (queued, largest) = server.queued_output();
+        let (bufs, pooled) = server.buffers();
+        log::info!(
+            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | in {:.0} B/s out {:.0} B/s | queued {} B (max {} B) | buffers {} in use, {} pooled | closed {}",
+            server.connections(),
+            server.chat().sessions(),
+            server.chat().rooms(),
+            rate(self.messages, prev.messages),
+            rate(self.deliveries, prev.deliveries),
+            rate(self.accepted, prev.accepted),
+            rate(self.bytes_in, prev.bytes_in),
+            rate(self.bytes_out, prev.bytes_out),
+            queued,
+            largest,
+            bufs,
+            pooled,
+            server.stats().closed,
+        );
+    }
+}

@@ -99,15 +99,29 @@ pub fn check_header(buf: &[u8], max_payload: u32) -> Result<Option<Header>, Fram
     }))
 }
 
-/// Splits one whole frame off the front of `buf`: `Ok(Some((opcode, payload, frame_len)))`,
-/// or `Ok(None)` when the frame is not yet complete.
-pub fn split_frame(buf: &[u8], max_payload: u32) -> Result<Option<(u8, &[u8], usize)>, FrameError> {
+/// One whole frame, borrowed from the buffer it was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFrame<'a> {
+    /// The opcode byte.
+    pub opcode: u8,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+impl RawFrame<'_> {
+    /// Header plus payload, in bytes: how far to advance past this frame.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+}
+
+/// Splits one whole frame off the front of `buf`, or `Ok(None)` when it is not yet complete.
+pub fn split_frame(buf: &[u8], max_payload: u32) -> Result<Option<RawFrame<'_>>, FrameError> {
     match check_header(buf, max_payload)? {
-        Some(h) if buf.len() >= h.frame_len() => Ok(Some((
-            h.opcode,
-            &buf[HEADER_LEN..h.frame_len()],
-            h.frame_len(),
-        ))),
+        Some(h) if buf.len() >= h.frame_len() => Ok(Some(RawFrame {
+            opcode: h.opcode,
+            payload: &buf[HEADER_LEN..h.frame_len()],
+        })),
         _ => Ok(None),
     }
 }
@@ -180,9 +194,9 @@ impl FrameBuf {
     pub fn next_frame(&mut self) -> Result<Option<(u8, &[u8])>, FrameError> {
         let avail = &self.buf[self.start..];
         match split_frame(avail, self.max_payload)? {
-            Some((op, _, n)) => {
-                let from = self.start + HEADER_LEN;
-                self.start += n;
+            Some(f) => {
+                let (op, from) = (f.opcode, self.start + HEADER_LEN);
+                self.start += f.frame_len();
                 Ok(Some((op, &self.buf[from..self.start])))
             }
             None => Ok(None),
@@ -230,7 +244,11 @@ mod tests {
         for cut in 0..f.len() {
             assert_eq!(split_frame(&f[..cut], 100), Ok(None));
         }
-        assert_eq!(split_frame(&f, 100), Ok(Some((7, &b"abc"[..], 11))));
+        let whole = split_frame(&f, 100).unwrap().unwrap();
+        assert_eq!(
+            (whole.opcode, whole.payload, whole.frame_len()),
+            (7, &b"abc"[..], 11)
+        );
     }
 
     #[test]

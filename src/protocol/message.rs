@@ -462,7 +462,7 @@ pub mod encode {
     }
 
     /// Finishes the ROSTER frame started at `start`.
-    pub fn roster_end(out: &mut Vec<u8>, start: usize, more: bool) {
+    pub fn roster_end(out: &mut [u8], start: usize, more: bool) {
         let room_len = BigEndian::read_u16(&out[start + HEADER_LEN..]) as usize;
         out[start + HEADER_LEN + 2 + room_len] = u8::from(more);
         end_frame(out, start);
@@ -505,17 +505,17 @@ mod tests {
     fn roundtrip_client(m: ClientMsg<'_>) {
         let mut out = Vec::new();
         m.encode(&mut out);
-        let (op, payload, n) = split_frame(&out, u32::MAX).unwrap().unwrap();
-        assert_eq!(n, out.len());
-        assert_eq!(ClientMsg::decode(op, payload), Ok(m));
+        let f = split_frame(&out, u32::MAX).unwrap().unwrap();
+        assert_eq!(f.frame_len(), out.len());
+        assert_eq!(ClientMsg::decode(f.opcode, f.payload), Ok(m));
     }
 
     fn roundtrip_server(m: ServerMsg<'_>) {
         let mut out = Vec::new();
         m.encode(&mut out);
-        let (op, payload, n) = split_frame(&out, u32::MAX).unwrap().unwrap();
-        assert_eq!(n, out.len());
-        assert_eq!(ServerMsg::decode(op, payload), Ok(m));
+        let f = split_frame(&out, u32::MAX).unwrap().unwrap();
+        assert_eq!(f.frame_len(), out.len());
+        assert_eq!(ServerMsg::decode(f.opcode, f.payload), Ok(m));
     }
 
     #[test]
@@ -597,7 +597,8 @@ mod tests {
             encode::roster_push(&mut out, s, n);
         }
         encode::roster_end(&mut out, s, true);
-        let (op, payload, _) = split_frame(&out, u32::MAX).unwrap().unwrap();
+        let f = split_frame(&out, u32::MAX).unwrap().unwrap();
+        let (op, payload) = (f.opcode, f.payload);
         match ServerMsg::decode(op, payload).unwrap() {
             ServerMsg::Roster { room, more, nicks } => {
                 assert_eq!(room, "lobby");

@@ -18,7 +18,7 @@ mod frame;
 mod message;
 mod wire;
 
-pub use frame::{FrameBuf, FrameError, Header, check_header, split_frame};
+pub use frame::{FrameBuf, FrameError, Header, RawFrame, check_header, split_frame};
 pub use message::{ClientMsg, DecodeError, RosterNicks, ServerMsg, encode};
 
 /// The two magic bytes that open every frame: ASCII "CL".

@@ -1,0 +1,250 @@
+//! Command-line flags, their defaults, and the parsers for durations and byte sizes.
+//!
+//! The flags are a library type so every binary (the server, the async comparison server)
+//! parses the same flags the same way.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::core::ChatConfig;
+use crate::server::ServerConfig;
+
+/// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds (`5`, `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 2m or 5"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !secs.is_finite() || !(0.0..=1.0e9).contains(&secs) {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a byte count: `1048576`, `64KiB`, `1MiB`, `1M`, `512k` (K and M are binary).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let v: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1048576, 64KiB or 1MiB"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit {unit:?} in {s:?}")),
+    };
+    v.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is out of range"))
+}
+
+fn parse_max_frame(s: &str) -> Result<u32, String> {
+    let v = parse_bytes(s)?;
+    if v == 0 || v > (1 << 30) {
+        return Err(format!("max frame {v} must be between 1 and 1GiB"));
+    }
+    Ok(v as u32)
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Listener and poll failures only.
+    Error,
+    /// Limits hit (server full, slow consumers, fd limits).
+    Warn,
+    /// Startup, shutdown, periodic stats.
+    Info,
+    /// Every accept, close and protocol error.
+    Debug,
+    /// Every frame.
+    Trace,
+}
+
+impl LogLevel {
+    /// As a `log` filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// The server's command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "chatloop",
+    version,
+    about = "A real-time TCP chat server on one mio event loop"
+)]
+pub struct Args {
+    /// Address to listen on (port 0 picks a free port; the log says which).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Largest client payload accepted, in bytes.
+    #[arg(long, default_value = "65536", value_parser = parse_max_frame)]
+    pub max_frame: u32,
+    /// Most rooms one connection may be in.
+    #[arg(long, default_value_t = 64)]
+    pub max_rooms_per_conn: usize,
+    /// In rooms with more members than this, PRESENCE goes only to the member concerned.
+    #[arg(long, default_value_t = 1000)]
+    pub presence_limit: usize,
+    /// Most connections served at once [default: the fd limit minus a reserve].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most output bytes queued for one connection before it is closed as a slow consumer.
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_pending: usize,
+    /// Silence after which a connection is sent a PING (500ms, 30s, 2m, or seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Silence after which a connection is closed with idle_timeout.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Time allowed between accept and HELLO.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hello_timeout: Duration,
+    /// How long a shutdown keeps flushing before it closes everything.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Listen backlog (the kernel caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = 4096)]
+    pub backlog: u32,
+    /// Timer wheel tick: timeouts fire up to one tick late.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub tick: Duration,
+    /// Log verbosity.
+    #[arg(long, value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+    /// Interval of the periodic stats log line (0 = off).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+}
+
+impl Args {
+    /// The chat core's part of the configuration.
+    pub fn chat_config(&self) -> ChatConfig {
+        ChatConfig {
+            max_frame: self.max_frame,
+            max_rooms_per_conn: self.max_rooms_per_conn,
+            presence_limit: self.presence_limit,
+            heartbeat: self.heartbeat,
+            idle_timeout: self.idle_timeout,
+            hello_timeout: self.hello_timeout,
+            max_pending: self.max_pending,
+            tick: self.tick,
+        }
+    }
+
+    /// The server's configuration, with the connection limit already decided.
+    pub fn server_config(&self, max_connections: usize) -> ServerConfig {
+        ServerConfig {
+            chat: self.chat_config(),
+            max_connections,
+            backlog: self.backlog,
+            shutdown_grace: self.shutdown_grace,
+            ..ServerConfig::default()
+        }
+    }
+
+    /// Checks relations between flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tick.is_zero() {
+            return Err("--tick must be above 0".into());
+        }
+        if self.heartbeat.is_zero() || self.idle_timeout.is_zero() || self.hello_timeout.is_zero() {
+            return Err("--heartbeat, --idle-timeout and --hello-timeout must be above 0".into());
+        }
+        if self.idle_timeout <= self.heartbeat {
+            return Err(format!(
+                "--idle-timeout ({:?}) must be longer than --heartbeat ({:?}), or every client is evicted before it is pinged",
+                self.idle_timeout, self.heartbeat
+            ));
+        }
+        if self.max_pending < 1024 {
+            return Err("--max-pending must be at least 1KiB".into());
+        }
+        if self.max_connections == Some(0) {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("512k"), Ok(512 << 10));
+        assert!(parse_bytes("1TB").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let a = Args::try_parse_from(["chatloop"]).expect("defaults parse");
+        assert_eq!(a.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(a.max_frame, 65536);
+        assert_eq!(a.max_rooms_per_conn, 64);
+        assert_eq!(a.presence_limit, 1000);
+        assert_eq!(a.max_pending, 1 << 20);
+        assert_eq!(a.heartbeat, Duration::from_secs(30));
+        assert_eq!(a.idle_timeout, Duration::from_secs(90));
+        assert_eq!(a.hello_timeout, Duration::from_secs(10));
+        assert_eq!(a.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(a.log_level, LogLevel::Info);
+        assert!(a.validate().is_ok());
+        assert_eq!(a.chat_config(), ChatConfig::default());
+    }
+
+    #[test]
+    fn bad_relations_are_refused() {
+        let a = Args::try_parse_from(["chatloop", "--heartbeat", "10s", "--idle-timeout", "5s"])
+            .expect("parses");
+        assert!(a.validate().is_err());
+    }
+}

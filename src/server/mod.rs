@@ -1,0 +1,782 @@
+//! The mio shell: sockets, buffers and readiness around the sans-IO [`Chat`] core.
+//!
+//! [`Server`] never owns a `Poll`, starts no thread and creates no `mio::Waker`: the caller
+//! owns the `Poll` (and its one waker) and gives the server a `Registry` and a token range.
+//! The `chatloop` binary drives it exactly as an embedding application would.
+//!
+//! One loop iteration, as the driver runs it:
+//! 1. `poll.poll(&mut events, server.poll_timeout(now))`;
+//! 2. [`Server::handle_event`] for each event whose token the server [owns](Server::owns):
+//!    accepts, reads (decoding and handling frames through the core) and backlog writes;
+//! 3. [`Server::handle_timeout`]: heartbeats, evictions, close deadlines;
+//! 4. [`Server::flush`]: everything the core produced in this iteration goes out, one
+//!    `writev` per connection, and requested closes happen.
+//!
+//! Invariants:
+//! - a connection's token is `base + 1 + slot`, its slot is its key in `conns`, and its
+//!   `ConnId` is that slot with the slot's current generation;
+//! - the core knows a connection (`chat.is_open`) only while its phase is `Open`; a closing or
+//!   dead connection stays in `conns` only until its output is flushed or abandoned;
+//! - an idle connection holds no buffer: both rings go back to the pool when they empty.
+
+mod conn;
+mod listener;
+
+pub use listener::{FdReserve, bind_listener};
+
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use crate::buffer::BufPool;
+use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
+use crate::id::{ConnId, Generations};
+use crate::protocol::{self, ErrorCode, HEADER_LEN};
+use crate::timer::TimerWheel;
+use conn::{Conn, Phase, WriteError, classify};
+
+/// Bytes read per `read` call, into one scratch buffer shared by every connection.
+const SCRATCH: usize = 64 * 1024;
+
+/// Settings of the server shell (the core's are in `chat`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The chat core's limits and timings.
+    pub chat: ChatConfig,
+    /// Most connections served at once; more are refused with `server_full`.
+    pub max_connections: usize,
+    /// Listen backlog for [`Server::listen`].
+    pub backlog: u32,
+    /// How long a shutdown, or a close after a fatal error, keeps flushing output.
+    pub shutdown_grace: Duration,
+    /// Most bytes read from one connection per loop iteration, so one flooding peer cannot
+    /// starve the others (the rest is read on the next iteration).
+    pub read_budget: usize,
+    /// Size of a pooled ring buffer, in bytes.
+    pub buf_size: usize,
+    /// Most idle buffers the pool keeps.
+    pub pool_max: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            chat: ChatConfig::default(),
+            max_connections: 10_000,
+            backlog: 4096,
+            shutdown_grace: Duration::from_secs(5),
+            read_budget: 256 * 1024,
+            buf_size: 16 * 1024,
+            pool_max: 1024,
+        }
+    }
+}
+
+/// Counters kept by the shell (the core's are in [`Server::chat_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections accepted from the listener or adopted.
+    pub accepted: u64,
+    /// Connections refused at the connection limit.
+    pub refused_full: u64,
+    /// accept() calls that failed with EMFILE or ENFILE.
+    pub accept_emfile: u64,
+    /// Connections closed (all reasons).
+    pub closed: u64,
+    /// Connections closed as slow consumers by the shell (backlog over max-pending).
+    pub slow_consumers: u64,
+    /// Connections closed before their output was flushed (close deadline passed).
+    pub close_timeouts: u64,
+    /// Bytes read from sockets.
+    pub bytes_read: u64,
+    /// Bytes written to sockets.
+    pub bytes_written: u64,
+    /// `read` calls.
+    pub reads: u64,
+    /// `write`/`writev` calls.
+    pub writes: u64,
+    /// Calls to `flush` (one per loop iteration).
+    pub iterations: u64,
+}
+
+/// Why a stream could not be adopted.
+#[derive(Debug)]
+pub enum AdoptError {
+    /// At the connection limit (the stream was sent `server_full` and closed).
+    Full,
+    /// Registering the stream failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for AdoptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdoptError::Full => f.write_str("server is at its connection limit"),
+            AdoptError::Io(e) => write!(f, "could not register the stream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AdoptError {}
+
+/// The chat server as a set of event handlers for a `Poll` the caller owns.
+/// See the [module documentation](self).
+pub struct Server {
+    cfg: ServerConfig,
+    registry: Registry,
+    base: usize,
+    listener: Option<TcpListener>,
+    local_addr: Option<SocketAddr>,
+    reserve: FdReserve,
+    conns: Slab<Conn>,
+    gens: Generations,
+    chat: Chat,
+    pool: BufPool,
+    scratch: Box<[u8]>,
+    read_again: Vec<ConnId>,
+    closing: Vec<ConnId>,
+    linger: TimerWheel,
+    expired: Vec<u64>,
+    shutdown_deadline: Option<Instant>,
+    stats: ServerStats,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("base", &self.base)
+            .field("connections", &self.conns.len())
+            .field("chat", &self.chat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server whose tokens are `base` (the listener, if any) and `base + 1 ..= base +
+    /// max_connections` (connections). `registry` is cloned (a `dup` of the poll descriptor).
+    pub fn new(
+        cfg: ServerConfig,
+        registry: &Registry,
+        base: Token,
+        now: Instant,
+    ) -> io::Result<Server> {
+        Self::with_hooks(cfg, registry, base, now, Box::new(crate::core::NoHooks))
+    }
+
+    /// As [`Server::new`], with policy hooks.
+    pub fn with_hooks(
+        cfg: ServerConfig,
+        registry: &Registry,
+        base: Token,
+        now: Instant,
+        hooks: Box<dyn Hooks>,
+    ) -> io::Result<Server> {
+        let registry = registry.try_clone()?;
+        let chat = Chat::with_parts(
+            cfg.chat.clone(),
+            now,
+            hooks,
+            Box::new(crate::core::os_token),
+        );
+        let linger = TimerWheel::new(now, cfg.chat.tick, 256);
+        Ok(Server {
+            pool: BufPool::new(cfg.buf_size, cfg.pool_max),
+            cfg,
+            registry,
+            base: base.0,
+            listener: None,
+            local_addr: None,
+            reserve: FdReserve::new(),
+            conns: Slab::new(),
+            gens: Generations::new(),
+            chat,
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            read_again: Vec::new(),
+            closing: Vec::new(),
+            linger,
+            expired: Vec::new(),
+            shutdown_deadline: None,
+            stats: ServerStats::default(),
+        })
+    }
+
+    /// Binds a listener on `addr` (token `base`) and returns the bound address.
+    pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        let mut l = bind_listener(addr, self.cfg.backlog)?;
+        self.registry
+            .register(&mut l, Token(self.base), Interest::READABLE)?;
+        let local = l.local_addr()?;
+        self.listener = Some(l);
+        self.local_addr = Some(local);
+        Ok(local)
+    }
+
+    /// The listener's address, if listening.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// The token range this server uses: `base ..= base + max_connections`.
+    pub fn tokens(&self) -> std::ops::RangeInclusive<usize> {
+        self.base..=self.base + self.cfg.max_connections
+    }
+
+    /// Whether an event with `token` is this server's to handle.
+    pub fn owns(&self, token: Token) -> bool {
+        self.tokens().contains(&token.0)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// The chat core (read-only: sessions, rooms, members).
+    pub fn chat(&self) -> &Chat {
+        &self.chat
+    }
+
+    /// The chat core's counters.
+    pub fn chat_stats(&self) -> &Stats {
+        self.chat.stats()
+    }
+
+    /// The shell's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Open connections (including those still flushing before a close).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Ring buffers currently held by connections, and idle in the pool.
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.pool.in_use(), self.pool.pooled())
+    }
+
+    /// Output bytes parked in connections' write buffers: the total and the largest.
+    pub fn queued_output(&self) -> (usize, usize) {
+        self.conns.iter().fold((0, 0), |(sum, max), (_, c)| {
+            (sum + c.pending(), max.max(c.pending()))
+        })
+    }
+
+    // ----- events -----
+
+    /// Handles one event. Events for tokens the server does not own, or for connections that
+    /// no longer exist, are ignored (readiness is a hint; sporadic events happen).
+    pub fn handle_event(&mut self, event: &Event, now: Instant) {
+        let t = event.token().0;
+        if t == self.base {
+            if self.listener.is_some() {
+                self.accept_all(now);
+            }
+            return;
+        }
+        if !self.owns(event.token()) {
+            return;
+        }
+        let slot = t - self.base - 1;
+        let Some(id) = self.conns.get(slot).map(|c| c.id) else {
+            return;
+        };
+        if event.is_writable() {
+            self.write_backlog(id);
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read(id, now);
+        }
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let _ = self.adopt(stream, peer, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE) =>
+                {
+                    self.stats.accept_emfile += 1;
+                    if !self.reserve.is_held() {
+                        log::warn!(
+                            "accept: out of file descriptors ({e}) and no reserve left; waiting for connections to close"
+                        );
+                        return;
+                    }
+                    // Free the reserve, take the pending connection off the backlog, refuse
+                    // it, and take the reserve back, so the edge-triggered listener keeps
+                    // getting events.
+                    log::warn!("accept: out of file descriptors ({e}); refusing one connection");
+                    self.reserve.release();
+                    if let Ok((stream, peer)) = listener.accept() {
+                        self.stats.refused_full += 1;
+                        refuse(stream, peer, ErrorCode::ServerFull);
+                    }
+                    self.reserve.restore();
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends concern one connection; anything else is
+                    // logged and retried on the next readiness event.
+                    if e.kind() != io::ErrorKind::ConnectionAborted {
+                        log::error!("accept failed: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes over a stream the caller accepted itself (its own listener, a TLS front, a test):
+    /// registers it under the server's tokens and opens a chat connection on it.
+    /// At the connection limit, the stream gets `server_full` and is closed.
+    pub fn adopt(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<ConnId, AdoptError> {
+        if self.conns.len() >= self.cfg.max_connections {
+            self.stats.refused_full += 1;
+            log::warn!(
+                "connection limit {} reached; refusing {peer}",
+                self.cfg.max_connections
+            );
+            refuse(stream, peer, ErrorCode::ServerFull);
+            return Err(AdoptError::Full);
+        }
+        // Latency matters more than packet count for chat; frames are batched per iteration
+        // anyway, so Nagle would only add delay.
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("{peer}: TCP_NODELAY failed: {e}");
+        }
+        let entry = self.conns.vacant_entry();
+        let id = self.gens.next(entry.key());
+        let token = Token(self.base + 1 + entry.key());
+        if let Err(e) = self
+            .registry
+            .register(&mut stream, token, Interest::READABLE)
+        {
+            log::debug!("{peer}: register failed: {e}");
+            return Err(AdoptError::Io(e));
+        }
+        entry.insert(Conn {
+            id,
+            stream,
+            peer,
+            rbuf: None,
+            wbuf: None,
+            write_blocked: false,
+            phase: Phase::Open,
+            linger: None,
+        });
+        self.stats.accepted += 1;
+        log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
+        self.chat.handle_open(now, id, Some(peer));
+        Ok(id)
+    }
+
+    fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.slot()).filter(|c| c.id == id)
+    }
+
+    /// Reads until WouldBlock or the per-iteration budget, feeding the core.
+    fn read(&mut self, id: ConnId, now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut budget = self.cfg.read_budget;
+        while let Some(c) = self.conn(id) {
+            if !c.is_open() {
+                break;
+            }
+            let res = c.stream.read(&mut scratch);
+            match res {
+                Ok(0) => {
+                    self.stats.reads += 1;
+                    log::debug!("conn {id}: peer closed");
+                    self.chat.handle_close(id, CloseReason::Eof);
+                    self.begin_close(id, CloseReason::Eof);
+                    break;
+                }
+                Ok(n) => {
+                    self.stats.reads += 1;
+                    self.stats.bytes_read += n as u64;
+                    self.feed(id, &scratch[..n], now);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        // More may be waiting, but others get their turn first; no new edge
+                        // will come for what is already buffered, so remember to come back.
+                        self.read_again.push(id);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let reason = classify(&e);
+                    log::debug!("conn {id}: read failed: {e}");
+                    self.chat.handle_close(id, reason);
+                    self.close_now(id, reason);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Hands freshly read bytes to the core. Whole frames are decoded straight from `data`;
+    /// only the tail of an incomplete frame is copied into the connection's read buffer, and a
+    /// buffered partial frame is completed with just the bytes it lacks, so no byte is copied
+    /// more than once.
+    fn feed(&mut self, id: ConnId, mut data: &[u8], now: Instant) {
+        let max = self.cfg.chat.max_frame;
+        let Some(c) = self.conns.get_mut(id.slot()) else {
+            return;
+        };
+        if let Some(rbuf) = &mut c.rbuf {
+            loop {
+                let have = rbuf.make_contiguous();
+                let need = match protocol::check_header(have, max) {
+                    Ok(Some(h)) => h.frame_len(),
+                    Ok(None) => HEADER_LEN,
+                    // Let the core see the bad header and answer it.
+                    Err(_) => have.len(),
+                };
+                let take = need.saturating_sub(have.len()).min(data.len());
+                rbuf.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if rbuf.len() < need {
+                    return; // everything went into the partial frame
+                }
+                let whole = rbuf.make_contiguous();
+                if need == HEADER_LEN && whole.len() == HEADER_LEN {
+                    // The header just completed: learn the frame's length and go on,
+                    // unless it is an empty-payload frame, which is now whole.
+                    if let Ok(Some(h)) = protocol::check_header(whole, max) {
+                        if h.len > 0 {
+                            continue;
+                        }
+                    }
+                }
+                let used = self.chat.handle_data(now, id, whole);
+                debug_assert!(used == whole.len() || !self.chat.is_open(id));
+                break;
+            }
+            if let Some(b) = c.rbuf.take() {
+                self.pool.put(b);
+            }
+        }
+        if data.is_empty() || !self.chat.is_open(id) {
+            return;
+        }
+        let used = self.chat.handle_data(now, id, data);
+        if used < data.len() && self.chat.is_open(id) {
+            let mut b = self.pool.get();
+            b.extend_from_slice(&data[used..]);
+            c.rbuf = Some(b);
+        }
+    }
+
+    fn write_backlog(&mut self, id: ConnId) {
+        let base = self.base;
+        let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+            return;
+        };
+        if !c.write_blocked {
+            return;
+        }
+        self.stats.writes += 1;
+        let res = c.write_backlog(&mut self.pool, &self.registry, base);
+        match (res, c.phase) {
+            (Ok(_), Phase::Dead(reason)) | (Err(WriteError::Io(reason)), _) => {
+                log::debug!("conn {id}: write failed ({reason})");
+                self.chat.handle_close(id, reason);
+                self.close_now(id, reason);
+            }
+            (Err(WriteError::Overflow), _) => unreachable_overflow(),
+            (Ok(n), phase) => {
+                self.stats.bytes_written += n as u64;
+                if let (Phase::Closing(reason), None) = (phase, &c.wbuf) {
+                    // A closing connection's last bytes are out.
+                    self.close_now(id, reason);
+                }
+            }
+        }
+    }
+
+    /// Marks `id` to be closed once its queued output is flushed; reads stop now.
+    fn begin_close(&mut self, id: ConnId, reason: CloseReason) {
+        let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+            return;
+        };
+        if c.is_open() {
+            c.phase = Phase::Closing(reason);
+            if let Some(b) = c.rbuf.take() {
+                self.pool.put(b);
+            }
+            self.closing.push(id);
+        }
+    }
+
+    /// Closes `id` now, whatever it still had queued.
+    fn close_now(&mut self, id: ConnId, reason: CloseReason) {
+        if self.conn(id).is_none() {
+            return;
+        }
+        // The core must never know a connection the shell has dropped.
+        self.chat.handle_close(id, reason);
+        let mut c = self.conns.remove(id.slot());
+        if let Some(t) = c.linger.take() {
+            self.linger.cancel(t);
+        }
+        if !matches!(c.phase, Phase::Dead(_)) {
+            // Closing a socket with unread input makes the kernel send RST, and a peer that
+            // receives RST may discard our last frames (the ERROR that explains the close)
+            // before reading them. Draining what has already arrived avoids that in the
+            // common case, for one extra read.
+            for _ in 0..4 {
+                match c.stream.read(&mut self.scratch) {
+                    Ok(n) if n > 0 => continue,
+                    _ => break,
+                }
+            }
+        }
+        c.discard_buffers(&mut self.pool);
+        self.stats.closed += 1;
+        log::debug!("conn {id}: closed ({reason}), peer {}", c.peer);
+        // Dropping the stream closes the descriptor, which also removes it from the epoll set
+        // (no duplicates of it exist), so no deregister call is needed.
+    }
+
+    // ----- end of iteration -----
+
+    /// Sends everything the core produced since the last call (one `writev` per connection)
+    /// and carries out the closes it asked for. Call once per loop iteration, after the
+    /// events and `handle_timeout`.
+    pub fn flush(&mut self, now: Instant) {
+        self.stats.iterations += 1;
+        if !self.read_again.is_empty() {
+            let again = std::mem::take(&mut self.read_again);
+            for id in again {
+                self.read(id, now);
+            }
+        }
+        let base = self.base;
+        let max_pending = self.cfg.chat.max_pending;
+        let mut failed: Vec<(ConnId, WriteError)> = Vec::new();
+        loop {
+            while let Some((id, reason)) = self.chat.poll_close() {
+                self.begin_close(id, reason);
+                if reason == CloseReason::SlowConsumer {
+                    if let Some(c) = self.conn(id) {
+                        log::warn!("conn {id} ({}): slow consumer, closing", c.peer);
+                    }
+                }
+            }
+            if !self.chat.has_output() {
+                break;
+            }
+            for (id, chunks) in self.chat.poll_output() {
+                let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+                    continue;
+                };
+                let total = chunks.total_len();
+                let was_blocked = c.write_blocked;
+                match c.write_chunks(
+                    chunks,
+                    total,
+                    &mut self.pool,
+                    max_pending,
+                    &self.registry,
+                    base,
+                ) {
+                    Ok(n) => {
+                        if !was_blocked {
+                            self.stats.writes += 1;
+                        }
+                        self.stats.bytes_written += n as u64;
+                        if let Phase::Dead(r) = c.phase {
+                            failed.push((id, WriteError::Io(r)));
+                        }
+                    }
+                    Err(e) => failed.push((id, e)),
+                }
+            }
+            for (id, e) in failed.drain(..) {
+                match e {
+                    WriteError::Overflow => self.slow_consumer(id),
+                    WriteError::Io(reason) => {
+                        log::debug!("conn {id}: write failed ({reason})");
+                        self.chat.handle_close(id, reason);
+                        self.close_now(id, reason);
+                    }
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.closing) {
+            let grace = self.cfg.shutdown_grace;
+            let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+                continue;
+            };
+            match c.phase {
+                Phase::Closing(reason) if c.wbuf.is_none() => self.close_now(id, reason),
+                Phase::Dead(reason) => self.close_now(id, reason),
+                _ if c.linger.is_none() => {
+                    // Its output waits for the socket: give it until the grace period ends.
+                    c.linger = Some(self.linger.schedule(now + grace, id.to_u64()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A connection whose parked output would exceed max-pending: its backlog is dropped, it
+    /// gets `slow_consumer` if the socket takes it, and it is closed. Nobody else is affected.
+    fn slow_consumer(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+            return;
+        };
+        self.stats.slow_consumers += 1;
+        log::warn!(
+            "conn {id} ({}): slow consumer, {} bytes queued (max-pending {}); closing",
+            c.peer,
+            c.pending(),
+            self.cfg.chat.max_pending
+        );
+        c.discard_buffers(&mut self.pool);
+        let mut frame = Vec::with_capacity(64);
+        protocol::encode::error(
+            &mut frame,
+            ErrorCode::SlowConsumer,
+            "too much output queued",
+        );
+        let _ = std::io::Write::write(&mut c.stream, &frame);
+        self.chat.handle_close(id, CloseReason::SlowConsumer);
+        self.close_now(id, CloseReason::SlowConsumer);
+    }
+
+    // ----- time -----
+
+    /// Runs what is due by `now`: the core's timers, close deadlines and the end of a shutdown's
+    /// grace period. A spurious call is a no-op.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.chat.handle_timeout(now);
+        let mut expired = std::mem::take(&mut self.expired);
+        self.linger.expire(now, &mut expired);
+        for raw in expired.drain(..) {
+            let Some(id) = ConnId::from_u64(raw) else {
+                continue;
+            };
+            if let Some(c) = self.conn(id) {
+                c.linger = None;
+                if let Phase::Closing(reason) = c.phase {
+                    log::debug!("conn {id}: closed with {} bytes unsent", c.pending());
+                    self.stats.close_timeouts += 1;
+                    self.close_now(id, reason);
+                }
+            }
+        }
+        self.expired = expired;
+        if self.shutdown_deadline.is_some_and(|d| now >= d) && !self.conns.is_empty() {
+            log::info!(
+                "shutdown grace period over; closing {} connections",
+                self.conns.len()
+            );
+            let ids: Vec<ConnId> = self.conns.iter().map(|(_, c)| c.id).collect();
+            for id in ids {
+                self.close_now(id, CloseReason::Shutdown);
+            }
+        }
+    }
+
+    /// How long the caller may block in `poll` before the server needs
+    /// [`handle_timeout`](Self::handle_timeout) (or, when it still has bytes to read that no
+    /// new event will announce, [`flush`](Self::flush)); `None`: no deadline.
+    #[must_use]
+    pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.read_again.is_empty() || self.chat.has_output() {
+            return Some(Duration::ZERO);
+        }
+        [
+            self.chat.poll_timeout(),
+            self.linger.next_deadline(),
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.saturating_duration_since(now))
+    }
+
+    // ----- commands -----
+
+    /// Stops accepting, sends `shutting_down` to every connection and keeps flushing for up to
+    /// the grace period; [`is_shut_down`](Self::is_shut_down) then turns true.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.registry.deregister(&mut l);
+        }
+        log::info!(
+            "shutting down: {} connections, grace {:?}",
+            self.conns.len(),
+            self.cfg.shutdown_grace
+        );
+        self.chat.begin_shutdown();
+        self.shutdown_deadline = Some(now + self.cfg.shutdown_grace);
+    }
+
+    /// Whether a shutdown was begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown_deadline.is_some()
+    }
+
+    /// Whether a shutdown was begun and every connection is closed.
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown_deadline.is_some() && self.conns.is_empty()
+    }
+
+    /// Posts a system message (empty `from`) to a room; false if the room does not exist.
+    /// It goes out at the next [`flush`](Self::flush).
+    pub fn post(&mut self, room: &str, text: &str) -> bool {
+        self.chat.post(room, text)
+    }
+
+    /// Whispers from the server (empty `from`) to a nick; false if nobody holds it.
+    pub fn whisper(&mut self, nick: &str, text: &str) -> bool {
+        self.chat.whisper(nick, text)
+    }
+
+    /// Closes a connection with `kicked` and `detail`; false if it is not open.
+    pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
+        self.chat.kick(conn, detail)
+    }
+}
+
+#[cold]
+fn unreachable_overflow() {
+    debug_assert!(false, "write_backlog never reports overflow");
+}
+
+/// Best-effort refusal: one non-blocking write of a fatal ERROR, then close.
+fn refuse(mut stream: TcpStream, peer: SocketAddr, code: ErrorCode) {
+    let mut frame = Vec::with_capacity(64);
+    protocol::encode::error(&mut frame, code, "server is at its connection limit");
+    match std::io::Write::write(&mut stream, &frame) {
+        Ok(_) => log::debug!("{peer}: refused with {code}"),
+        Err(e) => log::debug!("{peer}: refused with {code} (not delivered: {e})"),
+    }
+}
