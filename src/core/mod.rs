@@ -192,7 +192,10 @@ pub struct Chat {
     sessions: Vec<Option<Session>>,
     open: usize,
     nicks: HashMap<Box<str>, ConnId>,
-    tokens: HashMap<SessionToken, ConnId>,
+    /// Live sessions by the first 8 bytes of their token (an index, not a secret); the whole
+    /// token is then compared in constant time, so response timing tells an attacker nothing
+    /// about how close a guess was.
+    tokens: HashMap<u64, ConnId>,
     rooms: Slab<Room>,
     room_index: HashMap<Box<str>, RoomId>,
     next_msg_id: u64,
@@ -223,6 +226,18 @@ impl std::fmt::Debug for Chat {
 /// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
 /// than the default idle timeout, so ordinary timers never wait a revolution.
 const WHEEL_SLOTS: usize = 1024;
+
+fn token_key(t: &SessionToken) -> u64 {
+    let mut k = [0; 8];
+    k.copy_from_slice(&t[..8]);
+    u64::from_ne_bytes(k)
+}
+
+/// Equality that takes the same time whatever the bytes.
+fn ct_eq(a: &SessionToken, b: &SessionToken) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
 
 fn fold(nick: &str) -> Box<str> {
     nick.to_ascii_lowercase().into_boxed_str()
@@ -659,7 +674,7 @@ impl Chat {
     // ----- commands of clients -----
 
     fn hello(&mut self, now: Instant, conn: ConnId, nick: &str, token: Option<SessionToken>) {
-        let resume = token.and_then(|t| self.tokens.get(&t).copied());
+        let resume = token.and_then(|t| self.session_by_token(&t));
         let peer = self.session(conn).and_then(|s| s.peer);
         let info = HelloInfo {
             conn,
@@ -700,7 +715,7 @@ impl Chat {
         }
         let token = self.fresh_token();
         self.nicks.insert(folded, conn);
-        self.tokens.insert(token, conn);
+        self.tokens.insert(token_key(&token), conn);
         if let Some(s) = self.session_mut(conn) {
             s.welcomed = true;
             s.nick = nick.into();
@@ -711,10 +726,17 @@ impl Chat {
         self.welcome(now, conn);
     }
 
+    /// The live session whose token is `t`, compared in constant time.
+    fn session_by_token(&self, t: &SessionToken) -> Option<ConnId> {
+        let conn = *self.tokens.get(&token_key(t))?;
+        let s = self.session(conn)?;
+        ct_eq(&s.token, t).then_some(conn)
+    }
+
     fn fresh_token(&mut self) -> SessionToken {
         loop {
             let t = (self.token_source)();
-            if !self.tokens.contains_key(&t) {
+            if !self.tokens.contains_key(&token_key(&t)) {
                 return t;
             }
         }
@@ -749,9 +771,9 @@ impl Chat {
         };
         self.timers.cancel(prev.timer);
         self.open -= 1;
-        self.tokens.remove(&prev.token);
+        self.tokens.remove(&token_key(&prev.token));
         let token = self.fresh_token();
-        self.tokens.insert(token, new);
+        self.tokens.insert(token_key(&token), new);
         self.nicks.insert(fold(&prev.nick), new);
         for &(rid, idx) in &prev.rooms {
             let members = &mut self.rooms[rid.0].members;
@@ -1026,7 +1048,7 @@ impl Chat {
         self.timers.cancel(s.timer);
         if welcomed {
             self.nicks.remove(&fold(&s.nick));
-            self.tokens.remove(&s.token);
+            self.tokens.remove(&token_key(&s.token));
         }
         self.open -= 1;
         self.stats.closed.count(reason);
@@ -1047,7 +1069,7 @@ impl Chat {
             if s.welcomed {
                 welcomed += 1;
                 assert_eq!(self.nicks.get(&fold(&s.nick)), Some(&s.id));
-                assert_eq!(self.tokens.get(&s.token), Some(&s.id));
+                assert_eq!(self.tokens.get(&token_key(&s.token)), Some(&s.id));
             }
             for &(rid, idx) in &s.rooms {
                 assert_eq!(self.rooms[rid.0].members[idx as usize], s.id);
