@@ -314,7 +314,12 @@ fn whisper_to_self_is_delivered() {
 }
 
 #[test]
-fn who_lists_members_in_join_order_for_anyone() {
+fn who_lists_every_member_once_for_anyone() {
+    // ROSTER order is unspecified (docs/PROTOCOL.md 5.5): compare as sorted sets.
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
     let server = Server::start(&[]);
     let mut a = server.login("ann");
     let mut b = server.login("ben");
@@ -324,20 +329,16 @@ fn who_lists_members_in_join_order_for_anyone() {
     a.join("r");
     b.join("r");
     let rosters = out.who("r");
-    assert_eq!(
-        rosters,
-        vec![Roster {
-            room: "r".into(),
-            more: false,
-            nicks: nicks(&["cat", "ann", "ben"]),
-        }]
-    );
+    assert_eq!(rosters.len(), 1);
+    assert_eq!(rosters[0].room, "r");
+    assert!(!rosters[0].more);
+    assert_eq!(sorted(rosters[0].nicks.clone()), nicks(&["ann", "ben", "cat"]));
     drain(&mut [&mut a]);
-    assert_eq!(a.who_nicks("r"), nicks(&["cat", "ann", "ben"]));
+    assert_eq!(sorted(a.who_nicks("r")), nicks(&["ann", "ben", "cat"]));
     a.leave("r");
-    assert_eq!(out.who_nicks("r"), nicks(&["cat", "ben"]));
+    assert_eq!(sorted(out.who_nicks("r")), nicks(&["ben", "cat"]));
     a.join("r");
-    assert_eq!(out.who_nicks("r"), nicks(&["cat", "ben", "ann"]));
+    assert_eq!(sorted(out.who_nicks("r")), nicks(&["ann", "ben", "cat"]));
 }
 
 #[test]

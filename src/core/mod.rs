@@ -570,7 +570,9 @@ impl Chat {
                 if !pinged {
                     self.send_ping(conn);
                 }
-                last + idle_ms
+                // Come back one heartbeat from now (the PONG may have moved `last_read`, and
+                // the next PING is due one heartbeat after it), or at the eviction deadline.
+                (now_ms + hb_ms).min(last + idle_ms)
             } else {
                 last + hb_ms
             }
@@ -797,7 +799,10 @@ impl Chat {
         );
         self.closes.push_back((old, CloseReason::TakenOver));
         self.stats.closed.count(CloseReason::TakenOver);
-        self.hooks.on_close(old, None, CloseReason::TakenOver);
+        if let Some(s) = self.session(new) {
+            let nick = s.nick.clone();
+            self.hooks.on_close(old, Some(&nick), CloseReason::TakenOver);
+        }
         self.welcome(now, new);
     }
 
