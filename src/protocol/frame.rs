@@ -271,6 +271,116 @@ mod tests {
         assert!(fb.is_empty());
     }
 
+    use proptest::prelude::*;
+
+    fn frames_strategy() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        proptest::collection::vec(
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..48)),
+            0..12,
+        )
+    }
+
+    /// Feeds `stream` in the pieces given by `cuts` (offsets, any order), keeping what is not
+    /// consumed as a driver does; returns the frames and the bytes left over.
+    fn split_driver(stream: &[u8], cuts: &[usize], max: u32) -> (Vec<(u8, Vec<u8>)>, usize) {
+        let mut points: Vec<usize> = cuts.to_vec();
+        points.sort_unstable();
+        points.push(stream.len());
+        let mut got = Vec::new();
+        let mut pending = Vec::new();
+        let mut fed = 0;
+        for p in points {
+            pending.extend_from_slice(&stream[fed..p]);
+            fed = p;
+            while let Some((op, payload, n)) = split_frame(&pending, max).expect("valid stream") {
+                got.push((op, payload.to_vec()));
+                pending.drain(..n);
+            }
+        }
+        (got, pending.len())
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_is_independent_of_how_the_stream_is_split(
+            frames in frames_strategy(),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+            chunk in 1usize..20,
+        ) {
+            let stream: Vec<u8> = frames.iter().flat_map(|(op, p)| frame(*op, p)).collect();
+            let cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            let (got, left) = split_driver(&stream, &cuts, 48);
+            prop_assert_eq!(left, 0);
+            prop_assert_eq!(&got, &frames);
+            // Every single split point, and one byte at a time.
+            for cut in 0..=stream.len() {
+                let (got, left) = split_driver(&stream, &[cut], 48);
+                prop_assert_eq!(left, 0);
+                prop_assert_eq!(&got, &frames);
+            }
+            let every: Vec<usize> = (0..stream.len()).collect();
+            prop_assert_eq!(split_driver(&stream, &every, 48).0, frames.clone());
+            // FrameBuf, fed in chunks.
+            let mut fb = FrameBuf::new(48);
+            let mut got = Vec::new();
+            for c in stream.chunks(chunk) {
+                fb.extend(c);
+                while let Some((op, p)) = fb.next_frame().expect("valid stream") {
+                    got.push((op, p.to_vec()));
+                }
+            }
+            prop_assert!(fb.is_empty());
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            header_ok in any::<bool>(),
+            max in 0u32..80,
+            chunk in 1usize..32,
+        ) {
+            if header_ok {
+                // Give the garbage a valid start so lengths and payloads get exercised.
+                for (b, h) in bytes.iter_mut().zip([0x43, 0x4C, 1]) {
+                    *b = h;
+                }
+            }
+            // split_frame over the whole buffer: stops at the first error or partial frame.
+            let mut rest = &bytes[..];
+            while let Ok(Some((op, payload, n))) = split_frame(rest, max) {
+                prop_assert!(n >= HEADER_LEN && n <= rest.len());
+                prop_assert_eq!(payload.len(), n - HEADER_LEN);
+                prop_assert!(payload.len() as u32 <= max);
+                // Typed decoding of whatever came out must not panic either.
+                let _ = crate::protocol::ClientMsg::decode(op, payload);
+                let _ = crate::protocol::ServerMsg::decode(op, payload);
+                rest = &rest[n..];
+            }
+            // check_header on every prefix agrees with itself: once an error, always an error.
+            let mut failed = false;
+            for end in 0..=bytes.len().min(HEADER_LEN) {
+                let r = check_header(&bytes[..end], max);
+                if failed {
+                    prop_assert!(r.is_err());
+                }
+                failed |= r.is_err();
+            }
+            // FrameBuf fed in chunks.
+            let mut fb = FrameBuf::new(max);
+            'feed: for c in bytes.chunks(chunk) {
+                fb.extend(c);
+                loop {
+                    match fb.next_frame() {
+                        Ok(Some((_, p))) => prop_assert!(p.len() as u32 <= max),
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn framebuf_reads_from_a_reader() {
         let bytes = frame(7, b"hi");
