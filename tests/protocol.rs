@@ -332,7 +332,10 @@ fn who_lists_every_member_once_for_anyone() {
     assert_eq!(rosters.len(), 1);
     assert_eq!(rosters[0].room, "r");
     assert!(!rosters[0].more);
-    assert_eq!(sorted(rosters[0].nicks.clone()), nicks(&["ann", "ben", "cat"]));
+    assert_eq!(
+        sorted(rosters[0].nicks.clone()),
+        nicks(&["ann", "ben", "cat"])
+    );
     drain(&mut [&mut a]);
     assert_eq!(sorted(a.who_nicks("r")), nicks(&["ann", "ben", "cat"]));
     a.leave("r");

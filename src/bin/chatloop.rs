@@ -21,7 +21,21 @@ const SIGNALS: Token = Token(0);
 const SERVER_BASE: Token = Token(1);
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print as clap formats them, succeed.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, as an operator's tooling expects: the first line of clap's message.
+            let msg = e.render().to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("chatloop: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = args.validate() {
         eprintln!("chatloop: {e}");
         return ExitCode::from(2);

@@ -192,7 +192,7 @@ pub struct Chat {
     sessions: Vec<Option<Session>>,
     open: usize,
     nicks: HashMap<Box<str>, ConnId>,
-    /// Live sessions by the first 8 bytes of their token (an index, not a secret); the whole
+    /// Live sessions by an index derived from their token (see `token_key`); the whole
     /// token is then compared in constant time, so response timing tells an attacker nothing
     /// about how close a guess was.
     tokens: HashMap<u64, ConnId>,
@@ -227,10 +227,13 @@ impl std::fmt::Debug for Chat {
 /// than the default idle timeout, so ordinary timers never wait a revolution.
 const WHEEL_SLOTS: usize = 1024;
 
+/// The index of a token: its two halves folded together (every byte counts, so tokens from a
+/// counter or any other source with a fixed half still spread).
 fn token_key(t: &SessionToken) -> u64 {
-    let mut k = [0; 8];
-    k.copy_from_slice(&t[..8]);
-    u64::from_ne_bytes(k)
+    let (mut a, mut b) = ([0; 8], [0; 8]);
+    a.copy_from_slice(&t[..8]);
+    b.copy_from_slice(&t[8..]);
+    u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b)
 }
 
 /// Equality that takes the same time whatever the bytes.
@@ -735,9 +738,17 @@ impl Chat {
         ct_eq(&s.token, t).then_some(conn)
     }
 
+    /// A token whose index no live session uses. A source that keeps repeating itself (a
+    /// broken test double) is given up on after a few tries in favour of the OS.
     fn fresh_token(&mut self) -> SessionToken {
-        loop {
+        for _ in 0..16 {
             let t = (self.token_source)();
+            if !self.tokens.contains_key(&token_key(&t)) {
+                return t;
+            }
+        }
+        loop {
+            let t = os_token();
             if !self.tokens.contains_key(&token_key(&t)) {
                 return t;
             }
@@ -801,7 +812,8 @@ impl Chat {
         self.stats.closed.count(CloseReason::TakenOver);
         if let Some(s) = self.session(new) {
             let nick = s.nick.clone();
-            self.hooks.on_close(old, Some(&nick), CloseReason::TakenOver);
+            self.hooks
+                .on_close(old, Some(&nick), CloseReason::TakenOver);
         }
         self.welcome(now, new);
     }

@@ -292,8 +292,9 @@ mod tests {
         for p in points {
             pending.extend_from_slice(&stream[fed..p]);
             fed = p;
-            while let Some((op, payload, n)) = split_frame(&pending, max).expect("valid stream") {
-                got.push((op, payload.to_vec()));
+            while let Some(f) = split_frame(&pending, max).expect("valid stream") {
+                let n = f.frame_len();
+                got.push((f.opcode, f.payload.to_vec()));
                 pending.drain(..n);
             }
         }
@@ -348,7 +349,8 @@ mod tests {
             }
             // split_frame over the whole buffer: stops at the first error or partial frame.
             let mut rest = &bytes[..];
-            while let Ok(Some((op, payload, n))) = split_frame(rest, max) {
+            while let Ok(Some(f)) = split_frame(rest, max) {
+                let (op, payload, n) = (f.opcode, f.payload, f.frame_len());
                 prop_assert!(n >= HEADER_LEN && n <= rest.len());
                 prop_assert_eq!(payload.len(), n - HEADER_LEN);
                 prop_assert!(payload.len() as u32 <= max);

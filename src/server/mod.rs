@@ -450,28 +450,21 @@ impl Server {
                 let need = match protocol::check_header(have, max) {
                     Ok(Some(h)) => h.frame_len(),
                     Ok(None) => HEADER_LEN,
-                    // Let the core see the bad header and answer it.
+                    // A bad header: let the core see it and answer.
                     Err(_) => have.len(),
                 };
-                let take = need.saturating_sub(have.len()).min(data.len());
-                rbuf.extend_from_slice(&data[..take]);
-                data = &data[take..];
-                if rbuf.len() < need {
+                if have.len() >= need {
+                    let used = self.chat.handle_data(now, id, have);
+                    debug_assert!(used == have.len() || !self.chat.is_open(id));
+                    break;
+                }
+                if data.is_empty() {
                     return; // everything went into the partial frame
                 }
-                let whole = rbuf.make_contiguous();
-                if need == HEADER_LEN && whole.len() == HEADER_LEN {
-                    // The header just completed: learn the frame's length and go on,
-                    // unless it is an empty-payload frame, which is now whole.
-                    if let Ok(Some(h)) = protocol::check_header(whole, max) {
-                        if h.len > 0 {
-                            continue;
-                        }
-                    }
-                }
-                let used = self.chat.handle_data(now, id, whole);
-                debug_assert!(used == whole.len() || !self.chat.is_open(id));
-                break;
+                // Append only what this frame (or, first, its header) lacks, then re-judge.
+                let take = (need - have.len()).min(data.len());
+                rbuf.extend_from_slice(&data[..take]);
+                data = &data[take..];
             }
             if let Some(b) = c.rbuf.take() {
                 self.pool.put(b);
