@@ -1,4 +1,60 @@
-//! chatloop: a real-time TCP chat server built as one single-threaded mio event loop.
+//! chatloop: a real-time TCP chat server built as one single-threaded mio event loop around a
+//! sans-IO chat core.
+//!
+//! The crate is three layers, each usable on its own:
+//!
+//! - [`protocol`]: the wire format of docs/PROTOCOL.md. Header checks, typed messages and
+//!   encoders; bytes in, values out, and back. No I/O.
+//! - [`core`]: the chat state machine [`core::Chat`]. Inputs are connections opened and
+//!   closed, bytes received and the current time; outputs are frames to send, connections to
+//!   close and the next deadline. No sockets, no clock: any runtime can drive it.
+//! - [`server`]: the mio shell [`server::Server`], which drives the core from a `mio::Poll`
+//!   that the *caller* owns. It never creates a `Poll`, a thread or a `Waker`, so it embeds in
+//!   an existing reactor; the `chatloop` binary uses it exactly that way.
+//!
+//! # Layout
+//!
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | frame header validation, client and server messages, encoders |
+//! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, hooks, counters |
+//! | [`server`] | listener, connections in a slab (key = token), reads, `writev` flushing, closes |
+//! | [`buffer`] | pooled byte ring buffers |
+//! | [`timer`] | hashed timing wheel |
+//! | [`id`] | [`id::ConnId`]: slab slot plus generation |
+//! | [`config`] | command-line flags, defaults, duration and size parsing |
+//! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
+//!
+//! # Example: embedding the server in your own loop
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! use mio::{Events, Poll, Token};
+//! use chatloop::server::{Server, ServerConfig};
+//!
+//! # fn main() -> std::io::Result<()> {
+//! let mut poll = Poll::new()?;
+//! // Tokens 100 ..= 100 + max_connections belong to the chat server; the rest are yours.
+//! let mut chat = Server::new(ServerConfig::default(), poll.registry(), Token(100), Instant::now())?;
+//! chat.listen("127.0.0.1:7878".parse().unwrap())?;
+//! let mut events = Events::with_capacity(1024);
+//! loop {
+//!     poll.poll(&mut events, chat.poll_timeout(Instant::now()))?;
+//!     let now = Instant::now();
+//!     for event in events.iter() {
+//!         if chat.owns(event.token()) {
+//!             chat.handle_event(event, now);
+//!         } // else: one of your own sources
+//!     }
+//!     chat.handle_timeout(now);
+//!     chat.flush(now);
+//! }
+//! # }
+//! ```
+
+#![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![doc(test(attr(deny(warnings))))]
+
 pub mod buffer;
 pub mod config;
 pub mod core;
