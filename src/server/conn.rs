@@ -102,10 +102,10 @@ impl Conn {
         if matches!(self.phase, Phase::Dead(_)) {
             return Ok(0);
         }
-        if self.pending() + total > max_pending {
-            return Err(WriteError::Overflow);
-        }
         if self.write_blocked {
+            if self.pending() + total > max_pending {
+                return Err(WriteError::Overflow);
+            }
             // The socket is full: no system call until the poll says it is writable.
             let wbuf = self.wbuf.get_or_insert_with(|| pool.get());
             for c in chunks {
@@ -173,6 +173,10 @@ impl Conn {
         }
         debug_assert!(written <= queued);
         self.settle(pool, registry, base);
+        // What counts against max-pending is what the socket refused and we now hold.
+        if self.pending() > max_pending {
+            return Err(WriteError::Overflow);
+        }
         Ok(written)
     }
 

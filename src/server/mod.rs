@@ -321,11 +321,20 @@ impl Server {
                     // getting events.
                     log::warn!("accept: out of file descriptors ({e}); refusing one connection");
                     self.reserve.release();
-                    if let Ok((stream, peer)) = listener.accept() {
-                        self.stats.refused_full += 1;
-                        refuse(stream, peer, ErrorCode::ServerFull);
-                    }
+                    let accepted = match listener.accept() {
+                        Ok((stream, peer)) => {
+                            self.stats.refused_full += 1;
+                            refuse(stream, peer, ErrorCode::ServerFull);
+                            true
+                        }
+                        Err(_) => false,
+                    };
                     self.reserve.restore();
+                    if !accepted {
+                        // Even the reserve did not help (the system-wide table is full, say):
+                        // stop here rather than spin; the next readiness event retries.
+                        return;
+                    }
                 }
                 Err(e) => {
                     // ECONNABORTED and friends concern one connection; anything else is
