@@ -142,6 +142,9 @@ pub struct Args {
     /// Log verbosity.
     #[arg(long, value_enum, default_value = "info")]
     pub log_level: LogLevel,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on this address [default: off].
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Interval of the periodic stats log line (0 = off).
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     pub stats_interval: Duration,

@@ -24,6 +24,7 @@
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | command-line flags, defaults, duration and size parsing |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
+//! | [`metrics`] | Prometheus `/metrics` and `/healthz` over HTTP, in the same poll loop |
 //!
 //! # Example: embedding the server in your own loop
 //!
@@ -60,6 +61,7 @@ pub mod config;
 pub mod core;
 pub mod id;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod timer;

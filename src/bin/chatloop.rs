@@ -14,11 +14,13 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use chatloop::config::Args;
 use chatloop::limits;
+use chatloop::metrics::MetricsEndpoint;
 use chatloop::server::Server;
 
-/// The signal fd's token; the server's range starts right after it.
+/// Tokens: the signal fd, then the metrics endpoint's range, then the chat server's range.
 const SIGNALS: Token = Token(0);
-const SERVER_BASE: Token = Token(1);
+const METRICS_BASE: Token = Token(1);
+const SERVER_BASE: Token = Token(1 + chatloop::metrics::MAX_CLIENTS + 1);
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -123,6 +125,15 @@ fn run(args: &Args) -> Result<(), String> {
         .listen(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     log::info!("listening on {addr}");
+    let mut metrics = match args.metrics {
+        Some(a) => {
+            let m = MetricsEndpoint::bind(a, poll.registry(), METRICS_BASE)
+                .map_err(|e| format!("cannot listen for metrics on {a}: {e}"))?;
+            log::info!("metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        None => None,
+    };
 
     let mut events = Events::with_capacity(1024);
     let mut next_stats = (!args.stats_interval.is_zero()).then(|| now + args.stats_interval);
@@ -132,6 +143,10 @@ fn run(args: &Args) -> Result<(), String> {
         let timeout = [
             server.poll_timeout(now),
             next_stats.map(|t| t.saturating_duration_since(now)),
+            metrics
+                .as_ref()
+                .and_then(|m| m.poll_timeout())
+                .map(|t| t.saturating_duration_since(now)),
         ]
         .into_iter()
         .flatten()
@@ -157,9 +172,14 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             } else if server.owns(event.token()) {
                 server.handle_event(event, now);
+            } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
+                m.handle_event(event, &server, now);
             }
         }
         server.handle_timeout(now);
+        if let Some(m) = metrics.as_mut() {
+            m.handle_timeout(now);
+        }
         server.flush(now);
         if server.is_shut_down() {
             log::info!("shutdown complete");

@@ -299,6 +299,12 @@ impl Chat {
         &self.stats
     }
 
+    /// Frames addressed to connections so far, indexed by opcode (one per recipient: a SAY
+    /// to a room of 100 counts 100 MESSAGE frames).
+    pub fn frames_out(&self) -> &[u64] {
+        &self.outbox.frames_out
+    }
+
     /// Open connections (welcomed or not).
     pub fn connections(&self) -> usize {
         self.open
@@ -950,6 +956,7 @@ impl Chat {
         let rid = self.room_index.get(room).copied();
         let (buf, first) = self.outbox.buf();
         let mut start = encode::roster_begin(buf, room);
+        let mut extra_frames = 0;
         if let Some(rid) = rid {
             for &m in &self.rooms[rid.0].members {
                 let Some(nick) = self.sessions[m.slot()].as_ref().map(|s| &*s.nick) else {
@@ -960,6 +967,7 @@ impl Chat {
                 if payload + 2 + nick.len() > budget && !count_is_zero {
                     encode::roster_end(buf, start, true);
                     start = encode::roster_begin(buf, room);
+                    extra_frames += 1;
                 }
                 encode::roster_push(buf, start, nick);
             }
@@ -967,6 +975,8 @@ impl Chat {
         encode::roster_end(buf, start, false);
         let end = buf.len();
         self.outbox.send(conn, first, end);
+        // One range carries every ROSTER frame of this WHO; `send` counted the first.
+        self.outbox.frames_out[usize::from(op::S_ROSTER)] += extra_frames;
     }
 
     // ----- shared machinery -----

@@ -53,12 +53,15 @@ pub(crate) struct Outbox {
     dirty: Vec<(ConnId, u32)>,
     round: u32,
     taken: bool,
+    /// Frames addressed to connections, by opcode (one per recipient).
+    pub(crate) frames_out: Vec<u64>,
 }
 
 impl Outbox {
     pub(crate) fn new() -> Self {
         Outbox {
             round: 1,
+            frames_out: vec![0; 256],
             ..Default::default()
         }
     }
@@ -95,6 +98,9 @@ impl Outbox {
     pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
         debug_assert!(!self.taken, "send without buf() first");
         debug_assert!(start <= end && end <= self.arena.len());
+        if let Some(&op) = self.arena.get(start + 3) {
+            self.frames_out[usize::from(op)] += 1;
+        }
         let (start, end) = (start as u32, end as u32);
         let slot = to.slot();
         if slot >= self.chains.len() {

@@ -102,6 +102,24 @@ pub struct ServerStats {
     pub writes: u64,
     /// Calls to `flush` (one per loop iteration).
     pub iterations: u64,
+    /// Time spent handling one iteration (from its first event or timeout to the end of its
+    /// flush): bucket `i` counts iterations that took less than 2^i microseconds (the last
+    /// bucket counts everything longer).
+    pub iteration_us: [u64; ITERATION_BUCKETS],
+    /// Sum of all iteration times, in microseconds.
+    pub iteration_us_sum: u64,
+}
+
+/// Buckets of [`ServerStats::iteration_us`]: 2^0 µs up to 2^23 µs (8.4 s), then the rest.
+pub const ITERATION_BUCKETS: usize = 24;
+
+impl ServerStats {
+    fn record_iteration(&mut self, d: Duration) {
+        let us = d.as_micros().max(1);
+        self.iteration_us_sum += us as u64;
+        let bucket = (128 - (us - 1).leading_zeros()) as usize; // ceil(log2(us))
+        self.iteration_us[bucket.min(ITERATION_BUCKETS - 1)] += 1;
+    }
 }
 
 /// Why a stream could not be adopted.
@@ -143,6 +161,7 @@ pub struct Server {
     linger: TimerWheel,
     expired: Vec<u64>,
     shutdown_deadline: Option<Instant>,
+    iteration_start: Option<Instant>,
     stats: ServerStats,
 }
 
@@ -202,6 +221,7 @@ impl Server {
             linger,
             expired: Vec::new(),
             shutdown_deadline: None,
+            iteration_start: None,
             stats: ServerStats::default(),
         })
     }
@@ -274,6 +294,7 @@ impl Server {
     /// Handles one event. Events for tokens the server does not own, or for connections that
     /// no longer exist, are ignored (readiness is a hint; sporadic events happen).
     pub fn handle_event(&mut self, event: &Event, now: Instant) {
+        self.iteration_start.get_or_insert(now);
         let t = event.token().0;
         if t == self.base {
             if self.listener.is_some() {
@@ -568,6 +589,7 @@ impl Server {
     /// events and `handle_timeout`.
     pub fn flush(&mut self, now: Instant) {
         self.stats.iterations += 1;
+        self.iteration_start.get_or_insert(now);
         if !self.read_again.is_empty() {
             let again = std::mem::take(&mut self.read_again);
             for id in again {
@@ -641,6 +663,9 @@ impl Server {
                 _ => {}
             }
         }
+        if let Some(start) = self.iteration_start.take() {
+            self.stats.record_iteration(start.elapsed());
+        }
     }
 
     /// A connection whose parked output would exceed max-pending: its backlog is dropped, it
@@ -673,6 +698,7 @@ impl Server {
     /// Runs what is due by `now`: the core's timers, close deadlines and the end of a shutdown's
     /// grace period. A spurious call is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.iteration_start.get_or_insert(now);
         self.chat.handle_timeout(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.linger.expire(now, &mut expired);
