@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::id::Generations;
+use crate::protocol::SERVER_SLACK;
 use crate::protocol::{MAGIC, ServerMsg, VERSION, split_frame};
 
 // ----- the simulator -----

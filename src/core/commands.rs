@@ -1,0 +1,318 @@
+//! The client commands: HELLO (new session and resume), JOIN, LEAVE, SAY, WHISPER, WHO.
+//!
+//! Each handler checks its rules in the order docs/PROTOCOL.md gives, answers a failed check
+//! with a non-fatal ERROR and leaves the state unchanged, and otherwise changes the state and
+//! queues the resulting frames in the outbox, encoded once however many recipients they have.
+
+use std::time::Instant;
+
+use super::{
+    Chat, CloseReason, HelloInfo, Room, RoomId, Verdict, ct_eq, fold, os_token, token_key,
+};
+use crate::id::ConnId;
+use crate::protocol::{
+    self, ErrorCode, HEADER_LEN, PresenceKind, SERVER_SLACK, SessionToken, encode, op,
+};
+
+impl Chat {
+    pub(super) fn hello(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        nick: &str,
+        token: Option<SessionToken>,
+    ) {
+        let resume = token.and_then(|t| self.session_by_token(&t));
+        let peer = self.session(conn).and_then(|s| s.peer);
+        let info = HelloInfo {
+            conn,
+            nick,
+            peer,
+            token: token.as_ref(),
+            resumes: resume.is_some(),
+        };
+        if let Err(r) = self.hooks.on_hello(&info) {
+            log::debug!(
+                "conn {conn}: HELLO rejected by hook: {} {}",
+                r.code,
+                r.detail
+            );
+            if r.code.is_fatal() {
+                self.fatal(conn, r.code, &r.detail, CloseReason::Protocol(r.code));
+            } else {
+                self.send_error(conn, r.code, &r.detail);
+            }
+            return;
+        }
+        if let Some(old) = resume {
+            self.resume(now, conn, old);
+            return;
+        }
+        if !protocol::valid_nick(nick) {
+            self.send_error(
+                conn,
+                ErrorCode::BadNick,
+                "nick must be 1 to 32 bytes of UTF-8 without spaces or control characters",
+            );
+            return;
+        }
+        let folded = fold(nick);
+        if self.nicks.contains_key(&folded) {
+            self.send_error(conn, ErrorCode::NickTaken, "nick is taken");
+            return;
+        }
+        let token = self.fresh_token();
+        self.nicks.insert(folded, conn);
+        self.tokens.insert(token_key(&token), conn);
+        if let Some(s) = self.session_mut(conn) {
+            s.welcomed = true;
+            s.nick = nick.into();
+            s.token = token;
+        }
+        self.stats.sessions_started += 1;
+        log::debug!("conn {conn}: welcomed as {nick}");
+        self.welcome(now, conn);
+    }
+
+    /// The live session whose token is `t`, compared in constant time.
+    pub(super) fn session_by_token(&self, t: &SessionToken) -> Option<ConnId> {
+        let conn = *self.tokens.get(&token_key(t))?;
+        let s = self.session(conn)?;
+        ct_eq(&s.token, t).then_some(conn)
+    }
+
+    /// A token whose index no live session uses. A source that keeps repeating itself (a
+    /// broken test double) is given up on after a few tries in favour of the OS.
+    pub(super) fn fresh_token(&mut self) -> SessionToken {
+        for _ in 0..16 {
+            let t = (self.token_source)();
+            if !self.tokens.contains_key(&token_key(&t)) {
+                return t;
+            }
+        }
+        loop {
+            let t = os_token();
+            if !self.tokens.contains_key(&token_key(&t)) {
+                return t;
+            }
+        }
+    }
+
+    /// Sends WELCOME and moves the connection's timer from the hello deadline to the heartbeat.
+    pub(super) fn welcome(&mut self, now: Instant, conn: ConnId) {
+        let hb_ms = u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
+        let max_frame = self.cfg.max_frame;
+        let deadline = now + self.cfg.heartbeat;
+        let old_timer = match self.session(conn) {
+            Some(s) => s.timer,
+            None => return,
+        };
+        self.timers.cancel(old_timer);
+        let timer = self.timers.schedule(deadline, conn.to_u64());
+        let Some(s) = self.sessions[conn.slot()].as_mut() else {
+            return;
+        };
+        s.timer = timer;
+        let (buf, start) = self.outbox.buf();
+        encode::welcome(buf, conn.to_u64(), &s.token, max_frame, hb_ms, &s.nick);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+    }
+
+    /// `new` takes over the session of `old`: nick, rooms and membership order, without PRESENCE.
+    /// `old` gets session_taken_over and is closed; the old token stops working.
+    pub(super) fn resume(&mut self, now: Instant, new: ConnId, old: ConnId) {
+        let Some(mut prev) = self.sessions[old.slot()].take().filter(|s| s.id == old) else {
+            return;
+        };
+        self.timers.cancel(prev.timer);
+        self.open -= 1;
+        self.tokens.remove(&token_key(&prev.token));
+        let token = self.fresh_token();
+        self.tokens.insert(token_key(&token), new);
+        self.nicks.insert(fold(&prev.nick), new);
+        for &(rid, idx) in &prev.rooms {
+            let members = &mut self.rooms[rid.0].members;
+            debug_assert_eq!(members[idx as usize], old);
+            members[idx as usize] = new;
+        }
+        log::debug!("conn {new}: resumed the session of {} ({})", prev.nick, old);
+        let nick = std::mem::take(&mut prev.nick);
+        let rooms = std::mem::take(&mut prev.rooms);
+        if let Some(s) = self.session_mut(new) {
+            s.welcomed = true;
+            s.nick = nick;
+            s.rooms = rooms;
+            s.token = token;
+        }
+        self.stats.resumes += 1;
+        self.send_error(
+            old,
+            ErrorCode::SessionTakenOver,
+            "another connection resumed this session",
+        );
+        self.closes.push_back((old, CloseReason::TakenOver));
+        self.stats.closed.count(CloseReason::TakenOver);
+        if let Some(s) = self.session(new) {
+            let nick = s.nick.clone();
+            self.hooks
+                .on_close(old, Some(&nick), CloseReason::TakenOver);
+        }
+        self.welcome(now, new);
+    }
+
+    pub(super) fn join(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(
+                conn,
+                ErrorCode::BadRoom,
+                "room must be 1 to 64 bytes of UTF-8 without spaces or control characters",
+            );
+            return;
+        }
+        let existing = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        if existing.is_some_and(|rid| s.rooms.iter().any(|&(r, _)| r == rid)) {
+            self.send_error(conn, ErrorCode::AlreadyInRoom, "already in that room");
+            return;
+        }
+        if s.rooms.len() >= self.cfg.max_rooms_per_conn {
+            let detail = format!(
+                "at most {} rooms per connection",
+                self.cfg.max_rooms_per_conn
+            );
+            self.send_error(conn, ErrorCode::TooManyRooms, &detail);
+            return;
+        }
+        let rid = existing.unwrap_or_else(|| {
+            let id = RoomId(self.rooms.insert(Room {
+                name: room.into(),
+                members: Vec::new(),
+            }));
+            self.room_index.insert(room.into(), id);
+            id
+        });
+        let members = &mut self.rooms[rid.0].members;
+        let idx = members.len() as u32;
+        members.push(conn);
+        let Some(s) = self.session_mut(conn) else {
+            return;
+        };
+        s.rooms.push((rid, idx));
+        let nick = s.nick.clone();
+        self.presence(rid, PresenceKind::Join, conn, &nick);
+        self.hooks.on_join(conn, &nick, room);
+    }
+
+    pub(super) fn leave(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        let rid = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        let Some(pos) = rid.and_then(|rid| s.rooms.iter().position(|&(r, _)| r == rid)) else {
+            self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
+            return;
+        };
+        let nick = s.nick.clone();
+        let (rid, _) = s.rooms[pos];
+        self.presence(rid, PresenceKind::Leave, conn, &nick);
+        self.remove_member(conn, pos);
+        self.hooks.on_leave(conn, &nick, room);
+    }
+
+    pub(super) fn say(&mut self, conn: ConnId, room: &str, text: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        let rid = self.room_index.get(room).copied();
+        let Some(s) = self.session(conn) else { return };
+        let Some(rid) = rid.filter(|&rid| s.rooms.iter().any(|&(r, _)| r == rid)) else {
+            self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
+            return;
+        };
+        let nick = s.nick.clone();
+        if self.hooks.on_say(conn, &nick, room, text) == Verdict::Drop {
+            self.stats.vetoed += 1;
+            return;
+        }
+        self.broadcast_message(rid, &nick, text);
+    }
+
+    pub(super) fn broadcast_message(&mut self, rid: RoomId, from: &str, text: &str) {
+        let msg_id = self.next_msg_id;
+        self.next_msg_id += 1;
+        let room = &self.rooms[rid.0];
+        let (buf, start) = self.outbox.buf();
+        encode::message(buf, msg_id, &room.name, from, text);
+        let end = buf.len();
+        for &m in &room.members {
+            self.outbox.send(m, start, end);
+        }
+        self.stats.messages += 1;
+        self.stats.deliveries += room.members.len() as u64;
+    }
+
+    pub(super) fn whisper_from(&mut self, conn: ConnId, target: &str, text: &str) {
+        let Some(to) = self.conn_of(target) else {
+            self.send_error(conn, ErrorCode::NoSuchUser, "no such user");
+            return;
+        };
+        let Some(nick) = self.nick(conn).map(Box::<str>::from) else {
+            return;
+        };
+        let to_nick = self.nick(to).map(Box::<str>::from).unwrap_or_default();
+        if self.hooks.on_whisper(conn, &nick, &to_nick, text) == Verdict::Drop {
+            self.stats.vetoed += 1;
+            return;
+        }
+        self.deliver_whisper(to, &nick, text);
+    }
+
+    pub(super) fn deliver_whisper(&mut self, to: ConnId, from: &str, text: &str) {
+        let msg_id = self.next_msg_id;
+        self.next_msg_id += 1;
+        let (buf, start) = self.outbox.buf();
+        encode::whisper(buf, msg_id, from, text);
+        let end = buf.len();
+        self.outbox.send(to, start, end);
+        self.stats.whispers += 1;
+        self.stats.deliveries += 1;
+    }
+
+    pub(super) fn who(&mut self, conn: ConnId, room: &str) {
+        if !protocol::valid_room(room) {
+            self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
+            return;
+        }
+        // Each ROSTER payload stays within max_frame + SERVER_SLACK; the slack alone fits the
+        // longest room name plus one longest nick, so every frame carries at least one nick.
+        let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
+        let rid = self.room_index.get(room).copied();
+        let (buf, first) = self.outbox.buf();
+        let mut start = encode::roster_begin(buf, room);
+        let mut extra_frames = 0;
+        if let Some(rid) = rid {
+            for &m in &self.rooms[rid.0].members {
+                let Some(nick) = self.sessions[m.slot()].as_ref().map(|s| &*s.nick) else {
+                    continue;
+                };
+                let payload = buf.len() - start - HEADER_LEN;
+                let count_is_zero = payload == encode::roster_overhead(room.len());
+                if payload + 2 + nick.len() > budget && !count_is_zero {
+                    encode::roster_end(buf, start, true);
+                    start = encode::roster_begin(buf, room);
+                    extra_frames += 1;
+                }
+                encode::roster_push(buf, start, nick);
+            }
+        }
+        encode::roster_end(buf, start, false);
+        let end = buf.len();
+        self.outbox.send(conn, first, end);
+        // One range carries every ROSTER frame of this WHO; `send` counted the first.
+        self.outbox.frames_out[usize::from(op::S_ROSTER)] += extra_frames;
+    }
+}

@@ -1,0 +1,122 @@
+//! Machinery shared by the commands, the timers and the application's commands: errors,
+//! fatal closes, presence delivery, and removing members and sessions.
+
+use super::{Chat, CloseReason, RoomId, fold, token_key};
+use crate::id::ConnId;
+use crate::protocol::{ErrorCode, PresenceKind, encode};
+
+impl Chat {
+    pub(super) fn send_error(&mut self, conn: ConnId, code: ErrorCode, detail: &str) {
+        let (buf, start) = self.outbox.buf();
+        encode::error(buf, code, detail);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+        self.stats.errors_sent[code.code() as usize] += 1;
+    }
+
+    /// Sends a fatal ERROR, ends the session (PRESENCE gone) and asks for the close.
+    pub(super) fn fatal(
+        &mut self,
+        conn: ConnId,
+        code: ErrorCode,
+        detail: &str,
+        reason: CloseReason,
+    ) {
+        debug_assert!(code.is_fatal());
+        self.send_error(conn, code, detail);
+        self.remove_session(conn, Some(PresenceKind::Gone), reason);
+        self.closes.push_back((conn, reason));
+    }
+
+    pub(super) fn slow_consumer(&mut self, conn: ConnId) {
+        log::warn!(
+            "conn {conn}: more than {} bytes of output queued; closing it as a slow consumer",
+            self.cfg.max_pending
+        );
+        self.outbox.discard(conn);
+        self.fatal(
+            conn,
+            ErrorCode::SlowConsumer,
+            "too much output queued",
+            CloseReason::SlowConsumer,
+        );
+    }
+
+    /// Sends a PRESENCE about `who` in `rid` to the room, or only to `who` when the room has
+    /// more than presence_limit members (the count includes `who`, who must still be a member).
+    pub(super) fn presence(&mut self, rid: RoomId, kind: PresenceKind, who: ConnId, nick: &str) {
+        let room = &self.rooms[rid.0];
+        let (buf, start) = self.outbox.buf();
+        encode::presence(buf, kind, &room.name, nick);
+        let end = buf.len();
+        let to_all = room.members.len() <= self.cfg.presence_limit;
+        let self_too = matches!(kind, PresenceKind::Join | PresenceKind::Leave);
+        if to_all {
+            for &m in &room.members {
+                if m != who || self_too {
+                    self.outbox.send(m, start, end);
+                }
+            }
+        } else if self_too {
+            self.outbox.send(who, start, end);
+        }
+    }
+
+    /// Removes the `pos`th room of `conn`'s session from it, and `conn` from that room.
+    pub(super) fn remove_member(&mut self, conn: ConnId, pos: usize) {
+        let Some(s) = self.session_mut(conn) else {
+            return;
+        };
+        let (rid, idx) = s.rooms.swap_remove(pos);
+        let room = &mut self.rooms[rid.0];
+        debug_assert_eq!(room.members[idx as usize], conn);
+        room.members.swap_remove(idx as usize);
+        if let Some(&moved) = room.members.get(idx as usize) {
+            // The last member took the leaver's place: record its new index.
+            if let Some(ms) = self.sessions[moved.slot()].as_mut() {
+                if let Some(e) = ms.rooms.iter_mut().find(|e| e.0 == rid) {
+                    e.1 = idx;
+                }
+            }
+        }
+        if self.rooms[rid.0].members.is_empty() {
+            let room = self.rooms.remove(rid.0);
+            self.room_index.remove(&room.name);
+        }
+    }
+
+    /// Ends `conn`'s session: PRESENCE `kind` to its rooms (none if `None`), leaves them, frees
+    /// nick, token and timer. Output already queued for `conn` stays queued.
+    pub(super) fn remove_session(
+        &mut self,
+        conn: ConnId,
+        kind: Option<PresenceKind>,
+        reason: CloseReason,
+    ) {
+        let Some(s) = self.session(conn) else { return };
+        let nick = s.nick.clone();
+        let welcomed = s.welcomed;
+        while let Some(&(rid, _)) = self.session(conn).and_then(|s| s.rooms.last()) {
+            if let Some(kind) = kind {
+                self.presence(rid, kind, conn, &nick);
+            }
+            let last = self.session(conn).map_or(0, |s| s.rooms.len() - 1);
+            let name = self.rooms[rid.0].name.clone();
+            self.remove_member(conn, last);
+            self.hooks.on_leave(conn, &nick, &name);
+        }
+        let Some(s) = self.sessions[conn.slot()].take() else {
+            return;
+        };
+        self.timers.cancel(s.timer);
+        if welcomed {
+            self.nicks.remove(&fold(&s.nick));
+            self.tokens.remove(&token_key(&s.token));
+        }
+        self.open -= 1;
+        self.stats.closed.count(reason);
+        log::debug!("conn {conn}: session ended ({reason})");
+        self.hooks
+            .on_close(conn, welcomed.then_some(&*s.nick), reason);
+    }
+}
