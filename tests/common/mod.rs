@@ -20,7 +20,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -576,6 +576,8 @@ pub struct Server {
     child: Child,
     addr: SocketAddr,
     exited: Option<ExitStatus>,
+    /// Every stderr line so far (ANSI stripped), for [`Server::log_lines`] / [`Server::wait_log`].
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Removes ANSI escape sequences (simplelog may colour its output).
@@ -621,18 +623,33 @@ impl Server {
     /// `listening on IP:PORT` line on its stderr. Server output is echoed to the test's stderr.
     #[track_caller]
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--listen").arg("127.0.0.1:0").args(args);
+        Self::spawn(cmd, &format!("{args:?}"))
+    }
+
+    /// Like [`Server::start`], but runs exactly `cmd` (for example a shell that lowers limits
+    /// and then execs [`BIN`]); the command must make the server listen on 127.0.0.1:0 (or any
+    /// address) and log `listening on IP:PORT`. stdin, stdout and stderr are set here.
+    #[track_caller]
+    pub fn start_cmd(cmd: Command) -> Server {
+        let desc = format!("{cmd:?}");
+        Self::spawn(cmd, &desc)
+    }
+
+    #[track_caller]
+    fn spawn(mut cmd: Command, desc: &str) -> Server {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn the server binary {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot spawn the server {desc}: {e}"));
         let pid = child.id();
         let stderr = child.stderr.take().expect("stderr piped");
         let stdout = child.stdout.take().expect("stdout piped");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let log_w = Arc::clone(&log);
         let (tx, rx) = mpsc::channel::<Result<SocketAddr, String>>();
         thread::Builder::new()
             .name(format!("chatloop-{pid}-stderr"))
@@ -643,6 +660,9 @@ impl Server {
                     let line = strip_ansi(&String::from_utf8_lossy(&line));
                     let line = line.trim_end_matches('\r');
                     eprintln!("[chatloop {pid}] {line}");
+                    if let Ok(mut l) = log_w.lock() {
+                        l.push(line.to_string());
+                    }
                     if tx.is_some() {
                         if let Some(res) = parse_listening(line) {
                             let _ = tx.take().unwrap().send(res);
@@ -666,22 +686,47 @@ impl Server {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             exited: None,
+            log,
         };
         match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(Ok(addr)) => {
                 server.addr = addr;
                 server
             }
-            Ok(Err(e)) => panic!("server {args:?}: {e}"),
+            Ok(Err(e)) => panic!("server {desc}: {e}"),
             Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "server {args:?} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
+                "server {desc} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
             ),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = server.wait_exit(Duration::from_secs(2));
                 panic!(
-                    "server {args:?} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
+                    "server {desc} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
                 )
             }
+        }
+    }
+
+    /// The server's stderr lines received so far (ANSI escapes stripped).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for a stderr line matching `pred`; returns it, or None after `timeout`.
+    /// (Log lines reach the test through a pipe and a thread, so they may trail the events.)
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -800,6 +845,14 @@ static BARRIER_SEQ: AtomicU64 = AtomicU64::new(0);
 enum Fill {
     Data,
     Eof,
+    TimedOut,
+}
+
+/// What [`Client::recv_or_close`] got.
+#[derive(Debug)]
+pub enum Recv {
+    Frame(Frame),
+    Closed,
     TimedOut,
 }
 
@@ -1046,6 +1099,37 @@ impl Client {
         }
     }
 
+    /// The next frame, the close of the connection (EOF or reset; a partial frame pending at
+    /// the close panics), or a timeout after `d`. Unlike `recv_timeout`, a close is an answer.
+    #[track_caller]
+    pub fn recv_or_close(&mut self, d: Duration) -> Recv {
+        let deadline = Instant::now() + d;
+        loop {
+            if let Some(f) = self.try_parse() {
+                return Recv::Frame(f);
+            }
+            if self.eof {
+                assert_eq!(
+                    self.pending_bytes(),
+                    0,
+                    "{}: connection closed in the middle of a frame",
+                    self.label
+                );
+                return Recv::Closed;
+            }
+            match self.fill(deadline) {
+                Fill::Data => {}
+                Fill::Eof => self.eof = true,
+                Fill::TimedOut => return Recv::TimedOut,
+            }
+        }
+    }
+
+    /// This client's label in panic messages (`client :PORT (nick)`).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     /// The next frame; panics if none arrives within the client's timeout (default 5 s).
     #[track_caller]
     pub fn recv(&mut self) -> Frame {
@@ -1196,6 +1280,17 @@ impl Client {
             self.label
         );
         e
+    }
+
+    /// Accepts a WELCOME frame received by other means (e.g. `recv_or_close`): records the
+    /// nick and max_frame as `expect_welcome` does.
+    #[track_caller]
+    pub fn take_welcome(&mut self, f: &Frame) -> Welcome {
+        let w = f.welcome();
+        self.label = format!("{} ({})", self.label, w.nick);
+        self.nick = Some(w.nick.clone());
+        self.max_frame = Some(w.max_frame);
+        w
     }
 
     #[track_caller]

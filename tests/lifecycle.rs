@@ -1,0 +1,913 @@
+//! Integration tests of the connection lifecycle (issue 3, PROTOCOL.md sections 4.5, 7 and 8)
+//! against the real `chatloop` binary over real TCP sockets: heartbeats, idle eviction,
+//! hello timeout, slow consumers, the connection limit, EMFILE, signals, session resume.
+//!
+//! Timing tests use short durations and `--tick 20ms`. Every wait is bounded; a lower bound
+//! is checked against an instant taken before the client's last send, so it holds however
+//! slow the machine is, and upper bounds have a generous margin for loaded CI machines.
+
+mod common;
+
+use common::*;
+use std::io::{self, Read, Write};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Slack allowed after a deadline (tick + scheduling on a busy machine).
+const LATE: Duration = Duration::from_millis(1000);
+/// The server keeps instants in whole milliseconds (floored), so its timers can fire up to
+/// 1 ms before the deadline, which the spec forbids; `timers_never_fire_early` shows that
+/// bug on its own, and the other timing tests tolerate it so that they test the rest.
+const EARLY: Duration = Duration::from_millis(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Reads `c` until a frame matches `pred`, answering every server PING with a PONG of the
+/// same data on the way (so `c` itself never idles out). Returns the other frames seen and
+/// the match. Bounded by `timeout`; a close panics.
+#[track_caller]
+fn await_answering_pings(
+    c: &mut Client,
+    timeout: Duration,
+    mut pred: impl FnMut(&Frame) -> bool,
+) -> (Vec<Frame>, Frame) {
+    let deadline = Instant::now() + timeout;
+    let mut others = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(f) = c.recv_timeout(left) else {
+            panic!(
+                "{}: nothing matching within {timeout:?}; frames seen: {others:?}",
+                c.label()
+            );
+        };
+        if pred(&f) {
+            return (others, f);
+        }
+        if f.op == sop::PING {
+            c.send_pong(&f.payload);
+        } else {
+            others.push(f);
+        }
+    }
+}
+
+/// Splits `frames` into the server PINGs (checked to carry 8 bytes) and the rest.
+#[track_caller]
+fn split_pings(frames: Vec<Frame>) -> (usize, Vec<Frame>) {
+    let mut pings = 0;
+    let mut rest = Vec::new();
+    for f in frames {
+        if f.op == sop::PING {
+            assert_eq!(
+                f.payload.len(),
+                8,
+                "server PING data must be 8 bytes: {f:?}"
+            );
+            pings += 1;
+        } else {
+            rest.push(f);
+        }
+    }
+    (pings, rest)
+}
+
+/// `elapsed` (measured from before the client's last send) is in `[min - EARLY, max]`.
+#[track_caller]
+fn assert_within(what: &str, elapsed: Duration, min: Duration, max: Duration) {
+    assert!(
+        elapsed + EARLY >= min && elapsed <= max,
+        "{what} after {elapsed:?}, expected between {min:?} and {max:?}"
+    );
+}
+
+// =============================================================================================
+// Liveness: heartbeat, idle timeout
+// =============================================================================================
+
+#[test]
+fn ping_after_silence_only_once_welcomed() {
+    let server = Server::start(&[
+        "--heartbeat",
+        "200ms",
+        "--idle-timeout",
+        "3s",
+        "--tick",
+        "20ms",
+    ]);
+    let mut c = server.connect();
+    // Not welcomed: no heartbeat, however long the silence (two heartbeats here).
+    c.assert_no_frame(ms(450));
+
+    let t0 = Instant::now();
+    c.hello("quiet");
+    let f = c.recv_what("server PING after the heartbeat");
+    let elapsed = t0.elapsed();
+    assert_eq!(f.op, sop::PING, "expected a server PING, got {f:?}");
+    assert_eq!(
+        f.payload.len(),
+        8,
+        "server PING data must be 8 bytes: {f:?}"
+    );
+    assert_within("first PING", elapsed, ms(200), ms(200) + LATE);
+
+    // The PONG counts as activity: the connection is fine afterwards.
+    c.send_pong(&f.payload);
+    c.join("r");
+    c.say("r", "still here");
+}
+
+#[test]
+fn idle_client_is_evicted_with_presence_gone() {
+    let server = Server::start(&[
+        "--heartbeat",
+        "200ms",
+        "--idle-timeout",
+        "600ms",
+        "--tick",
+        "20ms",
+    ]);
+    let mut idler = server.login("idler");
+    let mut watcher = server.login("watcher");
+    let t0 = Instant::now();
+    idler.join("r"); // the idler's last send
+    watcher.join("r");
+
+    // The watcher answers its own PINGs while it waits for the idler's eviction.
+    let (others, gone) =
+        await_answering_pings(&mut watcher, ms(600) + LATE * 3, |f| f.op == sop::PRESENCE);
+    let elapsed = t0.elapsed();
+    assert!(others.is_empty(), "watcher: unexpected frames {others:?}");
+    assert_eq!(
+        gone.presence(),
+        Presence {
+            kind: kind::GONE,
+            room: "r".into(),
+            nick: "idler".into()
+        }
+    );
+    assert_within(
+        "PRESENCE gone for the idler",
+        elapsed,
+        ms(600),
+        ms(600) + LATE,
+    );
+
+    // The idler: the watcher's join, at least one PING, then ERROR idle_timeout, then EOF.
+    let frames = idler.expect_closed();
+    let (pings, mut rest) = split_pings(frames);
+    assert!(pings >= 1, "idler got no PING before its idle timeout");
+    let last = rest.pop().expect("idler: no ERROR before the close");
+    let e = last.error();
+    assert_eq!((e.code, e.fatal), (code::IDLE_TIMEOUT, true), "{last:?}");
+    assert_eq!(
+        rest.iter().map(Frame::presence).collect::<Vec<_>>(),
+        vec![Presence {
+            kind: kind::JOIN,
+            room: "r".into(),
+            nick: "watcher".into()
+        }],
+        "idler: frames other than PINGs before the ERROR"
+    );
+    // The watcher is still served.
+    watcher.say("r", "alone now");
+}
+
+#[test]
+fn pong_answering_client_stays_connected() {
+    let idle = ms(450);
+    let server = Server::start(&[
+        "--heartbeat",
+        "150ms",
+        "--idle-timeout",
+        "450ms",
+        "--tick",
+        "20ms",
+    ]);
+    let mut c = server.login("keeper");
+    c.join("r");
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < idle * 4 {
+        // recv_timeout panics if the server closes the connection.
+        match c.recv_timeout(ms(50)) {
+            None => {}
+            Some(f) if f.op == sop::PING => {
+                assert_eq!(
+                    f.payload.len(),
+                    8,
+                    "server PING data must be 8 bytes: {f:?}"
+                );
+                c.send_pong(&f.payload);
+                pings += 1;
+            }
+            Some(f) => panic!("keeper: unexpected frame while idle: {f:?}"),
+        }
+    }
+    assert!(
+        pings >= 4,
+        "expected a PING per heartbeat over 4 idle periods, got {pings}"
+    );
+    c.say("r", "survived");
+    c.assert_no_pending();
+}
+
+#[test]
+#[ignore = "BUG: idle_timeout fires up to 1 ms early (e.g. ERROR 16 received 59.4 ms after the last byte with --idle-timeout 60ms), in about 1 sample of 8: the core floors instants to whole ms"]
+fn timers_never_fire_early() {
+    // PROTOCOL.md section 7: "an event happens at its deadline or up to one tick later, never
+    // earlier". t0 is taken before the last send, so ERROR idle_timeout may not arrive before
+    // t0 + idle-timeout.
+    let server = Server::start(&[
+        "--heartbeat",
+        "30ms",
+        "--idle-timeout",
+        "60ms",
+        "--tick",
+        "1ms",
+    ]);
+    let mut early = Vec::new();
+    for i in 0..40 {
+        let mut c = server.login(&format!("n{i}"));
+        let t0 = Instant::now();
+        c.send_ping(b"last");
+        let (_, f) = c.recv_until(|f| f.op == sop::ERROR);
+        let elapsed = t0.elapsed();
+        assert_eq!(f.error().code, code::IDLE_TIMEOUT, "{f:?}");
+        if elapsed < ms(60) {
+            early.push(elapsed);
+        }
+    }
+    assert!(
+        early.is_empty(),
+        "idle_timeout before 60 ms of silence in {} of 40 samples: {early:?}",
+        early.len()
+    );
+}
+
+// =============================================================================================
+// hello_timeout
+// =============================================================================================
+
+#[test]
+fn hello_timeout_for_silent_connection() {
+    let server = Server::start(&["--hello-timeout", "300ms", "--tick", "20ms"]);
+    let t0 = Instant::now();
+    let mut c = server.connect();
+    c.expect_fatal(code::HELLO_TIMEOUT);
+    assert_within("hello_timeout", t0.elapsed(), ms(300), ms(300) + LATE);
+}
+
+#[test]
+fn hello_timeout_not_extended_by_pings() {
+    let server = Server::start(&["--hello-timeout", "300ms", "--tick", "20ms"]);
+    let t0 = Instant::now();
+    let mut c = server.connect();
+    let mut pongs = 0u32;
+    let err = loop {
+        assert!(
+            t0.elapsed() < ms(300) + LATE * 2,
+            "no hello_timeout while pinging"
+        );
+        let data = format!("p{pongs}").into_bytes();
+        c.send_ping(&data);
+        let f = c.recv_what("PONG or ERROR hello_timeout");
+        match f.op {
+            sop::PONG => {
+                assert_eq!(f.payload, data, "PONG data");
+                pongs += 1;
+                thread::sleep(ms(30)); // the pace of the keep-alive, not a wait for an event
+            }
+            sop::ERROR => break f.error(),
+            _ => panic!("unexpected {f:?}"),
+        }
+    };
+    assert_eq!(
+        (err.code, err.fatal),
+        (code::HELLO_TIMEOUT, true),
+        "{err:?}"
+    );
+    assert!(
+        pongs >= 3,
+        "expected several PONGs before the timeout, got {pongs}"
+    );
+    let after = c.expect_closed();
+    assert!(after.is_empty(), "frames after hello_timeout: {after:?}");
+    assert_within("hello_timeout", t0.elapsed(), ms(300), ms(300) + LATE);
+}
+
+#[test]
+fn hello_timeout_not_stopped_by_failed_hello() {
+    let server = Server::start(&["--hello-timeout", "300ms", "--tick", "20ms"]);
+    let _holder = server.login("taken");
+    let t0 = Instant::now();
+    let mut c = server.connect();
+    c.send_hello("", &[]);
+    c.expect_error(code::BAD_NICK);
+    c.send_hello("TAKEN", &[]);
+    c.expect_error(code::NICK_TAKEN);
+    c.expect_fatal(code::HELLO_TIMEOUT);
+    assert_within("hello_timeout", t0.elapsed(), ms(300), ms(300) + LATE);
+}
+
+// =============================================================================================
+// Slow consumer
+// =============================================================================================
+
+/// Most SAYs the slow-consumer test sends while waiting for the sink to be cut off.
+const FLOOD_CAP: usize = 40_000;
+
+fn flood_text(i: usize) -> String {
+    let mut s = format!("msg {i:06} ");
+    while s.len() < 1024 {
+        s.push('x');
+    }
+    s
+}
+
+/// Shared between the writer and the two reading threads of the slow-consumer test.
+struct Flood {
+    /// Set by a reading thread when it sees PRESENCE gone for the sink.
+    sink_gone: AtomicBool,
+    /// Number of SAYs sent, once the writer is done (usize::MAX until then).
+    total: AtomicUsize,
+}
+
+/// Reads `c` (in its own thread) until it has every MESSAGE the writer sent and the PRESENCE
+/// gone of "sink"; returns the msg_ids in arrival order.
+fn collect_flood(mut c: Client, flood: Arc<Flood>, deadline: Instant) -> (Client, Vec<u64>) {
+    let mut ids = Vec::new();
+    let mut gone = false;
+    while ids.len() < flood.total.load(Ordering::SeqCst) || !gone {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{}: timed out with {} MESSAGEs (total sent {}), sink gone: {gone}",
+            c.label(),
+            ids.len(),
+            flood.total.load(Ordering::SeqCst)
+        );
+        // Short slices, so the loop sees `total` once the writer is done.
+        let Some(f) = c.recv_timeout(left.min(ms(100))) else {
+            continue;
+        };
+        match f.op {
+            sop::MESSAGE => {
+                let m = f.message();
+                assert_eq!(
+                    (m.room.as_str(), m.from.as_str()),
+                    ("r", "sender"),
+                    "{}: {m:?}",
+                    c.label()
+                );
+                assert_eq!(
+                    m.text,
+                    flood_text(ids.len()),
+                    "{}: message out of order",
+                    c.label()
+                );
+                ids.push(m.msg_id);
+            }
+            sop::PRESENCE => {
+                let p = f.presence();
+                assert_eq!(
+                    p,
+                    Presence {
+                        kind: kind::GONE,
+                        room: "r".into(),
+                        nick: "sink".into()
+                    },
+                    "{}",
+                    c.label()
+                );
+                assert!(!gone, "{}: two PRESENCE gone for the sink", c.label());
+                gone = true;
+                flood.sink_gone.store(true, Ordering::SeqCst);
+            }
+            sop::PING => c.send_pong(&f.payload),
+            _ => panic!("{}: unexpected {f:?}", c.label()),
+        }
+    }
+    (c, ids)
+}
+
+/// Reads every byte until the peer closes (EOF or reset), bounded.
+fn read_to_close(stream: &std::net::TcpStream, timeout: Duration) -> (Vec<u8>, &'static str) {
+    let deadline = Instant::now() + timeout;
+    let mut s = stream;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "sink: still open after {timeout:?} ({} bytes read)",
+            out.len()
+        );
+        s.set_read_timeout(Some(left)).expect("set_read_timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return (out, "EOF"),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return (out, "reset");
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("sink: read failed: {e}"),
+        }
+    }
+}
+
+/// Three members of "r": a sink that never reads, a sender that pipelines `flood` SAYs of
+/// 1 KiB, and a reader that reads all the time (as does the sender, in another thread).
+/// The sink must be closed (ERROR slow_consumer best effort) and get PRESENCE gone; the
+/// sender and the reader must each receive every MESSAGE, in msg_id order.
+#[track_caller]
+fn slow_consumer_case(max_pending: &str, flood: usize) {
+    let server = Server::start(&["--max-pending", max_pending]);
+    let mut sink = server.connect();
+    let sink_id = sink.hello("sink").conn_id;
+    let mut sender = server.login("sender");
+    let mut reader = server.login("reader");
+    // For the log check: the sink's local address is its peer address on the server.
+    let sink_addr = sink.stream().local_addr().expect("local_addr");
+    sink.join("r");
+    sender.join("r");
+    reader.join("r");
+    for c in [&mut sink, &mut sender, &mut reader] {
+        c.barrier(); // drop the presences of later joiners
+    }
+
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(20);
+    let state = Arc::new(Flood {
+        sink_gone: AtomicBool::new(false),
+        total: AtomicUsize::new(usize::MAX),
+    });
+    let mut out = sender.stream().try_clone().expect("clone sender stream");
+    out.set_write_timeout(Some(Duration::from_secs(15)))
+        .expect("set_write_timeout");
+    let w_state = Arc::clone(&state);
+    // At least `flood` SAYs, and on (up to FLOOD_CAP) until the sink is gone: how much the
+    // kernel buffers for the sink before the server sees it back up varies.
+    let writer = thread::spawn(move || {
+        let mut batch = Vec::new();
+        let mut i = 0;
+        while i < FLOOD_CAP && (i < flood || !w_state.sink_gone.load(Ordering::SeqCst)) {
+            batch.extend_from_slice(&frame(op::SAY, &pstr_rest("r", flood_text(i).as_bytes())));
+            i += 1;
+            if batch.len() >= 32 * 1024 {
+                out.write_all(&batch).expect("sender: write of SAYs failed");
+                batch.clear();
+            }
+        }
+        out.write_all(&batch).expect("sender: write of SAYs failed");
+        w_state.total.store(i, Ordering::SeqCst);
+        i
+    });
+    let s_state = Arc::clone(&state);
+    let sender_rx = thread::spawn(move || collect_flood(sender, s_state, deadline));
+    let r_state = Arc::clone(&state);
+    let reader_rx = thread::spawn(move || collect_flood(reader, r_state, deadline));
+    let sent = writer.join().expect("writer thread");
+    let (mut sender, sender_ids) = sender_rx.join().expect("sender reading thread");
+    let (mut reader, reader_ids) = reader_rx.join().expect("reader reading thread");
+    eprintln!(
+        "flood: {sent} SAYs delivered to sender and reader in {:?}",
+        t0.elapsed()
+    );
+
+    assert!(
+        sent < FLOOD_CAP,
+        "the sink was never cut off ({sent} SAYs sent)"
+    );
+    assert_eq!(sender_ids.len(), sent);
+    assert_eq!(
+        reader_ids, sender_ids,
+        "sender and reader got different msg_ids"
+    );
+    for w in reader_ids.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "msg_ids not consecutive: {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+
+    // The sink: whatever it got before the cut is a prefix of valid frames, then maybe ERROR
+    // slow_consumer, then the close.
+    let (bytes, how) = read_to_close(sink.stream(), Duration::from_secs(10));
+    let mut pos = 0;
+    let mut msgs = 0usize;
+    let mut saw_error = false;
+    let mut truncated = 0;
+    while pos < bytes.len() {
+        let b = &bytes[pos..];
+        if b.len() < HEADER_LEN {
+            truncated = b.len();
+            break;
+        }
+        assert!(
+            b[0..3] == [MAGIC[0], MAGIC[1], VERSION],
+            "sink: stream corrupt at byte {pos} after {msgs} MESSAGEs (error seen: {saw_error}): {}",
+            show_bytes(&b[..b.len().min(16)])
+        );
+        let len = u32::from_be_bytes(b[4..8].try_into().unwrap()) as usize;
+        if b.len() < HEADER_LEN + len {
+            truncated = b.len();
+            break;
+        }
+        let f = Frame {
+            op: b[3],
+            payload: b[HEADER_LEN..HEADER_LEN + len].to_vec(),
+        };
+        assert!(!saw_error, "sink: frame after the fatal ERROR: {f:?}");
+        match f.op {
+            sop::MESSAGE => {
+                assert_eq!(
+                    f.message().text,
+                    flood_text(msgs),
+                    "sink: MESSAGE out of order"
+                );
+                msgs += 1;
+            }
+            sop::ERROR => {
+                let e = f.error();
+                assert_eq!(
+                    (e.code, e.fatal),
+                    (code::SLOW_CONSUMER, true),
+                    "sink: {f:?}"
+                );
+                saw_error = true;
+            }
+            _ => panic!("sink: unexpected {f:?}"),
+        }
+        pos += HEADER_LEN + len;
+    }
+    assert!(
+        msgs < sent,
+        "the sink was not cut off: it got all {sent} MESSAGEs"
+    );
+    eprintln!(
+        "sink: {msgs} MESSAGEs, ERROR slow_consumer: {saw_error}, truncated tail: {truncated} bytes, closed by {how}"
+    );
+
+    let line = server
+        .wait_log(Duration::from_secs(5), |l| l.contains("slow consumer"))
+        .expect("no log line about the slow consumer");
+    assert!(
+        line.to_ascii_uppercase().contains("WARN")
+            && line.contains(&sink_addr.to_string())
+            && (line.contains(&sink_id.to_string()) || line.contains(&format!("{sink_id:x}"))),
+        "slow consumer log line should be a warning naming peer {sink_addr} and conn_id {sink_id}: {line:?}"
+    );
+
+    // Sender and reader are still fine.
+    sender.assert_no_pending();
+    reader.assert_no_pending();
+    sender.say("r", "after the flood");
+    reader.expect_message("r", "sender", "after the flood");
+}
+
+#[test]
+#[ignore = "BUG: with --max-pending 64KiB a pipelining sender, the sink AND the continuously reading reader are all closed with slow_consumer in the first round (shell logs '0 bytes queued'): max-pending is checked against one round's output, not the socket backlog"]
+fn slow_consumer_is_cut_off_others_lose_nothing() {
+    slow_consumer_case("64KiB", 2000);
+}
+
+/// The same at the default max-pending (1 MiB).
+#[test]
+#[ignore = "BUG: flaky (~3 runs in 10): at the default 1MiB the core logs 'more than 1048576 bytes of output queued' for the sender in one round and closes sender, sink and reader together"]
+fn slow_consumer_isolation_default_max_pending() {
+    slow_consumer_case("1MiB", 2000);
+}
+
+// =============================================================================================
+// Connection limit and file descriptors
+// =============================================================================================
+
+/// Connects until a HELLO is welcomed (the server frees a slot asynchronously), bounded.
+#[track_caller]
+fn login_retrying(server: &Server, nick: &str) -> Client {
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    let mut refusals = Vec::new();
+    loop {
+        let mut c = server.connect();
+        c.send_hello(nick, &[]);
+        match c.recv_or_close(DEFAULT_TIMEOUT) {
+            Recv::Frame(f) if f.op == sop::WELCOME => {
+                let w = c.take_welcome(&f);
+                assert_eq!(w.nick, nick);
+                return c;
+            }
+            Recv::Frame(f) if f.op == sop::ERROR && f.error().code == code::SERVER_FULL => {
+                refusals.push("server_full")
+            }
+            Recv::Closed => refusals.push("closed"),
+            other => panic!("{nick}: unexpected answer to HELLO: {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{nick}: still refused after {DEFAULT_TIMEOUT:?}: {refusals:?}"
+        );
+        thread::sleep(ms(20)); // retry pace: the close that frees a slot is not observable
+    }
+}
+
+#[test]
+fn server_full_at_max_connections() {
+    let server = Server::start(&["--max-connections", "3"]);
+    let mut a = server.login("a1");
+    let mut b = server.login("b2");
+    let mut c = server.login("c3");
+    a.join("r");
+    b.join("r");
+    c.join("r");
+
+    // The 4th is refused before it sends anything.
+    let mut d = server.connect();
+    d.expect_fatal(code::SERVER_FULL);
+    // Again, and the members are untouched.
+    let mut e = server.connect();
+    e.expect_fatal(code::SERVER_FULL);
+    for x in [&mut a, &mut b] {
+        x.barrier();
+    }
+
+    c.quit("making room");
+    c.expect_closed();
+    a.recv_until(|f| f.op == sop::PRESENCE && f.presence().kind == kind::QUIT);
+
+    let mut n = login_retrying(&server, "n4");
+    n.send_join("r");
+    n.expect_presence(kind::JOIN, "r", "n4");
+    n.send_say("r", "hello");
+    n.expect_message("r", "n4", "hello");
+    a.expect_presence(kind::JOIN, "r", "n4");
+    a.expect_message("r", "n4", "hello");
+    // Full again.
+    let mut f = server.connect();
+    f.expect_fatal(code::SERVER_FULL);
+}
+
+#[test]
+#[ignore = "BUG: on EMFILE the accept loop spins forever (reserve released, accept -> WouldBlock, loop, EMFILE again): ~40k 'out of file descriptors' warnings per second and no connection is served any more"]
+fn emfile_on_accept_does_not_wedge_the_listener() {
+    // limit 64 (soft and hard), 36 descriptors already taken by inherited fds 10..=45: the
+    // server allows 64 - 32 = 32 connections but runs out of descriptors well before.
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
+        .arg(BIN)
+        .args(["--listen", "127.0.0.1:0"]);
+    let mut server = Server::start_cmd(cmd);
+
+    let mut accepted = Vec::new();
+    let mut refused_error = 0;
+    let mut refused_silent = 0;
+    for i in 0..40 {
+        let mut c = server.connect();
+        let data = format!("probe{i}").into_bytes();
+        c.send_ping(&data);
+        match c.recv_or_close(DEFAULT_TIMEOUT) {
+            Recv::Frame(f) if f.op == sop::PONG && f.payload == data => accepted.push(c),
+            Recv::Frame(f) if f.op == sop::ERROR => {
+                let e = f.error();
+                assert_eq!(
+                    (e.code, e.fatal),
+                    (code::SERVER_FULL, true),
+                    "conn {i}: {f:?}"
+                );
+                match c.recv_or_close(DEFAULT_TIMEOUT) {
+                    Recv::Closed => refused_error += 1,
+                    other => panic!("conn {i}: after server_full: {other:?}"),
+                }
+            }
+            Recv::Closed => refused_silent += 1,
+            other => panic!("conn {i}: no answer to PING: {other:?}"),
+        }
+        assert!(
+            server.wait_exit(Duration::ZERO).is_none(),
+            "server exited after {i} connections"
+        );
+    }
+    eprintln!(
+        "accepted {}, refused with server_full {refused_error}, refused silently {refused_silent}",
+        accepted.len()
+    );
+    assert!(
+        !accepted.is_empty() && accepted.len() < 32,
+        "expected accept to run out of descriptors before the 32-connection limit; accepted {}",
+        accepted.len()
+    );
+    assert_eq!(accepted.len() + refused_error + refused_silent, 40);
+    let warn = server
+        .wait_log(Duration::from_secs(5), |l| {
+            l.to_ascii_uppercase().contains("WARN") && l.contains("file descriptor")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no warning about file descriptors in the log: {:?}",
+                server.log_lines()
+            )
+        });
+    eprintln!("log: {warn}");
+
+    // Accepted connections are still served.
+    for c in accepted.iter_mut() {
+        c.ping(b"alive");
+    }
+    drop(accepted);
+
+    let mut x = login_retrying(&server, "xavier");
+    let mut y = login_retrying(&server, "yvonne");
+    x.send_join("r");
+    x.expect_presence(kind::JOIN, "r", "xavier");
+    y.send_join("r");
+    y.expect_presence(kind::JOIN, "r", "yvonne");
+    x.expect_presence(kind::JOIN, "r", "yvonne");
+    x.send_say("r", "we made it");
+    x.expect_message("r", "xavier", "we made it");
+    y.expect_message("r", "xavier", "we made it");
+    assert!(server.wait_exit(Duration::ZERO).is_none(), "server exited");
+}
+
+// =============================================================================================
+// Signals
+// =============================================================================================
+
+#[track_caller]
+fn drain_on_signal(sig: &str) {
+    let grace = Duration::from_secs(2);
+    let mut server = Server::start(&["--shutdown-grace", "2s"]);
+    let mut a = server.login("ann");
+    let mut b = server.login("bob");
+    a.join("r");
+    b.join("r");
+    a.barrier();
+    let mut fresh = server.connect(); // not welcomed: gets shutting_down too
+    fresh.ping(b"here");
+
+    let t0 = Instant::now();
+    server.signal(sig);
+    for c in [&mut a, &mut b, &mut fresh] {
+        c.expect_fatal(code::SHUTTING_DOWN);
+    }
+    let status = server
+        .wait_exit(grace + LATE * 2)
+        .unwrap_or_else(|| panic!("server still running {:?} after SIG{sig}", t0.elapsed()));
+    assert!(status.success(), "exit status after SIG{sig}: {status}");
+    eprintln!("SIG{sig}: exited after {:?}", t0.elapsed());
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    drain_on_signal("TERM");
+}
+
+#[test]
+fn sigint_drains_and_exits_zero() {
+    drain_on_signal("INT");
+}
+
+// =============================================================================================
+// Session resume
+// =============================================================================================
+
+#[test]
+fn resume_takes_over_session() {
+    let server = Server::start(&[]);
+    let mut a = server.connect();
+    let wa = a.hello("ann");
+    let mut b = server.login("bob");
+    a.join("r");
+    b.join("r");
+    a.barrier();
+
+    let mut c = server.connect();
+    let wc = c.hello_token("whatever", &wa.token);
+    assert_eq!(wc.nick, "ann", "WELCOME on resume names the session's nick");
+    assert_ne!(wc.conn_id, wa.conn_id, "resume gets a new conn_id");
+    assert_ne!(wc.token, wa.token, "resume gets a new token");
+    assert_ne!(wc.conn_id, 0);
+
+    a.expect_fatal(code::SESSION_TAKEN_OVER);
+    // A is closed by now; no PRESENCE for the takeover or for A's close.
+    b.assert_no_pending();
+
+    // C is ann, in r.
+    let mut members: Vec<String> = c.who_nicks("r");
+    members.sort();
+    assert_eq!(members, nicks(&["ann", "bob"]));
+    c.say("r", "it's me");
+    b.expect_message("r", "ann", "it's me");
+    c.send_join("r");
+    c.expect_error(code::ALREADY_IN_ROOM);
+
+    // The old token is dead: a new session with the HELLO's nick.
+    let mut d = server.connect();
+    let wd = d.hello_token("dave", &wa.token);
+    assert_eq!(wd.nick, "dave");
+    c.assert_no_pending();
+    d.send_say("r", "not a member");
+    d.expect_error(code::NOT_IN_ROOM);
+
+    // The new token works (and kicks C in turn).
+    let mut e = server.connect();
+    let we = e.hello_token("ignored", &wc.token);
+    assert_eq!(we.nick, "ann");
+    c.expect_fatal(code::SESSION_TAKEN_OVER);
+    b.assert_no_pending();
+    e.say("r", "me again");
+    b.expect_message("r", "ann", "me again");
+}
+
+#[test]
+fn unknown_token_starts_new_session() {
+    let server = Server::start(&[]);
+    let mut a = server.connect();
+    let wa = a.hello("ann");
+    let mut bogus = wa.token;
+    bogus[0] ^= 0xFF; // differs from a live token in one byte
+    for (nick, token) in [("nobody", [0x5Au8; TOKEN_LEN]), ("near", bogus)] {
+        let mut c = server.connect();
+        let w = c.hello_token(nick, &token);
+        assert_eq!(
+            w.nick, nick,
+            "unknown token: new session with the HELLO's nick"
+        );
+        assert_ne!(w.token, token);
+        assert_ne!(w.conn_id, wa.conn_id);
+    }
+    // An unknown token does not bypass the nick rules.
+    let mut c = server.connect();
+    c.send_hello("ANN", &[0x11; TOKEN_LEN]);
+    c.expect_error(code::NICK_TAKEN);
+    a.assert_no_pending();
+}
+
+#[test]
+fn resume_after_connection_closed_is_new_session() {
+    let server = Server::start(&[]);
+    let mut a = server.connect();
+    let wa = a.hello("ann");
+    let mut b = server.login("bob");
+    a.join("r");
+    b.join("r");
+    a.barrier();
+    drop(a);
+    b.expect_presence(kind::GONE, "r", "ann");
+
+    let mut c = server.connect();
+    let wc = c.hello_token("ann", &wa.token);
+    assert_eq!(wc.nick, "ann");
+    assert_ne!(wc.conn_id, wa.conn_id);
+    c.send_say("r", "back?");
+    c.expect_error(code::NOT_IN_ROOM);
+    b.assert_no_pending();
+    let mut members: Vec<String> = b.who_nicks("r");
+    members.sort();
+    assert_eq!(members, nicks(&["bob"]));
+}
+
+// =============================================================================================
+// Flags
+// =============================================================================================
+
+#[test]
+fn idle_timeout_must_exceed_heartbeat() {
+    let (status, err) = run_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat",
+            "10s",
+            "--idle-timeout",
+            "5s",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(2), "exit status; stderr: {err:?}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected a one-line message, got {err:?}");
+    assert!(
+        !err.contains("listening on"),
+        "the server must not start: {err:?}"
+    );
+}
