@@ -21,7 +21,7 @@ const LATE: Duration = Duration::from_millis(1000);
 /// The server keeps instants in whole milliseconds (floored), so its timers can fire up to
 /// 1 ms before the deadline, which the spec forbids; `timers_never_fire_early` shows that
 /// bug on its own, and the other timing tests tolerate it so that they test the rest.
-const EARLY: Duration = Duration::from_millis(1);
+const EARLY: Duration = Duration::ZERO;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -218,7 +218,6 @@ fn pong_answering_client_stays_connected() {
 }
 
 #[test]
-#[ignore = "BUG: idle_timeout fires up to 1 ms early (e.g. ERROR 16 received 59.4 ms after the last byte with --idle-timeout 60ms), in about 1 sample of 8: the core floors instants to whole ms"]
 fn timers_never_fire_early() {
     // PROTOCOL.md section 7: "an event happens at its deadline or up to one tick later, never
     // earlier". t0 is taken before the last send, so ERROR idle_timeout may not arrive before
@@ -586,14 +585,12 @@ fn slow_consumer_case(max_pending: &str, flood: usize) {
 }
 
 #[test]
-#[ignore = "BUG: with --max-pending 64KiB a pipelining sender, the sink AND the continuously reading reader are all closed with slow_consumer in the first round (shell logs '0 bytes queued'): max-pending is checked against one round's output, not the socket backlog"]
 fn slow_consumer_is_cut_off_others_lose_nothing() {
     slow_consumer_case("64KiB", 2000);
 }
 
 /// The same at the default max-pending (1 MiB).
 #[test]
-#[ignore = "BUG: flaky (~3 runs in 10): at the default 1MiB the core logs 'more than 1048576 bytes of output queued' for the sender in one round and closes sender, sink and reader together"]
 fn slow_consumer_isolation_default_max_pending() {
     slow_consumer_case("1MiB", 2000);
 }
@@ -667,7 +664,6 @@ fn server_full_at_max_connections() {
 }
 
 #[test]
-#[ignore = "BUG: on EMFILE the accept loop spins forever (reserve released, accept -> WouldBlock, loop, EMFILE again): ~40k 'out of file descriptors' warnings per second and no connection is served any more"]
 fn emfile_on_accept_does_not_wedge_the_listener() {
     // limit 64 (soft and hard), 36 descriptors already taken by inherited fds 10..=45: the
     // server allows 64 - 32 = 32 connections but runs out of descriptors well before.

@@ -60,8 +60,10 @@ pub struct ChatConfig {
     pub idle_timeout: Duration,
     /// Time from open to HELLO after which a connection is closed with `hello_timeout`.
     pub hello_timeout: Duration,
-    /// Most bytes the core queues for one connection in one round before declaring it a slow
-    /// consumer (the shell applies the same limit to what it holds in the connection's ring).
+    /// Most output bytes a connection may have queued. The shell enforces it on what a socket
+    /// refuses; the core uses it to bound requests whose answers dwarf them (a connection whose
+    /// requests in one `handle_data` produce more than twice their size plus this much output is
+    /// a slow consumer).
     pub max_pending: usize,
     /// Timer wheel tick: timeouts fire up to one tick late.
     pub tick: Duration,
@@ -181,8 +183,10 @@ struct Session {
     token: SessionToken,
     /// Each room the session is in, with the session's index in that room's `members`.
     rooms: Vec<(RoomId, u32)>,
-    opened_ms: u64,
-    last_read_ms: u64,
+    /// Microseconds since the core's epoch, rounded up, so a deadline computed from them is
+    /// never early.
+    opened_us: u64,
+    last_read_us: u64,
     timer: TimerId,
     peer: Option<SocketAddr>,
 }
@@ -367,12 +371,19 @@ impl Chat {
             .filter(|s| s.id == conn)
     }
 
-    fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
+    /// `now` in microseconds since the epoch, rounded down (for "is it due yet?").
+    fn us_floor(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    fn at(&self, ms: u64) -> Instant {
-        self.epoch + Duration::from_millis(ms)
+    /// `t` in microseconds since the epoch, rounded up (for "when did it happen?").
+    fn us_ceil(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.epoch);
+        d.as_micros() as u64 + u64::from(d.subsec_nanos() % 1000 != 0)
+    }
+
+    fn at(&self, us: u64) -> Instant {
+        self.epoch + Duration::from_micros(us)
     }
 
     // ----- inputs -----
@@ -398,10 +409,10 @@ impl Chat {
             debug_assert!(false, "slot {slot} reused while {stale} was open");
             self.remove_session(stale, Some(PresenceKind::Gone), CloseReason::IoError);
         }
-        let now_ms = self.ms(now);
+        let now_us = self.us_ceil(now);
         let timer = self
             .timers
-            .schedule(self.at(now_ms) + self.cfg.hello_timeout, conn.to_u64());
+            .schedule(self.at(now_us) + self.cfg.hello_timeout, conn.to_u64());
         self.sessions[slot] = Some(Session {
             id: conn,
             welcomed: false,
@@ -409,8 +420,8 @@ impl Chat {
             nick: Box::default(),
             token: [0; protocol::TOKEN_LEN],
             rooms: Vec::new(),
-            opened_ms: now_ms,
-            last_read_ms: now_ms,
+            opened_us: now_us,
+            last_read_us: now_us,
             timer,
             peer,
         });
@@ -426,13 +437,14 @@ impl Chat {
     /// the header alone) queues the ERROR, asks for the close, and consumes everything. Bytes
     /// for a connection that is not open are consumed and ignored.
     pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) -> usize {
-        let now_ms = self.ms(now);
+        let now_us = self.us_ceil(now);
         let Some(s) = self.session_mut(conn) else {
             return data.len();
         };
-        s.last_read_ms = now_ms;
+        s.last_read_us = now_us;
         s.pinged = false;
         self.stats.bytes_in += data.len() as u64;
+        let produced_before = self.outbox.produced();
         let mut off = 0;
         while off < data.len() {
             match protocol::check_header(&data[off..], self.cfg.max_frame) {
@@ -449,10 +461,12 @@ impl Chat {
                     if !self.is_open(conn) {
                         return data.len();
                     }
-                    if self.outbox.queued(conn) > self.cfg.max_pending {
-                        // The peer asks for more than it may have queued (WHO or PING floods)
-                        // within one round: that is a slow consumer by definition, and stopping
-                        // here bounds how much one peer can make the core buffer.
+                    let grown = self.outbox.produced() - produced_before;
+                    if grown > 2 * off as u64 + self.cfg.max_pending as u64 {
+                        // Requests whose answers dwarf them (WHO on a big room, over and over)
+                        // would make the core buffer without bound before the shell could see
+                        // a slow socket. Ordinary traffic grows the arena about as much as it
+                        // reads (a SAY becomes one MESSAGE, whatever the room size).
                         self.slow_consumer(conn);
                         return data.len();
                     }
@@ -533,27 +547,27 @@ impl Chat {
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.expire(now, &mut fired);
-        let now_ms = self.ms(now);
+        let now_us = self.us_floor(now);
         for &raw in &fired {
             if let Some(conn) = ConnId::from_u64(raw) {
-                self.timer_fired(now_ms, conn);
+                self.timer_fired(now_us, conn);
             }
         }
         fired.clear();
         self.fired = fired;
     }
 
-    fn timer_fired(&mut self, now_ms: u64, conn: ConnId) {
-        let hello_ms = self.cfg.hello_timeout.as_millis() as u64;
-        let hb_ms = self.cfg.heartbeat.as_millis() as u64;
-        let idle_ms = self.cfg.idle_timeout.as_millis() as u64;
+    fn timer_fired(&mut self, now_us: u64, conn: ConnId) {
+        let hello_us = self.cfg.hello_timeout.as_micros() as u64;
+        let hb_us = self.cfg.heartbeat.as_micros() as u64;
+        let idle_us = self.cfg.idle_timeout.as_micros() as u64;
         let Some(s) = self.session(conn) else { return };
-        let (welcomed, opened, last, pinged) = (s.welcomed, s.opened_ms, s.last_read_ms, s.pinged);
+        let (welcomed, opened, last, pinged) = (s.welcomed, s.opened_us, s.last_read_us, s.pinged);
         // The wheel is re-armed here, at the true deadline, rather than on every frame:
-        // activity only records `last_read_ms`, and a timer that fires early re-arms.
+        // activity only records `last_read_us`, and a timer that fires early re-arms.
         let next = if !welcomed {
-            if now_ms >= opened + hello_ms {
-                log::debug!("conn {conn}: no HELLO within {hello_ms} ms");
+            if now_us >= opened + hello_us {
+                log::debug!("conn {conn}: no HELLO within {:?}", self.cfg.hello_timeout);
                 self.stats.hello_timeouts += 1;
                 self.fatal(
                     conn,
@@ -563,11 +577,11 @@ impl Chat {
                 );
                 return;
             }
-            opened + hello_ms
+            opened + hello_us
         } else {
-            let silent = now_ms.saturating_sub(last);
-            if silent >= idle_ms {
-                log::debug!("conn {conn}: silent for {silent} ms, evicting");
+            let silent = now_us.saturating_sub(last);
+            if silent >= idle_us {
+                log::debug!("conn {conn}: silent for {} ms, evicting", silent / 1000);
                 self.stats.idle_timeouts += 1;
                 self.fatal(
                     conn,
@@ -577,15 +591,15 @@ impl Chat {
                 );
                 return;
             }
-            if silent >= hb_ms {
+            if silent >= hb_us {
                 if !pinged {
                     self.send_ping(conn);
                 }
                 // Come back one heartbeat from now (the PONG may have moved `last_read`, and
                 // the next PING is due one heartbeat after it), or at the eviction deadline.
-                (now_ms + hb_ms).min(last + idle_ms)
+                (now_us + hb_us).min(last + idle_us)
             } else {
-                last + hb_ms
+                last + hb_us
             }
         };
         let at = self.at(next);

@@ -55,6 +55,8 @@ pub(crate) struct Outbox {
     taken: bool,
     /// Frames addressed to connections, by opcode (one per recipient).
     pub(crate) frames_out: Vec<u64>,
+    /// Arena bytes of earlier rounds, so `produced` is monotonic.
+    earlier: u64,
 }
 
 impl Outbox {
@@ -68,6 +70,7 @@ impl Outbox {
 
     fn start_round_if_taken(&mut self) {
         if self.taken {
+            self.earlier += self.arena.len() as u64;
             self.arena.clear();
             self.ranges.clear();
             self.dirty.clear();
@@ -84,14 +87,9 @@ impl Outbox {
         (&mut self.arena, at)
     }
 
-    /// Bytes queued for `to` in this round.
-    pub(crate) fn queued(&self, to: ConnId) -> usize {
-        match self.chains.get(to.slot()) {
-            Some(c) if c.id == to.to_u64() && c.round == self.round && !self.taken => {
-                c.bytes as usize
-            }
-            _ => 0,
-        }
+    /// Bytes ever encoded into the arena (each frame once, however many recipients).
+    pub(crate) fn produced(&self) -> u64 {
+        self.earlier + self.arena.len() as u64
     }
 
     /// Sends `arena[start..end]` (already encoded) to `to`.

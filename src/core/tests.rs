@@ -2200,35 +2200,24 @@ fn a_who_flood_in_one_round_is_a_slow_consumer() {
 }
 
 #[test]
-fn output_just_under_max_pending_is_not_a_slow_consumer() {
+fn output_about_the_size_of_its_input_is_never_a_slow_consumer() {
+    // The core only guards against requests whose answers dwarf them; output that merely
+    // matches its input (PONGs, MESSAGEs) is the shell's to judge against the socket.
     let mut sim = Sim::with(ChatConfig {
         max_pending: 10_000,
         ..cfg()
     });
     let a = sim.hello("alice");
     let ping = encode(ClientMsg::Ping { data: &[0; 92] });
-    // Each PONG is 100 bytes: 100 of them is exactly max_pending, not over it.
     let flood: Vec<u8> = ping
         .iter()
         .copied()
         .cycle()
-        .take(ping.len() * 100)
+        .take(ping.len() * 1000)
         .collect();
     sim.feed_all(a, &flood);
-    assert_eq!(sim.take(a).len(), 100);
+    assert_eq!(sim.take(a).len(), 1000);
     assert!(sim.take_closes().is_empty());
-    // Over several rounds the limit applies per round.
-    for _ in 0..3 {
-        sim.feed_all(a, &flood);
-        assert_eq!(sim.take(a).len(), 100);
-    }
-    assert!(sim.take_closes().is_empty());
-    // One more in the same round is over.
-    let mut over = flood.clone();
-    over.extend_from_slice(&ping);
-    sim.feed_all(a, &over);
-    sim.expect_error(a, ErrorCode::SlowConsumer);
-    assert_eq!(sim.take_closes(), vec![(a, CloseReason::SlowConsumer)]);
 }
 
 #[test]

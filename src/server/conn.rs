@@ -43,6 +43,12 @@ pub(crate) struct Conn {
     pub(crate) write_blocked: bool,
     pub(crate) phase: Phase,
     pub(crate) linger: Option<TimerId>,
+    /// The loop iteration `read_left` belongs to.
+    pub(crate) read_epoch: u32,
+    /// Bytes this connection may still read in iteration `read_epoch`.
+    pub(crate) read_left: u32,
+    /// Listed in the server's `read_again`: it stopped reading at its budget, not at WouldBlock.
+    pub(crate) read_again: bool,
 }
 
 /// What a write attempt found.

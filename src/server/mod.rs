@@ -55,7 +55,8 @@ pub struct ServerConfig {
     /// How long a shutdown, or a close after a fatal error, keeps flushing output.
     pub shutdown_grace: Duration,
     /// Most bytes read from one connection per loop iteration, so one flooding peer cannot
-    /// starve the others (the rest is read on the next iteration).
+    /// starve the others (the rest is read on the next iteration). Never more than a quarter
+    /// of `chat.max_pending` is used, whatever this says.
     pub read_budget: usize,
     /// Size of a pooled ring buffer, in bytes.
     pub buf_size: usize,
@@ -411,6 +412,9 @@ impl Server {
             write_blocked: false,
             phase: Phase::Open,
             linger: None,
+            read_epoch: u32::MAX,
+            read_left: 0,
+            read_again: false,
         });
         self.stats.accepted += 1;
         log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
@@ -422,15 +426,42 @@ impl Server {
         self.conns.get_mut(id.slot()).filter(|c| c.id == id)
     }
 
+    /// The bytes one connection may read per loop iteration: the configured budget, but no
+    /// more than a quarter of max-pending, since a SAY read becomes about as many bytes of
+    /// output for every member of the room, and one iteration's output must fit what a
+    /// reading (not slow) member may have queued.
+    fn read_budget(&self) -> usize {
+        let quarter = self.cfg.chat.max_pending / 4;
+        self.cfg
+            .read_budget
+            .min(quarter)
+            .max(SCRATCH.min(16 * 1024))
+    }
+
     /// Reads until WouldBlock or the per-iteration budget, feeding the core.
     fn read(&mut self, id: ConnId, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let mut budget = self.cfg.read_budget;
+        let budget = self.read_budget();
+        let epoch = self.stats.iterations as u32;
         while let Some(c) = self.conn(id) {
             if !c.is_open() {
                 break;
             }
-            let res = c.stream.read(&mut scratch);
+            if c.read_epoch != epoch {
+                c.read_epoch = epoch;
+                c.read_left = budget as u32;
+            }
+            if c.read_left == 0 {
+                // More may be waiting, but others get their turn first; no new edge will come
+                // for what is already buffered, so come back next iteration.
+                if !c.read_again {
+                    c.read_again = true;
+                    self.read_again.push(id);
+                }
+                break;
+            }
+            let want = (c.read_left as usize).min(scratch.len());
+            let res = c.stream.read(&mut scratch[..want]);
             match res {
                 Ok(0) => {
                     self.stats.reads += 1;
@@ -440,16 +471,10 @@ impl Server {
                     break;
                 }
                 Ok(n) => {
+                    c.read_left -= n as u32;
                     self.stats.reads += 1;
                     self.stats.bytes_read += n as u64;
                     self.feed(id, &scratch[..n], now);
-                    budget = budget.saturating_sub(n);
-                    if budget == 0 {
-                        // More may be waiting, but others get their turn first; no new edge
-                        // will come for what is already buffered, so remember to come back.
-                        self.read_again.push(id);
-                        break;
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -463,6 +488,18 @@ impl Server {
             }
         }
         self.scratch = scratch;
+    }
+
+    /// Connections that stopped at their read budget in the previous iteration read on, with a
+    /// fresh budget (the iteration count moved on in `flush`).
+    fn read_leftovers(&mut self, now: Instant) {
+        let again = std::mem::take(&mut self.read_again);
+        for id in again {
+            if let Some(c) = self.conn(id) {
+                c.read_again = false;
+                self.read(id, now);
+            }
+        }
     }
 
     /// Hands freshly read bytes to the core. Whole frames are decoded straight from `data`;
@@ -590,12 +627,6 @@ impl Server {
     pub fn flush(&mut self, now: Instant) {
         self.stats.iterations += 1;
         self.iteration_start.get_or_insert(now);
-        if !self.read_again.is_empty() {
-            let again = std::mem::take(&mut self.read_again);
-            for id in again {
-                self.read(id, now);
-            }
-        }
         let base = self.base;
         let max_pending = self.cfg.chat.max_pending;
         let mut failed: Vec<(ConnId, WriteError)> = Vec::new();
@@ -699,6 +730,7 @@ impl Server {
     /// grace period. A spurious call is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.iteration_start.get_or_insert(now);
+        self.read_leftovers(now);
         self.chat.handle_timeout(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.linger.expire(now, &mut expired);
@@ -729,8 +761,8 @@ impl Server {
     }
 
     /// How long the caller may block in `poll` before the server needs
-    /// [`handle_timeout`](Self::handle_timeout) (or, when it still has bytes to read that no
-    /// new event will announce, [`flush`](Self::flush)); `None`: no deadline.
+    /// [`handle_timeout`](Self::handle_timeout) (zero when connections still have bytes to read
+    /// that no new event will announce: `handle_timeout` reads them); `None`: no deadline.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         if !self.read_again.is_empty() || self.chat.has_output() {
