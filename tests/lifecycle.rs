@@ -589,12 +589,6 @@ fn slow_consumer_is_cut_off_others_lose_nothing() {
     slow_consumer_case("64KiB", 2000);
 }
 
-/// The same at the default max-pending (1 MiB).
-#[test]
-fn slow_consumer_isolation_default_max_pending() {
-    slow_consumer_case("1MiB", 2000);
-}
-
 // =============================================================================================
 // Connection limit and file descriptors
 // =============================================================================================

@@ -653,27 +653,30 @@ impl Chat {
     // ----- commands -----
 
     /// Posts a system message (`from` is empty, which no nick can be) to every member of
-    /// `room`. Returns false if the room does not exist.
+    /// `room`. Returns false if the room does not exist. Text longer than max_frame is cut (at
+    /// a character boundary), as a client's could not be longer.
     pub fn post(&mut self, room: &str, text: &str) -> bool {
         let Some(&rid) = self.room_index.get(room) else {
             return false;
         };
+        let text = session_ops::truncate(text, self.cfg.max_frame as usize);
         self.broadcast_message(rid, "", text);
         true
     }
 
     /// Whispers from the server (`from` is empty) to the holder of `nick`. Returns false if
-    /// nobody holds it.
+    /// nobody holds it. Text longer than max_frame is cut, as for [`post`](Self::post).
     pub fn whisper(&mut self, nick: &str, text: &str) -> bool {
         let Some(to) = self.conn_of(nick) else {
             return false;
         };
+        let text = session_ops::truncate(text, self.cfg.max_frame as usize);
         self.deliver_whisper(to, "", text);
         true
     }
 
-    /// Closes `conn` with ERROR kicked and `detail`; its rooms get PRESENCE gone. Returns false
-    /// if it is not open.
+    /// Closes `conn` with ERROR kicked and `detail` (cut to 120 bytes); its rooms get PRESENCE
+    /// gone. Returns false if it is not open.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
         if !self.is_open(conn) {
             return false;

@@ -5,8 +5,27 @@ use super::{Chat, CloseReason, RoomId, fold, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
 
+/// Longest ERROR detail sent, in bytes: with the code and flag it fits the server's slack over
+/// max_frame (128 bytes) even when max_frame is tiny.
+pub(super) const MAX_DETAIL: usize = 120;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub(super) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl Chat {
     pub(super) fn send_error(&mut self, conn: ConnId, code: ErrorCode, detail: &str) {
+        // A detail may come from an application (a hook's rejection, a kick); cut it so the
+        // payload stays far inside max_frame + SERVER_SLACK whatever max_frame is.
+        let detail = truncate(detail, MAX_DETAIL);
         let (buf, start) = self.outbox.buf();
         encode::error(buf, code, detail);
         let end = buf.len();

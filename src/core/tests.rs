@@ -2256,3 +2256,35 @@ fn closing_many_connections_keeps_the_invariants() {
     assert_eq!(sim.chat.rooms(), 0);
     assert_eq!(sim.chat.sessions(), 0);
 }
+
+#[test]
+fn application_text_is_cut_to_fit_the_frame_limit() {
+    // The drain asserts every payload <= max_frame + SERVER_SLACK; text handed in by the
+    // application (posts, server whispers, kick details) must be cut to respect it.
+    let mut sim = Sim::with(ChatConfig {
+        max_frame: 64,
+        ..cfg()
+    });
+    let a = sim.hello("alice");
+    let o = sim.hello("olga");
+    sim.join(a, "r");
+    sim.join(o, "r");
+    sim.clear();
+    assert!(sim.chat.post("r", &"é".repeat(1000)));
+    assert!(sim.chat.whisper("alice", &"x".repeat(1000)));
+    let got = sim.take(a);
+    assert_eq!(got.len(), 2, "{got:?}");
+    match &got[0] {
+        Msg::Message { text, from, .. } => {
+            assert!(from.is_empty());
+            assert_eq!(text.len(), 64, "cut at a char boundary: 32 x 'é'");
+        }
+        other => panic!("expected MESSAGE, got {other:?}"),
+    }
+    assert!(sim.chat.kick(a, &"y".repeat(10_000)));
+    let got = sim.take(a);
+    match &got[..] {
+        [Msg::Error { detail, .. }] => assert_eq!(detail.len(), 120),
+        other => panic!("expected one ERROR, got {other:?}"),
+    }
+}

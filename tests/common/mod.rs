@@ -85,10 +85,11 @@ pub mod code {
     pub const SESSION_TAKEN_OVER: u16 = 18;
     pub const SHUTTING_DOWN: u16 = 19;
     pub const TOO_MANY_ROOMS: u16 = 20;
+    pub const KICKED: u16 = 21;
 
     /// Fatal codes per the decisions file: 1, 2, 3, 14..=19.
     pub fn is_fatal(code: u16) -> bool {
-        matches!(code, 1..=3 | 14..=19)
+        matches!(code, 1..=3 | 14..=19 | 21)
     }
 
     pub fn name(code: u16) -> &'static str {
@@ -113,6 +114,7 @@ pub mod code {
             18 => "session_taken_over",
             19 => "shutting_down",
             20 => "too_many_rooms",
+            21 => "kicked",
             _ => "?",
         }
     }
