@@ -1,0 +1,255 @@
+//! The terminal client's parts: flags, input, output, network.
+
+pub mod command;
+pub mod net;
+pub mod output;
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use chatloop::config::{LogLevel, parse_duration};
+use clap::Parser;
+use nix::sys::termios::{SetArg, Termios, tcgetattr, tcsetattr};
+
+use command::{Command, HELP};
+use net::{Event, Net, Settings};
+use output::{Clock, EditorSink, Out};
+
+/// The client's command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "chatloop-client",
+    version,
+    about = "Terminal client for the chatloop chat server",
+    after_help = "Type /help in a session for the commands. Exit status: 0 after /quit or end \
+                  of input, 1 when the server cannot be reached or a fatal error ends the \
+                  session, 2 on bad arguments."
+)]
+pub struct Args {
+    /// Server address, HOST:PORT.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878", value_parser = parse_addr)]
+    pub connect: String,
+    /// Nick to register.
+    #[arg(long)]
+    pub nick: String,
+    /// Room to join after connecting (repeatable; the last one is the current room).
+    #[arg(long = "join", value_name = "ROOM")]
+    pub join: Vec<String>,
+    /// Log verbosity (logs go to stderr; debug shows connection attempts, trace every frame).
+    #[arg(long, value_enum, default_value = "warn")]
+    pub log_level: LogLevel,
+    /// When stdin is not a terminal: after end of input, the longest wait for the answers to
+    /// what was sent (500ms, 2s, ...).
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Connection attempts in a row (at start, or after a lost connection) before giving up.
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub retries: u32,
+    /// Print the session token on WELCOME (for tests of session takeover).
+    #[arg(long, hide = true)]
+    pub print_token: bool,
+}
+
+/// `HOST:PORT` with a numeric port; resolved at each connection attempt.
+fn parse_addr(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid address {s:?}: expected HOST:PORT"))?;
+    if host.is_empty() || host == "[]" {
+        return Err(format!("invalid address {s:?}: the host is empty"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("invalid address {s:?}: {port:?} is not a port number"))?;
+    Ok(s.to_string())
+}
+
+/// The terminal state to put back if the session ends while the line editor is in raw mode.
+struct SavedTerminal(Termios);
+
+impl SavedTerminal {
+    fn restore(&self) {
+        let _ = tcsetattr(io::stdin(), SetArg::TCSANOW, &self.0);
+        // rustyline turns on bracketed paste; turn it off again.
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(b"\x1b[?2004l\n");
+        let _ = out.flush();
+    }
+}
+
+/// Runs a session; returns the exit status.
+pub fn run(args: Args, clock: Clock) -> u8 {
+    let (tx, rx) = mpsc::channel();
+    // Each --join is as if typed: the last one is the current room (and the first prompt).
+    let current = Arc::new(Mutex::new(args.join.last().cloned()));
+    let out = Out::stdout(clock);
+    let interactive = io::stdin().is_terminal() && io::stdout().is_terminal();
+    let mut editor_thread = None;
+    let mut saved = None;
+    if interactive {
+        match start_editor(out.clone(), tx.clone(), current.clone()) {
+            Ok((handle, term)) => {
+                editor_thread = Some(handle);
+                saved = Some(term);
+            }
+            Err(e) => {
+                log::warn!("line editor unavailable ({e}); reading plain lines");
+                start_lines(out.clone(), tx.clone());
+            }
+        }
+    } else {
+        start_lines(out.clone(), tx.clone());
+    }
+    let settings = Settings {
+        addr: args.connect,
+        nick: args.nick,
+        joins: args.join,
+        wait: args.wait,
+        attempts: args.retries,
+        print_token: args.print_token,
+    };
+    let code = Net::new(settings, out.clone(), tx, rx, current).run();
+    if let (Some(handle), Some(term)) = (editor_thread, saved) {
+        if !handle.is_finished() {
+            // The session ended while the editor is reading a line in raw mode. Let it
+            // print what is queued for it, then put the terminal back ourselves.
+            thread::sleep(Duration::from_millis(50));
+            out.use_stdout();
+            term.restore();
+        }
+    }
+    code
+}
+
+/// Interactive input: rustyline in its own thread; events print above the input line.
+fn start_editor(
+    out: Out,
+    tx: Sender<Event>,
+    current: Arc<Mutex<Option<String>>>,
+) -> Result<(thread::JoinHandle<()>, SavedTerminal), String> {
+    let term = tcgetattr(io::stdin()).map_err(|e| e.to_string())?;
+    let mut editor = rustyline::DefaultEditor::new().map_err(|e| e.to_string())?;
+    let printer = editor
+        .create_external_printer()
+        .map_err(|e| e.to_string())?;
+    out.set_sink(Box::new(EditorSink(printer)));
+    let handle = thread::Builder::new()
+        .name("input".into())
+        .spawn(move || {
+            loop {
+                let prompt = match &*current.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Some(room) => format!("{}> ", output::clean(room)),
+                    None => "> ".to_string(),
+                };
+                match editor.readline(&prompt) {
+                    Ok(line) => {
+                        if !line.trim().is_empty() {
+                            let _ = editor.add_history_entry(line.as_str());
+                        }
+                        match command::parse(&line) {
+                            Ok(None) => {}
+                            Ok(Some(Command::Help)) => out.plain(HELP),
+                            Ok(Some(Command::Quit(reason))) => {
+                                drop(editor);
+                                out.use_stdout();
+                                let _ = tx.send(Event::Input(Command::Quit(reason)));
+                                return;
+                            }
+                            Ok(Some(cmd)) => {
+                                if tx.send(Event::Input(cmd)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => out.event(&format!("! {e}")),
+                        }
+                    }
+                    Err(rustyline::error::ReadlineError::Signal(_)) => {}
+                    Err(e) => {
+                        // Ctrl-D, Ctrl-C, or the terminal went away: leave.
+                        if !matches!(
+                            e,
+                            rustyline::error::ReadlineError::Eof
+                                | rustyline::error::ReadlineError::Interrupted
+                        ) {
+                            out.event(&format!("! input: {e}"));
+                        }
+                        drop(editor);
+                        out.use_stdout();
+                        let _ = tx.send(Event::Input(Command::Quit(String::new())));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok((handle, SavedTerminal(term)))
+}
+
+/// Scripted input: one command per line from stdin, then `InputEnd`.
+fn start_lines(out: Out, tx: Sender<Event>) {
+    let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+        let mut stdin = io::stdin().lock();
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match stdin.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    out.event(&format!("! input: {e}"));
+                    break;
+                }
+            }
+            let line = String::from_utf8_lossy(&buf);
+            match command::parse(&line) {
+                Ok(None) => {}
+                Ok(Some(Command::Help)) => out.plain(HELP),
+                Ok(Some(cmd)) => {
+                    let quit = matches!(cmd, Command::Quit(_));
+                    if tx.send(Event::Input(cmd)).is_err() || quit {
+                        return;
+                    }
+                }
+                Err(e) => out.event(&format!("! {e}")),
+            }
+        }
+        let _ = tx.send(Event::InputEnd);
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start the input thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert!(parse_addr("127.0.0.1:7878").is_ok());
+        assert!(parse_addr("localhost:1").is_ok());
+        assert!(parse_addr("[::1]:7878").is_ok());
+        assert!(parse_addr("127.0.0.1").is_err());
+        assert!(parse_addr(":7878").is_err());
+        assert!(parse_addr("host:http").is_err());
+        assert!(parse_addr("host:70000").is_err());
+    }
+
+    #[test]
+    fn flags() {
+        let a = Args::try_parse_from(["c", "--nick", "bob"]).expect("parses");
+        assert_eq!(a.connect, "127.0.0.1:7878");
+        assert_eq!(a.wait, Duration::from_secs(1));
+        assert!(a.join.is_empty());
+        let a = Args::try_parse_from(["c", "--nick", "b", "--join", "x", "--join", "y"])
+            .expect("parses");
+        assert_eq!(a.join, ["x", "y"]);
+        assert!(Args::try_parse_from(["c"]).is_err());
+        assert!(Args::try_parse_from(["c", "--nick", "b", "--wait", "soon"]).is_err());
+        assert!(Args::try_parse_from(["c", "--nick", "b", "--retries", "0"]).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Where event lines go: a printer shared by the network thread and the input thread.
+//!
+//! Interactive sessions print through rustyline's `ExternalPrinter`, which clears the input
+//! line, prints, and redraws the prompt with what was typed so far; scripted sessions print to
+//! stdout. Every event line starts with a `HH:MM:SS` timestamp.
+
+use std::borrow::Cow;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use time::{OffsetDateTime, UtcOffset};
+
+/// Wall clock for timestamps.
+///
+/// The local UTC offset is read once, at startup, while the process is still single-threaded:
+/// the `time` crate refuses to read it later on Unix (reading the time zone concurrently with
+/// `setenv` is unsound), so a DST change during a session is not followed. When the offset
+/// cannot be read, timestamps are UTC and end in `Z`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    offset: UtcOffset,
+    local: bool,
+}
+
+impl Clock {
+    /// Reads the local offset; call before spawning threads.
+    pub fn new() -> Clock {
+        match UtcOffset::current_local_offset() {
+            Ok(offset) => Clock {
+                offset,
+                local: true,
+            },
+            Err(_) => Clock {
+                offset: UtcOffset::UTC,
+                local: false,
+            },
+        }
+    }
+
+    /// `HH:MM:SS` now (`HH:MM:SSZ` when the local offset is unknown).
+    pub fn stamp(&self) -> String {
+        let t = OffsetDateTime::now_utc().to_offset(self.offset);
+        format!(
+            "{:02}:{:02}:{:02}{}",
+            t.hour(),
+            t.minute(),
+            t.second(),
+            if self.local { "" } else { "Z" }
+        )
+    }
+}
+
+/// Something that prints whole lines.
+pub trait LineSink: Send {
+    /// Prints `line`, which ends with a newline.
+    fn print_line(&mut self, line: String) -> io::Result<()>;
+}
+
+/// Plain stdout (scripted mode, or after the line editor is gone).
+struct Stdout;
+
+impl LineSink for Stdout {
+    fn print_line(&mut self, line: String) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(line.as_bytes())?;
+        out.flush()
+    }
+}
+
+/// rustyline's external printer: prints above the line being edited.
+pub struct EditorSink<P>(pub P);
+
+impl<P: rustyline::ExternalPrinter + Send> LineSink for EditorSink<P> {
+    fn print_line(&mut self, line: String) -> io::Result<()> {
+        self.0.print(line).map_err(io::Error::other)
+    }
+}
+
+/// The shared printer. Cloning shares the sink.
+#[derive(Clone)]
+pub struct Out {
+    sink: Arc<Mutex<Box<dyn LineSink>>>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out").field("clock", &self.clock).finish()
+    }
+}
+
+impl Out {
+    /// A printer to stdout.
+    pub fn stdout(clock: Clock) -> Out {
+        Out {
+            sink: Arc::new(Mutex::new(Box::new(Stdout))),
+            clock,
+        }
+    }
+
+    /// Prints through `sink` from now on.
+    pub fn set_sink(&self, sink: Box<dyn LineSink>) {
+        *self.lock() = sink;
+    }
+
+    /// Prints to stdout from now on (the line editor is gone).
+    pub fn use_stdout(&self) {
+        self.set_sink(Box::new(Stdout));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn LineSink>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One event line: timestamp, space, `text`.
+    pub fn event(&self, text: &str) {
+        self.line(format!("{} {text}\n", self.clock.stamp()));
+    }
+
+    /// Text without a timestamp (help).
+    pub fn plain(&self, text: &str) {
+        let mut s = text.to_string();
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        self.line(s);
+    }
+
+    fn line(&self, s: String) {
+        // A closed stdout (the reader of a pipe went away) is not worth dying for.
+        let _ = self.lock().print_line(s);
+    }
+}
+
+/// Makes text from the network safe to print on one terminal line: control characters
+/// (C0, DEL and C1, which include ESC and the line breaks) become U+FFFD, tabs a space. A
+/// peer therefore cannot forge extra lines or send terminal escape sequences.
+pub fn clean(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control()) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| match c {
+                '\t' => ' ',
+                c if c.is_control() => '\u{FFFD}',
+                c => c,
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_keeps_text_and_neutralises_controls() {
+        assert_eq!(clean("héllo wörld"), "héllo wörld");
+        assert_eq!(
+            clean("a\nb\x1b[31mc\td\u{85}"),
+            "a\u{FFFD}b\u{FFFD}[31mc d\u{FFFD}"
+        );
+    }
+
+    #[test]
+    fn stamp_is_hh_mm_ss() {
+        let s = Clock::new().stamp();
+        let t = s.trim_end_matches('Z');
+        assert_eq!(t.len(), 8, "{s}");
+        assert_eq!(t.as_bytes()[2], b':');
+        assert_eq!(t.as_bytes()[5], b':');
+    }
+}
