@@ -1,0 +1,339 @@
+//! The fanout engine: publishers and subscribers in one room, connected once, and measurement
+//! steps run on them (warm-up, measurement window, drain), each giving a [`StepResult`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chatloop::protocol::op;
+
+use super::conn::{Conn, Handshake, State};
+use super::pacer::Pacer;
+use super::pool::Pool;
+use super::report::{Lat, Progress, error_delta};
+use super::result::StepResult;
+use super::stamp::{Stamp, message_text, parse_stamp, put_say};
+use super::sys::{CpuMark, run_prefix};
+use super::track::Tracker;
+
+/// A publisher with this much unwritten output (the server is not reading) gets no more
+/// messages; they are counted as blocked.
+const OUT_CAP: usize = 4 << 20;
+
+/// Something that runs alongside a fanout step on its own connection (the rtt probe).
+pub trait Probe {
+    /// Whether connection `i` is the probe's.
+    fn owns(&self, i: usize) -> bool;
+    /// A frame for the probe's connection.
+    fn on_frame(&mut self, conn: &mut Conn, opcode: u8, payload: &[u8], now: Instant);
+    /// Called every loop iteration; may queue output on the pool.
+    fn tick(&mut self, pool: &mut Pool, now: Instant, measuring: bool);
+    /// Whether the probe has finished (ends the measurement early).
+    fn done(&self) -> bool;
+}
+
+/// No probe.
+#[derive(Debug)]
+pub struct NoProbe;
+
+impl Probe for NoProbe {
+    fn owns(&self, _: usize) -> bool {
+        false
+    }
+    fn on_frame(&mut self, _: &mut Conn, _: u8, _: &[u8], _: Instant) {}
+    fn tick(&mut self, _: &mut Pool, _: Instant, _: bool) {}
+    fn done(&self) -> bool {
+        false
+    }
+}
+
+/// One step's settings.
+#[derive(Debug, Clone)]
+pub struct StepCfg {
+    /// Messages per second, all publishers together.
+    pub rate: u64,
+    /// Sending before the window opens.
+    pub warmup: Duration,
+    /// The measurement window (ended early by a finished probe).
+    pub duration: Duration,
+    /// The longest wait, after the window, for messages still in flight.
+    pub drain: Duration,
+    /// For progress lines.
+    pub label: String,
+}
+
+/// The connections of a fanout and their sequence state.
+#[derive(Debug)]
+pub struct Fanout {
+    /// The connections: publishers first, then subscribers, then extra (probe) connections.
+    pub pool: Pool,
+    pubs: usize,
+    subs: usize,
+    tracker: Tracker,
+    seq: Vec<u64>,
+    rr: usize,
+    epoch: Instant,
+    room: String,
+    size: usize,
+    max_in_flight: usize,
+    progress: bool,
+}
+
+/// Bound for setting up `n` connections.
+fn setup_timeout(n: usize) -> Duration {
+    Duration::from_secs(10) + Duration::from_millis(2 * n as u64)
+}
+
+impl Fanout {
+    /// Connects `pubs` publishers and `subs` subscribers (HELLO, JOIN `room`) and `extra`
+    /// plain welcomed connections, `max_in_flight` at a time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        addr: SocketAddr,
+        pubs: usize,
+        subs: usize,
+        extra: usize,
+        room: &str,
+        size: usize,
+        max_in_flight: usize,
+        progress: bool,
+    ) -> Result<Fanout, String> {
+        let epoch = Instant::now();
+        let mut pool = Pool::new(addr, &run_prefix(), room)?;
+        pool.progress = progress;
+        pool.add(pubs, Handshake::HelloJoin);
+        pool.add(subs, Handshake::HelloJoin);
+        pool.add(extra, Handshake::Hello);
+        let n = pubs + subs + extra;
+        pool.establish(max_in_flight, setup_timeout(n))?;
+        if progress {
+            eprintln!(
+                "connected {n} connections ({pubs} publishers, {subs} subscribers) in {:.2} s",
+                epoch.elapsed().as_secs_f64()
+            );
+        }
+        Ok(Fanout {
+            pool,
+            pubs,
+            subs,
+            tracker: Tracker::new(subs, pubs),
+            seq: vec![0; pubs],
+            rr: 0,
+            epoch,
+            room: room.to_string(),
+            size,
+            max_in_flight,
+            progress,
+        })
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Reconnects whatever the server closed (a subscriber dropped as a slow consumer in a
+    /// failed sweep step), so the next step starts with every connection.
+    pub fn reconnect_dead(&mut self) -> Result<usize, String> {
+        let dead: Vec<usize> = (0..self.pool.conns.len())
+            .filter(|&i| self.pool.conns[i].state == State::Dead)
+            .collect();
+        for &i in &dead {
+            self.pool.redial(i);
+            if (self.pubs..self.pubs + self.subs).contains(&i) {
+                self.tracker.reset_sub(i - self.pubs);
+            }
+        }
+        if !dead.is_empty() {
+            let n = dead.len();
+            self.pool.establish(self.max_in_flight, setup_timeout(n))?;
+        }
+        Ok(dead.len())
+    }
+
+    fn live_subs(&self) -> usize {
+        self.pool.conns[self.pubs..self.pubs + self.subs]
+            .iter()
+            .filter(|c| c.state == State::Ready)
+            .count()
+    }
+
+    /// Whether every live subscriber has received every window message.
+    fn all_arrived(&self, sent_window: u64) -> bool {
+        (0..self.subs).all(|s| {
+            self.pool.conns[self.pubs + s].state != State::Ready
+                || self.tracker.recv[s] >= sent_window
+        })
+    }
+
+    /// Queues what the schedule says is due, round-robin over the publishers, and writes it.
+    fn publish(&mut self, pacer: &mut Pacer, now: Instant, w: &mut Window) {
+        let n = pacer.due(now);
+        if n == 0 || self.pubs == 0 {
+            return;
+        }
+        let ts = self.ns(now);
+        let in_window = ts >= self.tracker.win_start;
+        for _ in 0..n {
+            let p = self.rr % self.pubs;
+            self.rr = self.rr.wrapping_add(1);
+            let c = &self.pool.conns[p];
+            if c.state != State::Ready || c.pending() > OUT_CAP {
+                if in_window {
+                    w.blocked += 1;
+                }
+                continue;
+            }
+            let stamp = Stamp {
+                ts,
+                publisher: p as u32,
+                seq: self.seq[p],
+            };
+            put_say(self.pool.out(p), &self.room, stamp, self.size);
+            self.seq[p] += 1;
+            if in_window {
+                w.sent += 1;
+            }
+        }
+        self.pool.flush();
+    }
+
+    /// Runs one step: warm-up, measurement, drain.
+    pub fn step<P: Probe>(&mut self, cfg: &StepCfg, probe: &mut P) -> StepResult {
+        let subs_at_start = self.live_subs();
+        let t0 = Instant::now();
+        let warm_end = t0 + cfg.warmup;
+        self.tracker.begin_window(self.ns(warm_end));
+        let mut pacer = Pacer::new(cfg.rate, t0);
+        let mut w = Window::default();
+        let mut phase = Phase::Warmup;
+        let mut measure_start = warm_end;
+        let mut stop = warm_end;
+        let mut cpu_mark = CpuMark::now();
+        let mut cpu = Default::default();
+        let errors_before = self.pool.counters.errors.clone();
+        let closed_before = self.pool.counters.server_closed;
+        let mut skipped_before = 0;
+        let mut drain_deadline = warm_end;
+        let mut next_check = t0;
+        let mut progress = Progress::new(self.progress);
+        let mut last = t0;
+        let mut poll_mark = self.pool.in_poll;
+        let (pubs, subs, epoch) = (self.pubs, self.subs, self.epoch);
+        loop {
+            let now = Instant::now();
+            if phase == Phase::Measure {
+                w.max_gap = w.max_gap.max(now.duration_since(last));
+            }
+            last = now;
+            match phase {
+                Phase::Warmup if now >= warm_end => {
+                    phase = Phase::Measure;
+                    measure_start = now;
+                    cpu_mark = CpuMark::now();
+                    poll_mark = self.pool.in_poll;
+                    skipped_before = pacer.skipped;
+                }
+                Phase::Measure if now >= measure_start + cfg.duration || probe.done() => {
+                    phase = Phase::Drain;
+                    stop = now;
+                    cpu = cpu_mark.since();
+                    w.in_poll = self.pool.in_poll - poll_mark;
+                    w.skipped = pacer.skipped - skipped_before;
+                    drain_deadline = now + cfg.drain;
+                }
+                Phase::Drain if now >= drain_deadline => break,
+                Phase::Drain if now >= next_check => {
+                    if self.all_arrived(w.sent) {
+                        break;
+                    }
+                    next_check = now + Duration::from_millis(5);
+                }
+                _ => {}
+            }
+            if phase != Phase::Drain {
+                self.publish(&mut pacer, now, &mut w);
+            }
+            probe.tick(&mut self.pool, now, phase == Phase::Measure);
+            if progress.due(now) {
+                eprintln!(
+                    "[{}] {} {:.0}s: sent {} in window, received {}, live subscribers {}",
+                    cfg.label,
+                    phase.name(),
+                    now.duration_since(t0).as_secs_f64(),
+                    w.sent,
+                    self.tracker.received,
+                    self.live_subs()
+                );
+            }
+            let timeout = if phase == Phase::Drain {
+                Duration::from_millis(5)
+            } else {
+                pacer.next_in(now)
+            };
+            let tracker = &mut self.tracker;
+            let mut handler = |i: usize, c: &mut Conn, opcode: u8, payload: &[u8], at: Instant| {
+                if opcode == op::S_MESSAGE && i >= pubs && i < pubs + subs {
+                    let now_ns = at.saturating_duration_since(epoch).as_nanos() as u64;
+                    match message_text(payload).and_then(parse_stamp) {
+                        Some(st) => tracker.on_message(i - pubs, now_ns, st),
+                        None => tracker.foreign += 1,
+                    }
+                } else if probe.owns(i) {
+                    probe.on_frame(c, opcode, payload, at);
+                }
+            };
+            self.pool.turn(Some(timeout), &mut handler);
+        }
+        let t = &self.tracker;
+        let window_s = stop.duration_since(measure_start).as_secs_f64();
+        let expected = w.sent * subs_at_start as u64;
+        StepResult {
+            rate: cfg.rate,
+            subs: subs_at_start,
+            pubs: self.pubs,
+            size: self.size,
+            window_s,
+            sent: w.sent,
+            skipped: w.skipped,
+            max_gap_ms: w.max_gap.as_secs_f64() * 1000.0,
+            busy_pct: 100.0 * (1.0 - w.in_poll.as_secs_f64() / window_s.max(1e-9)).max(0.0),
+            blocked: w.blocked,
+            expected,
+            received: t.received,
+            dup: t.dup,
+            ooo: t.ooo,
+            foreign: t.foreign,
+            lat: Lat::from_us(&t.hist),
+            drain_s: Instant::now().duration_since(stop).as_secs_f64(),
+            disconnected: self.pool.counters.server_closed - closed_before,
+            errors: error_delta(&errors_before, &self.pool.counters.errors),
+            cpu,
+        }
+    }
+}
+
+/// Publisher-side counts of one window.
+#[derive(Debug, Default)]
+struct Window {
+    sent: u64,
+    skipped: u64,
+    blocked: u64,
+    max_gap: Duration,
+    in_poll: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Warmup,
+    Measure,
+    Drain,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Warmup => "warm-up",
+            Phase::Measure => "measuring",
+            Phase::Drain => "draining",
+        }
+    }
+}
