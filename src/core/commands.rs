@@ -248,9 +248,7 @@ impl Chat {
         let (buf, start) = self.outbox.buf();
         encode::message(buf, msg_id, &room.name, from, text);
         let end = buf.len();
-        for &m in &room.members {
-            self.outbox.send(m, start, end);
-        }
+        self.outbox.send_all(&room.members, None, start, end);
         self.stats.messages += 1;
         self.stats.deliveries += room.members.len() as u64;
     }

@@ -31,17 +31,26 @@ struct Chain {
     /// `ConnId::to_u64`, 0 for none (no `ConnId` is 0). Kept small: this is per slot.
     id: u64,
     round: u32,
+    /// Which entry of `dirty` lists this chain (a chain discarded and started again in the
+    /// same round is listed twice; only its latest entry is live).
+    serial: u32,
+    /// Earlier ranges, a linked list in `ranges` (NIL: none); `last` is its tail.
     head: u32,
-    tail: u32,
-    bytes: u32,
+    last: u32,
+    /// The latest range, kept inline so that extending it, the common case, touches only this
+    /// entry.
+    start: u32,
+    end: u32,
 }
 
 const EMPTY_CHAIN: Chain = Chain {
     id: 0,
     round: 0,
+    serial: 0,
     head: NIL,
-    tail: NIL,
-    bytes: 0,
+    last: NIL,
+    start: 0,
+    end: 0,
 };
 
 /// Encoded frames and who they go to, for one round.
@@ -92,44 +101,80 @@ impl Outbox {
         self.earlier + self.arena.len() as u64
     }
 
-    /// Sends `arena[start..end]` (already encoded) to `to`.
+    /// Sends `arena[start..end]` (one frame, already encoded) to `to`.
     pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
+        self.count(start, 1);
+        self.push(to, start, end);
+    }
+
+    /// Sends `arena[start..end]` (one frame, already encoded) to every connection in `to` but
+    /// `except`.
+    pub(crate) fn send_all(
+        &mut self,
+        to: &[ConnId],
+        except: Option<ConnId>,
+        start: usize,
+        end: usize,
+    ) {
+        let mut n = 0;
+        for &c in to {
+            if Some(c) != except {
+                self.push(c, start, end);
+                n += 1;
+            }
+        }
+        self.count(start, n);
+    }
+
+    fn count(&mut self, start: usize, n: u64) {
+        if let Some(&op) = self.arena.get(start + 3) {
+            self.frames_out[usize::from(op)] += n;
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, to: ConnId, start: usize, end: usize) {
         debug_assert!(!self.taken, "send without buf() first");
         debug_assert!(start <= end && end <= self.arena.len());
-        if let Some(&op) = self.arena.get(start + 3) {
-            self.frames_out[usize::from(op)] += 1;
-        }
         let (start, end) = (start as u32, end as u32);
         let slot = to.slot();
         if slot >= self.chains.len() {
             self.chains.resize(slot + 1, EMPTY_CHAIN);
         }
-        let idx = self.ranges.len() as u32;
         let chain = &mut self.chains[slot];
-        chain.bytes = chain.bytes.saturating_add(end - start);
-        if chain.id == to.to_u64() && chain.round == self.round && chain.head != NIL {
-            let tail = &mut self.ranges[chain.tail as usize];
-            if tail.end == start {
-                tail.end = end;
+        if chain.id == to.to_u64() && chain.round == self.round {
+            if chain.end == start {
+                chain.end = end;
                 return;
             }
-            tail.next = idx;
-            chain.tail = idx;
+            // Not contiguous: the inline range joins the list, the new one takes its place.
+            let idx = self.ranges.len() as u32;
+            self.ranges.push(Range {
+                start: chain.start,
+                end: chain.end,
+                next: NIL,
+            });
+            if chain.last == NIL {
+                chain.head = idx;
+            } else {
+                self.ranges[chain.last as usize].next = idx;
+            }
+            chain.last = idx;
+            chain.start = start;
+            chain.end = end;
         } else {
+            let serial = self.dirty.len() as u32;
             *chain = Chain {
                 id: to.to_u64(),
                 round: self.round,
-                head: idx,
-                tail: idx,
-                bytes: end - start,
+                serial,
+                head: NIL,
+                last: NIL,
+                start,
+                end,
             };
-            self.dirty.push((to, idx));
+            self.dirty.push((to, serial));
         }
-        self.ranges.push(Range {
-            start,
-            end,
-            next: NIL,
-        });
     }
 
     /// Drops what was queued for `to` in this round (a slow consumer's backlog).
@@ -180,13 +225,20 @@ impl<'a> Iterator for Output<'a> {
     type Item = (ConnId, Chunks<'a>);
 
     fn next(&mut self) -> Option<(ConnId, Chunks<'a>)> {
-        while let Some(&(id, head)) = self.dirty.get(self.pos) {
+        while let Some(&(id, serial)) = self.dirty.get(self.pos) {
             self.pos += 1;
             let c = &self.chains[id.slot()];
             // A connection discarded (or whose slot was reused) mid-round is listed once per
             // chain it had; only the entry that started the live chain yields it.
-            if c.id != id.to_u64() || c.round != self.round || c.head != head {
+            if c.id != id.to_u64() || c.round != self.round || c.serial != serial {
                 continue;
+            }
+            let mut len = (c.end - c.start) as usize;
+            let mut i = c.head;
+            while i != NIL {
+                let r = self.ranges[i as usize];
+                len += (r.end - r.start) as usize;
+                i = r.next;
             }
             return Some((
                 id,
@@ -194,7 +246,8 @@ impl<'a> Iterator for Output<'a> {
                     arena: self.arena,
                     ranges: self.ranges,
                     next: c.head,
-                    len: c.bytes as usize,
+                    last: Some((c.start, c.end)),
+                    len,
                 },
             ));
         }
@@ -208,6 +261,7 @@ pub struct Chunks<'a> {
     arena: &'a [u8],
     ranges: &'a [Range],
     next: u32,
+    last: Option<(u32, u32)>,
     len: usize,
 }
 
@@ -222,11 +276,12 @@ impl<'a> Iterator for Chunks<'a> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        if self.next == NIL {
-            return None;
+        if self.next != NIL {
+            let r = self.ranges[self.next as usize];
+            self.next = r.next;
+            return Some(&self.arena[r.start as usize..r.end as usize]);
         }
-        let r = self.ranges[self.next as usize];
-        self.next = r.next;
-        Some(&self.arena[r.start as usize..r.end as usize])
+        let (start, end) = self.last.take()?;
+        Some(&self.arena[start as usize..end as usize])
     }
 }

@@ -71,11 +71,8 @@ impl Chat {
         let to_all = room.members.len() <= self.cfg.presence_limit;
         let self_too = matches!(kind, PresenceKind::Join | PresenceKind::Leave);
         if to_all {
-            for &m in &room.members {
-                if m != who || self_too {
-                    self.outbox.send(m, start, end);
-                }
-            }
+            let except = (!self_too).then_some(who);
+            self.outbox.send_all(&room.members, except, start, end);
         } else if self_too {
             self.outbox.send(who, start, end);
         }
