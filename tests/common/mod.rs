@@ -18,9 +18,10 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -570,11 +571,83 @@ pub fn show_bytes(b: &[u8]) -> String {
 // Server process
 // ---------------------------------------------------------------------------------------------
 
-/// Path of the server binary under test.
+/// Path of the mio server binary, `chatloop`.
 pub const BIN: &str = env!("CARGO_BIN_EXE_chatloop");
 
-/// A running `chatloop` server on 127.0.0.1 with an OS-chosen port; killed on drop.
+/// Which server a test runs against. The protocol cases run against both (tests/protocol.rs
+/// and tests/protocol_async.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `chatloop`, the single-threaded mio server.
+    Mio,
+    /// `examples/async_server.rs`, the tokio server.
+    Async,
+}
+
+impl ServerKind {
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::Mio => "chatloop",
+            ServerKind::Async => "async_server",
+        }
+    }
+
+    /// The path of the server's executable (for the async server, built first if needed).
+    pub fn binary(self) -> PathBuf {
+        match self {
+            ServerKind::Mio => PathBuf::from(BIN),
+            ServerKind::Async => async_server_binary().to_path_buf(),
+        }
+    }
+}
+
+/// `target/<profile>/examples/async_server`, next to `chatloop`'s `target/<profile>/chatloop`.
+///
+/// Examples get no `CARGO_BIN_EXE_` variable, and while a plain `cargo test` builds them
+/// before running tests, `cargo test --test NAME` does not, and an example left from an earlier
+/// build would test old code. So the first use runs `cargo build --example async_server` with
+/// this test's profile and target directory: a no-op when the binary is fresh.
+fn async_server_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile_dir = Path::new(BIN)
+            .parent()
+            .expect("the chatloop binary is in a profile directory");
+        let path = profile_dir.join("examples").join("async_server");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(p) => p,
+        };
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "--example", "async_server", "--profile"])
+            .arg(profile)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null());
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target_dir);
+        }
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run cargo to build the async server: {e}"));
+        assert!(
+            out.status.success(),
+            "building the async server failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            path.is_file(),
+            "cargo built the async server, but not at {}",
+            path.display()
+        );
+        path
+    })
+}
+
+/// A running server on 127.0.0.1 with an OS-chosen port; killed on drop.
 pub struct Server {
+    kind: ServerKind,
     child: Child,
     addr: SocketAddr,
     exited: Option<ExitStatus>,
@@ -621,13 +694,20 @@ fn parse_listening(line: &str) -> Option<Result<SocketAddr, String>> {
 }
 
 impl Server {
-    /// Starts `chatloop --listen 127.0.0.1:0 ARGS...` and waits (10 s at most) for the
-    /// `listening on IP:PORT` line on its stderr. Server output is echoed to the test's stderr.
+    /// Starts `chatloop --listen 127.0.0.1:0 ARGS...`: [`Server::start_kind`] for the mio server.
     #[track_caller]
     pub fn start(args: &[&str]) -> Server {
-        let mut cmd = Command::new(BIN);
+        Server::start_kind(ServerKind::Mio, args)
+    }
+
+    /// Starts the `kind` server with `--listen 127.0.0.1:0 ARGS...` and waits (10 s at most)
+    /// for the `listening on IP:PORT` line on its stderr. Server output is echoed to the test's
+    /// stderr.
+    #[track_caller]
+    pub fn start_kind(kind: ServerKind, args: &[&str]) -> Server {
+        let mut cmd = Command::new(kind.binary());
         cmd.arg("--listen").arg("127.0.0.1:0").args(args);
-        Self::spawn(cmd, &format!("{args:?}"))
+        Self::spawn(cmd, kind, &format!("{args:?}"))
     }
 
     /// Like [`Server::start`], but runs exactly `cmd` (for example a shell that lowers limits
@@ -636,17 +716,18 @@ impl Server {
     #[track_caller]
     pub fn start_cmd(cmd: Command) -> Server {
         let desc = format!("{cmd:?}");
-        Self::spawn(cmd, &desc)
+        Self::spawn(cmd, ServerKind::Mio, &desc)
     }
 
     #[track_caller]
-    fn spawn(mut cmd: Command, desc: &str) -> Server {
+    fn spawn(mut cmd: Command, kind: ServerKind, desc: &str) -> Server {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn the server {desc}: {e}"));
+        let name = kind.name();
         let pid = child.id();
         let stderr = child.stderr.take().expect("stderr piped");
         let stdout = child.stdout.take().expect("stdout piped");
@@ -654,14 +735,14 @@ impl Server {
         let log_w = Arc::clone(&log);
         let (tx, rx) = mpsc::channel::<Result<SocketAddr, String>>();
         thread::Builder::new()
-            .name(format!("chatloop-{pid}-stderr"))
+            .name(format!("{name}-{pid}-stderr"))
             .spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).split(b'\n') {
                     let Ok(line) = line else { break };
                     let line = strip_ansi(&String::from_utf8_lossy(&line));
                     let line = line.trim_end_matches('\r');
-                    eprintln!("[chatloop {pid}] {line}");
+                    eprintln!("[{name} {pid}] {line}");
                     if let Ok(mut l) = log_w.lock() {
                         l.push(line.to_string());
                     }
@@ -674,17 +755,18 @@ impl Server {
             })
             .expect("spawn stderr reader thread");
         thread::Builder::new()
-            .name(format!("chatloop-{pid}-stdout"))
+            .name(format!("{name}-{pid}-stdout"))
             .spawn(move || {
                 for line in BufReader::new(stdout).split(b'\n') {
                     let Ok(line) = line else { break };
-                    eprintln!("[chatloop {pid} stdout] {}", String::from_utf8_lossy(&line));
+                    eprintln!("[{name} {pid} stdout] {}", String::from_utf8_lossy(&line));
                 }
             })
             .expect("spawn stdout reader thread");
 
         // From here on, a panic drops `server`, which kills the child.
         let mut server = Server {
+            kind,
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             exited: None,
@@ -695,17 +777,22 @@ impl Server {
                 server.addr = addr;
                 server
             }
-            Ok(Err(e)) => panic!("server {desc}: {e}"),
+            Ok(Err(e)) => panic!("{name} {desc}: {e}"),
             Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "server {desc} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
+                "{name} {desc} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
             ),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = server.wait_exit(Duration::from_secs(2));
                 panic!(
-                    "server {desc} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
+                    "{name} {desc} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
                 )
             }
         }
+    }
+
+    /// Which server this is.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
     }
 
     /// The server's stderr lines received so far (ANSI escapes stripped).
@@ -805,17 +892,28 @@ impl Drop for Server {
     }
 }
 
-/// Runs the binary with exactly `args` until it exits (bounded); returns its status and stderr.
-/// Panics (after killing it) if it is still running after `timeout`.
+/// [`run_to_exit_kind`] for the mio server.
 #[track_caller]
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    let mut child = Command::new(BIN)
+    run_to_exit_kind(ServerKind::Mio, args, timeout)
+}
+
+/// Runs the `kind` server with exactly `args` until it exits (bounded); returns its status and
+/// stderr. Panics (after killing it) if it is still running after `timeout`.
+#[track_caller]
+pub fn run_to_exit_kind(
+    kind: ServerKind,
+    args: &[&str],
+    timeout: Duration,
+) -> (ExitStatus, String) {
+    let bin = kind.binary();
+    let mut child = Command::new(&bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn the server binary {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot spawn the server binary {}: {e}", bin.display()));
     let mut stderr = child.stderr.take().expect("stderr piped");
     let reader = thread::spawn(move || {
         let mut s = Vec::new();
@@ -830,7 +928,10 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("chatloop {args:?} still running after {timeout:?} (expected it to exit)");
+            panic!(
+                "{} {args:?} still running after {timeout:?} (expected it to exit)",
+                kind.name()
+            );
         }
         thread::sleep(Duration::from_millis(10));
     };

@@ -1,0 +1,1072 @@
+//! The chatloop server on tokio: the async competitor of the single-threaded mio server, for an
+//! honest side-by-side comparison (issue 6). It speaks the whole of docs/PROTOCOL.md, takes the
+//! same flags as `chatloop` (plus `--runtime` and `--workers`), and is built the way a tokio
+//! engineer would build it today, on the crate's codec and sans-IO chat core:
+//!
+//! - **an acceptor task** takes connections, refuses those beyond `--max-connections` with
+//!   `server_full` (a semaphore permit is held for a connection's whole life), and spawns
+//! - **a task per connection**, the reader: it reads into a `BytesMut`, splits off the whole
+//!   frames with the crate's header check (judged byte by byte, so a bad magic is caught on its
+//!   first byte and an oversized length before its payload) and sends them to the actor as one
+//!   `Bytes` per read. It stops reading while more than two reads' worth of its input waits
+//!   for the actor, so a flooding peer is slowed down by TCP rather than buffered. It spawns
+//! - **a writer task per connection**, fed by a bounded `mpsc` channel of `Bytes`: it takes
+//!   whatever is queued (`recv`, then `try_recv`) and writes it with one `writev`;
+//! - **one actor task** owns the chat state (`chatloop::core::Chat`) and time: it receives
+//!   open/data/close events over one bounded `mpsc` channel (`recv_many`), runs the core's
+//!   timers (`sleep_until(poll_timeout)`), and after each round of events drains
+//!   `poll_close`/`poll_output` into the connections' channels, then yields so the writers
+//!   run. A round ends after a quarter of max-pending of input, so one round cannot make a
+//!   member that reads continuously look like a slow consumer. A broadcast's bytes are copied
+//!   once per round into a `Bytes` that every recipient shares.
+//!
+//! A connection whose queued, unwritten output would exceed `--max-pending` bytes, or whose
+//! channel is full, is a slow consumer: its queue is dropped, it gets `slow_consumer` if the
+//! socket takes it at once and the stream is at a frame boundary, and it is closed. Every close
+//! flushes what was queued before it (bounded by `--shutdown-grace`), then reads and drops what
+//! the peer already sent so the close is a FIN, not a reset. SIGINT/SIGTERM: stop accepting,
+//! `shutting_down` to every connection, flush for up to `--shutdown-grace`, exit 0 (a second
+//! signal exits 1 at once).
+//!
+//! ```sh
+//! cargo run --release --example async_server -- --listen 127.0.0.1:7879 --runtime current-thread
+//! ```
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use clap::Parser;
+use slab::Slab;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use chatloop::config::Args;
+use chatloop::core::{Chat, CloseReason};
+use chatloop::id::{ConnId, Generations};
+use chatloop::limits;
+use chatloop::protocol::{self, ErrorCode};
+use chatloop::server::FdReserve;
+
+/// Capacity of the actor's event channel (readers wait when it is full: backpressure).
+const EVENTS: usize = 1024;
+/// Most events the actor takes from its channel at once (a round may end sooner: see
+/// [`round_budget`]).
+const BATCH: usize = 512;
+/// Bytes asked of one read, at most (unless a buffered frame header announces more); less with
+/// a small `--max-pending` (see [`round_budget`]).
+const READ_SIZE: usize = 16 * 1024;
+/// Most buffers handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+/// tokio runtime flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeKind {
+    /// Everything on one thread.
+    CurrentThread,
+    /// A work-stealing pool of `--workers` threads.
+    MultiThread,
+}
+
+/// The async server's command line: chatloop's flags plus the runtime's.
+#[derive(Debug, Parser)]
+#[command(
+    name = "async_server",
+    version,
+    about = "The chatloop server on tokio (a task per connection around a chat actor)"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+    /// tokio runtime flavour.
+    #[arg(long, value_enum, default_value = "multi-thread")]
+    runtime: RuntimeKind,
+    /// Worker threads of the multi-thread runtime [default: one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like chatloop: the first line of clap's message.
+            let msg = e.render().to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("async_server: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cli.args.validate() {
+        eprintln!("async_server: {e}");
+        return ExitCode::from(2);
+    }
+    init_logging(cli.args.log_level.filter());
+    let runtime = match cli.runtime {
+        RuntimeKind::CurrentThread => {
+            if cli.workers.is_some() {
+                log::warn!("--workers applies to --runtime multi-thread only; ignored");
+            }
+            tokio::runtime::Builder::new_current_thread()
+        }
+        RuntimeKind::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cli.workers {
+                b.worker_threads(usize::from(n));
+            }
+            b
+        }
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!(
+        "tokio runtime: {:?}{}",
+        cli.runtime,
+        match (cli.runtime, cli.workers) {
+            (RuntimeKind::MultiThread, Some(n)) => format!(", {n} workers"),
+            (RuntimeKind::MultiThread, None) => ", one worker per CPU".to_string(),
+            _ => String::new(),
+        }
+    );
+    let res = runtime.block_on(run(cli.args));
+    // Connections still flushing past the grace period are dropped with the runtime.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    if simplelog::TermLogger::init(
+        level,
+        config.clone(),
+        simplelog::TerminalMode::Stderr,
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            simplelog::ColorChoice::Auto
+        } else {
+            simplelog::ColorChoice::Never
+        },
+    )
+    .is_err()
+    {
+        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Startup and shutdown
+// ---------------------------------------------------------------------------------------------
+
+/// Input bytes the actor handles in one round, before it hands the output to the writers.
+///
+/// The limit on queued output (max-pending) applies to what a round produces too, so a round
+/// must stay well below it, or a busy room would make members that read continuously look like
+/// slow consumers: a quarter of max-pending of input produces at most about half of it for any
+/// one member (MESSAGE is at most about twice the size of the SAY it comes from).
+fn round_budget(max_pending: usize) -> usize {
+    max_pending / 4
+}
+
+/// What every connection task needs to know.
+#[derive(Debug)]
+struct ConnConfig {
+    max_frame: u32,
+    /// Bytes asked of one read.
+    read_size: usize,
+    /// Input bytes a connection may have sent to the actor and not yet seen handled before its
+    /// reader pauses.
+    unhandled_limit: usize,
+    /// Slots of a connection's outbound channel.
+    out_slots: usize,
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    // Signal handlers first: a signal that comes right after `listening on` must drain.
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot catch SIGINT: {e}"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
+
+    let fd = limits::raise_nofile(args.max_connections)
+        .map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    log::info!(
+        "RLIMIT_NOFILE: soft {} hard {} at start, soft {} hard {} now",
+        fd.before.0,
+        fd.before.1,
+        fd.after.0,
+        fd.after.1
+    );
+    let (max_conns, clamped) = limits::connection_limit(fd.after.0, args.max_connections);
+    if let Some(by) = clamped {
+        log::warn!(
+            "--max-connections {} lowered by {by} to {max_conns}: the fd limit is {} and {} descriptors are reserved for the server itself",
+            max_conns + by,
+            fd.after.0,
+            limits::FD_RESERVE
+        );
+    }
+    log::info!("serving at most {max_conns} connections");
+
+    let listener = bind(args.listen, args.backlog)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    log::info!("listening on {addr}");
+
+    let (events_tx, events_rx) = mpsc::channel(EVENTS);
+    // Every connection task holds a clone of `done_tx`; `done_rx` yields None once all are gone.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let read_size = round_budget(args.max_pending).clamp(256, READ_SIZE);
+    let cfg = Arc::new(ConnConfig {
+        max_frame: args.max_frame,
+        read_size,
+        unhandled_limit: 2 * read_size,
+        out_slots: (args.max_pending / 64).clamp(64, 16 * 1024),
+    });
+    let actor = Actor::new(&args, &cfg, Instant::now());
+    let actor = tokio::spawn(actor.run(events_rx, args.stats_interval));
+    let limit = Arc::new(Semaphore::new(max_conns));
+    let acceptor = tokio::spawn(accept_loop(
+        listener,
+        limit,
+        events_tx.clone(),
+        done_tx,
+        cfg,
+    ));
+
+    let name = tokio::select! {
+        _ = sigint.recv() => "SIGINT",
+        _ = sigterm.recv() => "SIGTERM",
+    };
+    log::info!("{name}: shutting down");
+    acceptor.abort();
+    let deadline = Instant::now() + args.shutdown_grace;
+    if events_tx.send(Event::Shutdown { deadline }).await.is_err() {
+        return Err(match actor.await {
+            Err(e) if e.is_panic() => "the chat actor panicked".to_string(),
+            _ => "the chat actor stopped".to_string(),
+        });
+    }
+    drop(events_tx);
+    // Each connection's writer gives up at `deadline`; the margin covers the last close.
+    let give_up = tokio::time::Instant::from_std(deadline + Duration::from_millis(200));
+    tokio::select! {
+        _ = done_rx.recv() => log::info!("shutdown complete"),
+        _ = tokio::time::sleep_until(give_up) => {
+            log::info!("shutdown grace period over; closing the remaining connections");
+        }
+        _ = sigint.recv() => exit_now("SIGINT"),
+        _ = sigterm.recv() => exit_now("SIGTERM"),
+    }
+    Ok(())
+}
+
+fn exit_now(name: &str) {
+    log::warn!("{name} again: exiting now");
+    std::process::exit(1);
+}
+
+/// A listener with SO_REUSEADDR and the configured backlog.
+fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accepting
+// ---------------------------------------------------------------------------------------------
+
+async fn accept_loop(
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    events: mpsc::Sender<Event>,
+    done: mpsc::Sender<()>,
+    cfg: Arc<ConnConfig>,
+) {
+    // One descriptor in reserve: out of descriptors, the pending connection would stay in the
+    // backlog unanswered; freeing the reserve lets us take it off and refuse it.
+    let mut reserve = FdReserve::new();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    log::warn!("connection limit reached; refusing {peer}");
+                    refuse(&stream, peer);
+                    continue;
+                };
+                // Frames are batched per round anyway; Nagle would only add delay.
+                if let Err(e) = stream.set_nodelay(true) {
+                    log::debug!("{peer}: TCP_NODELAY failed: {e}");
+                }
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    permit,
+                    events.clone(),
+                    done.clone(),
+                    cfg.clone(),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => {
+                let emfile = matches!(e.raw_os_error(), Some(c) if c == nix::libc::EMFILE || c == nix::libc::ENFILE);
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_warning = Some(Instant::now());
+                    if emfile {
+                        log::warn!("accept: out of file descriptors ({e}); refusing connections");
+                    } else {
+                        log::warn!("accept failed: {e}");
+                    }
+                }
+                if emfile && reserve.is_held() {
+                    reserve.release();
+                    let pending = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx)));
+                    if let Poll::Ready(Ok((stream, peer))) = pending.await {
+                        refuse(&stream, peer);
+                    }
+                    reserve.restore();
+                } else {
+                    // Accept would fail again at once: back off until descriptors come back.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Best effort: one non-blocking write of `server_full`, then close.
+fn refuse(stream: &TcpStream, peer: SocketAddr) {
+    let mut frame = Vec::with_capacity(64);
+    protocol::encode::error(
+        &mut frame,
+        ErrorCode::ServerFull,
+        "server is at its connection limit",
+    );
+    if let Err(e) = stream.try_write(&frame) {
+        log::debug!("{peer}: server_full not delivered: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A connection: reader (this task) and writer (its own task)
+// ---------------------------------------------------------------------------------------------
+
+/// What the actor tells a connection's writer when it is done with the connection.
+#[derive(Debug)]
+enum Ctl {
+    /// Write everything queued (the channel is closed behind it), then FIN; give up at the
+    /// deadline.
+    Flush(Instant),
+    /// Drop whatever is queued, write this frame if the stream is at a frame boundary and the
+    /// socket takes it at once, and close.
+    Abort(Option<Bytes>),
+}
+
+/// How a writer ended.
+#[derive(Debug)]
+enum WriterEnd {
+    /// The actor closed the connection.
+    Closed,
+    /// Writing failed: the actor does not know yet.
+    Failed(CloseReason),
+}
+
+fn classify(e: &io::Error) -> CloseReason {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => CloseReason::Reset,
+        io::ErrorKind::BrokenPipe => CloseReason::BrokenPipe,
+        io::ErrorKind::TimedOut => CloseReason::TimedOut,
+        _ => CloseReason::IoError,
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    events: mpsc::Sender<Event>,
+    _done: mpsc::Sender<()>,
+    cfg: Arc<ConnConfig>,
+) {
+    let (rd, wr) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel(cfg.out_slots);
+    let (ctl_tx, ctl_rx) = oneshot::channel();
+    let (id_tx, id_rx) = oneshot::channel();
+    let shared = Arc::new(Shared::default());
+    let open = Event::Open {
+        handle: ConnHandle {
+            id: ConnId::new(0, 1), // replaced by the actor
+            peer,
+            out: out_tx,
+            ctl: Some(ctl_tx),
+            shared: shared.clone(),
+        },
+        reply: id_tx,
+    };
+    if events.send(open).await.is_err() {
+        return;
+    }
+    let Ok(id) = id_rx.await else { return };
+    let writer = tokio::spawn(write_loop(wr, out_rx, ctl_rx, shared.clone()));
+    read_loop(id, &rd, writer, &events, &shared, &cfg).await;
+    log::debug!("conn {id}: closed, peer {peer}");
+}
+
+/// The reader: forwards whole frames to the actor until the peer closes, reading fails, a fatal
+/// framing error is found, or the writer ends (the actor closed the connection).
+async fn read_loop(
+    id: ConnId,
+    rd: &OwnedReadHalf,
+    mut writer: JoinHandle<(OwnedWriteHalf, WriterEnd)>,
+    events: &mpsc::Sender<Event>,
+    shared: &Shared,
+    cfg: &ConnConfig,
+) {
+    let max_frame = cfg.max_frame;
+    let limit = cfg.unhandled_limit;
+    let mut buf = BytesMut::new();
+    let mut ended = None;
+    let transport_end = loop {
+        tokio::select! {
+            biased;
+            end = &mut writer => {
+                ended = Some(end);
+                break None;
+            }
+            // Input backpressure: a peer cannot get more than `limit` bytes ahead of the
+            // actor; the rest waits in its socket (and TCP slows it down).
+            () = shared.handled.notified(), if shared.unhandled.load(Ordering::Acquire) >= limit => {
+                continue;
+            }
+            res = rd.readable(), if shared.unhandled.load(Ordering::Acquire) < limit => {
+                if let Err(e) = res {
+                    break Some(classify(&e));
+                }
+            }
+        }
+        buf.reserve(read_size(&buf, max_frame, cfg.read_size));
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => break Some(CloseReason::Eof),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => break Some(classify(&e)),
+        }
+        let (whole, fatal) = whole_frames(&buf, max_frame);
+        // Whole frames go as one chunk. A read that completed no frame still goes, empty: any
+        // received byte is activity for the idle timer. After a fatal header the rest goes
+        // too, so the core answers it, and nothing more is read.
+        let chunk = if fatal {
+            buf.split().freeze()
+        } else {
+            buf.split_to(whole).freeze()
+        };
+        if buf.is_empty() {
+            // An idle connection holds no read buffer.
+            buf = BytesMut::new();
+        }
+        shared.unhandled.fetch_add(chunk.len(), Ordering::AcqRel);
+        if events.send(Event::Data { id, bytes: chunk }).await.is_err() || fatal {
+            break None;
+        }
+    };
+    drop(buf);
+    if let Some(reason) = transport_end {
+        let _ = events.send(Event::Closed { id, reason }).await;
+    }
+    // Wait for the writer to flush what the actor queued (bounded by its deadline).
+    let end = match ended {
+        Some(end) => end,
+        None => writer.await,
+    };
+    let wr = match end {
+        Ok((wr, WriterEnd::Failed(reason))) => {
+            if transport_end.is_none() {
+                let _ = events.send(Event::Closed { id, reason }).await;
+            }
+            Some(wr)
+        }
+        Ok((wr, WriterEnd::Closed)) => Some(wr),
+        Err(_) => None,
+    };
+    drain_input(rd);
+    drop(wr);
+}
+
+/// Reads and drops what the peer already sent, so closing the socket sends FIN rather than a
+/// reset (a peer that receives a reset may discard our last frames before reading them).
+fn drain_input(rd: &OwnedReadHalf) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..4 {
+        match rd.try_read(&mut scratch) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+/// How much room to make before the next read: the rest of an announced frame, at least `min`.
+fn read_size(buf: &[u8], max_frame: u32, min: usize) -> usize {
+    match protocol::check_header(buf, max_frame) {
+        Ok(Some(h)) => h.frame_len().saturating_sub(buf.len()).max(min),
+        _ => min,
+    }
+}
+
+/// The length of the run of whole frames at the front of `buf`, and whether a bad header
+/// (fatal) follows it.
+fn whole_frames(buf: &[u8], max_frame: u32) -> (usize, bool) {
+    let mut off = 0;
+    loop {
+        match protocol::check_header(&buf[off..], max_frame) {
+            Err(_) => return (off, true),
+            Ok(Some(h)) if buf.len() - off >= h.frame_len() => off += h.frame_len(),
+            Ok(_) => return (off, false),
+        }
+    }
+}
+
+/// The writer: everything the channel holds goes out in one `writev` (up to MAX_IOV buffers).
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut ctl: oneshot::Receiver<Ctl>,
+    shared: Arc<Shared>,
+) -> (OwnedWriteHalf, WriterEnd) {
+    let mut batch: VecDeque<Bytes> = VecDeque::new();
+    // Whether the front of `batch` was partly written (the stream is mid-frame).
+    let mut mid_frame = false;
+    let mut ctl_live = true;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    loop {
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                c = &mut ctl, if ctl_live => {
+                    ctl_live = false;
+                    match c {
+                        Ok(Ctl::Flush(d)) => deadline = Some(tokio::time::Instant::from_std(d)),
+                        Ok(Ctl::Abort(err)) => {
+                            abort(&wr, err, mid_frame);
+                            return (wr, WriterEnd::Closed);
+                        }
+                        Err(_) => {}
+                    }
+                    continue;
+                }
+                m = rx.recv() => match m {
+                    Some(b) => batch.push_back(b),
+                    None => break, // the actor closed the connection and all is written
+                },
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    return (wr, WriterEnd::Closed);
+                }
+            }
+        }
+        while batch.len() < MAX_IOV {
+            match rx.try_recv() {
+                Ok(b) => batch.push_back(b),
+                Err(_) => break,
+            }
+        }
+        tokio::select! {
+            biased;
+            c = &mut ctl, if ctl_live => {
+                ctl_live = false;
+                match c {
+                    Ok(Ctl::Flush(d)) => deadline = Some(tokio::time::Instant::from_std(d)),
+                    Ok(Ctl::Abort(err)) => {
+                        abort(&wr, err, mid_frame);
+                        return (wr, WriterEnd::Closed);
+                    }
+                    Err(_) => {}
+                }
+            }
+            res = write_some(&mut wr, &batch) => match res {
+                Ok(n) => {
+                    shared.queued.fetch_sub(n, Ordering::Relaxed);
+                    mid_frame = advance(&mut batch, n);
+                }
+                Err(e) => return (wr, WriterEnd::Failed(classify(&e))),
+            },
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                return (wr, WriterEnd::Closed);
+            }
+        }
+    }
+    let _ = tokio::time::timeout_at(deadline.unwrap_or(far), wr.shutdown()).await;
+    (wr, WriterEnd::Closed)
+}
+
+/// One `writev` of the front of `batch`. Cancel-safe: nothing is written unless it completes.
+/// The `IoSlice`s are built on the stack inside the poll, so they take no room in the task.
+async fn write_some(wr: &mut OwnedWriteHalf, batch: &VecDeque<Bytes>) -> io::Result<usize> {
+    let n = std::future::poll_fn(|cx| {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut k = 0;
+        for (slot, b) in iov.iter_mut().zip(batch.iter()) {
+            *slot = IoSlice::new(b);
+            k += 1;
+        }
+        Pin::new(&mut *wr).poll_write_vectored(cx, &iov[..k])
+    })
+    .await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(n)
+}
+
+/// Drops `n` written bytes from the front of `batch`; returns whether a buffer was left partly
+/// written.
+fn advance(batch: &mut VecDeque<Bytes>, mut n: usize) -> bool {
+    while n > 0 {
+        let Some(front) = batch.front_mut() else {
+            return false;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            batch.pop_front();
+        } else {
+            front.advance(n);
+            return true;
+        }
+    }
+    false
+}
+
+fn abort(wr: &OwnedWriteHalf, err: Option<Bytes>, mid_frame: bool) {
+    if let (Some(frame), false) = (err, mid_frame) {
+        let _ = wr.try_write(&frame);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The actor: the chat core, its clock and the connections' outboxes
+// ---------------------------------------------------------------------------------------------
+
+/// Counters a connection's tasks share with the actor.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Output bytes handed to the channel and not yet written (the writer subtracts).
+    queued: AtomicUsize,
+    /// Input bytes sent to the actor and not yet handled (the actor subtracts).
+    unhandled: AtomicUsize,
+    /// Wakes the reader when `unhandled` falls below its limit.
+    handled: Notify,
+}
+
+impl Shared {
+    /// Called by the actor once it has handled `n` bytes of this connection's input.
+    fn handled(&self, n: usize, limit: usize) {
+        let before = self.unhandled.fetch_sub(n, Ordering::AcqRel);
+        if before >= limit && before - n < limit {
+            self.handled.notify_one();
+        }
+    }
+}
+
+/// The actor's end of a connection.
+#[derive(Debug)]
+struct ConnHandle {
+    id: ConnId,
+    peer: SocketAddr,
+    out: mpsc::Sender<Bytes>,
+    ctl: Option<oneshot::Sender<Ctl>>,
+    shared: Arc<Shared>,
+}
+
+impl ConnHandle {
+    fn close(mut self, how: Ctl) {
+        if let Some(ctl) = self.ctl.take() {
+            let _ = ctl.send(how);
+        }
+        // Dropping `out` closes the channel behind what is already queued.
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    /// A new connection; the actor answers with its id.
+    Open {
+        handle: ConnHandle,
+        reply: oneshot::Sender<ConnId>,
+    },
+    /// Whole frames (or a bad header and what followed it) read from a connection.
+    Data { id: ConnId, bytes: Bytes },
+    /// The transport ended: EOF, read or write failure.
+    Closed { id: ConnId, reason: CloseReason },
+    /// SIGINT/SIGTERM: send shutting_down to everyone and flush until `deadline`.
+    Shutdown { deadline: Instant },
+}
+
+/// The chat core, movable to another thread.
+///
+/// `Chat` is not `Send` only because its hooks and token source are boxed trait objects
+/// without a `Send` bound. [`Chat::new`] installs `NoHooks` (a unit struct) and
+/// `os_token` (a plain `fn`), both `Send`, and nothing else in `Chat` is tied to a thread
+/// (maps, slabs, vectors, a timer wheel; no `Rc`, no cells, no thread-locals), so moving it
+/// between the runtime's workers with the actor task is sound. Only this module builds a
+/// `SendChat`, and only from `Chat::new`.
+struct SendChat(Chat);
+
+// SAFETY: see above; the value inside is built by `Chat::new` and never shared (`&mut`-only
+// access from the one actor task).
+unsafe impl Send for SendChat {}
+
+impl SendChat {
+    fn new(cfg: chatloop::core::ChatConfig, now: Instant) -> SendChat {
+        SendChat(Chat::new(cfg, now))
+    }
+}
+
+impl std::ops::Deref for SendChat {
+    type Target = Chat;
+    fn deref(&self) -> &Chat {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SendChat {
+    fn deref_mut(&mut self) -> &mut Chat {
+        &mut self.0
+    }
+}
+
+struct Actor {
+    chat: SendChat,
+    conns: Slab<ConnHandle>,
+    gens: Generations,
+    max_pending: usize,
+    round_budget: usize,
+    unhandled_limit: usize,
+    grace: Duration,
+    shutdown: Option<Instant>,
+    closes: Vec<(ConnId, CloseReason)>,
+    slow: Vec<ConnId>,
+    slow_consumers: u64,
+}
+
+impl Actor {
+    fn new(args: &Args, cfg: &ConnConfig, now: Instant) -> Actor {
+        Actor {
+            chat: SendChat::new(args.chat_config(), now),
+            conns: Slab::new(),
+            gens: Generations::new(),
+            max_pending: args.max_pending,
+            round_budget: round_budget(args.max_pending),
+            unhandled_limit: cfg.unhandled_limit,
+            grace: args.shutdown_grace,
+            shutdown: None,
+            closes: Vec::new(),
+            slow: Vec::new(),
+            slow_consumers: 0,
+        }
+    }
+
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, stats_every: Duration) {
+        let mut incoming = Vec::with_capacity(BATCH);
+        let mut pending: VecDeque<Event> = VecDeque::with_capacity(BATCH);
+        let timer = tokio::time::sleep(Duration::from_secs(86400 * 365));
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        let mut stats = (!stats_every.is_zero()).then(|| {
+            let start = tokio::time::Instant::now() + stats_every;
+            let mut i = tokio::time::interval_at(start, stats_every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let mut last = StatsSnapshot::take(&self, Instant::now());
+        let mut yield_first = false;
+        loop {
+            let next = self.chat.poll_timeout();
+            if next != armed {
+                if let Some(t) = next {
+                    timer.as_mut().reset(tokio::time::Instant::from_std(t));
+                }
+                armed = next;
+            }
+            if yield_first {
+                // The last round woke writers (or left input for later): let them run before
+                // the next round, so output does not pile up while the actor has input.
+                tokio::task::yield_now().await;
+            }
+            if pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    n = events.recv_many(&mut incoming, BATCH) => {
+                        if n == 0 {
+                            return; // every sender is gone: the process is ending
+                        }
+                        pending.extend(incoming.drain(..));
+                    }
+                    () = &mut timer, if armed.is_some() => {}
+                    () = tick(&mut stats) => {
+                        let snap = StatsSnapshot::take(&self, Instant::now());
+                        snap.log(&last, &self);
+                        last = snap;
+                    }
+                }
+            }
+            // One round: events up to the input budget, due timers, then the output.
+            let now = Instant::now();
+            let mut input = 0;
+            while let Some(ev) = pending.pop_front() {
+                if let Event::Data { bytes, .. } = &ev {
+                    input += bytes.len();
+                }
+                self.handle(ev, now);
+                if input >= self.round_budget {
+                    break;
+                }
+            }
+            if armed.is_some_and(|t| t <= now) {
+                self.chat.handle_timeout(now);
+                armed = None; // re-arm from the new poll_timeout
+            }
+            yield_first = self.flush(now) || !pending.is_empty();
+        }
+    }
+
+    fn handle(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Open { mut handle, reply } => {
+                let entry = self.conns.vacant_entry();
+                let id = self.gens.next(entry.key());
+                if reply.send(id).is_err() {
+                    return; // the connection task is gone already
+                }
+                handle.id = id;
+                let peer = handle.peer;
+                entry.insert(handle);
+                log::debug!("conn {id}: accepted from {peer}");
+                self.chat.handle_open(now, id, Some(peer));
+            }
+            Event::Data { id, bytes } => {
+                if let Some(h) = self.handle_of(id) {
+                    h.shared.handled(bytes.len(), self.unhandled_limit);
+                    let used = self.chat.handle_data(now, id, &bytes);
+                    debug_assert!(used == bytes.len() || !self.chat.is_open(id));
+                }
+            }
+            Event::Closed { id, reason } => {
+                if let Some(h) = self.remove(id) {
+                    log::debug!("conn {id}: transport closed ({reason})");
+                    self.chat.handle_close(id, reason);
+                    h.close(if reason == CloseReason::Eof {
+                        Ctl::Flush(now + self.grace)
+                    } else {
+                        Ctl::Abort(None)
+                    });
+                }
+            }
+            Event::Shutdown { deadline } => {
+                log::info!(
+                    "shutting down: {} connections, grace {:?}",
+                    self.conns.len(),
+                    self.grace
+                );
+                self.shutdown = Some(deadline);
+                self.chat.begin_shutdown();
+            }
+        }
+    }
+
+    fn handle_of(&self, id: ConnId) -> Option<&ConnHandle> {
+        self.conns.get(id.slot()).filter(|h| h.id == id)
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<ConnHandle> {
+        self.handle_of(id)?;
+        Some(self.conns.remove(id.slot()))
+    }
+
+    /// Hands the core's output to the writers and carries out the closes it asked for, until
+    /// the core has nothing more to say (closing a slow consumer produces PRESENCE gone).
+    /// Returns whether any output went to a writer.
+    fn flush(&mut self, now: Instant) -> bool {
+        let mut sent = false;
+        loop {
+            while let Some((id, reason)) = self.chat.poll_close() {
+                if reason == CloseReason::SlowConsumer {
+                    // The core found it: the ERROR it queued goes the best-effort way, and the
+                    // output still in the channel is dropped.
+                    self.abort_slow(id);
+                } else {
+                    self.closes.push((id, reason));
+                }
+            }
+            let mut shared: Option<(usize, usize, Bytes)> = None;
+            for (id, chunks) in self.chat.poll_output() {
+                let Some(h) = self.conns.get(id.slot()).filter(|h| h.id == id) else {
+                    continue;
+                };
+                let total = chunks.total_len();
+                if total == 0 {
+                    continue;
+                }
+                if h.shared.queued.load(Ordering::Relaxed) + total > self.max_pending {
+                    self.slow.push(id);
+                    continue;
+                }
+                h.shared.queued.fetch_add(total, Ordering::Relaxed);
+                for chunk in chunks {
+                    // Members of a room usually get the very same range of the core's arena:
+                    // copy it once, and share it.
+                    let key = (chunk.as_ptr() as usize, chunk.len());
+                    let bytes = match &shared {
+                        Some((p, l, b)) if (*p, *l) == key => b.clone(),
+                        _ => {
+                            let b = Bytes::copy_from_slice(chunk);
+                            shared = Some((key.0, key.1, b.clone()));
+                            b
+                        }
+                    };
+                    match h.out.try_send(bytes) {
+                        Ok(()) => sent = true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            self.slow.push(id);
+                            break;
+                        }
+                        // The writer failed; its reader reports the close.
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+            }
+            for (id, reason) in std::mem::take(&mut self.closes) {
+                if let Some(h) = self.remove(id) {
+                    log::debug!("conn {id}: closing ({reason})");
+                    let deadline = self.shutdown.unwrap_or(now + self.grace);
+                    h.close(Ctl::Flush(deadline));
+                }
+            }
+            for id in std::mem::take(&mut self.slow) {
+                if self.handle_of(id).is_some() {
+                    self.chat.handle_close(id, CloseReason::SlowConsumer);
+                    self.abort_slow(id);
+                }
+            }
+            if !self.chat.has_output() {
+                return sent;
+            }
+        }
+    }
+
+    /// Closes a slow consumer: its queue is dropped and it gets `slow_consumer` if the socket
+    /// takes it at once.
+    fn abort_slow(&mut self, id: ConnId) {
+        let Some(h) = self.remove(id) else { return };
+        self.slow_consumers += 1;
+        log::warn!(
+            "conn {id} ({}): slow consumer, {} bytes queued (max-pending {}); closing",
+            h.peer,
+            h.shared.queued.load(Ordering::Relaxed),
+            self.max_pending
+        );
+        let mut frame = Vec::with_capacity(64);
+        protocol::encode::error(
+            &mut frame,
+            ErrorCode::SlowConsumer,
+            "too much output queued",
+        );
+        h.close(Ctl::Abort(Some(Bytes::from(frame))));
+    }
+}
+
+/// The next tick of the stats interval, if there is one; never otherwise.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Totals at one instant, to log rates between two of them (`--stats-interval`).
+struct StatsSnapshot {
+    at: Instant,
+    messages: u64,
+    deliveries: u64,
+    accepted: u64,
+}
+
+impl StatsSnapshot {
+    fn take(actor: &Actor, at: Instant) -> Self {
+        let s = actor.chat.stats();
+        StatsSnapshot {
+            at,
+            messages: s.messages,
+            deliveries: s.deliveries,
+            accepted: s.accepted,
+        }
+    }
+
+    fn log(&self, prev: &StatsSnapshot, actor: &Actor) {
+        let secs = self
+            .at
+            .saturating_duration_since(prev.at)
+            .max(Duration::from_millis(1))
+            .as_secs_f64();
+        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+        log::info!(
+            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | slow consumers {}",
+            actor.conns.len(),
+            actor.chat.sessions(),
+            actor.chat.rooms(),
+            rate(self.messages, prev.messages),
+            rate(self.deliveries, prev.deliveries),
+            rate(self.accepted, prev.accepted),
+            actor.slow_consumers,
+        );
+    }
+}
