@@ -749,41 +749,8 @@ enum Event {
     Shutdown { deadline: Instant },
 }
 
-/// The chat core, movable to another thread.
-///
-/// `Chat` is not `Send` only because its hooks and token source are boxed trait objects
-/// without a `Send` bound. [`Chat::new`] installs `NoHooks` (a unit struct) and
-/// `os_token` (a plain `fn`), both `Send`, and nothing else in `Chat` is tied to a thread
-/// (maps, slabs, vectors, a timer wheel; no `Rc`, no cells, no thread-locals), so moving it
-/// between the runtime's workers with the actor task is sound. Only this module builds a
-/// `SendChat`, and only from `Chat::new`.
-struct SendChat(Chat);
-
-// SAFETY: see above; the value inside is built by `Chat::new` and never shared (`&mut`-only
-// access from the one actor task).
-unsafe impl Send for SendChat {}
-
-impl SendChat {
-    fn new(cfg: chatloop::core::ChatConfig, now: Instant) -> SendChat {
-        SendChat(Chat::new(cfg, now))
-    }
-}
-
-impl std::ops::Deref for SendChat {
-    type Target = Chat;
-    fn deref(&self) -> &Chat {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for SendChat {
-    fn deref_mut(&mut self) -> &mut Chat {
-        &mut self.0
-    }
-}
-
 struct Actor {
-    chat: SendChat,
+    chat: Chat,
     conns: Slab<ConnHandle>,
     gens: Generations,
     max_pending: usize,
@@ -799,7 +766,7 @@ struct Actor {
 impl Actor {
     fn new(args: &Args, cfg: &ConnConfig, now: Instant) -> Actor {
         Actor {
-            chat: SendChat::new(args.chat_config(), now),
+            chat: Chat::new(args.chat_config(), now),
             conns: Slab::new(),
             gens: Generations::new(),
             max_pending: args.max_pending,

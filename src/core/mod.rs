@@ -151,7 +151,7 @@ impl std::fmt::Display for CloseReason {
 
 /// Where session tokens come from. The default reads the OS's random source; tests and
 /// simulations plug in something deterministic.
-pub type TokenSource = Box<dyn FnMut() -> SessionToken>;
+pub type TokenSource = Box<dyn FnMut() -> SessionToken + Send>;
 
 /// 16 bytes from the OS's random source (getrandom). If the OS cannot provide them (which on
 /// Linux means no entropy source at all), tokens would be guessable, so this aborts the process
@@ -210,7 +210,7 @@ pub struct Chat {
     closes: VecDeque<(ConnId, CloseReason)>,
     timers: TimerWheel,
     fired: Vec<u64>,
-    hooks: Box<dyn Hooks>,
+    hooks: Box<dyn Hooks + Send>,
     token_source: TokenSource,
     shutting_down: bool,
     stats: Stats,
@@ -262,7 +262,7 @@ impl Chat {
     pub fn with_parts(
         cfg: ChatConfig,
         now: Instant,
-        hooks: Box<dyn Hooks>,
+        hooks: Box<dyn Hooks + Send>,
         token_source: TokenSource,
     ) -> Chat {
         let timers = TimerWheel::new(now, cfg.tick, WHEEL_SLOTS);
@@ -289,7 +289,7 @@ impl Chat {
     }
 
     /// Replaces the hooks.
-    pub fn set_hooks(&mut self, hooks: Box<dyn Hooks>) {
+    pub fn set_hooks(&mut self, hooks: Box<dyn Hooks + Send>) {
         self.hooks = hooks;
     }
 

@@ -227,7 +227,7 @@ impl Sim {
         Sim::with_hooks(cfg, Box::new(NoHooks))
     }
 
-    fn with_hooks(cfg: ChatConfig, hooks: Box<dyn Hooks>) -> Sim {
+    fn with_hooks(cfg: ChatConfig, hooks: Box<dyn Hooks + Send>) -> Sim {
         let t0 = Instant::now();
         let chat = Chat::with_parts(cfg, t0, hooks, counter_tokens());
         chat.check_invariants();

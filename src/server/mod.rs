@@ -195,7 +195,7 @@ impl Server {
         registry: &Registry,
         base: Token,
         now: Instant,
-        hooks: Box<dyn Hooks>,
+        hooks: Box<dyn Hooks + Send>,
     ) -> io::Result<Server> {
         let registry = registry.try_clone()?;
         let chat = Chat::with_parts(
