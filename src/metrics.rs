@@ -143,9 +143,15 @@ impl MetricsEndpoint {
         let c = &mut self.clients[key];
         if c.resp.is_empty() {
             let mut buf = [0u8; 2048];
+            let mut eof = false;
             loop {
                 match c.stream.read(&mut buf) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(0) => {
+                        // A client may half-close right after its request (`nc -N`): answer
+                        // what arrived before giving up on it.
+                        eof = true;
+                        break;
+                    }
                     Ok(n) => {
                         c.req.extend_from_slice(&buf[..n]);
                         if c.req.len() > MAX_REQUEST {
@@ -162,6 +168,9 @@ impl MetricsEndpoint {
                 let mut headers = [httparse::EMPTY_HEADER; 32];
                 let mut req = httparse::Request::new(&mut headers);
                 c.resp = match req.parse(&c.req) {
+                    Ok(httparse::Status::Partial) if eof => {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
                     Ok(httparse::Status::Partial) => return Ok(()),
                     Ok(httparse::Status::Complete(_)) => route(req.method, req.path, server),
                     Err(_) => response(400, "Bad Request", "", "bad request\n"),
@@ -340,13 +349,14 @@ pub fn render(server: &Server, out: &mut String) {
         "counter",
         "Frames addressed to connections, by opcode (one per recipient).",
     );
+    // ERROR frames the shell writes itself (server_full, slow_consumer) are counted by it.
+    let shell_errors: u64 = ss.errors_sent.iter().sum();
     for &(code, name) in SERVER_OPS {
-        o.labelled(
-            "frames_sent_total",
-            "op",
-            name,
-            chat.frames_out()[usize::from(code)],
-        );
+        let mut v = chat.frames_out()[usize::from(code)];
+        if code == op::S_ERROR {
+            v += shell_errors;
+        }
+        o.labelled("frames_sent_total", "op", name, v);
     }
     o.one(
         "bytes_received_total",
@@ -397,12 +407,9 @@ pub fn render(server: &Server, out: &mut String) {
         "ERROR frames sent, by code.",
     );
     for &code in ErrorCode::ALL {
-        o.labelled(
-            "errors_sent_total",
-            "code",
-            code.name(),
-            cs.errors_sent[code.code() as usize],
-        );
+        let i = code.code() as usize;
+        let v = cs.errors_sent[i] + ss.errors_sent[i];
+        o.labelled("errors_sent_total", "code", code.name(), v);
     }
 
     let c = &cs.closed;

@@ -109,6 +109,9 @@ pub struct ServerStats {
     pub iteration_us: [u64; ITERATION_BUCKETS],
     /// Sum of all iteration times, in microseconds.
     pub iteration_us_sum: u64,
+    /// ERROR frames the shell wrote itself (server_full at accept, slow_consumer), by code;
+    /// the core counts the rest.
+    pub errors_sent: [u64; 32],
 }
 
 /// Buckets of [`ServerStats::iteration_us`]: 2^0 µs up to 2^23 µs (8.4 s), then the rest.
@@ -347,6 +350,7 @@ impl Server {
                         Ok((stream, peer)) => {
                             self.stats.refused_full += 1;
                             refuse(stream, peer, ErrorCode::ServerFull);
+                            self.stats.errors_sent[ErrorCode::ServerFull.code() as usize] += 1;
                             true
                         }
                         Err(_) => false,
@@ -386,6 +390,7 @@ impl Server {
                 self.cfg.max_connections
             );
             refuse(stream, peer, ErrorCode::ServerFull);
+            self.stats.errors_sent[ErrorCode::ServerFull.code() as usize] += 1;
             return Err(AdoptError::Full);
         }
         // Latency matters more than packet count for chat; frames are batched per iteration
@@ -720,6 +725,7 @@ impl Server {
             "too much output queued",
         );
         let _ = std::io::Write::write(&mut c.stream, &frame);
+        self.stats.errors_sent[ErrorCode::SlowConsumer.code() as usize] += 1;
         self.chat.handle_close(id, CloseReason::SlowConsumer);
         self.close_now(id, CloseReason::SlowConsumer);
     }
