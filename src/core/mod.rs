@@ -192,6 +192,38 @@ struct Session {
 }
 
 /// The chat state machine. See the [module documentation](self).
+///
+/// Driving it by hand, with no sockets and no clock:
+///
+/// ```
+/// use std::time::Instant;
+/// use chatloop::core::{Chat, ChatConfig};
+/// use chatloop::id::Generations;
+/// use chatloop::protocol::{ClientMsg, ServerMsg, split_frame};
+///
+/// let now = Instant::now();
+/// let mut chat = Chat::new(ChatConfig::default(), now);
+/// let mut ids = Generations::new();
+/// let alice = ids.next(0); // slot 0 of the driver's own slab
+/// chat.handle_open(now, alice, None);
+///
+/// let mut bytes = Vec::new();
+/// ClientMsg::Hello { nick: "alice", token: None }.encode(&mut bytes);
+/// assert_eq!(chat.handle_data(now, alice, &bytes), bytes.len());
+///
+/// assert!(chat.poll_close().is_none());
+/// for (conn, chunks) in chat.poll_output() {
+///     assert_eq!(conn, alice);
+///     let out: Vec<u8> = chunks.flatten().copied().collect();
+///     let f = split_frame(&out, u32::MAX).unwrap().unwrap();
+///     assert!(matches!(
+///         ServerMsg::decode(f.opcode, f.payload),
+///         Ok(ServerMsg::Welcome { nick: "alice", .. })
+///     ));
+/// }
+/// // The hello deadline became a heartbeat deadline.
+/// assert!(chat.poll_timeout().is_some());
+/// ```
 pub struct Chat {
     cfg: ChatConfig,
     epoch: Instant,

@@ -107,6 +107,18 @@ pub enum ClientMsg<'a> {
 
 impl<'a> ClientMsg<'a> {
     /// Decodes a client frame's payload.
+    ///
+    /// ```
+    /// use chatloop::protocol::{ClientMsg, split_frame};
+    ///
+    /// let mut wire = Vec::new();
+    /// ClientMsg::Say { room: "lobby", text: "hi" }.encode(&mut wire);
+    /// let frame = split_frame(&wire, 65_536).unwrap().expect("one whole frame");
+    /// assert_eq!(
+    ///     ClientMsg::decode(frame.opcode, frame.payload),
+    ///     Ok(ClientMsg::Say { room: "lobby", text: "hi" })
+    /// );
+    /// ```
     pub fn decode(opcode: u8, payload: &'a [u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
         let msg = match opcode {
