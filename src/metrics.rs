@@ -27,6 +27,8 @@ pub const MAX_REQUEST: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapers served at once.
 pub const MAX_CLIENTS: usize = 16;
+/// After a failed accept (out of descriptors), how soon to try again.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct Client {
@@ -45,6 +47,7 @@ pub struct MetricsEndpoint {
     base: usize,
     clients: Slab<Client>,
     local: SocketAddr,
+    retry_accept: Option<Instant>,
 }
 
 impl MetricsEndpoint {
@@ -58,6 +61,7 @@ impl MetricsEndpoint {
             registry: registry.try_clone()?,
             base: base.0,
             clients: Slab::with_capacity(MAX_CLIENTS),
+            retry_accept: None,
         })
     }
 
@@ -73,11 +77,19 @@ impl MetricsEndpoint {
 
     /// When the oldest request times out.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.clients.iter().map(|(_, c)| c.deadline).min()
+        self.clients
+            .iter()
+            .map(|(_, c)| c.deadline)
+            .chain(self.retry_accept)
+            .min()
     }
 
     /// Closes clients whose time is up.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.retry_accept.is_some_and(|t| now >= t) {
+            self.retry_accept = None;
+            self.accept(now);
+        }
         let late: Vec<usize> = self
             .clients
             .iter()
@@ -131,7 +143,11 @@ impl MetricsEndpoint {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("metrics: accept failed: {e}");
+                    // Out of descriptors, say. The connection stays in the backlog and the
+                    // edge-triggered listener will not report it again: retry from
+                    // handle_timeout shortly.
+                    log::warn!("metrics: accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    self.retry_accept = Some(now + ACCEPT_RETRY);
                     return;
                 }
             }

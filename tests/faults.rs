@@ -801,11 +801,6 @@ fn trickle_after_hello_is_bounded_by_max_frame() {
 }
 
 #[test]
-#[ignore = "BUG: bytes added to a buffered partial frame are not activity: the shell's \
-            `feed` (src/server/mod.rs) calls the core's handle_data, which records last_read_us, \
-            only when a whole frame (or a bad header) is buffered, so a frame trickled one byte \
-            per 100 ms for longer than --idle-timeout gets idle_timeout (PROTOCOL.md 7: any \
-            received byte counts)"]
 fn trickled_bytes_count_as_activity() {
     let server = start(&[
         "--heartbeat",
@@ -966,10 +961,6 @@ fn accept_burst_under_tiny_fd_limit() {
 }
 
 #[test]
-#[ignore = "BUG: the metrics listener gives up on EMFILE (src/metrics.rs `accept` logs \
-            `metrics: accept failed` and returns) and, being edge-triggered, never retries: a \
-            scrape that connects while descriptors are exhausted is neither answered nor refused, \
-            even after descriptors free up, until another connection arrives on the metrics port"]
 fn scrape_during_fd_exhaustion_is_answered_once_descriptors_free_up() {
     let mut cmd = Command::new("bash");
     cmd.arg("-c")

@@ -511,6 +511,17 @@ impl Chat {
         off
     }
 
+    /// Bytes arrived on `conn` that the driver kept to itself for now (the middle of a frame
+    /// it is still assembling). Any received byte counts as activity for the heartbeat and the
+    /// idle timeout, so a frame that trickles in keeps its connection alive.
+    pub fn handle_activity(&mut self, now: Instant, conn: ConnId) {
+        let now_us = self.us_ceil(now);
+        if let Some(s) = self.session_mut(conn) {
+            s.last_read_us = now_us;
+            s.pinged = false;
+        }
+    }
+
     /// One whole frame from `conn` (for drivers that split frames themselves).
     pub fn handle_frame(&mut self, now: Instant, conn: ConnId, opcode: u8, payload: &[u8]) {
         let Some(s) = self.session(conn) else { return };

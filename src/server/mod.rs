@@ -531,7 +531,9 @@ impl Server {
                     break;
                 }
                 if data.is_empty() {
-                    return; // everything went into the partial frame
+                    // Everything went into the partial frame; still, the peer is alive.
+                    self.chat.handle_activity(now, id);
+                    return;
                 }
                 // Append only what this frame (or, first, its header) lacks, then re-judge.
                 let take = (need - have.len()).min(data.len());
