@@ -97,14 +97,14 @@ for run in $(seq 1 "$RUNS"); do
     start_server "$name"
     for subs in 100 1000 10000; do
       # Latency at a fixed 200,000 deliveries/s.
-      bench "$name" "$run" fanout --subs "$subs" --rate $(( 200000 / subs )) --duration 2s --warmup 0.5s --drain 1s
+      bench "$name" "$run" fanout --subs "$subs" --rate $(( 200000 / subs )) --duration 1500ms --warmup 500ms --drain 500ms
     done
     for subs in 100 1000 10000; do
       bench "$name" "$run" sweep --subs "$subs" --start-rate $(( 1000000 / subs )) \
-        --step-duration 1s --warmup 0.3s --drain 1s --bisect 3
+        --step-duration 1s --warmup 200ms --drain 500ms --bisect 2
     done
-    bench "$name" "$run" connect --concurrency 16 --duration 2s
-    bench "$name" "$run" rtt --count 2000 --bg-subs 1000 --bg-rate 200
+    bench "$name" "$run" connect --concurrency 16 --duration 1500ms
+    bench "$name" "$run" rtt --count 300 --bg-subs 1000 --bg-rate 200
     stop_server
   done
 done
