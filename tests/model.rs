@@ -1319,3 +1319,46 @@ fn system_text_longer_than_max_frame() {
         ],
     );
 }
+
+/// The same bug without the harness: every application text (`post`, `whisper`, `kick`'s
+/// detail) goes into a server frame unchecked.
+#[test]
+#[ignore = "BUG: Chat::whisper/post/kick emit payloads above max_frame + 128"]
+fn application_texts_exceed_the_server_payload_limit() {
+    let cfg = ChatConfig {
+        max_frame: 64,
+        ..ChatConfig::default()
+    };
+    let limit = cfg.max_frame as usize + 128;
+    let t0 = Instant::now();
+    let mut chat = Chat::new(cfg, t0);
+    let id = Generations::new().next(0);
+    chat.handle_open(t0, id, None);
+    let mut hello = Vec::new();
+    wire::str_field(&mut hello, b"alice");
+    let mut bytes = wire::frame(op::HELLO, &hello);
+    let mut join = Vec::new();
+    wire::str_field(&mut join, b"lobby");
+    bytes.extend(wire::frame(op::JOIN, &join));
+    chat.handle_data(t0, id, &bytes);
+    let long = "y".repeat(200);
+    let mut largest = Vec::new();
+    for what in ["whisper", "post", "kick"] {
+        let _ = chat.poll_output().count();
+        match what {
+            "whisper" => assert!(chat.whisper("alice", &long)),
+            "post" => assert!(chat.post("lobby", &long)),
+            _ => assert!(chat.kick(id, &long)),
+        }
+        let out: Vec<u8> = chat
+            .poll_output()
+            .flat_map(|(_, c)| c.flatten().copied())
+            .collect();
+        let payload = u32::from_be_bytes(out[4..8].try_into().unwrap()) as usize;
+        largest.push((what, payload));
+    }
+    assert!(
+        largest.iter().all(|&(_, n)| n <= limit),
+        "payloads {largest:?} exceed max_frame + 128 = {limit}"
+    );
+}
