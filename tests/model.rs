@@ -1300,14 +1300,10 @@ fn resume_takeover_and_eviction() {
     );
 }
 
-/// BUG (found by this test): `Chat::whisper` and `Chat::post` take any text, so an
-/// application's system message can produce a server payload above max_frame + 128, which
-/// PROTOCOL.md section 2.2 forbids (a client MAY close on it). Here max_frame is 64 and a
-/// 200-byte system whisper makes a 210-byte WHISPER payload (limit 192); `post` does the same
-/// with MESSAGE. The core should refuse (return false) or the API should document and
-/// enforce the bound.
+/// Regression (a bug this test found, since fixed): `Chat::whisper` and `Chat::post` used to
+/// take any text, so a system message could exceed max_frame + 128 (PROTOCOL.md 2.2). They
+/// now cut the text to max_frame; the model's wire checks hold every payload to the bound.
 #[test]
-#[ignore = "BUG: Chat::whisper/post emit payloads above max_frame + 128"]
 fn system_text_longer_than_max_frame() {
     let mut case = default_case();
     case.cfg.max_frame = 64;
@@ -1320,10 +1316,9 @@ fn system_text_longer_than_max_frame() {
     );
 }
 
-/// The same bug without the harness: every application text (`post`, `whisper`, `kick`'s
-/// detail) goes into a server frame unchecked.
+/// The same without the harness: every application text (`post`, `whisper`, `kick`'s
+/// detail) stays within the server payload bound.
 #[test]
-#[ignore = "BUG: Chat::whisper/post/kick emit payloads above max_frame + 128"]
 fn application_texts_exceed_the_server_payload_limit() {
     let cfg = ChatConfig {
         max_frame: 64,
