@@ -67,6 +67,10 @@ pub struct LoadArgs {
     /// Connections being set up at once (keeps the server's listen backlog from overflowing).
     #[arg(long, default_value_t = 500)]
     pub max_in_flight: usize,
+    /// The server's process id (same machine): report its user and kernel CPU time during each
+    /// measurement window, and per delivery.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 /// `fanout` flags.

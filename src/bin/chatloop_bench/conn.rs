@@ -12,6 +12,8 @@ use std::time::Instant;
 use chatloop::protocol::{FrameError, split_frame};
 use mio::net::TcpStream;
 
+use super::sys::delay_acks;
+
 /// Bytes asked of one `read` call.
 pub const READ_CHUNK: usize = 64 * 1024;
 /// The largest server payload accepted (a server with a huge --max-frame is still readable).
@@ -158,6 +160,7 @@ impl Conn {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return ReadEnd::Closed(Some(e)),
             };
+            delay_acks(sock);
             let now = Instant::now();
             self.partial.clear();
             let data = &buf[..kept + n];

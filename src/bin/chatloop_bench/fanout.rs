@@ -12,7 +12,7 @@ use super::pool::Pool;
 use super::report::{Lat, Progress, error_delta};
 use super::result::StepResult;
 use super::stamp::{Stamp, message_text, parse_stamp, put_say};
-use super::sys::{CpuMark, run_prefix};
+use super::sys::{CpuMark, ProcCpu, proc_cpu, run_prefix};
 use super::track::Tracker;
 
 /// A publisher with this much unwritten output (the server is not reading) gets no more
@@ -76,6 +76,8 @@ pub struct Fanout {
     size: usize,
     max_in_flight: usize,
     progress: bool,
+    /// A server on this machine whose CPU time each step reports.
+    pub server_pid: Option<u32>,
 }
 
 /// Bound for setting up `n` connections.
@@ -123,6 +125,7 @@ impl Fanout {
             size,
             max_in_flight,
             progress,
+            server_pid: None,
         })
     }
 
@@ -209,6 +212,9 @@ impl Fanout {
         let mut stop = warm_end;
         let mut cpu_mark = CpuMark::now();
         let mut cpu = Default::default();
+        let server_cpu = |pid: Option<u32>| pid.and_then(|p| proc_cpu(p).ok());
+        let mut server_mark: Option<ProcCpu> = None;
+        let mut server_used: Option<ProcCpu> = None;
         let errors_before = self.pool.counters.errors.clone();
         let closed_before = self.pool.counters.server_closed;
         let mut skipped_before = 0;
@@ -229,6 +235,7 @@ impl Fanout {
                     phase = Phase::Measure;
                     measure_start = now;
                     cpu_mark = CpuMark::now();
+                    server_mark = server_cpu(self.server_pid);
                     poll_mark = self.pool.in_poll;
                     skipped_before = pacer.skipped;
                 }
@@ -236,6 +243,9 @@ impl Fanout {
                     phase = Phase::Drain;
                     stop = now;
                     cpu = cpu_mark.since();
+                    server_used = server_mark
+                        .zip(server_cpu(self.server_pid))
+                        .map(|(a, b)| b.since(&a));
                     w.in_poll = self.pool.in_poll - poll_mark;
                     w.skipped = pacer.skipped - skipped_before;
                     drain_deadline = now + cfg.drain;
@@ -270,9 +280,14 @@ impl Fanout {
                 pacer.next_in(now)
             };
             let tracker = &mut self.tracker;
+            // Every frame of one read shares its read time: convert it once per read.
+            let mut last_at = (epoch, 0u64);
             let mut handler = |i: usize, c: &mut Conn, opcode: u8, payload: &[u8], at: Instant| {
                 if opcode == op::S_MESSAGE && i >= pubs && i < pubs + subs {
-                    let now_ns = at.saturating_duration_since(epoch).as_nanos() as u64;
+                    if at != last_at.0 {
+                        last_at = (at, at.saturating_duration_since(epoch).as_nanos() as u64);
+                    }
+                    let now_ns = last_at.1;
                     match message_text(payload).and_then(parse_stamp) {
                         Some(st) => tracker.on_message(i - pubs, now_ns, st),
                         None => tracker.foreign += 1,
@@ -283,6 +298,7 @@ impl Fanout {
             };
             self.pool.turn(Some(timeout), &mut handler);
         }
+        let lat = Lat::from_us(self.tracker.hist());
         let t = &self.tracker;
         let window_s = stop.duration_since(measure_start).as_secs_f64();
         let expected = w.sent * subs_at_start as u64;
@@ -302,11 +318,12 @@ impl Fanout {
             dup: t.dup,
             ooo: t.ooo,
             foreign: t.foreign,
-            lat: Lat::from_us(&t.hist),
+            lat,
             drain_s: Instant::now().duration_since(stop).as_secs_f64(),
             disconnected: self.pool.counters.server_closed - closed_before,
             errors: error_delta(&errors_before, &self.pool.counters.errors),
             cpu,
+            server_cpu: server_used,
         }
     }
 }

@@ -4,12 +4,15 @@ use super::cli::{FanoutArgs, LoadArgs, SweepArgs};
 use super::fanout::{Fanout, NoProbe, StepCfg};
 use super::report::{Fail, Json, Report, array};
 use super::result::StepResult;
-use super::sys::ensure_fds;
+use super::sys::{ensure_fds, proc_cpu};
 
 fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
     l.validate().map_err(Fail::Usage)?;
     ensure_fds(l.subs + l.pubs).map_err(Fail::Usage)?;
-    Fanout::connect(
+    if let Some(pid) = l.server_pid {
+        proc_cpu(pid).map_err(|e| Fail::Usage(format!("--server-pid {pid}: {e}")))?;
+    }
+    let mut f = Fanout::connect(
         l.addr,
         l.pubs,
         l.subs,
@@ -19,7 +22,9 @@ fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
         l.max_in_flight,
         progress,
     )
-    .map_err(Fail::Run)
+    .map_err(Fail::Run)?;
+    f.server_pid = l.server_pid;
+    Ok(f)
 }
 
 /// `fanout`: one measured step.

@@ -1,7 +1,7 @@
 //! The outcome of one fanout step, the figures derived from it, and how it is printed.
 
 use super::report::{Json, Lat, errors_human, errors_json};
-use super::sys::CpuUse;
+use super::sys::{CpuUse, ProcCpu};
 
 /// What one fanout step measured.
 #[derive(Debug, Clone)]
@@ -48,6 +48,8 @@ pub struct StepResult {
     pub errors: Vec<(String, u64)>,
     /// The generator's CPU during the window.
     pub cpu: CpuUse,
+    /// The server's CPU during the window (with --server-pid).
+    pub server_cpu: Option<ProcCpu>,
 }
 
 impl StepResult {
@@ -73,6 +75,19 @@ impl StepResult {
     /// Expected deliveries that never arrived.
     pub fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.received)
+    }
+
+    /// Server CPU nanoseconds per delivery in the window, (user, kernel).
+    pub fn server_ns_per_delivery(&self) -> Option<(f64, f64)> {
+        let s = self.server_cpu?;
+        let per = |secs: f64| {
+            if self.received == 0 {
+                0.0
+            } else {
+                secs * 1e9 / self.received as f64
+            }
+        };
+        Some((per(s.user_s), per(s.sys_s)))
     }
 
     /// Whether the generator's loop had (almost) no idle time: then it, not the server, set
@@ -119,6 +134,18 @@ impl StepResult {
             .num("cpu_s", self.cpu.secs, 3)
             .num("cpu_pct", self.cpu.pct, 1)
             .num("busy_pct", self.busy_pct, 1);
+        if let (Some(s), Some((user_ns, sys_ns))) = (self.server_cpu, self.server_ns_per_delivery())
+        {
+            j.num("server_user_s", s.user_s, 3)
+                .num("server_sys_s", s.sys_s, 3)
+                .num(
+                    "server_cpu_pct",
+                    100.0 * (s.user_s + s.sys_s) / self.window_s.max(1e-9),
+                    1,
+                )
+                .num("server_user_ns_per_delivery", user_ns, 1)
+                .num("server_sys_ns_per_delivery", sys_ns, 1);
+        }
     }
 
     /// The step as a few lines of text.
@@ -130,7 +157,7 @@ impl StepResult {
              \x20 lost {}  duplicated {}  out of order {}  foreign {}\n\
              \x20 latency      {}\n\
              \x20 disconnected {} (errors: {}); drain {:.2} s\n\
-             \x20 generator    cpu {:.2} s = {:.0}% of the window, loop busy {:.0}%, longest loop gap {:.1} ms{}",
+             \x20 generator    cpu {:.2} s = {:.0}% of the window, loop busy {:.0}%, longest loop gap {:.1} ms{}{}",
             self.rate,
             self.subs,
             self.pubs,
@@ -156,6 +183,17 @@ impl StepResult {
             self.cpu.pct,
             self.busy_pct,
             self.max_gap_ms,
+            match (self.server_cpu, self.server_ns_per_delivery()) {
+                (Some(s), Some((u, k))) => format!(
+                    "\n  server       cpu user {:.2} s + kernel {:.2} s = {:.0}% of the window; per delivery: user {:.0} ns, kernel {:.0} ns",
+                    s.user_s,
+                    s.sys_s,
+                    100.0 * (s.user_s + s.sys_s) / self.window_s.max(1e-9),
+                    u,
+                    k
+                ),
+                _ => String::new(),
+            },
             if self.saturated() {
                 "\n  WARNING      the generator was saturated: these figures are its limit, not the server's"
             } else {

@@ -1,6 +1,8 @@
-//! What the generator asks of the operating system: its own CPU time, another process's RSS,
-//! the descriptor limit, and a run prefix for unique nicks.
+//! What the generator asks of the operating system: its own CPU time, another process's RSS
+//! and CPU time, the descriptor limit, delayed ACKs on its sockets, and a run prefix for unique
+//! nicks.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chatloop::limits::raise_nofile;
@@ -68,6 +70,86 @@ pub fn vm_rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("no VmRSS line in {path}"))
 }
 
+/// CPU time a process has used (all its threads), split as the kernel accounts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcCpu {
+    /// Seconds in user space.
+    pub user_s: f64,
+    /// Seconds in the kernel (system calls, and the softirq work they trigger).
+    pub sys_s: f64,
+}
+
+impl ProcCpu {
+    /// What was used between `earlier` and this reading.
+    pub fn since(&self, earlier: &ProcCpu) -> ProcCpu {
+        ProcCpu {
+            user_s: (self.user_s - earlier.user_s).max(0.0),
+            sys_s: (self.sys_s - earlier.sys_s).max(0.0),
+        }
+    }
+}
+
+/// CPU time of process `pid` from /proc/PID/stat (fields 14 and 15, in clock ticks). The
+/// kernel charges each tick to user or kernel mode as it finds the process, so a short window
+/// gives a sampled split: read it over seconds, not milliseconds.
+pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the
+    // last ')', starting with field 3.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| format!("unexpected format of {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| {
+        fields
+            .get(field - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("no field {field} in {path}"))
+    };
+    let hz = clock_ticks_per_s();
+    Ok(ProcCpu {
+        user_s: ticks(14)? as f64 / hz,
+        sys_s: ticks(15)? as f64 / hz,
+    })
+}
+
+/// USER_HZ, the unit of /proc's CPU times (100 on every common Linux target).
+fn clock_ticks_per_s() -> f64 {
+    use nix::unistd::{SysconfVar, sysconf};
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    }
+}
+
+/// Leaves quick-ACK mode on a socket the generator only reads from, so the kernel delays and
+/// combines ACKs instead of sending one per segment read.
+///
+/// Why: Linux ACKs at once every small segment an application reads on a connection that
+/// does not look interactive (a subscriber never sends), and on loopback both that ACK and its
+/// processing on the server's socket run on the generator's CPU. With thousands of subscribers
+/// that is one extra packet per message per subscriber, which made the generator, not the
+/// server, the limit. A client on another host would pay for its ACKs on its own machine.
+/// The mode is not sticky (the kernel re-enters quick-ACK mode after an idle period), so this
+/// is called after each read. Errors are ignored: it is an optimization of the instrument.
+pub fn delay_acks(sock: &impl AsRawFd) {
+    let off: nix::libc::c_int = 0;
+    // SAFETY: `setsockopt` reads exactly `optlen` bytes from `optval`, which points to a live
+    // `c_int` of that size; the descriptor is owned by `sock` for the duration of the call.
+    // nix has no TCP_QUICKACK option and a failed call has no consequence.
+    unsafe {
+        nix::libc::setsockopt(
+            sock.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_QUICKACK,
+            (&raw const off).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        );
+    }
+}
+
 /// Raises the soft descriptor limit to the hard one and checks that `conns` connections fit;
 /// otherwise says what is needed and what is allowed.
 pub fn ensure_fds(conns: usize) -> Result<(), String> {
@@ -113,5 +195,8 @@ mod tests {
                 .contains("RLIMIT_NOFILE allows")
         );
         assert!(run_prefix().len() == 7);
+        let me = proc_cpu(std::process::id()).unwrap();
+        assert!(me.user_s + me.sys_s >= 0.0);
+        assert!(proc_cpu(u32::MAX).is_err());
     }
 }
