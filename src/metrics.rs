@@ -5,12 +5,14 @@
 //! request may be at most [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_TIMEOUT`], at
 //! most [`MAX_CLIENTS`] scrapers are served at once (more are closed at accept), and every
 //! response is rendered in one go and written without waiting. Requests are parsed with
-//! `httparse`. Anything but GET gets 405, any other path 404; every response closes the
-//! connection.
+//! `httparse`. Anything but GET gets 405, any other path 404, a request over [`MAX_REQUEST`]
+//! bytes or with more than 32 headers 431, anything unparsable 400; every response closes the
+//! connection. After a refusal the endpoint half-closes and discards the rest of the request
+//! (a bounded "lingering close"), so the client reads the whole answer instead of a reset.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -29,6 +31,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CLIENTS: usize = 16;
 /// After a failed accept (out of descriptors), how soon to try again.
 pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Headers parsed per request; more get 431.
+const MAX_HEADERS: usize = 32;
+/// Request bytes read and thrown away after an error response before closing anyway.
+const MAX_DISCARD: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct Client {
@@ -37,6 +43,14 @@ struct Client {
     resp: Vec<u8>,
     sent: usize,
     deadline: Instant,
+    /// The response refused the request, part of which may still be unread: close gently.
+    /// Closing a socket with unread input makes the kernel send a reset, which can destroy
+    /// the response before the client reads it; so the endpoint half-closes after the
+    /// response and discards input until the client closes (at most [`MAX_DISCARD`] bytes,
+    /// within the request deadline), as HTTP servers do for a "lingering close".
+    linger: bool,
+    half_closed: bool,
+    discarded: usize,
 }
 
 /// An HTTP listener for metrics, owning tokens `base ..= base + MAX_CLIENTS`.
@@ -137,6 +151,9 @@ impl MetricsEndpoint {
                             resp: Vec::new(),
                             sent: 0,
                             deadline: now + REQUEST_TIMEOUT,
+                            linger: false,
+                            half_closed: false,
+                            discarded: 0,
                         });
                     }
                 }
@@ -171,7 +188,9 @@ impl MetricsEndpoint {
                     Ok(n) => {
                         c.req.extend_from_slice(&buf[..n]);
                         if c.req.len() > MAX_REQUEST {
-                            c.resp = response(431, "Request Header Fields Too Large", "", "");
+                            log::debug!("metrics: request over {MAX_REQUEST} bytes");
+                            c.resp = too_large();
+                            c.linger = true;
                             break;
                         }
                     }
@@ -181,7 +200,7 @@ impl MetricsEndpoint {
                 }
             }
             if c.resp.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; 32];
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut headers);
                 c.resp = match req.parse(&c.req) {
                     Ok(httparse::Status::Partial) if eof => {
@@ -189,7 +208,16 @@ impl MetricsEndpoint {
                     }
                     Ok(httparse::Status::Partial) => return Ok(()),
                     Ok(httparse::Status::Complete(_)) => route(req.method, req.path, server),
-                    Err(_) => response(400, "Bad Request", "", "bad request\n"),
+                    Err(httparse::Error::TooManyHeaders) => {
+                        log::debug!("metrics: request with over {MAX_HEADERS} headers");
+                        c.linger = true;
+                        too_large()
+                    }
+                    Err(e) => {
+                        log::debug!("metrics: bad request: {e}");
+                        c.linger = true;
+                        response(400, "Bad Request", "", "bad request\n")
+                    }
                 };
             }
         }
@@ -202,9 +230,34 @@ impl MetricsEndpoint {
                 Err(e) => return Err(e),
             }
         }
-        // Done: close (the response said Connection: close).
-        Err(io::ErrorKind::Other.into())
+        if !c.linger {
+            // Done: close (the response said Connection: close).
+            return Err(io::ErrorKind::Other.into());
+        }
+        if !c.half_closed {
+            c.stream.shutdown(Shutdown::Write)?;
+            c.half_closed = true;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    c.discarded += n;
+                    if c.discarded > MAX_DISCARD {
+                        return Err(io::ErrorKind::Other.into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
+}
+
+fn too_large() -> Vec<u8> {
+    response(431, "Request Header Fields Too Large", "", "")
 }
 
 fn route(method: Option<&str>, path: Option<&str>, server: &Server) -> Vec<u8> {

@@ -1237,6 +1237,35 @@ fn http_endpoint_answers_and_never_stalls_the_chat() {
     assert_eq!(big.len(), 10 * 1024);
     let r = http_raw(maddr, &big);
     assert_eq!(r.status, 431, "10 KiB request: {r:?}");
+    // More headers than the endpoint parses (32) is also 431, not 400.
+    let mut many = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    for i in 0..40 {
+        many.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let r = http_raw(maddr, &many);
+    assert_eq!(r.status, 431, "40 headers: {r:?}");
+    // A 48 KiB request: most of it is still unread when the 431 is written. The endpoint must
+    // not close with unread input (the kernel would reset the connection, and a reset can
+    // destroy the response in flight): the client reads the whole response, then EOF.
+    {
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        huge.resize(48 * 1024 - 4, b'a');
+        huge.extend_from_slice(b"\r\n\r\n");
+        let mut s = TcpStream::connect(maddr).expect("connect");
+        s.set_write_timeout(Some(HTTP_TIMEOUT))
+            .expect("set_write_timeout");
+        s.write_all(&huge).expect("write 48 KiB request");
+        let (raw, how) = read_until_close(&s, HTTP_TIMEOUT);
+        assert_eq!(
+            how,
+            "EOF",
+            "48 KiB request: the connection must end with EOF, not {how}; got {}",
+            show_bytes(&raw)
+        );
+        let r = parse_response(&raw).unwrap_or_else(|e| panic!("48 KiB request: {e}"));
+        assert_eq!(r.status, 431, "48 KiB request: {r:?}");
+    }
     // HTTP/1.0 and a request in pieces are fine.
     let r = http_raw(maddr, b"GET /healthz HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 200, "HTTP/1.0 request: {r:?}");
