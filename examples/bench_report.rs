@@ -34,6 +34,32 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
+/// The kernel's user/kernel tick counts of each server, summed over every measurement window:
+/// one window is too short for a 100 Hz sample to split, the sum of dozens is not.
+#[derive(Debug, Default)]
+struct Ticks {
+    by_server: BTreeMap<String, (f64, f64)>,
+}
+
+impl Ticks {
+    fn add(&mut self, server: &str, step: &Value) {
+        if let (Some(u), Some(k)) = (
+            step["server_user_s_sampled"].as_f64(),
+            step["server_sys_s_sampled"].as_f64(),
+        ) {
+            let e = self.by_server.entry(server.to_string()).or_default();
+            e.0 += u;
+            e.1 += k;
+        }
+    }
+
+    /// User-space share of the server's CPU in percent, and the seconds it is based on.
+    fn user_share(&self, server: &str) -> Option<(f64, f64)> {
+        let &(u, k) = self.by_server.get(server)?;
+        (u + k > 0.0).then(|| (100.0 * u / (u + k), u + k))
+    }
+}
+
 fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -54,6 +80,7 @@ fn fmt(v: f64, unit: &str) -> String {
         "/s" => format!("{v:.0} /s"),
         "ms" => format!("{v:.2} ms"),
         "B" => format!("{v:.0} B"),
+        "ns" => format!("{v:.0} ns"),
         _ => format!("{v:.3}"),
     }
 }
@@ -69,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // samples[figure][server] = values across runs
     let mut samples: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let mut failures = Vec::new();
+    let mut ticks = Ticks::default();
     for line in std::fs::read_to_string(&results)?.lines() {
         let v: Value = serde_json::from_str(line)?;
         let server = v["server"].as_str().unwrap_or("?").to_string();
@@ -97,10 +125,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 put(format!("p99_{n}"), r["latency_ms"]["p99"].as_f64());
                 put(format!("p50_{n}"), r["latency_ms"]["p50"].as_f64());
                 put(format!("ratio_{n}"), r["delivered_ratio"].as_f64());
+                put(format!("cpu_{n}"), r["server_ns_per_delivery"].as_f64());
+                ticks.add(&server, r);
             }
             Some("sweep") => {
                 let n = r["subs"].as_u64().unwrap_or(0);
                 put(format!("max_{n}"), r["max_deliveries_per_s"].as_f64());
+                // The server's CPU per delivery in the step that set the maximum.
+                let max_rate = r["max_publish_rate"].as_u64();
+                for st in r["steps"].as_array().into_iter().flatten() {
+                    ticks.add(&server, st);
+                    if st["pass"].as_bool() == Some(true) && st["offered_rate"].as_u64() == max_rate
+                    {
+                        put(format!("maxcpu_{n}"), st["server_ns_per_delivery"].as_f64());
+                    }
+                }
             }
             Some("connect") => put("connect".into(), r["conns_per_s"].as_f64()),
             Some("rtt") => {
@@ -135,6 +174,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             unit: "ms",
             better: Better::Lower,
         });
+    }
+    for (key, at) in [
+        ("cpu", "at 200k deliveries/s"),
+        ("maxcpu", "at the sweep's max"),
+    ] {
+        for n in SUBS {
+            figures.push(Figure {
+                key: format!("{key}_{n}"),
+                label: format!("server CPU per delivery {at}, N = {n}"),
+                unit: "ns",
+                better: Better::Lower,
+            });
+        }
     }
     for n in [10_000, 19_000] {
         figures.push(Figure {
@@ -186,7 +238,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     writeln!(
         md,
-        "- Workload: 64-byte SAY texts, 1 publisher, N subscribers in one room. \"max deliveries/s\" is the sweep's highest rate x N with at least 99.9% delivered and p99 under 50 ms (500 ms at N = 10,000, where one message alone is 10,000 writes), found with 1 s steps from 100,000 deliveries/s, doubling, then 2 bisection steps. Latency is measured at a fixed 200,000 deliveries/s (rate 200,000 / N). Idle memory is the server's RSS growth divided by the number of welcomed connections, each on a fresh server."
+        "- Workload: 64-byte SAY texts, 1 publisher, N subscribers in one room. \"max deliveries/s\" is the sweep's highest rate x N with at least 99.9% delivered and p99 under 50 ms (500 ms at N = 10,000, where one message alone is 10,000 writes), found with 1 s steps from 100,000 deliveries/s, doubling, then 2 bisection steps. Latency is measured at a fixed 200,000 deliveries/s (rate 200,000 / N). Idle memory is the server's RSS growth divided by the number of welcomed connections, each on a fresh server. Server CPU per delivery is the server's CPU time in the measurement window (every thread's /proc/PID/task/*/schedstat, exact) divided by the deliveries in it; most of it is the kernel's TCP send path, which on loopback also runs the receiving side's protocol work in the sender's context."
     )?;
     writeln!(
         md,
@@ -250,6 +302,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         writeln!(md, "{row}")?;
     }
+    writeln!(
+        md,
+        "\nWhere each server's CPU went, summed over every fanout and sweep window of all runs (the kernel's 100 Hz user/kernel ticks):\n"
+    )?;
+    writeln!(md, "| | chatloop | async-ct | async-mt |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    let mut row = "| user-space share of server CPU |".to_string();
+    for s in SERVERS {
+        match ticks.user_share(s) {
+            Some((pct, secs)) => {
+                let _ = write!(row, " {pct:.1}% (of {secs:.1} s) |");
+            }
+            None => row.push_str(" – |"),
+        }
+    }
+    writeln!(md, "{row}")?;
     if !failures.is_empty() {
         writeln!(
             md,

@@ -77,17 +77,14 @@ impl StepResult {
         self.expected.saturating_sub(self.received)
     }
 
-    /// Server CPU nanoseconds per delivery in the window, (user, kernel).
-    pub fn server_ns_per_delivery(&self) -> Option<(f64, f64)> {
+    /// Server CPU nanoseconds per delivery in the window.
+    pub fn server_ns_per_delivery(&self) -> Option<f64> {
         let s = self.server_cpu?;
-        let per = |secs: f64| {
-            if self.received == 0 {
-                0.0
-            } else {
-                secs * 1e9 / self.received as f64
-            }
-        };
-        Some((per(s.user_s), per(s.sys_s)))
+        Some(if self.received == 0 {
+            0.0
+        } else {
+            s.total_s * 1e9 / self.received as f64
+        })
     }
 
     /// Whether the generator's loop had (almost) no idle time: then it, not the server, set
@@ -134,17 +131,16 @@ impl StepResult {
             .num("cpu_s", self.cpu.secs, 3)
             .num("cpu_pct", self.cpu.pct, 1)
             .num("busy_pct", self.busy_pct, 1);
-        if let (Some(s), Some((user_ns, sys_ns))) = (self.server_cpu, self.server_ns_per_delivery())
-        {
-            j.num("server_user_s", s.user_s, 3)
-                .num("server_sys_s", s.sys_s, 3)
+        if let (Some(s), Some(ns)) = (self.server_cpu, self.server_ns_per_delivery()) {
+            j.num("server_cpu_s", s.total_s, 4)
                 .num(
                     "server_cpu_pct",
-                    100.0 * (s.user_s + s.sys_s) / self.window_s.max(1e-9),
+                    100.0 * s.total_s / self.window_s.max(1e-9),
                     1,
                 )
-                .num("server_user_ns_per_delivery", user_ns, 1)
-                .num("server_sys_ns_per_delivery", sys_ns, 1);
+                .num("server_ns_per_delivery", ns, 1)
+                .num("server_user_s_sampled", s.user_s, 2)
+                .num("server_sys_s_sampled", s.sys_s, 2);
         }
     }
 
@@ -184,13 +180,13 @@ impl StepResult {
             self.busy_pct,
             self.max_gap_ms,
             match (self.server_cpu, self.server_ns_per_delivery()) {
-                (Some(s), Some((u, k))) => format!(
-                    "\n  server       cpu user {:.2} s + kernel {:.2} s = {:.0}% of the window; per delivery: user {:.0} ns, kernel {:.0} ns",
+                (Some(s), Some(ns)) => format!(
+                    "\n  server       cpu {:.3} s = {:.0}% of the window, {:.0} ns per delivery (ticks: user {:.2} s, kernel {:.2} s)",
+                    s.total_s,
+                    100.0 * s.total_s / self.window_s.max(1e-9),
+                    ns,
                     s.user_s,
                     s.sys_s,
-                    100.0 * (s.user_s + s.sys_s) / self.window_s.max(1e-9),
-                    u,
-                    k
                 ),
                 _ => String::new(),
             },

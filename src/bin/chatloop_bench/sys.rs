@@ -70,12 +70,16 @@ pub fn vm_rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("no VmRSS line in {path}"))
 }
 
-/// CPU time a process has used (all its threads), split as the kernel accounts it.
+/// CPU time a process has used (all its threads).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcCpu {
-    /// Seconds in user space.
+    /// Seconds on a CPU, exact (the scheduler's accounting, /proc/PID/task/*/schedstat).
+    pub total_s: f64,
+    /// Seconds in user space, sampled: the kernel charges each clock tick (10 ms) to user or
+    /// kernel mode as it finds the process, so over a short window this split is coarse; sum
+    /// it over many windows before reading it.
     pub user_s: f64,
-    /// Seconds in the kernel (system calls, and the softirq work they trigger).
+    /// Seconds in the kernel (system calls, and the softirq work they trigger), sampled.
     pub sys_s: f64,
 }
 
@@ -83,16 +87,39 @@ impl ProcCpu {
     /// What was used between `earlier` and this reading.
     pub fn since(&self, earlier: &ProcCpu) -> ProcCpu {
         ProcCpu {
+            total_s: (self.total_s - earlier.total_s).max(0.0),
             user_s: (self.user_s - earlier.user_s).max(0.0),
             sys_s: (self.sys_s - earlier.sys_s).max(0.0),
         }
     }
 }
 
-/// CPU time of process `pid` from /proc/PID/stat (fields 14 and 15, in clock ticks). The
-/// kernel charges each tick to user or kernel mode as it finds the process, so a short window
-/// gives a sampled split: read it over seconds, not milliseconds.
+/// CPU time of process `pid`: the exact total from every thread's schedstat (a thread that
+/// exited between the listing and the read is skipped), and the user/kernel ticks from
+/// /proc/PID/stat (fields 14 and 15).
 pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
+    let (user_s, sys_s) = proc_ticks(pid)?;
+    let dir = format!("/proc/{pid}/task");
+    let mut total_ns = 0u64;
+    for task in std::fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total_ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(ProcCpu {
+        total_s: total_ns as f64 / 1e9,
+        user_s,
+        sys_s,
+    })
+}
+
+fn proc_ticks(pid: u32) -> Result<(f64, f64), String> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
     // The command name (field 2) may hold spaces and parentheses; fields resume after the
@@ -109,10 +136,7 @@ pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
             .ok_or_else(|| format!("no field {field} in {path}"))
     };
     let hz = clock_ticks_per_s();
-    Ok(ProcCpu {
-        user_s: ticks(14)? as f64 / hz,
-        sys_s: ticks(15)? as f64 / hz,
-    })
+    Ok((ticks(14)? as f64 / hz, ticks(15)? as f64 / hz))
 }
 
 /// USER_HZ, the unit of /proc's CPU times (100 on every common Linux target).
@@ -196,7 +220,7 @@ mod tests {
         );
         assert!(run_prefix().len() == 7);
         let me = proc_cpu(std::process::id()).unwrap();
-        assert!(me.user_s + me.sys_s >= 0.0);
+        assert!(me.total_s > 0.0 && me.user_s + me.sys_s >= 0.0);
         assert!(proc_cpu(u32::MAX).is_err());
     }
 }
