@@ -10,12 +10,11 @@
 
 mod common;
 
+use common::flood::*;
 use common::*;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -69,220 +68,6 @@ fn read_roster(c: &mut Client, room: &str) -> Vec<String> {
         out.extend(r.nicks);
         if !r.more {
             return out;
-        }
-    }
-}
-
-// =============================================================================================
-// Floods: one sender pipelines 1 KiB SAYs into "r"; readers must get every one, in order
-// =============================================================================================
-
-fn flood_text(i: usize) -> String {
-    let mut s = format!("msg {i:06} ");
-    while s.len() < 1024 {
-        s.push('x');
-    }
-    s
-}
-
-/// Shared by the flood writer and the reading threads.
-struct Flood {
-    /// The writer stops (after at least its minimum) once this is set.
-    stop: AtomicBool,
-    /// SAYs sent, once the writer is done (usize::MAX until then).
-    total: AtomicUsize,
-    /// MESSAGEs received so far by each reading thread.
-    progress: Mutex<Vec<usize>>,
-    moved: Condvar,
-    /// At most this many SAYs are sent and not yet received by every reader.
-    window: usize,
-}
-
-impl Flood {
-    /// `window` bounds how far a well-behaved reader can fall behind, whatever the scheduling:
-    /// at most `window` + one batch of MESSAGEs can be queued for it, so it is never a slow
-    /// consumer when that is below max-pending. (Without it, the readers, which decode every
-    /// frame, fall behind a sender that writes as fast as loopback goes, and are cut off
-    /// legitimately when the machine is busy.)
-    fn new(readers: usize, window: usize) -> Arc<Flood> {
-        Arc::new(Flood {
-            stop: AtomicBool::new(false),
-            total: AtomicUsize::new(usize::MAX),
-            progress: Mutex::new(vec![0; readers]),
-            moved: Condvar::new(),
-            window,
-        })
-    }
-
-    fn received(&self, reader: usize, n: usize) {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())[reader] = n;
-        self.moved.notify_all();
-    }
-
-    /// Waits (bounded) until every reader has received at least `sent - window` MESSAGEs
-    /// (called before each batch, so at most `window` + one batch are in flight).
-    fn wait_window(&self, sent: usize) {
-        let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let (p, res) = self
-            .moved
-            .wait_timeout_while(p, Duration::from_secs(10), |p| {
-                p.iter().copied().min().unwrap_or(sent) + self.window < sent
-            })
-            .unwrap_or_else(|e| e.into_inner());
-        assert!(
-            !res.timed_out(),
-            "readers stuck: {p:?} of {sent} MESSAGEs received"
-        );
-    }
-}
-
-/// Pipelines SAYs on `out` in 32 KiB batches: at least `min`, at most `cap`, and stops when
-/// `flood.stop` is set or `stop_when()` (checked after each batch) says so; before each batch
-/// it waits for the readers to be within `flood.window`. Returns the count.
-fn flood_writer(
-    mut out: TcpStream,
-    flood: Arc<Flood>,
-    min: usize,
-    cap: usize,
-    mut stop_when: impl FnMut() -> bool + Send + 'static,
-) -> JoinHandle<usize> {
-    out.set_write_timeout(Some(Duration::from_secs(15)))
-        .expect("set_write_timeout");
-    thread::spawn(move || {
-        let mut batch = Vec::new();
-        let mut i = 0;
-        let mut batch_start = 0;
-        while i < cap && (i < min || !flood.stop.load(Ordering::SeqCst)) {
-            batch.extend_from_slice(&frame(op::SAY, &pstr_rest("r", flood_text(i).as_bytes())));
-            i += 1;
-            if batch.len() >= 32 * 1024 {
-                flood.wait_window(batch_start);
-                out.write_all(&batch).expect("sender: write of SAYs failed");
-                batch.clear();
-                batch_start = i;
-                if stop_when() {
-                    flood.stop.store(true, Ordering::SeqCst);
-                }
-            }
-        }
-        out.write_all(&batch).expect("sender: write of SAYs failed");
-        flood.total.store(i, Ordering::SeqCst);
-        i
-    })
-}
-
-/// Reads `c` until it has every MESSAGE the writer sent and PRESENCE gone for `victim`
-/// (which may come at any point); sets `flood.stop` when it sees the gone. Returns the
-/// msg_ids in arrival order.
-fn collect_flood(
-    mut c: Client,
-    reader: usize,
-    flood: Arc<Flood>,
-    victim: &'static str,
-    deadline: Instant,
-) -> JoinHandle<(Client, Vec<u64>)> {
-    thread::spawn(move || {
-        let mut ids = Vec::new();
-        let mut gone = false;
-        while ids.len() < flood.total.load(Ordering::SeqCst) || !gone {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{}: timed out with {} MESSAGEs (total sent {}), {victim} gone: {gone}",
-                c.label(),
-                ids.len(),
-                flood.total.load(Ordering::SeqCst)
-            );
-            // Short slices, so the loop sees `total` once the writer is done.
-            let Some(f) = c.recv_timeout(left.min(ms(100))) else {
-                continue;
-            };
-            match f.op {
-                sop::MESSAGE => {
-                    let m = f.message();
-                    assert_eq!(
-                        (m.room.as_str(), m.from.as_str()),
-                        ("r", "sender"),
-                        "{}",
-                        c.label()
-                    );
-                    assert_eq!(
-                        m.text,
-                        flood_text(ids.len()),
-                        "{}: MESSAGE missing or out of order",
-                        c.label()
-                    );
-                    ids.push(m.msg_id);
-                    flood.received(reader, ids.len());
-                }
-                sop::PRESENCE => {
-                    let p = f.presence();
-                    let want = Presence {
-                        kind: kind::GONE,
-                        room: "r".into(),
-                        nick: victim.into(),
-                    };
-                    assert_eq!(p, want, "{}", c.label());
-                    assert!(!gone, "{}: two PRESENCE gone for {victim}", c.label());
-                    gone = true;
-                    flood.stop.store(true, Ordering::SeqCst);
-                }
-                sop::PING => c.send_pong(&f.payload),
-                _ => panic!("{}: unexpected {f:?}", c.label()),
-            }
-        }
-        (c, ids)
-    })
-}
-
-/// Both readers got the same, consecutive msg_ids, all `sent` of them.
-#[track_caller]
-fn assert_same_complete(sent: usize, a: &[u64], b: &[u64]) {
-    assert_eq!(a.len(), sent, "sender: MESSAGE count");
-    assert_eq!(a, b, "sender and reader got different msg_ids");
-    for w in a.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "msg_ids not consecutive: {} then {}",
-            w[0],
-            w[1]
-        );
-    }
-}
-
-/// Reads every byte until the peer closes (EOF or reset), bounded.
-fn read_to_close(stream: &TcpStream, timeout: Duration) -> (Vec<u8>, &'static str) {
-    let deadline = Instant::now() + timeout;
-    let mut s = stream;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "still open after {timeout:?} ({} bytes read)",
-            out.len()
-        );
-        s.set_read_timeout(Some(left)).expect("set_read_timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return (out, "EOF"),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                return (out, "reset");
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("read failed: {e}"),
         }
     }
 }
@@ -485,51 +270,17 @@ fn stopped_reader_is_cut_off_as_slow_consumer_others_lose_nothing() {
     // 16 + one batch of 32 SAYs in flight at most: a reader never has 64 KiB queued.
     let flood = Flood::new(2, 16);
     let out = sender.stream().try_clone().expect("clone sender stream");
-    // At least 2000 SAYs (2 MiB), and on until the sink is gone (up to 40000).
-    let writer = flood_writer(out, Arc::clone(&flood), 2000, 40_000, || false);
+    // At least 2000 SAYs (2 MiB), and on until the sink is gone (up to FLOOD_CAP).
+    let writer = flood_writer(out, Arc::clone(&flood), 2000, FLOOD_CAP, || false);
     let s_rx = collect_flood(sender, 0, Arc::clone(&flood), "sink", deadline);
     let r_rx = collect_flood(reader, 1, Arc::clone(&flood), "sink", deadline);
     let sent = writer.join().expect("writer thread");
     let (mut sender, s_ids) = s_rx.join().expect("sender reading thread");
     let (mut reader, r_ids) = r_rx.join().expect("reader reading thread");
-    assert!(sent < 40_000, "the sink was never cut off ({sent} SAYs)");
+    assert!(sent < FLOOD_CAP, "the sink was never cut off ({sent} SAYs)");
     assert_same_complete(sent, &s_ids, &r_ids);
 
-    // What the sink's kernel buffers held: a prefix of the flood, in order, maybe the ERROR.
-    let (bytes, how) = read_to_close(sink.stream(), Duration::from_secs(10));
-    let mut pos = 0;
-    let mut msgs = 0usize;
-    let mut saw_error = false;
-    while bytes.len() - pos >= HEADER_LEN {
-        let b = &bytes[pos..];
-        assert_eq!(
-            b[0..3],
-            [MAGIC[0], MAGIC[1], VERSION],
-            "sink: stream corrupt at {pos}"
-        );
-        let len = u32::from_be_bytes(b[4..8].try_into().unwrap()) as usize;
-        if b.len() < HEADER_LEN + len {
-            break;
-        }
-        let f = Frame {
-            op: b[3],
-            payload: b[HEADER_LEN..HEADER_LEN + len].to_vec(),
-        };
-        assert!(!saw_error, "sink: frame after the fatal ERROR: {f:?}");
-        if f.op == sop::ERROR {
-            assert_eq!(f.error().code, code::SLOW_CONSUMER, "sink: {f:?}");
-            saw_error = true;
-        } else {
-            assert_eq!(f.message().text, flood_text(msgs), "sink: out of order");
-            msgs += 1;
-        }
-        pos += HEADER_LEN + len;
-    }
-    assert!(msgs < sent, "the sink got all {sent} MESSAGEs");
-    eprintln!(
-        "sink: {} bytes were in its kernel buffers ({msgs} MESSAGEs), ERROR seen: {saw_error}, closed by {how}",
-        bytes.len()
-    );
+    read_cut_sink(&sink, sent, Duration::from_secs(10));
     drop(sink);
 
     let m = server.wait_state(2, 2, 1, SETTLE);
@@ -855,37 +606,9 @@ fn trickled_bytes_count_as_activity() {
 // 7. Accepts under a tiny RLIMIT_NOFILE
 // =============================================================================================
 
-/// Connects until a HELLO is welcomed (the server frees a slot asynchronously), bounded.
-#[track_caller]
-fn login_retrying(server: &Server, nick: &str) -> Client {
-    let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    loop {
-        let mut c = server.connect();
-        c.send_hello(nick, &[]);
-        match c.recv_or_close(DEFAULT_TIMEOUT) {
-            Recv::Frame(f) if f.op == sop::WELCOME => {
-                c.take_welcome(&f);
-                return c;
-            }
-            Recv::Frame(f) if f.op == sop::ERROR && f.error().code == code::SERVER_FULL => {}
-            Recv::Closed => {}
-            other => panic!("{nick}: unexpected answer to HELLO: {other:?}"),
-        }
-        assert!(Instant::now() < deadline, "{nick}: still refused");
-        thread::sleep(ms(20)); // retry pace: the close that frees a slot is not observable
-    }
-}
-
 #[test]
 fn accept_burst_under_tiny_fd_limit() {
-    // limit 64, 36 descriptors taken by inherited fds 10..=45: accept runs out of descriptors
-    // well before the 32-connection limit.
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
-        .arg(BIN)
-        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
-    let mut server = Server::start_cmd(cmd);
+    let mut server = Server::start_fd_starved(&["--metrics", "127.0.0.1:0"]);
     let mut x = member(&server, "xavier", "r");
     let mut y = member(&server, "yvonne", "r");
     x.expect_presence(kind::JOIN, "r", "yvonne");
@@ -902,18 +625,10 @@ fn accept_burst_under_tiny_fd_limit() {
     let mut accepted = Vec::new();
     let (mut refused_error, mut refused_silent) = (0, 0);
     for (i, mut c) in burst.into_iter().enumerate() {
-        let data = format!("probe{i}").into_bytes();
-        match c.recv_or_close(DEFAULT_TIMEOUT) {
-            Recv::Frame(f) if f.op == sop::PONG && f.payload == data => accepted.push(c),
-            Recv::Frame(f) if f.op == sop::ERROR => {
-                assert_eq!(f.error().code, code::SERVER_FULL, "conn {i}: {f:?}");
-                match c.recv_or_close(DEFAULT_TIMEOUT) {
-                    Recv::Closed => refused_error += 1,
-                    other => panic!("conn {i}: after server_full: {other:?}"),
-                }
-            }
-            Recv::Closed => refused_silent += 1,
-            other => panic!("conn {i}: no answer to PING: {other:?}"),
+        match c.probe_answer(format!("probe{i}").as_bytes()) {
+            ProbeAnswer::Pong => accepted.push(c),
+            ProbeAnswer::ServerFull => refused_error += 1,
+            ProbeAnswer::Closed => refused_silent += 1,
         }
     }
     eprintln!(
@@ -937,7 +652,7 @@ fn accept_burst_under_tiny_fd_limit() {
 
     // Everyone from the burst has left: back to the two members, and new clients are served.
     server.wait_state(2, 2, 1, SETTLE);
-    let mut z = login_retrying(&server, "zoe");
+    let mut z = server.login_retrying("zoe");
     z.join("r");
     x.expect_presence(kind::JOIN, "r", "zoe");
     y.expect_presence(kind::JOIN, "r", "zoe");
@@ -962,12 +677,7 @@ fn accept_burst_under_tiny_fd_limit() {
 
 #[test]
 fn scrape_during_fd_exhaustion_is_answered_once_descriptors_free_up() {
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
-        .arg(BIN)
-        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
-    let server = Server::start_cmd(cmd);
+    let server = Server::start_fd_starved(&["--metrics", "127.0.0.1:0"]);
     let maddr = server.metrics_addr();
     // Take every descriptor the server has with welcomed-or-not chat connections.
     let mut held = Vec::new();
@@ -975,10 +685,8 @@ fn scrape_during_fd_exhaustion_is_answered_once_descriptors_free_up() {
         let mut c = server.connect();
         let data = format!("probe{i}").into_bytes();
         c.send_ping(&data);
-        if let Recv::Frame(f) = c.recv_or_close(DEFAULT_TIMEOUT) {
-            if f.op == sop::PONG {
-                held.push(c);
-            }
+        if c.probe_answer(&data) == ProbeAnswer::Pong {
+            held.push(c);
         }
     }
     assert!(!held.is_empty() && held.len() < 32, "held {}", held.len());
@@ -994,7 +702,7 @@ fn scrape_during_fd_exhaustion_is_answered_once_descriptors_free_up() {
         .expect("the metrics accept did not fail: not exhausted?");
     // Descriptors free up; the chat listener serves again.
     drop(held);
-    let mut z = login_retrying(&server, "zoe");
+    let mut z = server.login_retrying("zoe");
     z.ping(b"fds are free");
     // The pending scrape must now be answered (or at least refused), not left hanging.
     scrape

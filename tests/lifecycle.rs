@@ -8,11 +8,9 @@
 
 mod common;
 
+use common::flood::*;
 use common::*;
-use std::io::{self, Read, Write};
-use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -318,119 +316,6 @@ fn hello_timeout_not_stopped_by_failed_hello() {
 // Slow consumer
 // =============================================================================================
 
-/// Most SAYs the slow-consumer test sends while waiting for the sink to be cut off.
-const FLOOD_CAP: usize = 40_000;
-
-fn flood_text(i: usize) -> String {
-    let mut s = format!("msg {i:06} ");
-    while s.len() < 1024 {
-        s.push('x');
-    }
-    s
-}
-
-/// Shared between the writer and the two reading threads of the slow-consumer test.
-struct Flood {
-    /// Set by a reading thread when it sees PRESENCE gone for the sink.
-    sink_gone: AtomicBool,
-    /// Number of SAYs sent, once the writer is done (usize::MAX until then).
-    total: AtomicUsize,
-}
-
-/// Reads `c` (in its own thread) until it has every MESSAGE the writer sent and the PRESENCE
-/// gone of "sink"; returns the msg_ids in arrival order.
-fn collect_flood(mut c: Client, flood: Arc<Flood>, deadline: Instant) -> (Client, Vec<u64>) {
-    let mut ids = Vec::new();
-    let mut gone = false;
-    while ids.len() < flood.total.load(Ordering::SeqCst) || !gone {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "{}: timed out with {} MESSAGEs (total sent {}), sink gone: {gone}",
-            c.label(),
-            ids.len(),
-            flood.total.load(Ordering::SeqCst)
-        );
-        // Short slices, so the loop sees `total` once the writer is done.
-        let Some(f) = c.recv_timeout(left.min(ms(100))) else {
-            continue;
-        };
-        match f.op {
-            sop::MESSAGE => {
-                let m = f.message();
-                assert_eq!(
-                    (m.room.as_str(), m.from.as_str()),
-                    ("r", "sender"),
-                    "{}: {m:?}",
-                    c.label()
-                );
-                assert_eq!(
-                    m.text,
-                    flood_text(ids.len()),
-                    "{}: message out of order",
-                    c.label()
-                );
-                ids.push(m.msg_id);
-            }
-            sop::PRESENCE => {
-                let p = f.presence();
-                assert_eq!(
-                    p,
-                    Presence {
-                        kind: kind::GONE,
-                        room: "r".into(),
-                        nick: "sink".into()
-                    },
-                    "{}",
-                    c.label()
-                );
-                assert!(!gone, "{}: two PRESENCE gone for the sink", c.label());
-                gone = true;
-                flood.sink_gone.store(true, Ordering::SeqCst);
-            }
-            sop::PING => c.send_pong(&f.payload),
-            _ => panic!("{}: unexpected {f:?}", c.label()),
-        }
-    }
-    (c, ids)
-}
-
-/// Reads every byte until the peer closes (EOF or reset), bounded.
-fn read_to_close(stream: &std::net::TcpStream, timeout: Duration) -> (Vec<u8>, &'static str) {
-    let deadline = Instant::now() + timeout;
-    let mut s = stream;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "sink: still open after {timeout:?} ({} bytes read)",
-            out.len()
-        );
-        s.set_read_timeout(Some(left)).expect("set_read_timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return (out, "EOF"),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                return (out, "reset");
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("sink: read failed: {e}"),
-        }
-    }
-}
-
 /// Three members of "r": a sink that never reads, a sender that pipelines `flood` SAYs of
 /// 1 KiB, and a reader that reads all the time (as does the sender, in another thread).
 /// The sink must be closed (ERROR slow_consumer best effort) and get PRESENCE gone; the
@@ -453,35 +338,13 @@ fn slow_consumer_case(max_pending: &str, flood: usize) {
 
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(20);
-    let state = Arc::new(Flood {
-        sink_gone: AtomicBool::new(false),
-        total: AtomicUsize::new(usize::MAX),
-    });
-    let mut out = sender.stream().try_clone().expect("clone sender stream");
-    out.set_write_timeout(Some(Duration::from_secs(15)))
-        .expect("set_write_timeout");
-    let w_state = Arc::clone(&state);
+    let state = Flood::new(2, usize::MAX); // unpaced
+    let out = sender.stream().try_clone().expect("clone sender stream");
     // At least `flood` SAYs, and on (up to FLOOD_CAP) until the sink is gone: how much the
     // kernel buffers for the sink before the server sees it back up varies.
-    let writer = thread::spawn(move || {
-        let mut batch = Vec::new();
-        let mut i = 0;
-        while i < FLOOD_CAP && (i < flood || !w_state.sink_gone.load(Ordering::SeqCst)) {
-            batch.extend_from_slice(&frame(op::SAY, &pstr_rest("r", flood_text(i).as_bytes())));
-            i += 1;
-            if batch.len() >= 32 * 1024 {
-                out.write_all(&batch).expect("sender: write of SAYs failed");
-                batch.clear();
-            }
-        }
-        out.write_all(&batch).expect("sender: write of SAYs failed");
-        w_state.total.store(i, Ordering::SeqCst);
-        i
-    });
-    let s_state = Arc::clone(&state);
-    let sender_rx = thread::spawn(move || collect_flood(sender, s_state, deadline));
-    let r_state = Arc::clone(&state);
-    let reader_rx = thread::spawn(move || collect_flood(reader, r_state, deadline));
+    let writer = flood_writer(out, Arc::clone(&state), flood, FLOOD_CAP, || false);
+    let sender_rx = collect_flood(sender, 0, Arc::clone(&state), "sink", deadline);
+    let reader_rx = collect_flood(reader, 1, Arc::clone(&state), "sink", deadline);
     let sent = writer.join().expect("writer thread");
     let (mut sender, sender_ids) = sender_rx.join().expect("sender reading thread");
     let (mut reader, reader_ids) = reader_rx.join().expect("reader reading thread");
@@ -494,78 +357,8 @@ fn slow_consumer_case(max_pending: &str, flood: usize) {
         sent < FLOOD_CAP,
         "the sink was never cut off ({sent} SAYs sent)"
     );
-    assert_eq!(sender_ids.len(), sent);
-    assert_eq!(
-        reader_ids, sender_ids,
-        "sender and reader got different msg_ids"
-    );
-    for w in reader_ids.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "msg_ids not consecutive: {} then {}",
-            w[0],
-            w[1]
-        );
-    }
-
-    // The sink: whatever it got before the cut is a prefix of valid frames, then maybe ERROR
-    // slow_consumer, then the close.
-    let (bytes, how) = read_to_close(sink.stream(), Duration::from_secs(10));
-    let mut pos = 0;
-    let mut msgs = 0usize;
-    let mut saw_error = false;
-    let mut truncated = 0;
-    while pos < bytes.len() {
-        let b = &bytes[pos..];
-        if b.len() < HEADER_LEN {
-            truncated = b.len();
-            break;
-        }
-        assert!(
-            b[0..3] == [MAGIC[0], MAGIC[1], VERSION],
-            "sink: stream corrupt at byte {pos} after {msgs} MESSAGEs (error seen: {saw_error}): {}",
-            show_bytes(&b[..b.len().min(16)])
-        );
-        let len = u32::from_be_bytes(b[4..8].try_into().unwrap()) as usize;
-        if b.len() < HEADER_LEN + len {
-            truncated = b.len();
-            break;
-        }
-        let f = Frame {
-            op: b[3],
-            payload: b[HEADER_LEN..HEADER_LEN + len].to_vec(),
-        };
-        assert!(!saw_error, "sink: frame after the fatal ERROR: {f:?}");
-        match f.op {
-            sop::MESSAGE => {
-                assert_eq!(
-                    f.message().text,
-                    flood_text(msgs),
-                    "sink: MESSAGE out of order"
-                );
-                msgs += 1;
-            }
-            sop::ERROR => {
-                let e = f.error();
-                assert_eq!(
-                    (e.code, e.fatal),
-                    (code::SLOW_CONSUMER, true),
-                    "sink: {f:?}"
-                );
-                saw_error = true;
-            }
-            _ => panic!("sink: unexpected {f:?}"),
-        }
-        pos += HEADER_LEN + len;
-    }
-    assert!(
-        msgs < sent,
-        "the sink was not cut off: it got all {sent} MESSAGEs"
-    );
-    eprintln!(
-        "sink: {msgs} MESSAGEs, ERROR slow_consumer: {saw_error}, truncated tail: {truncated} bytes, closed by {how}"
-    );
+    assert_same_complete(sent, &sender_ids, &reader_ids);
+    read_cut_sink(&sink, sent, Duration::from_secs(10));
 
     let line = server
         .wait_log(Duration::from_secs(5), |l| l.contains("slow consumer"))
@@ -593,34 +386,6 @@ fn slow_consumer_is_cut_off_others_lose_nothing() {
 // Connection limit and file descriptors
 // =============================================================================================
 
-/// Connects until a HELLO is welcomed (the server frees a slot asynchronously), bounded.
-#[track_caller]
-fn login_retrying(server: &Server, nick: &str) -> Client {
-    let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    let mut refusals = Vec::new();
-    loop {
-        let mut c = server.connect();
-        c.send_hello(nick, &[]);
-        match c.recv_or_close(DEFAULT_TIMEOUT) {
-            Recv::Frame(f) if f.op == sop::WELCOME => {
-                let w = c.take_welcome(&f);
-                assert_eq!(w.nick, nick);
-                return c;
-            }
-            Recv::Frame(f) if f.op == sop::ERROR && f.error().code == code::SERVER_FULL => {
-                refusals.push("server_full")
-            }
-            Recv::Closed => refusals.push("closed"),
-            other => panic!("{nick}: unexpected answer to HELLO: {other:?}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{nick}: still refused after {DEFAULT_TIMEOUT:?}: {refusals:?}"
-        );
-        thread::sleep(ms(20)); // retry pace: the close that frees a slot is not observable
-    }
-}
-
 #[test]
 fn server_full_at_max_connections() {
     let server = Server::start(&["--max-connections", "3"]);
@@ -645,7 +410,7 @@ fn server_full_at_max_connections() {
     c.expect_closed();
     a.recv_until(|f| f.op == sop::PRESENCE && f.presence().kind == kind::QUIT);
 
-    let mut n = login_retrying(&server, "n4");
+    let mut n = server.login_retrying("n4");
     n.send_join("r");
     n.expect_presence(kind::JOIN, "r", "n4");
     n.send_say("r", "hello");
@@ -659,14 +424,7 @@ fn server_full_at_max_connections() {
 
 #[test]
 fn emfile_on_accept_does_not_wedge_the_listener() {
-    // limit 64 (soft and hard), 36 descriptors already taken by inherited fds 10..=45: the
-    // server allows 64 - 32 = 32 connections but runs out of descriptors well before.
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
-        .arg(BIN)
-        .args(["--listen", "127.0.0.1:0"]);
-    let mut server = Server::start_cmd(cmd);
+    let mut server = Server::start_fd_starved(&[]);
 
     let mut accepted = Vec::new();
     let mut refused_error = 0;
@@ -675,22 +433,10 @@ fn emfile_on_accept_does_not_wedge_the_listener() {
         let mut c = server.connect();
         let data = format!("probe{i}").into_bytes();
         c.send_ping(&data);
-        match c.recv_or_close(DEFAULT_TIMEOUT) {
-            Recv::Frame(f) if f.op == sop::PONG && f.payload == data => accepted.push(c),
-            Recv::Frame(f) if f.op == sop::ERROR => {
-                let e = f.error();
-                assert_eq!(
-                    (e.code, e.fatal),
-                    (code::SERVER_FULL, true),
-                    "conn {i}: {f:?}"
-                );
-                match c.recv_or_close(DEFAULT_TIMEOUT) {
-                    Recv::Closed => refused_error += 1,
-                    other => panic!("conn {i}: after server_full: {other:?}"),
-                }
-            }
-            Recv::Closed => refused_silent += 1,
-            other => panic!("conn {i}: no answer to PING: {other:?}"),
+        match c.probe_answer(&data) {
+            ProbeAnswer::Pong => accepted.push(c),
+            ProbeAnswer::ServerFull => refused_error += 1,
+            ProbeAnswer::Closed => refused_silent += 1,
         }
         assert!(
             server.wait_exit(Duration::ZERO).is_none(),
@@ -725,8 +471,8 @@ fn emfile_on_accept_does_not_wedge_the_listener() {
     }
     drop(accepted);
 
-    let mut x = login_retrying(&server, "xavier");
-    let mut y = login_retrying(&server, "yvonne");
+    let mut x = server.login_retrying("xavier");
+    let mut y = server.login_retrying("yvonne");
     x.send_join("r");
     x.expect_presence(kind::JOIN, "r", "xavier");
     y.send_join("r");

@@ -11,15 +11,14 @@
 
 mod common;
 
+use common::flood::*;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -54,41 +53,6 @@ impl HttpResponse {
             self.headers
         );
         first
-    }
-}
-
-/// Reads every byte until the peer closes (EOF, or a reset) or `timeout` passes.
-/// Returns the bytes and how it ended ("EOF", "reset" or "timeout").
-fn read_until_close(stream: &TcpStream, timeout: Duration) -> (Vec<u8>, &'static str) {
-    let deadline = Instant::now() + timeout;
-    let mut s = stream;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (out, "timeout");
-        }
-        s.set_read_timeout(Some(left)).expect("set_read_timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return (out, "EOF"),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                return (out, "reset");
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("HTTP read failed: {e}"),
-        }
     }
 }
 
@@ -869,17 +833,6 @@ fn counters_move_with_the_chat() {
 // 2. A slow consumer is counted
 // =============================================================================================
 
-fn flood_text(i: usize) -> String {
-    let mut s = format!("msg {i:06} ");
-    while s.len() < 1024 {
-        s.push('x');
-    }
-    s
-}
-
-/// Most SAYs sent while waiting for the sink to be cut off.
-const FLOOD_CAP: usize = 40_000;
-
 #[test]
 fn slow_consumer_is_counted() {
     let (server, maddr) = start(&["--max-pending", "64KiB"]);
@@ -893,66 +846,15 @@ fn slow_consumer_is_counted() {
     assert_eq!(m0.get(&closed("slow_consumer")), 0.0);
 
     // The sender pipelines 1 KiB SAYs from one thread and reads its echoes in another; the
-    // sink reads nothing. The writer keeps at most WINDOW SAYs ahead of what the sender has
-    // read back, so the sender's own pending echoes (about 1 KiB each) stay under max-pending
-    // however late its reading thread is scheduled: only the sink can be a slow consumer.
-    const WINDOW: usize = 40;
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicUsize::new(usize::MAX));
-    let received = Arc::new(AtomicUsize::new(0));
-    let mut out = sender.stream().try_clone().expect("clone sender stream");
-    out.set_write_timeout(Some(Duration::from_secs(10)))
-        .expect("set_write_timeout");
-    let (w_stop, w_total, w_received) =
-        (Arc::clone(&stop), Arc::clone(&total), Arc::clone(&received));
-    let writer = thread::spawn(move || {
-        let give_up = Instant::now() + Duration::from_secs(10);
-        let mut batch = Vec::new();
-        let mut i = 0;
-        while i < FLOOD_CAP && !w_stop.load(Ordering::SeqCst) && Instant::now() < give_up {
-            let room = WINDOW.saturating_sub(i - w_received.load(Ordering::SeqCst));
-            if room == 0 {
-                thread::sleep(Duration::from_micros(100));
-                continue;
-            }
-            for _ in 0..room.min(FLOOD_CAP - i) {
-                batch.extend_from_slice(&frame(op::SAY, &pstr_rest("r", flood_text(i).as_bytes())));
-                i += 1;
-            }
-            out.write_all(&batch).expect("sender: write of SAYs failed");
-            batch.clear();
-        }
-        w_total.store(i, Ordering::SeqCst);
-        i
-    });
-    let (r_total, r_received) = (Arc::clone(&total), Arc::clone(&received));
+    // sink reads nothing. The writer keeps at most 8 + one batch of 32 SAYs ahead of what the
+    // sender has read back, so the sender's own pending echoes (about 1 KiB each) stay under
+    // max-pending however late its reading thread is scheduled: only the sink can be a slow
+    // consumer.
+    let flood = Flood::new(1, 8);
+    let out = sender.stream().try_clone().expect("clone sender stream");
+    let writer = flood_writer(out, Arc::clone(&flood), 0, FLOOD_CAP, || false);
     let deadline = Instant::now() + Duration::from_secs(15);
-    let reader = thread::spawn(move || {
-        let mut got = 0usize;
-        let mut gone = false;
-        while got < r_total.load(Ordering::SeqCst) || !gone {
-            assert!(
-                Instant::now() < deadline,
-                "sender: {got} MESSAGEs, sink gone: {gone}, when time was up"
-            );
-            let Some(f) = sender.recv_timeout(ms(100)) else {
-                continue;
-            };
-            match f.op {
-                sop::MESSAGE => {
-                    assert_eq!(f.message().text, flood_text(got), "sender: out of order");
-                    got += 1;
-                    r_received.store(got, Ordering::SeqCst);
-                }
-                sop::PRESENCE => {
-                    assert_eq!(f.presence().nick, "sink", "sender: {f:?}");
-                    gone = true;
-                }
-                _ => panic!("sender: unexpected {f:?}"),
-            }
-        }
-        (sender, got)
-    });
+    let reader = collect_flood(sender, 0, Arc::clone(&flood), "sink", deadline);
 
     // Poll the scrape until the sink is counted; meanwhile, nobody's backlog may exceed
     // max-pending.
@@ -971,15 +873,15 @@ fn slow_consumer_is_counted() {
             m.get(&closed("slow_consumer")) >= 1.0
         },
     );
-    stop.store(true, Ordering::SeqCst);
+    flood.stop();
     let sent = writer.join().expect("writer thread");
-    let (mut sender, got) = reader.join().expect("reader thread");
+    let (mut sender, ids) = reader.join().expect("reader thread");
     eprintln!(
         "flood: {sent} SAYs, largest backlog seen {} bytes",
         max_seen.get()
     );
     assert!(sent < FLOOD_CAP, "the sink was never cut off");
-    assert_eq!(got, sent, "the sender lost MESSAGEs");
+    assert_eq!(ids.len(), sent, "the sender lost MESSAGEs");
     assert_eq!(m1.get(&closed("slow_consumer")), 1.0);
 
     sender.barrier();
@@ -1010,22 +912,7 @@ fn slow_consumer_is_counted() {
         ],
     );
     // The sink's socket is closed (after an ERROR slow_consumer, best effort).
-    let (bytes, how) = read_until_close(sink.stream(), Duration::from_secs(5));
-    assert_ne!(how, "timeout", "the sink's connection is still open");
-    let mut got_error = false;
-    let mut pos = 0;
-    while pos + HEADER_LEN <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[pos + 4..pos + 8].try_into().unwrap()) as usize;
-        if pos + HEADER_LEN + len > bytes.len() {
-            break;
-        }
-        got_error |= bytes[pos + 3] == sop::ERROR;
-        pos += HEADER_LEN + len;
-    }
-    eprintln!(
-        "sink: {} bytes before the close ({how}), ERROR slow_consumer received: {got_error}",
-        bytes.len()
-    );
+    read_cut_sink(&sink, sent, Duration::from_secs(5));
 }
 
 // =============================================================================================
@@ -1590,7 +1477,7 @@ fn backlog_gauges_and_health_during_shutdown() {
     // kernel's buffers for it are full); the sender reads its echoes after each batch.
     let mut batch = Vec::new();
     for i in 0..64 {
-        batch.extend_from_slice(&frame(op::SAY, &pstr_rest("r", flood_text(i).as_bytes())));
+        batch.extend_from_slice(&flood_say(i));
     }
     let mut sent = 0usize;
     let backlog = loop {

@@ -15,6 +15,8 @@
 //!   most max_frame + 128, exact payload layout, valid UTF-8, no trailing bytes).
 #![allow(dead_code)]
 
+pub mod flood;
+
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -719,6 +721,20 @@ impl Server {
         Self::spawn(cmd, ServerKind::Mio, &desc)
     }
 
+    /// Starts [`BIN`] with `--listen 127.0.0.1:0 ARGS...` under RLIMIT_NOFILE 64 (soft and
+    /// hard) with 36 descriptors (10..=45) already taken: the server allows 64 - 32 = 32
+    /// connections, but accept runs out of descriptors well before that.
+    #[track_caller]
+    pub fn start_fd_starved(args: &[&str]) -> Server {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
+            .arg(BIN)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args);
+        Server::start_cmd(cmd)
+    }
+
     #[track_caller]
     fn spawn(mut cmd: Command, kind: ServerKind, desc: &str) -> Server {
         let mut child = cmd
@@ -880,6 +896,36 @@ impl Server {
         let mut c = self.connect();
         c.hello(nick);
         c
+    }
+
+    /// Like [`Server::login`], but connects again while the server refuses (server_full or a
+    /// silent close), until `DEFAULT_TIMEOUT`: it frees a slot asynchronously after a close.
+    #[track_caller]
+    pub fn login_retrying(&self, nick: &str) -> Client {
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        let mut refusals = Vec::new();
+        loop {
+            let mut c = self.connect();
+            c.send_hello(nick, &[]);
+            match c.recv_or_close(DEFAULT_TIMEOUT) {
+                Recv::Frame(f) if f.op == sop::WELCOME => {
+                    let w = c.take_welcome(&f);
+                    assert_eq!(w.nick, nick);
+                    return c;
+                }
+                Recv::Frame(f) if f.op == sop::ERROR && f.error().code == code::SERVER_FULL => {
+                    refusals.push("server_full")
+                }
+                Recv::Closed => refusals.push("closed"),
+                other => panic!("{nick}: unexpected answer to HELLO: {other:?}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{nick}: still refused after {DEFAULT_TIMEOUT:?}: {refusals:?}"
+            );
+            // The retry's pace: the close that frees a slot is not observable.
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -1588,7 +1634,8 @@ pub fn nicks<S: AsRef<str>>(v: &[S]) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Metrics scraping, abrupt closes and half-closes (added for the fault-injection tests)
+// Metrics scraping, reads to the close, abrupt closes and half-closes (added for the
+// fault-injection tests)
 // ---------------------------------------------------------------------------------------------
 
 /// One scrape of `GET /metrics`: every sample line, keyed by its series (name with labels,
@@ -1760,6 +1807,42 @@ impl Server {
     }
 }
 
+/// Reads every byte from `stream` until the peer closes it (EOF or reset) or `timeout`
+/// passes; returns the bytes and how it ended: "EOF", "reset" or "timeout". A caller that
+/// requires the close asserts `how != "timeout"`.
+pub fn read_until_close(stream: &TcpStream, timeout: Duration) -> (Vec<u8>, &'static str) {
+    let deadline = Instant::now() + timeout;
+    let mut s = stream;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (out, "timeout");
+        }
+        s.set_read_timeout(Some(left)).expect("set_read_timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return (out, "EOF"),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return (out, "reset");
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
+
 /// Sets SO_LINGER to {on, 0 s} on `s`, so that closing it sends RST at once.
 #[track_caller]
 pub fn set_linger_zero(s: &TcpStream) {
@@ -1788,4 +1871,43 @@ impl Client {
             panic!("{}: shutdown(Write) failed: {e}", self.label);
         }
     }
+
+    /// Reads the answer to a PING with `data` sent on a new connection that the server may
+    /// have no descriptor or slot for (bounded); anything but the three answers panics.
+    #[track_caller]
+    pub fn probe_answer(&mut self, data: &[u8]) -> ProbeAnswer {
+        match self.recv_or_close(DEFAULT_TIMEOUT) {
+            Recv::Frame(f) if f.op == sop::PONG && f.payload == data => ProbeAnswer::Pong,
+            Recv::Frame(f) if f.op == sop::ERROR => {
+                let e = f.error();
+                assert_eq!(
+                    (e.code, e.fatal),
+                    (code::SERVER_FULL, true),
+                    "{}: {f:?}",
+                    self.label
+                );
+                match self.recv_or_close(DEFAULT_TIMEOUT) {
+                    Recv::Closed => ProbeAnswer::ServerFull,
+                    other => panic!("{}: after server_full: {other:?}", self.label),
+                }
+            }
+            Recv::Closed => ProbeAnswer::Closed,
+            other => panic!(
+                "{}: no answer to PING {}: {other:?}",
+                self.label,
+                show_bytes(data)
+            ),
+        }
+    }
+}
+
+/// What [`Client::probe_answer`] got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// The PONG: the connection was accepted.
+    Pong,
+    /// A fatal ERROR server_full, then the close.
+    ServerFull,
+    /// A close without a word (the server could not take the connection at all).
+    Closed,
 }
