@@ -584,6 +584,160 @@ fn silent_server_is_detected_and_the_session_resumed_with_its_token() {
     );
 }
 
+/// A fake server's listener: every accepted connection, in order, for the test to take.
+fn fake_server() -> (String, Receiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (tx, accepted) = mpsc::channel();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            if tx.send(s.expect("accept")).is_err() {
+                break;
+            }
+        }
+    });
+    (addr, accepted)
+}
+
+/// Takes the next connection and answers its HELLO (with `hello` as payload) with WELCOME.
+#[track_caller]
+fn accept_welcomed(accepted: &Receiver<TcpStream>, hello: Vec<u8>) -> TcpStream {
+    let mut c = accepted
+        .recv_timeout(LINE_TIMEOUT)
+        .expect("a connection from the client");
+    assert_eq!(read_frame(&mut c), (op::HELLO, hello));
+    c.write_all(&welcome(30_000)).expect("write");
+    c
+}
+
+/// The first connection: HELLO with the nick and no token, answered with WELCOME.
+#[track_caller]
+fn accepted_welcomed_first(accepted: &Receiver<TcpStream>) -> TcpStream {
+    accept_welcomed(accepted, pstr("alice"))
+}
+
+fn message(room: &str, from: &str, text: &str) -> Vec<u8> {
+    frame(
+        sop::MESSAGE,
+        &Payload::new()
+            .u64(1)
+            .str(room)
+            .str(from)
+            .bytes(text.as_bytes())
+            .build(),
+    )
+}
+
+#[test]
+fn join_in_flight_when_the_connection_breaks_is_sent_again_after_the_reconnect() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn("alice", &["--connect", &addr, "--nick", "alice"]);
+    let mut c1 = accepted_welcomed_first(&accepted);
+    alice.expect_prefix(&format!("* connected to {addr} as alice"));
+
+    // Two JOINs reach the server, and the connection breaks before their answers.
+    alice.send("/join lobby");
+    alice.send("/join dev");
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("dev")));
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    // Meanwhile the user asks for dev again: that JOIN waits in the queue, so the resent
+    // ones must not include dev a second time. /switch, handled after the /join, prints
+    // once the JOIN is queued.
+    alice.send("/join dev");
+    alice.send("/switch dev");
+    alice.expect("* current room: dev");
+
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    // Typed after the reconnect, said in the current room: it must follow the JOINs.
+    alice.send("made it");
+    assert_eq!(
+        read_frame(&mut c2),
+        (op::JOIN, pstr("lobby")),
+        "the unanswered JOIN is sent again"
+    );
+    assert_eq!(read_frame(&mut c2), (op::JOIN, pstr("dev")));
+    assert_eq!(
+        read_frame(&mut c2),
+        (op::SAY, pstr_rest("dev", b"made it")),
+        "each JOIN is sent once"
+    );
+    c2.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    c2.write_all(&presence(kind::JOIN, "dev", "alice"))
+        .expect("write");
+    c2.write_all(&message("dev", "alice", "made it"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+    alice.expect("* alice joined dev");
+    alice.expect("[dev] <alice> made it");
+
+    // Both rooms are now confirmed memberships: the next reconnect re-joins them, and
+    // already_in_room (a resumed session) is not shown.
+    drop(c2);
+    alice.expect_prefix("* connection lost: ");
+    let mut c3 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    assert_eq!(read_frame(&mut c3), (op::JOIN, pstr("lobby")));
+    assert_eq!(read_frame(&mut c3), (op::JOIN, pstr("dev")));
+    for _ in 0..2 {
+        c3.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+            .expect("write");
+    }
+    alice.expect("* session resumed");
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c3), (op::QUIT, Vec::new()));
+    drop(c3);
+    assert_eq!(alice.wait_exit(), 0);
+    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+}
+
+#[test]
+fn refused_join_is_forgotten_and_not_sent_again_after_a_reconnect() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn(
+        "alice",
+        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
+    );
+    let mut c1 = accepted_welcomed_first(&accepted);
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+
+    // A whisper (no answer when delivered) and a refused JOIN: the ERROR is the JOIN's.
+    alice.send("/msg bob psst");
+    alice.send("/join full");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::WHISPER, pstr_rest("bob", b"psst"))
+    );
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("full")));
+    c1.write_all(&error(code::TOO_MANY_ROOMS, false, "too many rooms"))
+        .expect("write");
+    alice.expect("! too_many_rooms: too many rooms");
+    alice.send("/switch full");
+    alice.expect("! not_in_room: not in full (/join it first)");
+    alice.send("/switch lobby");
+    alice.expect("* current room: lobby");
+
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("still here");
+    assert_eq!(read_frame(&mut c2), (op::JOIN, pstr("lobby")));
+    assert_eq!(
+        read_frame(&mut c2),
+        (op::SAY, pstr_rest("lobby", b"still here")),
+        "only the room we are in is re-joined"
+    );
+    c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    alice.expect("* session resumed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------

@@ -92,6 +92,58 @@ enum Pending {
     Quit(String),
 }
 
+/// Why a JOIN was sent, which decides what its answer means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinWhy {
+    /// The user's `/join` or `--join`.
+    Asked,
+    /// After a reconnect, for a room we were a member of.
+    Rejoin,
+    /// After a reconnect, for a JOIN whose answer the broken connection never delivered.
+    Retry,
+}
+
+/// A command sent on the current connection whose answer has not arrived yet. An ERROR names
+/// no command, but the server answers commands in the order it received them (PROTOCOL.md
+/// 5.7), so the first command still waiting is the one it refuses.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Answered by our own PRESENCE join, or an ERROR.
+    Join { room: String, why: JoinWhy },
+    /// Answered by our own PRESENCE leave, or an ERROR.
+    Leave(String),
+    /// Answered by our own MESSAGE in the room, or an ERROR.
+    Say(String),
+    /// Answered by the room's last ROSTER frame, or an ERROR.
+    Who(String),
+    /// Answered only when refused (`no_such_user`): a delivered whisper has no reply, which is
+    /// known once a later command is answered.
+    Whisper,
+    /// Answered by the PONG carrying this data; never refused.
+    Ping(Vec<u8>),
+}
+
+/// Removes and returns the first command in `sent` that the answer matches. The commands
+/// before it must have been answered without a frame (delivered whispers): they go too.
+fn take_answered(sent: &mut VecDeque<Sent>, answers: impl Fn(&Sent) -> bool) -> Option<Sent> {
+    let i = sent.iter().position(answers)?;
+    sent.drain(..i);
+    sent.pop_front()
+}
+
+/// Whether a non-fatal ERROR with `code` can be the answer to `s`.
+fn refuses(code: u16, s: &Sent) -> bool {
+    // Only a WHISPER gets no_such_user, and that is all it can get: skipping the whispers
+    // in front of a JOIN, SAY, ... for any other code is what tells a delivered whisper
+    // from a refused one.
+    let no_such_user = code == ErrorCode::NoSuchUser.code();
+    match s {
+        Sent::Whisper => no_such_user,
+        Sent::Ping(_) => false,
+        Sent::Join { .. } | Sent::Leave(_) | Sent::Say(_) | Sent::Who(_) => !no_such_user,
+    }
+}
+
 struct Conn {
     id: u64,
     stream: TcpStream,
@@ -102,6 +154,8 @@ struct Conn {
     live_ping: Option<Vec<u8>>,
     /// Data of the end-of-input barrier PING, while it is unanswered.
     barrier: Option<Vec<u8>>,
+    /// Commands sent on this connection and not answered yet, oldest first.
+    sent: VecDeque<Sent>,
 }
 
 /// What to do after a fatal ERROR.
@@ -211,13 +265,19 @@ pub struct Net {
     heartbeat: Duration,
     /// Rooms we are a member of (confirmed by our own PRESENCE join), in join order.
     rooms: Vec<String>,
-    /// Rooms we asked to join (for /switch before the confirmation arrives).
+    /// Rooms we asked to join and got no answer for yet (for /switch before the confirmation
+    /// arrives).
     joining: Vec<String>,
     current: Arc<Mutex<Option<String>>>,
     queue: VecDeque<Pending>,
-    /// Rooms re-joined after a reconnect whose answer is still due, in order.
-    rejoin: VecDeque<String>,
+    /// Rooms whose JOIN was sent but not answered when the connection broke: sent again after
+    /// the reconnect.
+    retry: Vec<String>,
+    /// No room we were a member of got a PRESENCE join after the reconnect (which would mean
+    /// a new session).
     rejoin_resumed: bool,
+    /// A JOIN sent on reconnecting got already_in_room: the session was resumed.
+    resume_seen: bool,
     roster: Option<(String, Vec<String>)>,
     /// Connection attempts in this episode (the first connect, or one outage).
     attempt: u32,
@@ -255,8 +315,9 @@ impl Net {
             heartbeat: DEFAULT_HEARTBEAT,
             rooms: Vec::new(),
             current,
-            rejoin: VecDeque::new(),
+            retry: Vec::new(),
             rejoin_resumed: true,
+            resume_seen: false,
             roster: None,
             attempt: 0,
             backoff_step: 0,
@@ -355,6 +416,7 @@ impl Net {
                         last_rx: now,
                         live_ping: None,
                         barrier: None,
+                        sent: VecDeque::new(),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -367,8 +429,34 @@ impl Net {
         if let Some(c) = self.conn.take() {
             // Wakes the reader thread, which then exits.
             let _ = c.stream.shutdown(Shutdown::Both);
+            // A JOIN whose answer is lost with the connection may or may not have been
+            // served: it is sent again after the reconnect (the rooms we were confirmed in are
+            // re-joined anyway). Unless a LEAVE of the room followed it: the user's last word
+            // was to be out.
+            let sent = Vec::from(c.sent);
+            let mut left = Vec::new();
+            for (i, s) in sent.iter().enumerate() {
+                let Sent::Join { room, why } = s else {
+                    continue;
+                };
+                if *why == JoinWhy::Rejoin {
+                    continue;
+                }
+                if sent[i + 1..]
+                    .iter()
+                    .any(|t| matches!(t, Sent::Leave(r) if r == room))
+                {
+                    left.push(room);
+                } else if !self.retry.contains(room) {
+                    self.retry.push(room.clone());
+                }
+            }
+            for room in left {
+                if !self.retry.contains(room) && !self.join_outstanding(room) {
+                    self.joining.retain(|r| r != room);
+                }
+            }
         }
-        self.rejoin.clear();
         self.roster = None;
     }
 
@@ -431,6 +519,36 @@ impl Net {
 
     // ----- sending -----
 
+    /// Sends a command whose answer is awaited as `sent`; false if the connection broke.
+    fn send_tracked(&mut self, msg: &ClientMsg<'_>, sent: Sent) -> bool {
+        if !self.send(msg) {
+            return false;
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.sent.push_back(sent);
+        }
+        true
+    }
+
+    /// Removes the command this frame answers from the current connection's list, if any.
+    fn answered(&mut self, answers: impl Fn(&Sent) -> bool) -> Option<Sent> {
+        take_answered(&mut self.conn.as_mut()?.sent, answers)
+    }
+
+    /// Whether a JOIN of `room` is still queued, or sent and unanswered.
+    fn join_outstanding(&self, room: &str) -> bool {
+        let queued = self
+            .queue
+            .iter()
+            .any(|p| matches!(p, Pending::Join(r) if r == room));
+        let sent = self.conn.as_ref().is_some_and(|c| {
+            c.sent
+                .iter()
+                .any(|s| matches!(s, Sent::Join { room: r, .. } if r == room))
+        });
+        queued || sent
+    }
+
     /// Encodes and writes one frame; false if the connection broke (already handled).
     fn send(&mut self, msg: &ClientMsg<'_>) -> bool {
         let mut buf = Vec::new();
@@ -448,13 +566,24 @@ impl Net {
 
     /// Sends a user command, refusing locally what the server could only refuse fatally.
     fn send_pending(&mut self, p: &Pending) -> bool {
-        let msg = match p {
-            Pending::Join(room) => ClientMsg::Join { room },
-            Pending::Leave(room) => ClientMsg::Leave { room },
-            Pending::Say { room, text } => ClientMsg::Say { room, text },
-            Pending::Whisper { nick, text } => ClientMsg::Whisper { nick, text },
-            Pending::Who(room) => ClientMsg::Who { room },
-            Pending::Quit(reason) => ClientMsg::Quit { reason },
+        let (msg, sent) = match p {
+            Pending::Join(room) => (
+                ClientMsg::Join { room },
+                Some(Sent::Join {
+                    room: room.clone(),
+                    why: JoinWhy::Asked,
+                }),
+            ),
+            Pending::Leave(room) => (ClientMsg::Leave { room }, Some(Sent::Leave(room.clone()))),
+            Pending::Say { room, text } => {
+                (ClientMsg::Say { room, text }, Some(Sent::Say(room.clone())))
+            }
+            Pending::Whisper { nick, text } => {
+                (ClientMsg::Whisper { nick, text }, Some(Sent::Whisper))
+            }
+            Pending::Who(room) => (ClientMsg::Who { room }, Some(Sent::Who(room.clone()))),
+            // No answer: the server closes.
+            Pending::Quit(reason) => (ClientMsg::Quit { reason }, None),
         };
         let mut buf = Vec::new();
         msg.encode(&mut buf);
@@ -464,12 +593,20 @@ impl Net {
                 "! too_long: {payload} bytes, the server accepts at most {}; not sent",
                 self.max_frame
             ));
+            if let Pending::Join(room) = p {
+                if !self.join_outstanding(room) {
+                    self.joining.retain(|r| r != room);
+                }
+            }
             return true;
         }
         if let Pending::Whisper { nick, text } = p {
             self.say(&format!("-> *{}* {}", clean(nick), clean(text)));
         }
-        self.send(&msg)
+        match sent {
+            Some(sent) => self.send_tracked(&msg, sent),
+            None => self.send(&msg),
+        }
     }
 
     /// Sends every queued command (only on a welcomed connection).
@@ -504,7 +641,7 @@ impl Net {
             .is_some_and(|c| c.welcomed && c.barrier.is_none());
         if needs {
             let data = self.unique("barrier");
-            if self.send(&ClientMsg::Ping { data: &data }) {
+            if self.send_tracked(&ClientMsg::Ping { data: &data }, Sent::Ping(data.clone())) {
                 if let Some(c) = self.conn.as_mut() {
                     c.barrier = Some(data);
                 }
@@ -629,6 +766,9 @@ impl Net {
             ServerMsg::Message {
                 room, from, text, ..
             } => {
+                if same_nick(from, &self.nick) {
+                    self.answered(|s| matches!(s, Sent::Say(r) if r == room));
+                }
                 let from = if from.is_empty() { "(server)" } else { from };
                 self.say(&format!(
                     "[{}] <{}> {}",
@@ -651,6 +791,7 @@ impl Net {
                 if more {
                     self.roster = Some((room.to_string(), acc));
                 } else {
+                    self.answered(|s| matches!(s, Sent::Who(r) if r == room));
                     acc.sort_by_key(|n| n.to_ascii_lowercase());
                     let list: Vec<String> = acc.iter().map(|n| clean(n).into_owned()).collect();
                     let n = acc.len();
@@ -666,6 +807,7 @@ impl Net {
                 self.send(&ClientMsg::Pong { data: &data });
             }
             ServerMsg::Pong { data } => {
+                self.answered(|s| matches!(s, Sent::Ping(d) if d == data));
                 let is_barrier = self
                     .conn
                     .as_ref()
@@ -728,11 +870,37 @@ impl Net {
             // already_in_room means it was, and is not shown.
             self.say(&format!("* reconnected as {}", clean(nick)));
             self.rejoin_resumed = true;
-            for room in self.rooms.clone() {
-                if !self.send(&ClientMsg::Join { room: &room }) {
+            self.resume_seen = false;
+            let mut joins: Vec<(String, JoinWhy)> = self
+                .rooms
+                .iter()
+                .map(|r| (r.clone(), JoinWhy::Rejoin))
+                .collect();
+            for room in std::mem::take(&mut self.retry) {
+                // A JOIN still queued goes out with the queue, below.
+                let queued = self
+                    .queue
+                    .iter()
+                    .any(|p| matches!(p, Pending::Join(r) if *r == room));
+                if !queued && !joins.iter().any(|(r, _)| *r == room) {
+                    joins.push((room, JoinWhy::Retry));
+                }
+            }
+            for (i, (room, why)) in joins.iter().enumerate() {
+                let sent = Sent::Join {
+                    room: room.clone(),
+                    why: *why,
+                };
+                if !self.send_tracked(&ClientMsg::Join { room }, sent) {
+                    // Broken again: the retries sent are back in `retry` (close_conn), the
+                    // others join them.
+                    for (room, why) in &joins[i..] {
+                        if *why == JoinWhy::Retry && !self.retry.contains(room) {
+                            self.retry.push(room.clone());
+                        }
+                    }
                     return;
                 }
-                self.rejoin.push_back(room);
             }
         }
         if self.input_ended && self.drain_until.is_none() {
@@ -755,8 +923,13 @@ impl Net {
         }
         match kind {
             PresenceKind::Join => {
-                if self.rejoin.front().is_some_and(|r| r == room) {
-                    self.rejoin.pop_front();
+                let answered =
+                    self.answered(|s| matches!(s, Sent::Join { room: r, .. } if r == room));
+                let why = match answered {
+                    Some(Sent::Join { why, .. }) => Some(why),
+                    _ => None,
+                };
+                if why == Some(JoinWhy::Rejoin) {
                     self.rejoin_resumed = false;
                 }
                 if !self.rooms.iter().any(|r| r == room) {
@@ -766,8 +939,14 @@ impl Net {
                 if self.current().is_none() {
                     self.set_current(Some(room.to_string()));
                 }
+                if matches!(why, Some(JoinWhy::Rejoin | JoinWhy::Retry)) {
+                    self.rejoin_answered();
+                }
             }
             PresenceKind::Leave | PresenceKind::Quit | PresenceKind::Gone => {
+                if kind == PresenceKind::Leave {
+                    self.answered(|s| matches!(s, Sent::Leave(r) if r == room));
+                }
                 self.rooms.retain(|r| r != room);
                 self.joining.retain(|r| r != room);
                 if self.current().as_deref() == Some(room) {
@@ -782,29 +961,73 @@ impl Net {
         }
     }
 
-    fn error(&mut self, code: u16, fatal: bool, detail: &str) {
-        let name = error_name(code);
-        // Answers to the re-JOINs after a reconnect come first, in order.
-        if !fatal && self.welcomed() {
-            if let Some(room) = self.rejoin.pop_front() {
-                if code != ErrorCode::AlreadyInRoom.code() {
-                    self.say(&format!(
-                        "! {name}: cannot rejoin {}: {}",
-                        clean(&room),
-                        clean(detail)
-                    ));
-                    self.rooms.retain(|r| *r != room);
-                } else if self.rejoin.is_empty() && self.rejoin_resumed {
-                    self.say("* session resumed");
-                }
-                return;
-            }
+    /// After each answer to a JOIN sent on reconnecting: once all are answered, tell whether
+    /// the session was resumed.
+    fn rejoin_answered(&mut self) {
+        let due = self.conn.as_ref().is_some_and(|c| {
+            c.sent.iter().any(|s| {
+                matches!(
+                    s,
+                    Sent::Join {
+                        why: JoinWhy::Rejoin | JoinWhy::Retry,
+                        ..
+                    }
+                )
+            })
+        });
+        if !due && self.resume_seen && self.rejoin_resumed {
+            self.resume_seen = false;
+            self.say("* session resumed");
         }
+    }
+
+    /// A non-fatal ERROR answered our JOIN of `room`.
+    fn join_error(&mut self, name: &str, code: u16, detail: &str, room: String, why: JoinWhy) {
+        let in_room = code == ErrorCode::AlreadyInRoom.code();
+        if in_room {
+            // The answer to an earlier JOIN was lost with a connection, or the user asked
+            // twice: either way we are a member.
+            if !self.rooms.contains(&room) {
+                self.rooms.push(room.clone());
+            }
+        } else {
+            self.rooms.retain(|r| *r != room);
+        }
+        if !self.join_outstanding(&room) {
+            self.joining.retain(|r| *r != room);
+        }
+        match why {
+            JoinWhy::Asked => self.show_error(name, detail),
+            JoinWhy::Rejoin | JoinWhy::Retry if in_room => self.resume_seen = true,
+            JoinWhy::Rejoin => self.say(&format!(
+                "! {name}: cannot rejoin {}: {}",
+                clean(&room),
+                clean(detail)
+            )),
+            // Refused as the JOIN would have been without the reconnect.
+            JoinWhy::Retry => self.show_error(name, detail),
+        }
+        if why != JoinWhy::Asked {
+            self.rejoin_answered();
+        }
+    }
+
+    fn show_error(&self, name: &str, detail: &str) {
         if detail.is_empty() {
             self.say(&format!("! {name}"));
         } else {
             self.say(&format!("! {name}: {}", clean(detail)));
         }
+    }
+
+    fn error(&mut self, code: u16, fatal: bool, detail: &str) {
+        let name = error_name(code);
+        if !fatal && self.welcomed() {
+            if let Some(Sent::Join { room, why }) = self.answered(|s| refuses(code, s)) {
+                return self.join_error(&name, code, detail, room, why);
+            }
+        }
+        self.show_error(&name, detail);
         if self.quit_until.is_some() {
             if fatal {
                 self.exit = Some(0);
@@ -890,7 +1113,7 @@ impl Net {
             self.lost(&why);
         } else if silent >= self.heartbeat && c.live_ping.is_none() {
             let data = self.unique("alive");
-            if self.send(&ClientMsg::Ping { data: &data }) {
+            if self.send_tracked(&ClientMsg::Ping { data: &data }, Sent::Ping(data.clone())) {
                 if let Some(c) = self.conn.as_mut() {
                     c.live_ping = Some(data);
                 }
@@ -930,5 +1153,45 @@ mod tests {
         assert!(!reconnect_after(ErrorCode::Kicked.code()));
         assert!(!reconnect_after(ErrorCode::FrameTooLarge.code()));
         assert!(!reconnect_after(999));
+    }
+
+    #[test]
+    fn answers_are_matched_in_order_past_delivered_whispers() {
+        let join = |room: &str| Sent::Join {
+            room: room.into(),
+            why: JoinWhy::Asked,
+        };
+        let bad_room = ErrorCode::BadRoom.code();
+        let no_such_user = ErrorCode::NoSuchUser.code();
+        let mut sent = VecDeque::from([
+            Sent::Whisper,
+            join("a"),
+            Sent::Whisper,
+            Sent::Say("a".into()),
+        ]);
+        // The first whisper was delivered: the ERROR is the JOIN's.
+        assert_eq!(
+            take_answered(&mut sent, |s| refuses(bad_room, s)),
+            Some(join("a"))
+        );
+        // no_such_user refuses the whisper, not the SAY after it.
+        assert_eq!(
+            take_answered(&mut sent, |s| refuses(no_such_user, s)),
+            Some(Sent::Whisper)
+        );
+        assert_eq!(sent, [Sent::Say("a".into())]);
+
+        // A PONG answers its PING; the whisper before it was delivered.
+        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"x".to_vec())]);
+        assert_eq!(
+            take_answered(&mut sent, |s| matches!(s, Sent::Ping(d) if d == b"x")),
+            Some(Sent::Ping(b"x".to_vec()))
+        );
+        assert!(sent.is_empty());
+
+        // An ERROR that can answer nothing waiting removes nothing.
+        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"y".to_vec())]);
+        assert_eq!(take_answered(&mut sent, |s| refuses(bad_room, s)), None);
+        assert_eq!(sent.len(), 2);
     }
 }
