@@ -191,7 +191,15 @@ class Conn:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError(f"{self.label}: not closed within {timeout}s")
+                # Say what did arrive: no frame at all points at the server (or a starved
+                # driver), a steady stream at output that never ends.
+                ops = {}
+                for op, _ in frames:
+                    ops[f"{op:#x}"] = ops.get(f"{op:#x}", 0) + 1
+                raise asyncio.TimeoutError(
+                    f"{self.label}: not closed within {timeout}s; got {len(frames)} frames "
+                    f"meanwhile (by opcode: {ops})"
+                )
             try:
                 frames.append(await self.recv(left))
             except Closed:
