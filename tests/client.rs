@@ -738,6 +738,147 @@ fn refused_join_is_forgotten_and_not_sent_again_after_a_reconnect() {
     alice.expect("* session resumed");
 }
 
+/// Reads the client's frames up to and including the first with opcode `until`; returns
+/// those before it.
+#[track_caller]
+fn frames_before(c: &mut TcpStream, until: u8) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let f = read_frame(c);
+        if f.0 == until {
+            return got;
+        }
+        got.push(f);
+        assert!(
+            got.len() < 100,
+            "no frame {until:#04x} from the client: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn leave_in_flight_when_the_connection_breaks_is_sent_again_and_the_room_not_rejoined() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn(
+        "alice",
+        &[
+            "--connect",
+            &addr,
+            "--nick",
+            "alice",
+            "--join",
+            "dev",
+            "--join",
+            "lobby",
+        ],
+    );
+    let mut c1 = accepted_welcomed_first(&accepted);
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("dev")));
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    c1.write_all(&presence(kind::JOIN, "dev", "alice"))
+        .expect("write");
+    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined dev");
+    alice.expect("* alice joined lobby");
+
+    // The LEAVE reaches the server, and the connection breaks before its answer.
+    alice.send("/leave lobby");
+    assert_eq!(read_frame(&mut c1), (op::LEAVE, pstr("lobby")));
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+
+    // The session may be resumed with lobby still in it (if the LEAVE was lost): the LEAVE
+    // goes out again, and lobby is not re-joined. The WHO, typed after the reconnect, marks
+    // the end of what the reconnect sends.
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who dev");
+    let sent = frames_before(&mut c2, op::WHO);
+    assert!(
+        !sent.contains(&(op::JOIN, pstr("lobby"))),
+        "the room left is joined again: {sent:?}"
+    );
+    assert_eq!(
+        sent,
+        [(op::LEAVE, pstr("lobby")), (op::JOIN, pstr("dev"))],
+        "the LEAVE is sent again, the room still in is re-joined"
+    );
+    // The server had served the first LEAVE: not_in_room is the expected answer, not shown;
+    // lobby (the last --join) was the current room.
+    c2.write_all(&error(code::NOT_IN_ROOM, false, "not in room"))
+        .expect("write");
+    c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    alice.expect("* current room: dev");
+    alice.expect("* session resumed");
+
+    // Again, and this time the session kept lobby: the LEAVE sent again is served.
+    alice.send("/join lobby");
+    assert_eq!(read_frame(&mut c2), (op::JOIN, pstr("lobby")));
+    c2.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+    alice.send("/leave lobby");
+    assert_eq!(read_frame(&mut c2), (op::LEAVE, pstr("lobby")));
+    drop(c2);
+    alice.expect_prefix("* connection lost: ");
+    let mut c3 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who dev");
+    assert_eq!(
+        frames_before(&mut c3, op::WHO),
+        [(op::LEAVE, pstr("lobby")), (op::JOIN, pstr("dev"))]
+    );
+    c3.write_all(&presence(kind::LEAVE, "lobby", "alice"))
+        .expect("write");
+    c3.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    alice.expect("* alice left lobby");
+    alice.expect("* current room: dev");
+    alice.expect("* session resumed");
+
+    // A LEAVE asked again during the outage goes out once, with the queue.
+    alice.send("/join lobby");
+    assert_eq!(read_frame(&mut c3), (op::JOIN, pstr("lobby")));
+    c3.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+    alice.send("/leave lobby");
+    assert_eq!(read_frame(&mut c3), (op::LEAVE, pstr("lobby")));
+    drop(c3);
+    alice.expect_prefix("* connection lost: ");
+    // /switch, handled after the /leave, prints once the LEAVE is queued.
+    alice.send("/leave lobby");
+    alice.send("/switch dev");
+    alice.expect("* current room: dev");
+    let mut c4 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who dev");
+    assert_eq!(
+        frames_before(&mut c4, op::WHO),
+        [(op::JOIN, pstr("dev")), (op::LEAVE, pstr("lobby"))],
+        "each LEAVE is sent once"
+    );
+    c4.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    c4.write_all(&presence(kind::LEAVE, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* session resumed");
+    alice.expect("* alice left lobby");
+    alice.send("still here");
+    assert_eq!(
+        read_frame(&mut c4),
+        (op::SAY, pstr_rest("dev", b"still here"))
+    );
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c4), (op::QUIT, Vec::new()));
+    drop(c4);
+    assert_eq!(alice.wait_exit(), 0);
+    assert!(!alice.printed("not_in_room"), "{:#?}", alice.all);
+    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------

@@ -110,8 +110,9 @@ enum JoinWhy {
 enum Sent {
     /// Answered by our own PRESENCE join, or an ERROR.
     Join { room: String, why: JoinWhy },
-    /// Answered by our own PRESENCE leave, or an ERROR.
-    Leave(String),
+    /// Answered by our own PRESENCE leave, or an ERROR. `resent`: sent again after a
+    /// reconnect because the broken connection never delivered the answer.
+    Leave { room: String, resent: bool },
     /// Answered by our own MESSAGE in the room, or an ERROR.
     Say(String),
     /// Answered by the room's last ROSTER frame, or an ERROR.
@@ -140,7 +141,7 @@ fn refuses(code: u16, s: &Sent) -> bool {
     match s {
         Sent::Whisper => no_such_user,
         Sent::Ping(_) => false,
-        Sent::Join { .. } | Sent::Leave(_) | Sent::Say(_) | Sent::Who(_) => !no_such_user,
+        Sent::Join { .. } | Sent::Leave { .. } | Sent::Say(_) | Sent::Who(_) => !no_such_user,
     }
 }
 
@@ -273,6 +274,9 @@ pub struct Net {
     /// Rooms whose JOIN was sent but not answered when the connection broke: sent again after
     /// the reconnect.
     retry: Vec<String>,
+    /// Rooms whose LEAVE was sent but not answered when the connection broke (and no JOIN of
+    /// the room after it): sent again after the reconnect, and not re-joined.
+    releave: Vec<String>,
     /// No room we were a member of got a PRESENCE join after the reconnect (which would mean
     /// a new session).
     rejoin_resumed: bool,
@@ -316,6 +320,7 @@ impl Net {
             rooms: Vec::new(),
             current,
             retry: Vec::new(),
+            releave: Vec::new(),
             rejoin_resumed: true,
             resume_seen: false,
             roster: None,
@@ -444,16 +449,40 @@ impl Net {
                 }
                 if sent[i + 1..]
                     .iter()
-                    .any(|t| matches!(t, Sent::Leave(r) if r == room))
+                    .any(|t| matches!(t, Sent::Leave { room: r, .. } if r == room))
                 {
                     left.push(room);
-                } else if !self.retry.contains(room) {
-                    self.retry.push(room.clone());
+                } else {
+                    self.releave.retain(|r| r != room);
+                    if !self.retry.contains(room) {
+                        self.retry.push(room.clone());
+                    }
                 }
             }
             for room in left {
                 if !self.retry.contains(room) && !self.join_outstanding(room) {
                     self.joining.retain(|r| r != room);
+                }
+            }
+            // A LEAVE whose answer is lost may not have reached the server, and a resumed
+            // session would still hold the room: it is sent again after the reconnect. Until
+            // then the room no longer counts as ours, so it is not re-joined: the user's last
+            // word for it was to be out. A JOIN of the room sent after the LEAVE is the last
+            // word instead (retried above).
+            for (i, s) in sent.iter().enumerate() {
+                let Sent::Leave { room, .. } = s else {
+                    continue;
+                };
+                if sent[i + 1..]
+                    .iter()
+                    .any(|t| matches!(t, Sent::Join { room: r, .. } if r == room))
+                {
+                    continue;
+                }
+                self.rooms.retain(|r| r != room);
+                self.retry.retain(|r| r != room);
+                if !self.releave.contains(room) {
+                    self.releave.push(room.clone());
                 }
             }
         }
@@ -574,7 +603,13 @@ impl Net {
                     why: JoinWhy::Asked,
                 }),
             ),
-            Pending::Leave(room) => (ClientMsg::Leave { room }, Some(Sent::Leave(room.clone()))),
+            Pending::Leave(room) => (
+                ClientMsg::Leave { room },
+                Some(Sent::Leave {
+                    room: room.clone(),
+                    resent: false,
+                }),
+            ),
             Pending::Say { room, text } => {
                 (ClientMsg::Say { room, text }, Some(Sent::Say(room.clone())))
             }
@@ -871,6 +906,33 @@ impl Net {
             self.say(&format!("* reconnected as {}", clean(nick)));
             self.rejoin_resumed = true;
             self.resume_seen = false;
+            // LEAVEs first: they can only free room slots for the JOINs (too_many_rooms). A
+            // LEAVE of the room still queued goes out with the queue, below.
+            let leaves: Vec<String> = std::mem::take(&mut self.releave)
+                .into_iter()
+                .filter(|room| {
+                    !self
+                        .queue
+                        .iter()
+                        .any(|p| matches!(p, Pending::Leave(r) if r == room))
+                })
+                .collect();
+            for (i, room) in leaves.iter().enumerate() {
+                let sent = Sent::Leave {
+                    room: room.clone(),
+                    resent: true,
+                };
+                if !self.send_tracked(&ClientMsg::Leave { room }, sent) {
+                    // Broken again: the LEAVEs sent are back in `releave` (close_conn), the
+                    // others join them. The retries were not taken yet.
+                    for room in &leaves[i..] {
+                        if !self.releave.contains(room) {
+                            self.releave.push(room.clone());
+                        }
+                    }
+                    return;
+                }
+            }
             let mut joins: Vec<(String, JoinWhy)> = self
                 .rooms
                 .iter()
@@ -892,8 +954,8 @@ impl Net {
                     why: *why,
                 };
                 if !self.send_tracked(&ClientMsg::Join { room }, sent) {
-                    // Broken again: the retries sent are back in `retry` (close_conn), the
-                    // others join them.
+                    // Broken again: the retries and LEAVEs sent are back in `retry` and
+                    // `releave` (close_conn), the other retries join them.
                     for (room, why) in &joins[i..] {
                         if *why == JoinWhy::Retry && !self.retry.contains(room) {
                             self.retry.push(room.clone());
@@ -944,25 +1006,42 @@ impl Net {
                 }
             }
             PresenceKind::Leave | PresenceKind::Quit | PresenceKind::Gone => {
-                if kind == PresenceKind::Leave {
-                    self.answered(|s| matches!(s, Sent::Leave(r) if r == room));
-                }
-                self.rooms.retain(|r| r != room);
-                self.joining.retain(|r| r != room);
-                if self.current().as_deref() == Some(room) {
-                    let next = self.rooms.last().cloned();
-                    match &next {
-                        Some(r) => self.say(&format!("* current room: {}", clean(r))),
-                        None => self.say("* no current room"),
-                    }
-                    self.set_current(next);
+                let resent = kind == PresenceKind::Leave
+                    && matches!(
+                        self.answered(|s| matches!(s, Sent::Leave { room: r, .. } if r == room)),
+                        Some(Sent::Leave { resent: true, .. })
+                    );
+                self.left(room);
+                if resent {
+                    // A new session has no rooms: the membership carried over.
+                    self.resume_seen = true;
+                    self.rejoin_answered();
                 }
             }
         }
     }
 
-    /// After each answer to a JOIN sent on reconnecting: once all are answered, tell whether
-    /// the session was resumed.
+    /// We are out of `room` (our own PRESENCE leave, or not_in_room for our LEAVE).
+    fn left(&mut self, room: &str) {
+        self.rooms.retain(|r| r != room);
+        if self.join_outstanding(room) {
+            // The user asked for the room again after leaving it: it stays asked for, and
+            // current if it is.
+            return;
+        }
+        self.joining.retain(|r| r != room);
+        if self.current().as_deref() == Some(room) {
+            let next = self.rooms.last().cloned();
+            match &next {
+                Some(r) => self.say(&format!("* current room: {}", clean(r))),
+                None => self.say("* no current room"),
+            }
+            self.set_current(next);
+        }
+    }
+
+    /// After each answer to a JOIN or LEAVE sent on reconnecting: once all are answered, tell
+    /// whether the session was resumed.
     fn rejoin_answered(&mut self) {
         let due = self.conn.as_ref().is_some_and(|c| {
             c.sent.iter().any(|s| {
@@ -971,7 +1050,7 @@ impl Net {
                     Sent::Join {
                         why: JoinWhy::Rejoin | JoinWhy::Retry,
                         ..
-                    }
+                    } | Sent::Leave { resent: true, .. }
                 )
             })
         });
@@ -1012,6 +1091,24 @@ impl Net {
         }
     }
 
+    /// A non-fatal ERROR answered our LEAVE of `room`.
+    fn leave_error(&mut self, name: &str, code: u16, detail: &str, room: &str, resent: bool) {
+        let out = code == ErrorCode::NotInRoom.code();
+        if out {
+            self.left(room);
+        }
+        if resent {
+            // not_in_room: the first LEAVE was served, or the session is new. Either way the
+            // room is left, as asked.
+            if !out {
+                self.show_error(name, detail);
+            }
+            self.rejoin_answered();
+        } else {
+            self.show_error(name, detail);
+        }
+    }
+
     fn show_error(&self, name: &str, detail: &str) {
         if detail.is_empty() {
             self.say(&format!("! {name}"));
@@ -1023,8 +1120,14 @@ impl Net {
     fn error(&mut self, code: u16, fatal: bool, detail: &str) {
         let name = error_name(code);
         if !fatal && self.welcomed() {
-            if let Some(Sent::Join { room, why }) = self.answered(|s| refuses(code, s)) {
-                return self.join_error(&name, code, detail, room, why);
+            match self.answered(|s| refuses(code, s)) {
+                Some(Sent::Join { room, why }) => {
+                    return self.join_error(&name, code, detail, room, why);
+                }
+                Some(Sent::Leave { room, resent }) => {
+                    return self.leave_error(&name, code, detail, &room, resent);
+                }
+                _ => {}
             }
         }
         self.show_error(&name, detail);
