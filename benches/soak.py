@@ -190,7 +190,13 @@ class Conn:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError()
+                frames.append(await self.recv(left))
+            except Closed:
+                return frames
+            except asyncio.TimeoutError:
                 # Say what did arrive: no frame at all points at the server (or a starved
                 # driver), a steady stream at output that never ends.
                 ops = {}
@@ -199,11 +205,7 @@ class Conn:
                 raise asyncio.TimeoutError(
                     f"{self.label}: not closed within {timeout}s; got {len(frames)} frames "
                     f"meanwhile (by opcode: {ops})"
-                )
-            try:
-                frames.append(await self.recv(left))
-            except Closed:
-                return frames
+                ) from None
 
     def close(self):
         try:

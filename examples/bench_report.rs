@@ -35,7 +35,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 /// The kernel's user/kernel tick counts of each server, summed over every measurement window:
-/// one window is too short for a 100 Hz sample to split, the sum of dozens is not.
+/// one window is too short for the kernel's tick sampling to split, the sum of dozens is not.
 #[derive(Debug, Default)]
 struct Ticks {
     by_server: BTreeMap<String, (f64, f64)>,
@@ -292,7 +292,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     writeln!(
         md,
-        "\nWhere the CPU went. The user-space share is summed over every fanout and sweep window of all runs (the kernel's 100 Hz user/kernel ticks); CPU use is the median over the runs:\n"
+        "\nWhere the CPU went. The user-space share is summed over every fanout and sweep window of all runs (the kernel's user/kernel tick accounting, /proc/PID/stat); CPU use is the median over the runs:\n"
     )?;
     writeln!(md, "| | chatloop | async-ct | async-mt |")?;
     writeln!(md, "|---|---:|---:|---:|")?;

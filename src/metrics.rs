@@ -5,10 +5,12 @@
 //! request may be at most [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_TIMEOUT`], at
 //! most [`MAX_CLIENTS`] scrapers are served at once (more are closed at accept), and every
 //! response is rendered in one go and written without waiting. Requests are parsed with
-//! `httparse`. Anything but GET gets 405, any other path 404, a request over [`MAX_REQUEST`]
-//! bytes or with more than 32 headers 431, anything unparsable 400; every response closes the
-//! connection. After a refusal the endpoint half-closes and discards the rest of the request
-//! (a bounded "lingering close"), so the client reads the whole answer instead of a reset.
+//! `httparse`. Anything but GET gets 405, any other path 404, request headers over
+//! [`MAX_REQUEST`] bytes or more than 32 headers 431, anything unparsable 400; every response
+//! closes the connection. When the client may still be sending (a refusal, a body, a method
+//! other than GET, bytes past the request) the endpoint half-closes after the response and
+//! discards input until the client closes (a bounded "lingering close"), so the client reads
+//! the whole answer instead of a reset.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -23,7 +25,7 @@ use slab::Slab;
 use crate::protocol::{ErrorCode, op};
 use crate::server::{ITERATION_BUCKETS, Server};
 
-/// Largest request accepted, in bytes; a longer one gets 431 and is closed.
+/// Largest request head (request line and headers) accepted, in bytes; a longer one gets 431.
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// Time a client has to send its whole request and take the response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,7 +45,7 @@ struct Client {
     resp: Vec<u8>,
     sent: usize,
     deadline: Instant,
-    /// The response refused the request, part of which may still be unread: close gently.
+    /// The client may still be sending (a refusal, a body, a pipelined request): close gently.
     /// Closing a socket with unread input makes the kernel send a reset, which can destroy
     /// the response before the client reads it; so the endpoint half-closes after the
     /// response and discards input until the client closes (at most [`MAX_DISCARD`] bytes,
@@ -171,13 +173,17 @@ impl MetricsEndpoint {
         }
     }
 
-    /// Reads the request, answers it, writes the answer. `Err` (or `Ok(true)`): done, close.
+    /// Reads the request, answers it, writes the answer, then (if the client may still be
+    /// sending) discards input until it closes. `Ok`: waiting for the socket; `Err`: done or
+    /// failed, close now.
     fn drive(&mut self, key: usize, server: &Server) -> io::Result<()> {
         let c = &mut self.clients[key];
         if c.resp.is_empty() {
             let mut buf = [0u8; 2048];
             let mut eof = false;
-            loop {
+            // Read at most a little over MAX_REQUEST; the headers are judged below, so a
+            // request whose headers fit is answered on its merits even if a body follows.
+            while c.req.len() <= MAX_REQUEST {
                 match c.stream.read(&mut buf) {
                     Ok(0) => {
                         // A client may half-close right after its request (`nc -N`): answer
@@ -185,41 +191,44 @@ impl MetricsEndpoint {
                         eof = true;
                         break;
                     }
-                    Ok(n) => {
-                        c.req.extend_from_slice(&buf[..n]);
-                        if c.req.len() > MAX_REQUEST {
-                            log::debug!("metrics: request over {MAX_REQUEST} bytes");
-                            c.resp = too_large();
-                            c.linger = true;
-                            break;
-                        }
-                    }
+                    Ok(n) => c.req.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
             }
-            if c.resp.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut req = httparse::Request::new(&mut headers);
-                c.resp = match req.parse(&c.req) {
-                    Ok(httparse::Status::Partial) if eof => {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(()),
-                    Ok(httparse::Status::Complete(_)) => route(req.method, req.path, server),
-                    Err(httparse::Error::TooManyHeaders) => {
-                        log::debug!("metrics: request with over {MAX_HEADERS} headers");
-                        c.linger = true;
-                        too_large()
-                    }
-                    Err(e) => {
-                        log::debug!("metrics: bad request: {e}");
-                        c.linger = true;
-                        response(400, "Bad Request", "", "bad request\n")
-                    }
-                };
-            }
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let (resp, linger) = match req.parse(&c.req) {
+                Ok(httparse::Status::Partial) if c.req.len() > MAX_REQUEST => {
+                    log::debug!("metrics: request headers over {MAX_REQUEST} bytes");
+                    (too_large(), true)
+                }
+                Ok(httparse::Status::Complete(n)) if n > MAX_REQUEST => {
+                    log::debug!("metrics: request headers of {n} bytes");
+                    (too_large(), true)
+                }
+                Ok(httparse::Status::Partial) if eof => {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                Ok(httparse::Status::Partial) => return Ok(()),
+                Ok(httparse::Status::Complete(n)) => {
+                    // Bytes past the headers (a body, a pipelined request), or a method that
+                    // may carry a body, mean the client may still be sending.
+                    let more = n < c.req.len() || req.method != Some("GET");
+                    (route(req.method, req.path, server), more)
+                }
+                Err(httparse::Error::TooManyHeaders) => {
+                    log::debug!("metrics: request with over {MAX_HEADERS} headers");
+                    (too_large(), true)
+                }
+                Err(e) => {
+                    log::debug!("metrics: bad request: {e}");
+                    (response(400, "Bad Request", "", "bad request\n"), true)
+                }
+            };
+            c.resp = resp;
+            c.linger = linger;
         }
         while c.sent < c.resp.len() {
             match c.stream.write(&c.resp[c.sent..]) {

@@ -116,6 +116,8 @@ pub fn flood_writer(
                 }
             }
         }
+        // The last, partial batch is paced like the others: the window bound holds to the end.
+        flood.wait_window(batch_start);
         out.write_all(&batch).expect("sender: write of SAYs failed");
         flood.total.store(i, Ordering::SeqCst);
         i
@@ -178,6 +180,9 @@ pub fn collect_flood(
                     gone = true;
                     flood.stop();
                 }
+                // Only a silent connection is PINGed, and the sender is never silent while
+                // the writer thread floods; so this PONG cannot be written in the middle of
+                // one of the writer's batches on the same socket.
                 sop::PING => c.send_pong(&f.payload),
                 _ => panic!("{}: unexpected {f:?}", c.label()),
             }

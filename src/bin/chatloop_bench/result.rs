@@ -80,11 +80,7 @@ impl StepResult {
     /// Server CPU nanoseconds per delivery in the window.
     pub fn server_ns_per_delivery(&self) -> Option<f64> {
         let s = self.server_cpu?;
-        Some(if self.received == 0 {
-            0.0
-        } else {
-            s.total_s * 1e9 / self.received as f64
-        })
+        (self.received > 0).then(|| s.total_s * 1e9 / self.received as f64)
     }
 
     /// Whether the generator's loop had (almost) no idle time: then it, not the server, set
@@ -179,16 +175,17 @@ impl StepResult {
             self.cpu.pct,
             self.busy_pct,
             self.max_gap_ms,
-            match (self.server_cpu, self.server_ns_per_delivery()) {
-                (Some(s), Some(ns)) => format!(
-                    "\n  server       cpu {:.3} s = {:.0}% of the window, {:.0} ns per delivery (ticks: user {:.2} s, kernel {:.2} s)",
+            match self.server_cpu {
+                Some(s) => format!(
+                    "\n  server       cpu {:.3} s = {:.0}% of the window, {} per delivery (ticks: user {:.2} s, kernel {:.2} s)",
                     s.total_s,
                     100.0 * s.total_s / self.window_s.max(1e-9),
-                    ns,
+                    self.server_ns_per_delivery()
+                        .map_or_else(|| "– ns".to_string(), |ns| format!("{ns:.0} ns")),
                     s.user_s,
                     s.sys_s,
                 ),
-                _ => String::new(),
+                None => String::new(),
             },
             if self.saturated() {
                 "\n  WARNING      the generator was saturated: these figures are its limit, not the server's"

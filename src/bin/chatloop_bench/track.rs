@@ -84,8 +84,7 @@ impl Tracker {
         self.holes[row].iter_mut().for_each(|h| *h = 0);
     }
 
-    /// Records one MESSAGE received by subscriber `sub` at `now_ns`.
-    /// The window's latency histogram, µs.
+    /// The window's latency histogram, µs (with the pending run of equal values added).
     pub fn hist(&mut self) -> &Histogram<u64> {
         self.flush_run();
         &self.hist
@@ -98,6 +97,7 @@ impl Tracker {
         }
     }
 
+    /// Records one MESSAGE received by subscriber `sub` at `now_ns`.
     #[inline]
     pub fn on_message(&mut self, sub: usize, now_ns: u64, s: Stamp) {
         let p = s.publisher as usize;
