@@ -130,7 +130,8 @@ pub struct Args {
     /// Time allowed between accept and HELLO.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub hello_timeout: Duration,
-    /// How long a shutdown keeps flushing before it closes everything.
+    /// How long a shutdown keeps flushing before it closes everything (and how long one
+    /// closing connection, after QUIT or a fatal ERROR, may take to receive its last output).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Listen backlog (the kernel caps it at net.core.somaxconn).

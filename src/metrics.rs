@@ -528,6 +528,12 @@ pub fn render(server: &Server, out: &mut String) {
         }
     }
 
+    o.one(
+        "close_timeouts_total",
+        "counter",
+        "Closing connections (QUIT, fatal ERROR) whose peer did not take their last output within the grace period; closed with it unsent.",
+        ss.close_timeouts,
+    );
     let (queued, largest) = server.queued_output();
     o.one(
         "queued_output_bytes",

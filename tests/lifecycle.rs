@@ -385,6 +385,62 @@ fn slow_consumer_is_cut_off_others_lose_nothing() {
     slow_consumer_case("64KiB", 2000);
 }
 
+/// A peer that QUITs while the server still holds output for it, and then never reads: the
+/// server must not keep the connection (and that output) for ever. It closes it when the grace
+/// period ends, with the output unsent, and counts it; nobody else is affected.
+#[test]
+fn quit_with_output_the_peer_never_reads_closes_after_the_grace_period() {
+    let server = Server::start(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "1s",
+        "--max-pending",
+        "64MiB",
+    ]);
+    let maddr = server.metrics_addr();
+    let mut sink = server.login("sink");
+    let mut sender = server.login("sender");
+    // Whispers of 1 KiB to the sink, which never reads, until the server has to park output
+    // for it (its socket buffers are full). A delivered whisper gets no reply, so the sender
+    // reads nothing meanwhile. Bounded: 32 MiB at most, half of max-pending.
+    let text = "w".repeat(1024);
+    let mut sent = 0;
+    loop {
+        for _ in 0..64 {
+            sender.send_whisper("sink", &text);
+        }
+        sent += 64;
+        let m = try_scrape(maddr, Duration::from_secs(2)).expect("scrape");
+        if m.get("chatloop_queued_output_bytes") > 0 {
+            break;
+        }
+        assert!(
+            sent < 32 * 1024,
+            "no output parked for the sink after {sent} KiB of whispers: {}",
+            m.state()
+        );
+    }
+    let before = server.scrape().get("chatloop_close_timeouts_total");
+    let t0 = Instant::now();
+    sink.send_quit("bye");
+    let m = server.wait_metrics(
+        "the closing sink to be closed at the end of the grace period",
+        Duration::from_secs(1) + LATE * 3,
+        |m| m.get("chatloop_close_timeouts_total") > before,
+    );
+    eprintln!("sink closed {:?} after its QUIT", t0.elapsed());
+    assert_eq!(m.get("chatloop_connections"), 1, "{}", m.state());
+    assert_eq!(m.get("chatloop_sessions"), 1, "{}", m.state());
+    // What the sink's kernel buffers still held is there, then the close.
+    let (bytes, how) = read_until_close(sink.stream(), DEFAULT_TIMEOUT);
+    assert_ne!(how, "timeout", "sink: no close after {} bytes", bytes.len());
+    // The sender is fine.
+    sender.ping(b"still here");
+    drop(sender);
+    server.wait_state(0, 0, 0, DEFAULT_TIMEOUT);
+}
+
 // =============================================================================================
 // Connection limit and file descriptors
 // =============================================================================================
