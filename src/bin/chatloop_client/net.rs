@@ -459,11 +459,6 @@ impl Net {
                     }
                 }
             }
-            for room in left {
-                if !self.retry.contains(room) && !self.join_outstanding(room) {
-                    self.joining.retain(|r| r != room);
-                }
-            }
             // A LEAVE whose answer is lost may not have reached the server, and a resumed
             // session would still hold the room: it is sent again after the reconnect. Until
             // then the room no longer counts as ours, so it is not re-joined: the user's last
@@ -483,6 +478,13 @@ impl Net {
                 self.retry.retain(|r| r != room);
                 if !self.releave.contains(room) {
                     self.releave.push(room.clone());
+                }
+            }
+            // After the LEAVEs: they took the room out of `rooms`, and current is only kept
+            // for a room that is still ours.
+            for room in left {
+                if !self.retry.contains(room) {
+                    self.not_joining(room);
                 }
             }
         }
@@ -629,9 +631,7 @@ impl Net {
                 self.max_frame
             ));
             if let Pending::Join(room) = p {
-                if !self.join_outstanding(room) {
-                    self.joining.retain(|r| r != room);
-                }
+                self.not_joining(room);
             }
             return true;
         }
@@ -1024,20 +1024,28 @@ impl Net {
     /// We are out of `room` (our own PRESENCE leave, or not_in_room for our LEAVE).
     fn left(&mut self, room: &str) {
         self.rooms.retain(|r| r != room);
+        self.not_joining(room);
+    }
+
+    /// A JOIN of `room` came to nothing (refused, never sent, or overtaken by a LEAVE), or we
+    /// are out of it. `/join` made the room current before any answer, so unless the room is
+    /// still ours or asked for, current falls back to the last room we are in: lines typed
+    /// next would otherwise go to a room we are not in.
+    fn not_joining(&mut self, room: &str) {
         if self.join_outstanding(room) {
-            // The user asked for the room again after leaving it: it stays asked for, and
-            // current if it is.
+            // The user asked for the room again: it stays asked for, and current if it is.
             return;
         }
         self.joining.retain(|r| r != room);
-        if self.current().as_deref() == Some(room) {
-            let next = self.rooms.last().cloned();
-            match &next {
-                Some(r) => self.say(&format!("* current room: {}", clean(r))),
-                None => self.say("* no current room"),
-            }
-            self.set_current(next);
+        if self.current().as_deref() != Some(room) || self.rooms.iter().any(|r| r == room) {
+            return;
         }
+        let next = self.rooms.last().cloned();
+        match &next {
+            Some(r) => self.say(&format!("* current room: {}", clean(r))),
+            None => self.say("* no current room"),
+        }
+        self.set_current(next);
     }
 
     /// After each answer to a JOIN or LEAVE sent on reconnecting: once all are answered, tell
@@ -1072,9 +1080,7 @@ impl Net {
         } else {
             self.rooms.retain(|r| *r != room);
         }
-        if !self.join_outstanding(&room) {
-            self.joining.retain(|r| *r != room);
-        }
+        self.not_joining(&room);
         match why {
             JoinWhy::Asked => self.show_error(name, detail),
             JoinWhy::Rejoin | JoinWhy::Retry if in_room => self.resume_seen = true,
