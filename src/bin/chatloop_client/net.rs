@@ -117,11 +117,23 @@ enum Sent {
     Say(String),
     /// Answered by the room's last ROSTER frame, or an ERROR.
     Who(String),
-    /// Answered only when refused (`no_such_user`): a delivered whisper has no reply, which is
-    /// known once a later command is answered.
-    Whisper,
+    /// This many whispers in a row (at least 1), each answered only when refused
+    /// (`no_such_user`): a delivered whisper has no reply, which is known once a later
+    /// command is answered. Whispers are indistinguishable in their answers, so a count is
+    /// all there is to keep, and a session that only whispers keeps one entry, not one per
+    /// whisper for as long as nothing else is answered.
+    Whispers(u64),
     /// Answered by the PONG carrying this data; never refused.
     Ping(Vec<u8>),
+}
+
+/// Adds a command just sent to `sent`, merging a whisper into the whispers just before it.
+fn track(sent: &mut VecDeque<Sent>, s: Sent) {
+    if let (Sent::Whispers(more), Some(Sent::Whispers(n))) = (&s, sent.back_mut()) {
+        *n = n.saturating_add(*more);
+        return;
+    }
+    sent.push_back(s);
 }
 
 /// Removes and returns the first command in `sent` that the answer matches. The commands
@@ -132,6 +144,21 @@ fn take_answered(sent: &mut VecDeque<Sent>, answers: impl Fn(&Sent) -> bool) -> 
     sent.pop_front()
 }
 
+/// Removes and returns the command that a non-fatal ERROR with `code` refuses, as
+/// [`take_answered`] does; of a group of whispers only the oldest is refused, returned as
+/// `Whispers(1)`.
+fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent> {
+    let i = sent.iter().position(|s| refuses(code, s))?;
+    sent.drain(..i);
+    match sent.front_mut() {
+        Some(Sent::Whispers(n)) if *n > 1 => {
+            *n -= 1;
+            Some(Sent::Whispers(1))
+        }
+        _ => sent.pop_front(),
+    }
+}
+
 /// Whether a non-fatal ERROR with `code` can be the answer to `s`.
 fn refuses(code: u16, s: &Sent) -> bool {
     // Only a WHISPER gets no_such_user, and that is all it can get: skipping the whispers
@@ -139,7 +166,7 @@ fn refuses(code: u16, s: &Sent) -> bool {
     // from a refused one.
     let no_such_user = code == ErrorCode::NoSuchUser.code();
     match s {
-        Sent::Whisper => no_such_user,
+        Sent::Whispers(_) => no_such_user,
         Sent::Ping(_) => false,
         Sent::Join { .. } | Sent::Leave { .. } | Sent::Say(_) | Sent::Who(_) => !no_such_user,
     }
@@ -556,7 +583,7 @@ impl Net {
             return false;
         }
         if let Some(c) = self.conn.as_mut() {
-            c.sent.push_back(sent);
+            track(&mut c.sent, sent);
         }
         true
     }
@@ -616,7 +643,7 @@ impl Net {
                 (ClientMsg::Say { room, text }, Some(Sent::Say(room.clone())))
             }
             Pending::Whisper { nick, text } => {
-                (ClientMsg::Whisper { nick, text }, Some(Sent::Whisper))
+                (ClientMsg::Whisper { nick, text }, Some(Sent::Whispers(1)))
             }
             Pending::Who(room) => (ClientMsg::Who { room }, Some(Sent::Who(room.clone()))),
             // No answer: the server closes.
@@ -1126,7 +1153,11 @@ impl Net {
     fn error(&mut self, code: u16, fatal: bool, detail: &str) {
         let name = error_name(code);
         if !fatal && self.welcomed() {
-            match self.answered(|s| refuses(code, s)) {
+            let refused = self
+                .conn
+                .as_mut()
+                .and_then(|c| take_refused(&mut c.sent, code));
+            match refused {
                 Some(Sent::Join { room, why }) => {
                     return self.join_error(&name, code, detail, room, why);
                 }
@@ -1264,34 +1295,34 @@ mod tests {
         assert!(!reconnect_after(999));
     }
 
-    #[test]
-    fn answers_are_matched_in_order_past_delivered_whispers() {
-        let join = |room: &str| Sent::Join {
+    fn join(room: &str) -> Sent {
+        Sent::Join {
             room: room.into(),
             why: JoinWhy::Asked,
-        };
+        }
+    }
+
+    #[test]
+    fn answers_are_matched_in_order_past_delivered_whispers() {
         let bad_room = ErrorCode::BadRoom.code();
         let no_such_user = ErrorCode::NoSuchUser.code();
         let mut sent = VecDeque::from([
-            Sent::Whisper,
+            Sent::Whispers(1),
             join("a"),
-            Sent::Whisper,
+            Sent::Whispers(1),
             Sent::Say("a".into()),
         ]);
         // The first whisper was delivered: the ERROR is the JOIN's.
-        assert_eq!(
-            take_answered(&mut sent, |s| refuses(bad_room, s)),
-            Some(join("a"))
-        );
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
         // no_such_user refuses the whisper, not the SAY after it.
         assert_eq!(
-            take_answered(&mut sent, |s| refuses(no_such_user, s)),
-            Some(Sent::Whisper)
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
         );
         assert_eq!(sent, [Sent::Say("a".into())]);
 
         // A PONG answers its PING; the whisper before it was delivered.
-        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"x".to_vec())]);
+        let mut sent = VecDeque::from([Sent::Whispers(1), Sent::Ping(b"x".to_vec())]);
         assert_eq!(
             take_answered(&mut sent, |s| matches!(s, Sent::Ping(d) if d == b"x")),
             Some(Sent::Ping(b"x".to_vec()))
@@ -1299,8 +1330,63 @@ mod tests {
         assert!(sent.is_empty());
 
         // An ERROR that can answer nothing waiting removes nothing.
-        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"y".to_vec())]);
-        assert_eq!(take_answered(&mut sent, |s| refuses(bad_room, s)), None);
+        let mut sent = VecDeque::from([Sent::Whispers(1), Sent::Ping(b"y".to_vec())]);
+        assert_eq!(take_refused(&mut sent, bad_room), None);
         assert_eq!(sent.len(), 2);
+    }
+
+    #[test]
+    fn many_whispers_keep_the_list_bounded() {
+        let bad_room = ErrorCode::BadRoom.code();
+        let no_such_user = ErrorCode::NoSuchUser.code();
+        let mut sent = VecDeque::new();
+        for _ in 0..10_000 {
+            track(&mut sent, Sent::Whispers(1));
+        }
+        assert_eq!(sent.len(), 1, "one entry for consecutive whispers");
+        assert_eq!(sent, [Sent::Whispers(10_000)]);
+        track(&mut sent, join("a"));
+        for _ in 0..3 {
+            track(&mut sent, Sent::Whispers(1));
+        }
+        track(&mut sent, Sent::Say("a".into()));
+        assert_eq!(
+            sent,
+            [
+                Sent::Whispers(10_000),
+                join("a"),
+                Sent::Whispers(3),
+                Sent::Say("a".into())
+            ]
+        );
+
+        // no_such_user refuses the oldest whisper only.
+        assert_eq!(
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
+        );
+        assert_eq!(sent[0], Sent::Whispers(9_999));
+        // An ERROR for the JOIN: the whispers before it were delivered.
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
+        assert_eq!(sent, [Sent::Whispers(3), Sent::Say("a".into())]);
+        // The last whisper of a group refused takes the group with it.
+        for left in [2, 1] {
+            assert_eq!(
+                take_refused(&mut sent, no_such_user),
+                Some(Sent::Whispers(1))
+            );
+            assert_eq!(sent[0], Sent::Whispers(left));
+        }
+        assert_eq!(
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
+        );
+        assert_eq!(sent, [Sent::Say("a".into())]);
+        // The SAY's own MESSAGE answers it.
+        assert_eq!(
+            take_answered(&mut sent, |s| matches!(s, Sent::Say(r) if r == "a")),
+            Some(Sent::Say("a".into()))
+        );
+        assert!(sent.is_empty());
     }
 }
