@@ -812,6 +812,60 @@ fn join_dropped_without_an_answer_gives_the_current_room_back() {
     assert!(!alice.printed("not_in_room"), "{:#?}", alice.all);
 }
 
+#[test]
+fn unknown_non_fatal_error_is_shown_and_refuses_no_command() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn(
+        "alice",
+        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
+    );
+    let mut c1 = accepted_welcomed_first(&accepted);
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+
+    // Code 999 is no answer to JOIN (PROTOCOL.md 5.3), whatever a newer server means by it:
+    // shown, and the JOIN still waits for its own answer.
+    alice.send("/join dev");
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("dev")));
+    c1.write_all(&error(999, false, "from a newer server"))
+        .expect("write");
+    alice.expect("! error_999: from a newer server");
+    alice.send("hello dev");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::SAY, pstr_rest("dev", b"hello dev")),
+        "dev is still being joined, and current"
+    );
+
+    // Still unanswered when the connection breaks: the JOIN is sent again, and its
+    // PRESENCE completes it.
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who dev");
+    assert_eq!(
+        frames_before(&mut c2, op::WHO),
+        [(op::JOIN, pstr("lobby")), (op::JOIN, pstr("dev"))],
+        "the JOIN the unknown error did not answer is sent again"
+    );
+    c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    c2.write_all(&presence(kind::JOIN, "dev", "alice"))
+        .expect("write");
+    alice.expect("* alice joined dev");
+    alice.expect("* session resumed");
+    alice.send("in dev");
+    assert_eq!(read_frame(&mut c2), (op::SAY, pstr_rest("dev", b"in dev")));
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c2), (op::QUIT, Vec::new()));
+    drop(c2);
+    assert_eq!(alice.wait_exit(), 0);
+    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+}
+
 /// Reads the client's frames up to and including the first with opcode `until`; returns
 /// those before it.
 #[track_caller]

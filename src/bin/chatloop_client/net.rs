@@ -144,11 +144,21 @@ fn take_answered(sent: &mut VecDeque<Sent>, answers: impl Fn(&Sent) -> bool) -> 
     sent.pop_front()
 }
 
-/// Removes and returns the command that a non-fatal ERROR with `code` refuses, as
-/// [`take_answered`] does; of a group of whispers only the oldest is refused, returned as
-/// `Whispers(1)`.
+/// Removes and returns the command that a non-fatal ERROR with `code` refuses; of a group of
+/// whispers only the oldest is refused, returned as `Whispers(1)`. None if the ERROR can
+/// answer no command waiting: it then removes nothing.
 fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent> {
-    let i = sent.iter().position(|s| refuses(code, s))?;
+    // Answers come in order, and whispers are the only commands answered by silence: the
+    // ERROR is the answer of the whispers in front, or of the first other command, or of
+    // none. Looking further would take a code that answers nothing (a newer server's, say)
+    // as the refusal of a later command, and the command it skipped as answered.
+    let i = sent
+        .iter()
+        .position(|s| refuses(code, s) || !matches!(s, Sent::Whispers(_)))?;
+    if !refuses(code, &sent[i]) {
+        return None;
+    }
+    // The whispers in front were delivered.
     sent.drain(..i);
     match sent.front_mut() {
         Some(Sent::Whispers(n)) if *n > 1 => {
@@ -159,16 +169,32 @@ fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent> {
     }
 }
 
-/// Whether a non-fatal ERROR with `code` can be the answer to `s`.
+/// Whether a non-fatal ERROR with `code` can be the answer to `s`: the errors PROTOCOL.md
+/// 5.3 lists for the command, and bad_payload (4.3), which every command but PING can get.
+/// Not the others: unknown_opcode answers an opcode outside 0x01-0x09, which the client
+/// never sends; hello_required a command sent before WELCOME, which tracked ones never are;
+/// bad_nick, nick_taken and already_welcomed a HELLO, which is not tracked. An unknown code
+/// answers none (PROTOCOL.md 6: a client goes by its fatal flag only).
 fn refuses(code: u16, s: &Sent) -> bool {
-    // Only a WHISPER gets no_such_user, and that is all it can get: skipping the whispers
-    // in front of a JOIN, SAY, ... for any other code is what tells a delivered whisper
-    // from a refused one.
-    let no_such_user = code == ErrorCode::NoSuchUser.code();
+    use ErrorCode as E;
+    let Some(code) = E::from_u16(code) else {
+        return false;
+    };
     match s {
-        Sent::Whispers(_) => no_such_user,
+        Sent::Join { .. } => matches!(
+            code,
+            E::BadPayload | E::BadRoom | E::AlreadyInRoom | E::TooManyRooms
+        ),
+        Sent::Leave { .. } | Sent::Say(_) => {
+            matches!(code, E::BadPayload | E::BadRoom | E::NotInRoom)
+        }
+        Sent::Who(_) => matches!(code, E::BadPayload | E::BadRoom),
+        // A string that is not a valid nick matches no one: no_such_user, not bad_nick. With
+        // whispers in front of another command, bad_payload goes to the oldest whisper; the
+        // encoder never sends a malformed payload, so that guess is never made for real.
+        Sent::Whispers(_) => matches!(code, E::BadPayload | E::NoSuchUser),
+        // PING's data is opaque: nothing in it can fail to decode.
         Sent::Ping(_) => false,
-        Sent::Join { .. } | Sent::Leave { .. } | Sent::Say(_) | Sent::Who(_) => !no_such_user,
     }
 }
 
@@ -1385,6 +1411,58 @@ mod tests {
         // The SAY's own MESSAGE answers it.
         assert_eq!(
             take_answered(&mut sent, |s| matches!(s, Sent::Say(r) if r == "a")),
+            Some(Sent::Say("a".into()))
+        );
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn each_command_is_refused_only_by_the_codes_the_protocol_gives_it() {
+        let say = || Sent::Say("a".into());
+        let leave = || Sent::Leave {
+            room: "a".into(),
+            resent: false,
+        };
+        let who = || Sent::Who("a".into());
+        let ping = || Sent::Ping(b"p".to_vec());
+        let whispers = || Sent::Whispers(1);
+        type Made = fn() -> Sent;
+        let cases: [(&str, Made, &[u16]); 6] = [
+            ("JOIN", || join("a"), &[5, 10, 12, 20]),
+            ("LEAVE", leave, &[5, 10, 11]),
+            ("SAY", say, &[5, 10, 11]),
+            ("WHO", who, &[5, 10]),
+            ("WHISPER", whispers, &[5, 13]),
+            ("PING", ping, &[]),
+        ];
+        for (name, made, codes) in cases {
+            for code in (0..=30).chain([999, u16::MAX]) {
+                assert_eq!(
+                    refuses(code, &made()),
+                    codes.contains(&code),
+                    "{name} and code {code}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_that_answers_no_command_waiting_takes_none() {
+        let bad_room = ErrorCode::BadRoom.code();
+        let mut sent = VecDeque::from([Sent::Whispers(2), join("a"), Sent::Say("a".into())]);
+        // A code no command gets (a newer server's): the JOIN still waits for its answer,
+        // and the whispers are not taken as delivered.
+        assert_eq!(take_refused(&mut sent, 999), None);
+        // not_in_room cannot refuse the JOIN, which comes first: not the SAY's either.
+        assert_eq!(take_refused(&mut sent, ErrorCode::NotInRoom.code()), None);
+        assert_eq!(
+            take_refused(&mut sent, ErrorCode::UnknownOpcode.code()),
+            None
+        );
+        assert_eq!(sent.len(), 3);
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
+        assert_eq!(
+            take_refused(&mut sent, bad_room),
             Some(Sent::Say("a".into()))
         );
         assert!(sent.is_empty());
