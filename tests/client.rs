@@ -486,12 +486,16 @@ fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
 }
 
 fn welcome(heartbeat_ms: u32) -> Vec<u8> {
+    welcome_max(heartbeat_ms, 65536)
+}
+
+fn welcome_max(heartbeat_ms: u32, max_frame: u32) -> Vec<u8> {
     frame(
         sop::WELCOME,
         &Payload::new()
             .u64(1 << 32 | 1)
             .bytes(&TOKEN)
-            .u32(65536)
+            .u32(max_frame)
             .u32(heartbeat_ms)
             .str("alice")
             .build(),
@@ -717,10 +721,16 @@ fn refused_join_is_forgotten_and_not_sent_again_after_a_reconnect() {
     c1.write_all(&error(code::TOO_MANY_ROOMS, false, "too many rooms"))
         .expect("write");
     alice.expect("! too_many_rooms: too many rooms");
+    // full became current when it was asked for; refused, it gives the place back.
+    alice.send("back in lobby");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::SAY, pstr_rest("lobby", b"back in lobby")),
+        "a plain line after the refused JOIN goes to the room we are in"
+    );
+    alice.expect("* current room: lobby");
     alice.send("/switch full");
     alice.expect("! not_in_room: not in full (/join it first)");
-    alice.send("/switch lobby");
-    alice.expect("* current room: lobby");
 
     drop(c1);
     alice.expect_prefix("* connection lost: ");
@@ -736,6 +746,124 @@ fn refused_join_is_forgotten_and_not_sent_again_after_a_reconnect() {
     c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
         .expect("write");
     alice.expect("* session resumed");
+}
+
+#[test]
+fn join_dropped_without_an_answer_gives_the_current_room_back() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn(
+        "alice",
+        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
+    );
+    let mut c1 = accepted
+        .recv_timeout(LINE_TIMEOUT)
+        .expect("a connection from the client");
+    assert_eq!(read_frame(&mut c1), (op::HELLO, pstr("alice")));
+    // A small max_frame, so that the client itself refuses a JOIN of a long room name.
+    c1.write_all(&welcome_max(30_000, 32)).expect("write");
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+
+    // Refused locally (too_long): never sent, so never current.
+    alice.send(&format!("/join {}", "r".repeat(40)));
+    alice.expect_prefix("! too_long: ");
+    alice.send("one");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::SAY, pstr_rest("lobby", b"one")),
+        "a plain line after a JOIN refused as too long goes to the room we are in"
+    );
+    alice.expect("* current room: lobby");
+
+    // A JOIN and a LEAVE of dev in flight when the connection breaks: the user's last word
+    // was to be out of dev, so it is not retried, and stops being current at once.
+    alice.send("/join dev");
+    alice.send("/leave dev");
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("dev")));
+    assert_eq!(read_frame(&mut c1), (op::LEAVE, pstr("dev")));
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    // Typed during the outage, so sent after the reconnect's LEAVE and JOIN.
+    alice.send("two");
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who lobby");
+    assert_eq!(
+        frames_before(&mut c2, op::WHO),
+        [
+            (op::LEAVE, pstr("dev")),
+            (op::JOIN, pstr("lobby")),
+            (op::SAY, pstr_rest("lobby", b"two")),
+        ],
+        "dev is left, not retried, and no longer current"
+    );
+    alice.expect("* current room: lobby");
+    c2.write_all(&error(code::NOT_IN_ROOM, false, "not in room"))
+        .expect("write");
+    c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    alice.expect("* session resumed");
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c2), (op::QUIT, Vec::new()));
+    drop(c2);
+    assert_eq!(alice.wait_exit(), 0);
+    assert!(!alice.printed("not_in_room"), "{:#?}", alice.all);
+}
+
+#[test]
+fn unknown_non_fatal_error_is_shown_and_refuses_no_command() {
+    let (addr, accepted) = fake_server();
+    let mut alice = Cli::spawn(
+        "alice",
+        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
+    );
+    let mut c1 = accepted_welcomed_first(&accepted);
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
+    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+
+    // Code 999 is no answer to JOIN (PROTOCOL.md 5.3), whatever a newer server means by it:
+    // shown, and the JOIN still waits for its own answer.
+    alice.send("/join dev");
+    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("dev")));
+    c1.write_all(&error(999, false, "from a newer server"))
+        .expect("write");
+    alice.expect("! error_999: from a newer server");
+    alice.send("hello dev");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::SAY, pstr_rest("dev", b"hello dev")),
+        "dev is still being joined, and current"
+    );
+
+    // Still unanswered when the connection breaks: the JOIN is sent again, and its
+    // PRESENCE completes it.
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    let mut c2 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    alice.send("/who dev");
+    assert_eq!(
+        frames_before(&mut c2, op::WHO),
+        [(op::JOIN, pstr("lobby")), (op::JOIN, pstr("dev"))],
+        "the JOIN the unknown error did not answer is sent again"
+    );
+    c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    c2.write_all(&presence(kind::JOIN, "dev", "alice"))
+        .expect("write");
+    alice.expect("* alice joined dev");
+    alice.expect("* session resumed");
+    alice.send("in dev");
+    assert_eq!(read_frame(&mut c2), (op::SAY, pstr_rest("dev", b"in dev")));
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c2), (op::QUIT, Vec::new()));
+    drop(c2);
+    assert_eq!(alice.wait_exit(), 0);
+    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
 }
 
 /// Reads the client's frames up to and including the first with opcode `until`; returns

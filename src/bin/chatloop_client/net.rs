@@ -117,11 +117,23 @@ enum Sent {
     Say(String),
     /// Answered by the room's last ROSTER frame, or an ERROR.
     Who(String),
-    /// Answered only when refused (`no_such_user`): a delivered whisper has no reply, which is
-    /// known once a later command is answered.
-    Whisper,
+    /// This many whispers in a row (at least 1), each answered only when refused
+    /// (`no_such_user`): a delivered whisper has no reply, which is known once a later
+    /// command is answered. Whispers are indistinguishable in their answers, so a count is
+    /// all there is to keep, and a session that only whispers keeps one entry, not one per
+    /// whisper for as long as nothing else is answered.
+    Whispers(u64),
     /// Answered by the PONG carrying this data; never refused.
     Ping(Vec<u8>),
+}
+
+/// Adds a command just sent to `sent`, merging a whisper into the whispers just before it.
+fn track(sent: &mut VecDeque<Sent>, s: Sent) {
+    if let (Sent::Whispers(more), Some(Sent::Whispers(n))) = (&s, sent.back_mut()) {
+        *n = n.saturating_add(*more);
+        return;
+    }
+    sent.push_back(s);
 }
 
 /// Removes and returns the first command in `sent` that the answer matches. The commands
@@ -132,16 +144,57 @@ fn take_answered(sent: &mut VecDeque<Sent>, answers: impl Fn(&Sent) -> bool) -> 
     sent.pop_front()
 }
 
-/// Whether a non-fatal ERROR with `code` can be the answer to `s`.
+/// Removes and returns the command that a non-fatal ERROR with `code` refuses; of a group of
+/// whispers only the oldest is refused, returned as `Whispers(1)`. None if the ERROR can
+/// answer no command waiting: it then removes nothing.
+fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent> {
+    // Answers come in order, and whispers are the only commands answered by silence: the
+    // ERROR is the answer of the whispers in front, or of the first other command, or of
+    // none. Looking further would take a code that answers nothing (a newer server's, say)
+    // as the refusal of a later command, and the command it skipped as answered.
+    let i = sent
+        .iter()
+        .position(|s| refuses(code, s) || !matches!(s, Sent::Whispers(_)))?;
+    if !refuses(code, &sent[i]) {
+        return None;
+    }
+    // The whispers in front were delivered.
+    sent.drain(..i);
+    match sent.front_mut() {
+        Some(Sent::Whispers(n)) if *n > 1 => {
+            *n -= 1;
+            Some(Sent::Whispers(1))
+        }
+        _ => sent.pop_front(),
+    }
+}
+
+/// Whether a non-fatal ERROR with `code` can be the answer to `s`: the errors PROTOCOL.md
+/// 5.3 lists for the command, and bad_payload (4.3), which every command but PING can get.
+/// Not the others: unknown_opcode answers an opcode outside 0x01-0x09, which the client
+/// never sends; hello_required a command sent before WELCOME, which tracked ones never are;
+/// bad_nick, nick_taken and already_welcomed a HELLO, which is not tracked. An unknown code
+/// answers none (PROTOCOL.md 6: a client goes by its fatal flag only).
 fn refuses(code: u16, s: &Sent) -> bool {
-    // Only a WHISPER gets no_such_user, and that is all it can get: skipping the whispers
-    // in front of a JOIN, SAY, ... for any other code is what tells a delivered whisper
-    // from a refused one.
-    let no_such_user = code == ErrorCode::NoSuchUser.code();
+    use ErrorCode as E;
+    let Some(code) = E::from_u16(code) else {
+        return false;
+    };
     match s {
-        Sent::Whisper => no_such_user,
+        Sent::Join { .. } => matches!(
+            code,
+            E::BadPayload | E::BadRoom | E::AlreadyInRoom | E::TooManyRooms
+        ),
+        Sent::Leave { .. } | Sent::Say(_) => {
+            matches!(code, E::BadPayload | E::BadRoom | E::NotInRoom)
+        }
+        Sent::Who(_) => matches!(code, E::BadPayload | E::BadRoom),
+        // A string that is not a valid nick matches no one: no_such_user, not bad_nick. With
+        // whispers in front of another command, bad_payload goes to the oldest whisper; the
+        // encoder never sends a malformed payload, so that guess is never made for real.
+        Sent::Whispers(_) => matches!(code, E::BadPayload | E::NoSuchUser),
+        // PING's data is opaque: nothing in it can fail to decode.
         Sent::Ping(_) => false,
-        Sent::Join { .. } | Sent::Leave { .. } | Sent::Say(_) | Sent::Who(_) => !no_such_user,
     }
 }
 
@@ -459,11 +512,6 @@ impl Net {
                     }
                 }
             }
-            for room in left {
-                if !self.retry.contains(room) && !self.join_outstanding(room) {
-                    self.joining.retain(|r| r != room);
-                }
-            }
             // A LEAVE whose answer is lost may not have reached the server, and a resumed
             // session would still hold the room: it is sent again after the reconnect. Until
             // then the room no longer counts as ours, so it is not re-joined: the user's last
@@ -483,6 +531,13 @@ impl Net {
                 self.retry.retain(|r| r != room);
                 if !self.releave.contains(room) {
                     self.releave.push(room.clone());
+                }
+            }
+            // After the LEAVEs: they took the room out of `rooms`, and current is only kept
+            // for a room that is still ours.
+            for room in left {
+                if !self.retry.contains(room) {
+                    self.not_joining(room);
                 }
             }
         }
@@ -554,7 +609,7 @@ impl Net {
             return false;
         }
         if let Some(c) = self.conn.as_mut() {
-            c.sent.push_back(sent);
+            track(&mut c.sent, sent);
         }
         true
     }
@@ -614,7 +669,7 @@ impl Net {
                 (ClientMsg::Say { room, text }, Some(Sent::Say(room.clone())))
             }
             Pending::Whisper { nick, text } => {
-                (ClientMsg::Whisper { nick, text }, Some(Sent::Whisper))
+                (ClientMsg::Whisper { nick, text }, Some(Sent::Whispers(1)))
             }
             Pending::Who(room) => (ClientMsg::Who { room }, Some(Sent::Who(room.clone()))),
             // No answer: the server closes.
@@ -629,9 +684,7 @@ impl Net {
                 self.max_frame
             ));
             if let Pending::Join(room) = p {
-                if !self.join_outstanding(room) {
-                    self.joining.retain(|r| r != room);
-                }
+                self.not_joining(room);
             }
             return true;
         }
@@ -1024,20 +1077,28 @@ impl Net {
     /// We are out of `room` (our own PRESENCE leave, or not_in_room for our LEAVE).
     fn left(&mut self, room: &str) {
         self.rooms.retain(|r| r != room);
+        self.not_joining(room);
+    }
+
+    /// A JOIN of `room` came to nothing (refused, never sent, or overtaken by a LEAVE), or we
+    /// are out of it. `/join` made the room current before any answer, so unless the room is
+    /// still ours or asked for, current falls back to the last room we are in: lines typed
+    /// next would otherwise go to a room we are not in.
+    fn not_joining(&mut self, room: &str) {
         if self.join_outstanding(room) {
-            // The user asked for the room again after leaving it: it stays asked for, and
-            // current if it is.
+            // The user asked for the room again: it stays asked for, and current if it is.
             return;
         }
         self.joining.retain(|r| r != room);
-        if self.current().as_deref() == Some(room) {
-            let next = self.rooms.last().cloned();
-            match &next {
-                Some(r) => self.say(&format!("* current room: {}", clean(r))),
-                None => self.say("* no current room"),
-            }
-            self.set_current(next);
+        if self.current().as_deref() != Some(room) || self.rooms.iter().any(|r| r == room) {
+            return;
         }
+        let next = self.rooms.last().cloned();
+        match &next {
+            Some(r) => self.say(&format!("* current room: {}", clean(r))),
+            None => self.say("* no current room"),
+        }
+        self.set_current(next);
     }
 
     /// After each answer to a JOIN or LEAVE sent on reconnecting: once all are answered, tell
@@ -1072,9 +1133,7 @@ impl Net {
         } else {
             self.rooms.retain(|r| *r != room);
         }
-        if !self.join_outstanding(&room) {
-            self.joining.retain(|r| *r != room);
-        }
+        self.not_joining(&room);
         match why {
             JoinWhy::Asked => self.show_error(name, detail),
             JoinWhy::Rejoin | JoinWhy::Retry if in_room => self.resume_seen = true,
@@ -1120,7 +1179,11 @@ impl Net {
     fn error(&mut self, code: u16, fatal: bool, detail: &str) {
         let name = error_name(code);
         if !fatal && self.welcomed() {
-            match self.answered(|s| refuses(code, s)) {
+            let refused = self
+                .conn
+                .as_mut()
+                .and_then(|c| take_refused(&mut c.sent, code));
+            match refused {
                 Some(Sent::Join { room, why }) => {
                     return self.join_error(&name, code, detail, room, why);
                 }
@@ -1258,34 +1321,34 @@ mod tests {
         assert!(!reconnect_after(999));
     }
 
-    #[test]
-    fn answers_are_matched_in_order_past_delivered_whispers() {
-        let join = |room: &str| Sent::Join {
+    fn join(room: &str) -> Sent {
+        Sent::Join {
             room: room.into(),
             why: JoinWhy::Asked,
-        };
+        }
+    }
+
+    #[test]
+    fn answers_are_matched_in_order_past_delivered_whispers() {
         let bad_room = ErrorCode::BadRoom.code();
         let no_such_user = ErrorCode::NoSuchUser.code();
         let mut sent = VecDeque::from([
-            Sent::Whisper,
+            Sent::Whispers(1),
             join("a"),
-            Sent::Whisper,
+            Sent::Whispers(1),
             Sent::Say("a".into()),
         ]);
         // The first whisper was delivered: the ERROR is the JOIN's.
-        assert_eq!(
-            take_answered(&mut sent, |s| refuses(bad_room, s)),
-            Some(join("a"))
-        );
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
         // no_such_user refuses the whisper, not the SAY after it.
         assert_eq!(
-            take_answered(&mut sent, |s| refuses(no_such_user, s)),
-            Some(Sent::Whisper)
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
         );
         assert_eq!(sent, [Sent::Say("a".into())]);
 
         // A PONG answers its PING; the whisper before it was delivered.
-        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"x".to_vec())]);
+        let mut sent = VecDeque::from([Sent::Whispers(1), Sent::Ping(b"x".to_vec())]);
         assert_eq!(
             take_answered(&mut sent, |s| matches!(s, Sent::Ping(d) if d == b"x")),
             Some(Sent::Ping(b"x".to_vec()))
@@ -1293,8 +1356,115 @@ mod tests {
         assert!(sent.is_empty());
 
         // An ERROR that can answer nothing waiting removes nothing.
-        let mut sent = VecDeque::from([Sent::Whisper, Sent::Ping(b"y".to_vec())]);
-        assert_eq!(take_answered(&mut sent, |s| refuses(bad_room, s)), None);
+        let mut sent = VecDeque::from([Sent::Whispers(1), Sent::Ping(b"y".to_vec())]);
+        assert_eq!(take_refused(&mut sent, bad_room), None);
         assert_eq!(sent.len(), 2);
+    }
+
+    #[test]
+    fn many_whispers_keep_the_list_bounded() {
+        let bad_room = ErrorCode::BadRoom.code();
+        let no_such_user = ErrorCode::NoSuchUser.code();
+        let mut sent = VecDeque::new();
+        for _ in 0..10_000 {
+            track(&mut sent, Sent::Whispers(1));
+        }
+        assert_eq!(sent.len(), 1, "one entry for consecutive whispers");
+        assert_eq!(sent, [Sent::Whispers(10_000)]);
+        track(&mut sent, join("a"));
+        for _ in 0..3 {
+            track(&mut sent, Sent::Whispers(1));
+        }
+        track(&mut sent, Sent::Say("a".into()));
+        assert_eq!(
+            sent,
+            [
+                Sent::Whispers(10_000),
+                join("a"),
+                Sent::Whispers(3),
+                Sent::Say("a".into())
+            ]
+        );
+
+        // no_such_user refuses the oldest whisper only.
+        assert_eq!(
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
+        );
+        assert_eq!(sent[0], Sent::Whispers(9_999));
+        // An ERROR for the JOIN: the whispers before it were delivered.
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
+        assert_eq!(sent, [Sent::Whispers(3), Sent::Say("a".into())]);
+        // The last whisper of a group refused takes the group with it.
+        for left in [2, 1] {
+            assert_eq!(
+                take_refused(&mut sent, no_such_user),
+                Some(Sent::Whispers(1))
+            );
+            assert_eq!(sent[0], Sent::Whispers(left));
+        }
+        assert_eq!(
+            take_refused(&mut sent, no_such_user),
+            Some(Sent::Whispers(1))
+        );
+        assert_eq!(sent, [Sent::Say("a".into())]);
+        // The SAY's own MESSAGE answers it.
+        assert_eq!(
+            take_answered(&mut sent, |s| matches!(s, Sent::Say(r) if r == "a")),
+            Some(Sent::Say("a".into()))
+        );
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn each_command_is_refused_only_by_the_codes_the_protocol_gives_it() {
+        let say = || Sent::Say("a".into());
+        let leave = || Sent::Leave {
+            room: "a".into(),
+            resent: false,
+        };
+        let who = || Sent::Who("a".into());
+        let ping = || Sent::Ping(b"p".to_vec());
+        let whispers = || Sent::Whispers(1);
+        type Made = fn() -> Sent;
+        let cases: [(&str, Made, &[u16]); 6] = [
+            ("JOIN", || join("a"), &[5, 10, 12, 20]),
+            ("LEAVE", leave, &[5, 10, 11]),
+            ("SAY", say, &[5, 10, 11]),
+            ("WHO", who, &[5, 10]),
+            ("WHISPER", whispers, &[5, 13]),
+            ("PING", ping, &[]),
+        ];
+        for (name, made, codes) in cases {
+            for code in (0..=30).chain([999, u16::MAX]) {
+                assert_eq!(
+                    refuses(code, &made()),
+                    codes.contains(&code),
+                    "{name} and code {code}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_that_answers_no_command_waiting_takes_none() {
+        let bad_room = ErrorCode::BadRoom.code();
+        let mut sent = VecDeque::from([Sent::Whispers(2), join("a"), Sent::Say("a".into())]);
+        // A code no command gets (a newer server's): the JOIN still waits for its answer,
+        // and the whispers are not taken as delivered.
+        assert_eq!(take_refused(&mut sent, 999), None);
+        // not_in_room cannot refuse the JOIN, which comes first: not the SAY's either.
+        assert_eq!(take_refused(&mut sent, ErrorCode::NotInRoom.code()), None);
+        assert_eq!(
+            take_refused(&mut sent, ErrorCode::UnknownOpcode.code()),
+            None
+        );
+        assert_eq!(sent.len(), 3);
+        assert_eq!(take_refused(&mut sent, bad_room), Some(join("a")));
+        assert_eq!(
+            take_refused(&mut sent, bad_room),
+            Some(Sent::Say("a".into()))
+        );
+        assert!(sent.is_empty());
     }
 }
