@@ -1,8 +1,10 @@
-//! The terminal client's parts: flags, input, output, network.
+//! The terminal client's parts: flags, input (command), output, network (net) and the
+//! bookkeeping of commands awaiting their answers (sent).
 
 pub mod command;
 pub mod net;
 pub mod output;
+mod sent;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::sync::mpsc::{self, Sender};
