@@ -127,6 +127,27 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
 /// closes the connection (every response closes it). Panics with the raw bytes on any problem.
 #[track_caller]
 fn http_raw(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    http_exchange(addr, request).0
+}
+
+/// As [`http_raw`], and the response must end with a clean close (EOF), not a reset: the
+/// endpoint must not close with part of the request unread, or the kernel resets the
+/// connection and a reset can destroy the response in flight.
+#[track_caller]
+fn http_raw_clean_close(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    let (r, how) = http_exchange(addr, request);
+    assert_eq!(
+        how,
+        "EOF",
+        "{}: the connection must end with EOF, not {how}; got {r:?}",
+        show_bytes(&request[..request.len().min(40)])
+    );
+    r
+}
+
+/// The response to `request` and how the connection ended ("EOF" or "reset").
+#[track_caller]
+fn http_exchange(addr: SocketAddr, request: &[u8]) -> (HttpResponse, &'static str) {
     let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
     s.set_write_timeout(Some(HTTP_TIMEOUT))
@@ -141,13 +162,14 @@ fn http_raw(addr: SocketAddr, request: &[u8]) -> HttpResponse {
         show_bytes(request),
         show_bytes(&raw)
     );
-    parse_response(&raw).unwrap_or_else(|e| {
+    let r = parse_response(&raw).unwrap_or_else(|e| {
         panic!(
             "HTTP: bad response to {} ({e}); closed by {how}; raw response {:?}",
             show_bytes(request),
             String::from_utf8_lossy(&raw)
         )
-    })
+    });
+    (r, how)
 }
 
 /// `GET path HTTP/1.1`.
@@ -1132,47 +1154,19 @@ fn http_endpoint_answers_and_never_stalls_the_chat() {
     many.extend_from_slice(b"\r\n");
     let r = http_raw(maddr, &many);
     assert_eq!(r.status, 431, "40 headers: {r:?}");
-    // A 48 KiB request: most of it is still unread when the 431 is written. The endpoint must
-    // not close with unread input (the kernel would reset the connection, and a reset can
-    // destroy the response in flight): the client reads the whole response, then EOF.
-    {
-        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
-        huge.resize(48 * 1024 - 4, b'a');
-        huge.extend_from_slice(b"\r\n\r\n");
-        let mut s = TcpStream::connect(maddr).expect("connect");
-        s.set_write_timeout(Some(HTTP_TIMEOUT))
-            .expect("set_write_timeout");
-        s.write_all(&huge).expect("write 48 KiB request");
-        let (raw, how) = read_until_close(&s, HTTP_TIMEOUT);
-        assert_eq!(
-            how,
-            "EOF",
-            "48 KiB request: the connection must end with EOF, not {how}; got {}",
-            show_bytes(&raw)
-        );
-        let r = parse_response(&raw).unwrap_or_else(|e| panic!("48 KiB request: {e}"));
-        assert_eq!(r.status, 431, "48 KiB request: {r:?}");
-    }
+    // A 48 KiB request: most of it is still unread when the 431 is written; the client must
+    // still read the whole response, then EOF.
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+    huge.resize(48 * 1024 - 4, b'a');
+    huge.extend_from_slice(b"\r\n\r\n");
+    let r = http_raw_clean_close(maddr, &huge);
+    assert_eq!(r.status, 431, "48 KiB request: {r:?}");
     // A POST with a 32 KiB body: its headers are small, so it is refused for its method (405),
     // not its size, and the unread body does not turn the answer into a reset either.
-    {
-        let mut post =
-            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 32768\r\n\r\n".to_vec();
-        post.resize(post.len() + 32 * 1024, b'b');
-        let mut s = TcpStream::connect(maddr).expect("connect");
-        s.set_write_timeout(Some(HTTP_TIMEOUT))
-            .expect("set_write_timeout");
-        s.write_all(&post).expect("write POST with a body");
-        let (raw, how) = read_until_close(&s, HTTP_TIMEOUT);
-        assert_eq!(
-            how,
-            "EOF",
-            "POST with a body: the connection must end with EOF, not {how}; got {}",
-            show_bytes(&raw)
-        );
-        let r = parse_response(&raw).unwrap_or_else(|e| panic!("POST with a body: {e}"));
-        assert_eq!(r.status, 405, "POST with a body: {r:?}");
-    }
+    let mut post = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 32768\r\n\r\n".to_vec();
+    post.resize(post.len() + 32 * 1024, b'b');
+    let r = http_raw_clean_close(maddr, &post);
+    assert_eq!(r.status, 405, "POST with a body: {r:?}");
     // HTTP/1.0 and a request in pieces are fine.
     let r = http_raw(maddr, b"GET /healthz HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 200, "HTTP/1.0 request: {r:?}");
