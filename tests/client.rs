@@ -620,6 +620,35 @@ fn accepted_welcomed_first(accepted: &Receiver<TcpStream>) -> TcpStream {
     accept_welcomed(accepted, pstr("alice"))
 }
 
+/// Alice, started with `--join lobby` against a fake server, welcomed and confirmed in lobby:
+/// the starting point of most fake-server tests.
+#[track_caller]
+fn alice_in_lobby(addr: &str, accepted: &Receiver<TcpStream>) -> (Cli, TcpStream) {
+    let mut alice = Cli::spawn(
+        "alice",
+        &["--connect", addr, "--nick", "alice", "--join", "lobby"],
+    );
+    let mut c = accepted_welcomed_first(accepted);
+    assert_eq!(read_frame(&mut c), (op::JOIN, pstr("lobby")));
+    c.write_all(&presence(kind::JOIN, "lobby", "alice"))
+        .expect("write");
+    alice.expect("* alice joined lobby");
+    (alice, c)
+}
+
+/// `/quit`: the client sends QUIT on `c` and, once the fake server closes, exits 0 without
+/// having printed any of `never` (answers that should have been kept quiet).
+#[track_caller]
+fn quit_cleanly(mut alice: Cli, mut c: TcpStream, never: &[&str]) {
+    alice.send("/quit");
+    assert_eq!(read_frame(&mut c), (op::QUIT, Vec::new()));
+    drop(c);
+    assert_eq!(alice.wait_exit(), 0);
+    for n in never {
+        assert!(!alice.printed(n), "printed {n}: {:#?}", alice.all);
+    }
+}
+
 fn message(room: &str, from: &str, text: &str) -> Vec<u8> {
     frame(
         sop::MESSAGE,
@@ -690,25 +719,13 @@ fn join_in_flight_when_the_connection_breaks_is_sent_again_after_the_reconnect()
             .expect("write");
     }
     alice.expect("* session resumed");
-    alice.send("/quit");
-    assert_eq!(read_frame(&mut c3), (op::QUIT, Vec::new()));
-    drop(c3);
-    assert_eq!(alice.wait_exit(), 0);
-    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+    quit_cleanly(alice, c3, &["already_in_room"]);
 }
 
 #[test]
 fn refused_join_is_forgotten_and_not_sent_again_after_a_reconnect() {
     let (addr, accepted) = fake_server();
-    let mut alice = Cli::spawn(
-        "alice",
-        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
-    );
-    let mut c1 = accepted_welcomed_first(&accepted);
-    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
-    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
-        .expect("write");
-    alice.expect("* alice joined lobby");
+    let (mut alice, mut c1) = alice_in_lobby(&addr, &accepted);
 
     // A whisper (no answer when delivered) and a refused JOIN: the ERROR is the JOIN's.
     alice.send("/msg bob psst");
@@ -805,25 +822,13 @@ fn join_dropped_without_an_answer_gives_the_current_room_back() {
     c2.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
         .expect("write");
     alice.expect("* session resumed");
-    alice.send("/quit");
-    assert_eq!(read_frame(&mut c2), (op::QUIT, Vec::new()));
-    drop(c2);
-    assert_eq!(alice.wait_exit(), 0);
-    assert!(!alice.printed("not_in_room"), "{:#?}", alice.all);
+    quit_cleanly(alice, c2, &["not_in_room"]);
 }
 
 #[test]
 fn unknown_non_fatal_error_is_shown_and_refuses_no_command() {
     let (addr, accepted) = fake_server();
-    let mut alice = Cli::spawn(
-        "alice",
-        &["--connect", &addr, "--nick", "alice", "--join", "lobby"],
-    );
-    let mut c1 = accepted_welcomed_first(&accepted);
-    assert_eq!(read_frame(&mut c1), (op::JOIN, pstr("lobby")));
-    c1.write_all(&presence(kind::JOIN, "lobby", "alice"))
-        .expect("write");
-    alice.expect("* alice joined lobby");
+    let (mut alice, mut c1) = alice_in_lobby(&addr, &accepted);
 
     // Code 999 is no answer to JOIN (PROTOCOL.md 5.3), whatever a newer server means by it:
     // shown, and the JOIN still waits for its own answer.
@@ -859,11 +864,7 @@ fn unknown_non_fatal_error_is_shown_and_refuses_no_command() {
     alice.expect("* session resumed");
     alice.send("in dev");
     assert_eq!(read_frame(&mut c2), (op::SAY, pstr_rest("dev", b"in dev")));
-    alice.send("/quit");
-    assert_eq!(read_frame(&mut c2), (op::QUIT, Vec::new()));
-    drop(c2);
-    assert_eq!(alice.wait_exit(), 0);
-    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+    quit_cleanly(alice, c2, &["already_in_room"]);
 }
 
 /// Reads the client's frames up to and including the first with opcode `until`; returns
@@ -999,12 +1000,7 @@ fn leave_in_flight_when_the_connection_breaks_is_sent_again_and_the_room_not_rej
         read_frame(&mut c4),
         (op::SAY, pstr_rest("dev", b"still here"))
     );
-    alice.send("/quit");
-    assert_eq!(read_frame(&mut c4), (op::QUIT, Vec::new()));
-    drop(c4);
-    assert_eq!(alice.wait_exit(), 0);
-    assert!(!alice.printed("not_in_room"), "{:#?}", alice.all);
-    assert!(!alice.printed("already_in_room"), "{:#?}", alice.all);
+    quit_cleanly(alice, c4, &["not_in_room", "already_in_room"]);
 }
 
 // ---------------------------------------------------------------------------------------------
