@@ -5,11 +5,11 @@
 //!
 //! - **an acceptor task** takes connections, refuses those beyond `--max-connections` with
 //!   `server_full` (a semaphore permit is held for a connection's whole life), and spawns
-//! - **a task per connection**, the reader: it reads into a `BytesMut`, splits off the whole
-//!   frames with the crate's header check (judged byte by byte, so a bad magic is caught on its
-//!   first byte and an oversized length before its payload) and sends them to the actor as one
-//!   `Bytes` per read. It stops reading while more than two reads' worth of its input waits
-//!   for the actor, so a flooding peer is slowed down by TCP rather than buffered. It spawns
+//! - **a task per connection**, the reader: it reads into a `BytesMut` and sends each read to
+//!   the actor as one `Bytes`; the core splits it into frames (as it does for the mio server)
+//!   and keeps an incomplete one. It stops reading while more than two reads' worth of its
+//!   input waits for the actor, so a flooding peer is slowed down by TCP rather than
+//!   buffered. It spawns
 //! - **a writer task per connection**, fed by a bounded `mpsc` channel of `Bytes`: it takes
 //!   whatever is queued (`recv`, then `try_recv`) and writes it with one `writev`;
 //! - **one actor task** owns the chat state (`chatloop::core::Chat`) and time: it receives
@@ -205,7 +205,6 @@ fn round_budget(max_pending: usize) -> usize {
 /// What every connection task needs to know.
 #[derive(Debug)]
 struct ConnConfig {
-    max_frame: u32,
     /// Bytes asked of one read.
     read_size: usize,
     /// Input bytes a connection may have sent to the actor and not yet seen handled before its
@@ -254,7 +253,6 @@ async fn run(args: Args) -> Result<(), String> {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let read_size = round_budget(args.max_pending).clamp(256, READ_SIZE);
     let cfg = Arc::new(ConnConfig {
-        max_frame: args.max_frame,
         read_size,
         unhandled_limit: 2 * read_size,
         out_slots: (args.max_pending / 64).clamp(64, 16 * 1024),
@@ -454,8 +452,8 @@ async fn connection(
     log::debug!("conn {id}: closed, peer {peer}");
 }
 
-/// The reader: forwards whole frames to the actor until the peer closes, reading fails, a fatal
-/// framing error is found, or the writer ends (the actor closed the connection).
+/// The reader: forwards what it reads to the actor until the peer closes, reading fails, or the
+/// writer ends (the actor closed the connection, after a fatal framing error for instance).
 async fn read_loop(
     id: ConnId,
     rd: &OwnedReadHalf,
@@ -464,7 +462,6 @@ async fn read_loop(
     shared: &Shared,
     cfg: &ConnConfig,
 ) {
-    let max_frame = cfg.max_frame;
     let limit = cfg.unhandled_limit;
     let mut buf = BytesMut::new();
     let mut ended = None;
@@ -486,7 +483,7 @@ async fn read_loop(
                 }
             }
         }
-        buf.reserve(read_size(&buf, max_frame, cfg.read_size));
+        buf.reserve(cfg.read_size);
         match rd.try_read_buf(&mut buf) {
             Ok(0) => break Some(CloseReason::Eof),
             Ok(_) => {}
@@ -500,21 +497,13 @@ async fn read_loop(
             }
             Err(e) => break Some(classify(&e)),
         }
-        let (whole, fatal) = whole_frames(&buf, max_frame);
-        // Whole frames go as one chunk. A read that completed no frame still goes, empty: any
-        // received byte is activity for the idle timer. After a fatal header the rest goes
-        // too, so the core answers it, and nothing more is read.
-        let chunk = if fatal {
-            buf.split().freeze()
-        } else {
-            buf.split_to(whole).freeze()
-        };
-        if buf.is_empty() {
-            // An idle connection holds no read buffer.
-            buf = BytesMut::new();
-        }
+        // Whatever arrived goes to the actor as it is: the core splits it into frames and
+        // keeps an incomplete one (and judges a bad header, which ends the connection through
+        // the writer, so nothing more is read). The buffer goes with it: an idle connection
+        // holds no read buffer.
+        let chunk = std::mem::take(&mut buf).freeze();
         shared.unhandled.fetch_add(chunk.len(), Ordering::AcqRel);
-        if events.send(Event::Data { id, bytes: chunk }).await.is_err() || fatal {
+        if events.send(Event::Data { id, bytes: chunk }).await.is_err() {
             break None;
         }
     };
@@ -549,27 +538,6 @@ fn drain_input(rd: &OwnedReadHalf) {
         match rd.try_read(&mut scratch) {
             Ok(n) if n > 0 => continue,
             _ => break,
-        }
-    }
-}
-
-/// How much room to make before the next read: the rest of an announced frame, at least `min`.
-fn read_size(buf: &[u8], max_frame: u32, min: usize) -> usize {
-    match protocol::check_header(buf, max_frame) {
-        Ok(Some(h)) => h.frame_len().saturating_sub(buf.len()).max(min),
-        _ => min,
-    }
-}
-
-/// The length of the run of whole frames at the front of `buf`, and whether a bad header
-/// (fatal) follows it.
-fn whole_frames(buf: &[u8], max_frame: u32) -> (usize, bool) {
-    let mut off = 0;
-    loop {
-        match protocol::check_header(&buf[off..], max_frame) {
-            Err(_) => return (off, true),
-            Ok(Some(h)) if buf.len() - off >= h.frame_len() => off += h.frame_len(),
-            Ok(_) => return (off, false),
         }
     }
 }
@@ -861,8 +829,7 @@ impl Actor {
             Event::Data { id, bytes } => {
                 if let Some(h) = self.handle_of(id) {
                     h.shared.handled(bytes.len(), self.unhandled_limit);
-                    let used = self.chat.handle_data(now, id, &bytes);
-                    debug_assert!(used == bytes.len() || !self.chat.is_open(id));
+                    self.chat.handle_data(now, id, &bytes);
                 }
             }
             Event::Closed { id, reason } => {

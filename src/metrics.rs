@@ -547,11 +547,24 @@ pub fn render(server: &Server, out: &mut String) {
         "Output bytes parked for the most backlogged connection.",
         largest as u64,
     );
+    let (partial, partial_bytes) = chat.partial_input();
+    o.one(
+        "partial_frames",
+        "gauge",
+        "Connections holding an incomplete frame (the beginning of a frame still arriving).",
+        partial as u64,
+    );
+    o.one(
+        "partial_frame_bytes",
+        "gauge",
+        "Memory held for incomplete frames, in bytes.",
+        partial_bytes as u64,
+    );
     let (in_use, pooled) = server.buffers();
     o.one(
         "buffers_in_use",
         "gauge",
-        "Ring buffers held by connections.",
+        "Write ring buffers held by connections (output a socket refused).",
         in_use as u64,
     );
     o.one(

@@ -91,9 +91,11 @@ fn reset_mid_frame_is_gone_and_others_unaffected() {
         a.expect_presence(kind::JOIN, "r", &nick);
         b.expect_presence(kind::JOIN, "r", &nick);
         c.send_raw(&say[..cut]);
-        // The partial frame is buffered (a ring buffer is in use) before the reset.
+        // The partial frame is buffered (the core holds it, in memory sized to what
+        // arrived) before the reset.
         server.wait_metrics("the partial frame buffered", SETTLE, |m| {
-            m.get("chatloop_buffers_in_use") == 1
+            m.get("chatloop_partial_frames") == 1
+                && (1..=256).contains(&m.get("chatloop_partial_frame_bytes"))
         });
         c.reset_now();
         a.expect_presence(kind::GONE, "r", &nick);

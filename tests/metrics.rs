@@ -702,6 +702,8 @@ fn counters_move_with_the_chat() {
             ("chatloop_queued_output_max_bytes", 0.0),
             // Idle connections hold no buffers (docs/OPERATIONS.md, "Memory").
             ("chatloop_buffers_in_use", 0.0),
+            ("chatloop_partial_frames", 0.0),
+            ("chatloop_partial_frame_bytes", 0.0),
         ],
     );
 
@@ -815,6 +817,8 @@ fn counters_move_with_the_chat() {
         ("chatloop_connections_closed_total", "counter"),
         ("chatloop_queued_output_bytes", "gauge"),
         ("chatloop_queued_output_max_bytes", "gauge"),
+        ("chatloop_partial_frames", "gauge"),
+        ("chatloop_partial_frame_bytes", "gauge"),
         ("chatloop_buffers_in_use", "gauge"),
         ("chatloop_buffers_pooled", "gauge"),
         ("chatloop_loop_iterations_total", "counter"),

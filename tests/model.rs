@@ -485,8 +485,6 @@ struct Run {
     ids: Vec<Option<ConnId>>,
     /// Whether the driver considers it open.
     live: Vec<bool>,
-    /// Bytes the core did not consume yet (an incomplete frame), per client.
-    pending: Vec<Vec<u8>>,
     /// Every state of the model consistent with what the core did so far (almost always one).
     states: Vec<Model>,
 }
@@ -575,7 +573,6 @@ impl Run {
             gens: Generations::new(),
             ids: vec![None; case.clients],
             live: vec![false; case.clients],
-            pending: vec![Vec::new(); case.clients],
             states: vec![Model::new(case.cfg.clone(), case.clients)],
         }
     }
@@ -684,7 +681,6 @@ impl Run {
                 ));
             }
             self.live[k] = false;
-            self.pending[k].clear();
             closes.push((conn.to_u64(), close_of(why)?));
         }
         let mut out = BTreeMap::new();
@@ -780,10 +776,10 @@ impl Run {
                         m.is_open(k)
                     ));
                 }
-                if self.pending[k].len() != m.buffered(k) {
+                if self.chat.buffered_input(c) != m.buffered(k) {
                     return Err(format!(
-                        "client {k}: core left {} bytes unconsumed, model {}",
-                        self.pending[k].len(),
+                        "client {k}: core holds {} bytes of an incomplete frame, model {}",
+                        self.chat.buffered_input(c),
                         m.buffered(k)
                     ));
                 }
@@ -819,7 +815,6 @@ impl Run {
                 let id = self.gens.next(k);
                 self.ids[k] = Some(id);
                 self.live[k] = true;
-                self.pending[k].clear();
                 self.chat.handle_open(now, id, None);
                 let candidates = self
                     .states
@@ -860,20 +855,8 @@ impl Run {
                 at.sort();
                 at.dedup();
                 for w in at.windows(2) {
-                    let mut buf = std::mem::take(&mut self.pending[k]);
-                    buf.extend_from_slice(&bytes[w[0]..w[1]]);
-                    let used = self.chat.handle_data(now, id, &buf);
-                    if used > buf.len() {
-                        return Err(format!(
-                            "handle_data consumed {used} of {} bytes",
-                            buf.len()
-                        ));
-                    }
-                    self.pending[k] = buf[used..].to_vec();
+                    self.chat.handle_data(now, id, &bytes[w[0]..w[1]]);
                     self.chat.check_invariants();
-                }
-                if !self.chat.is_open(id) {
-                    self.pending[k].clear();
                 }
                 self.states.iter().flat_map(|m| m.data(k, &bytes)).collect()
             }
@@ -889,7 +872,6 @@ impl Run {
                 };
                 self.chat.handle_close(id, reason);
                 self.live[k] = false;
-                self.pending[k].clear();
                 self.states
                     .iter()
                     .map(|m| {

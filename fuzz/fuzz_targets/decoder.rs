@@ -6,13 +6,13 @@
 //! - nothing panics (`split_frame`, `check_header`, `FrameBuf`, `ClientMsg::decode`,
 //!   `ServerMsg::decode`, the encoders);
 //! - chunking never changes the outcome: the frames and the final error are the same whether
-//!   the stream is split whole, fed to a `FrameBuf` chunk by chunk, or re-fed from a pending
-//!   buffer the way the core's `handle_data` is driven;
+//!   the stream is split whole, fed to a `FrameBuf` chunk by chunk, or to a `Deframer` (the
+//!   splitter the core's `handle_data` uses) chunk by chunk;
 //! - a decoded client message encodes back to exactly the bytes it came from; a decoded
 //!   server message survives encode and decode unchanged.
 #![no_main]
 
-use chatloop::protocol::{ClientMsg, FrameBuf, FrameError, ServerMsg, split_frame};
+use chatloop::protocol::{ClientMsg, Deframer, FrameBuf, FrameError, ServerMsg, split_frame};
 use libfuzzer_sys::fuzz_target;
 
 type Frames = Vec<(u8, Vec<u8>)>;
@@ -70,26 +70,28 @@ fn with_framebuf(stream: &[u8], lens: &[u8], max: u32) -> (Frames, Option<FrameE
     (frames, None, left)
 }
 
-/// As the mio shell drives the core: append, split what is whole, keep the rest.
-fn with_pending(stream: &[u8], lens: &[u8], max: u32) -> (Frames, Option<FrameError>, usize) {
-    let mut pending = Vec::new();
+/// As every reader of the protocol (the chat core, the clients) splits a stream: a
+/// `Deframer` fed chunk by chunk; frames straight from the chunk, an incomplete one kept.
+fn with_deframer(stream: &[u8], lens: &[u8], max: u32) -> (Frames, Option<FrameError>, usize) {
+    let mut d = Deframer::new();
     let mut frames = Vec::new();
-    for c in chunks(stream, lens) {
-        pending.extend_from_slice(c);
-        let mut off = 0;
+    for mut c in chunks(stream, lens) {
         loop {
-            match split_frame(&pending[off..], max) {
+            match d.next(&mut c, max) {
                 Ok(Some(f)) => {
+                    let len = f.frame_len();
                     frames.push((f.opcode, f.payload.to_vec()));
-                    off += f.frame_len();
+                    assert!(d.capacity() <= len, "a deframer holds one frame at most");
                 }
                 Ok(None) => break,
                 Err(e) => return (frames, Some(e), 0),
             }
         }
-        pending.drain(..off);
+        assert!(c.is_empty(), "None only once the chunk is used up");
     }
-    let left = pending.len();
+    // Memory grows with what arrived, not with what the header announced.
+    assert!(d.capacity() <= (2 * d.buffered()).max(256));
+    let left = d.buffered();
     (frames, None, left)
 }
 
@@ -143,9 +145,9 @@ fuzz_target!(|data: &[u8]| {
         "FrameBuf, chunks {lens:?}"
     );
     assert_eq!(
-        with_pending(stream, lens, max),
+        with_deframer(stream, lens, max),
         reference,
-        "pending buffer, chunks {lens:?}"
+        "Deframer, chunks {lens:?}"
     );
     for (op, payload) in &reference.0 {
         check_messages(*op, payload);

@@ -5,7 +5,8 @@
 //! instants and takes frames to send, connections to close and the next deadline back out.
 //!
 //! Methods, as in quinn-proto, fall into four groups:
-//! - inputs, `handle_*`: [`Chat::handle_open`], [`Chat::handle_data`], [`Chat::handle_frame`],
+//! - inputs, `handle_*`: [`Chat::handle_open`], [`Chat::handle_data`] (any chunk of bytes),
+//!   [`Chat::handle_frame`] (a whole frame, for drivers that split frames themselves),
 //!   [`Chat::handle_close`], [`Chat::handle_timeout`];
 //! - commands from the application: [`Chat::post`], [`Chat::whisper`], [`Chat::kick`],
 //!   [`Chat::begin_shutdown`];
@@ -40,7 +41,7 @@ use slab::Slab;
 
 use crate::id::ConnId;
 use crate::protocol::{
-    self, ClientMsg, ErrorCode, HEADER_LEN, PresenceKind, SessionToken, encode, op,
+    self, ClientMsg, Deframer, ErrorCode, PresenceKind, SessionToken, encode, op,
 };
 use crate::timer::{TimerId, TimerWheel};
 use outbox::Outbox;
@@ -189,6 +190,8 @@ struct Session {
     last_read_us: u64,
     timer: TimerId,
     peer: Option<SocketAddr>,
+    /// An incomplete frame from earlier reads (empty, with no allocation, between frames).
+    deframer: Deframer,
 }
 
 /// The chat state machine. See the [module documentation](self).
@@ -209,7 +212,7 @@ struct Session {
 ///
 /// let mut bytes = Vec::new();
 /// ClientMsg::Hello { nick: "alice", token: None }.encode(&mut bytes);
-/// assert_eq!(chat.handle_data(now, alice, &bytes), bytes.len());
+/// chat.handle_data(now, alice, &bytes);
 ///
 /// assert!(chat.poll_close().is_none());
 /// for (conn, chunks) in chat.poll_output() {
@@ -368,6 +371,23 @@ impl Chat {
         self.session(conn).is_some()
     }
 
+    /// Bytes of an incomplete frame the core holds for `conn` (0 between frames, or if it is
+    /// not open).
+    pub fn buffered_input(&self, conn: ConnId) -> usize {
+        self.session(conn).map_or(0, |s| s.deframer.buffered())
+    }
+
+    /// Connections holding an incomplete frame, and the bytes of memory held for those frames.
+    /// O(connections): for metrics scrapes, not for the hot path.
+    pub fn partial_input(&self) -> (usize, usize) {
+        self.sessions
+            .iter()
+            .flatten()
+            .map(|s| s.deframer.capacity())
+            .filter(|&c| c > 0)
+            .fold((0, 0), |(n, bytes), c| (n + 1, bytes + c))
+    }
+
     /// The nick of a welcomed connection.
     pub fn nick(&self, conn: ConnId) -> Option<&str> {
         self.session(conn).filter(|s| s.welcomed).map(|s| &*s.nick)
@@ -456,69 +476,62 @@ impl Chat {
             last_read_us: now_us,
             timer,
             peer,
+            deframer: Deframer::new(),
         });
         self.open += 1;
         self.stats.accepted += 1;
     }
 
-    /// Bytes received on `conn`. Decodes and handles every whole frame at the front of `data`
-    /// and returns how many bytes it consumed; the driver keeps the rest (an incomplete frame)
-    /// and passes it again, followed by more bytes, next time.
+    /// Bytes received on `conn`, in whatever pieces the transport delivered them: every
+    /// whole frame is decoded and handled, and an incomplete frame at the end is kept (in the
+    /// session's [`Deframer`]) until the bytes that complete it arrive. Any byte counts as
+    /// activity for the heartbeat and the idle timeout, so a frame that trickles in keeps its
+    /// connection alive.
     ///
     /// A fatal framing error (bad magic, version, or a length over max_frame, all decided from
-    /// the header alone) queues the ERROR, asks for the close, and consumes everything. Bytes
-    /// for a connection that is not open are consumed and ignored.
-    pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) -> usize {
+    /// the header alone, byte by byte) queues the ERROR and asks for the close; nothing after
+    /// it is read. Bytes for a connection that is not open are ignored.
+    pub fn handle_data(&mut self, now: Instant, conn: ConnId, mut data: &[u8]) {
         let now_us = self.us_ceil(now);
         let Some(s) = self.session_mut(conn) else {
-            return data.len();
+            return;
         };
         s.last_read_us = now_us;
         s.pinged = false;
+        // Taken out for the duration, so frames borrowed from it can be handled with `self`.
+        let mut deframer = std::mem::take(&mut s.deframer);
         self.stats.bytes_in += data.len() as u64;
         let produced_before = self.outbox.produced();
-        let mut off = 0;
-        while off < data.len() {
-            match protocol::check_header(&data[off..], self.cfg.max_frame) {
-                Err(e) => {
-                    log::debug!("conn {conn}: {e}");
-                    let code = e.code();
-                    self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
-                    return data.len();
-                }
-                Ok(Some(h)) if data.len() - off >= h.frame_len() => {
-                    let payload = &data[off + HEADER_LEN..off + h.frame_len()];
-                    off += h.frame_len();
-                    self.handle_frame(now, conn, h.opcode, payload);
+        let mut handled = 0u64;
+        loop {
+            match deframer.next(&mut data, self.cfg.max_frame) {
+                Ok(Some(f)) => {
+                    handled += f.frame_len() as u64;
+                    self.handle_frame(now, conn, f.opcode, f.payload);
                     if !self.is_open(conn) {
-                        return data.len();
+                        return;
                     }
                     let grown = self.outbox.produced() - produced_before;
-                    if grown > 2 * off as u64 + self.cfg.max_pending as u64 {
+                    if grown > 2 * handled + self.cfg.max_pending as u64 {
                         // Requests whose answers dwarf them (WHO on a big room, over and over)
                         // would make the core buffer without bound before the shell could see
                         // a slow socket. Ordinary traffic grows the arena about as much as it
                         // reads (a SAY becomes one MESSAGE, whatever the room size).
                         self.slow_consumer(conn);
-                        return data.len();
+                        return;
                     }
                 }
-                Ok(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("conn {conn}: {e}");
+                    let code = e.code();
+                    self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
+                    return;
+                }
             }
         }
-        // Bytes that were not consumed are not counted twice when they come back.
-        self.stats.bytes_in -= (data.len() - off) as u64;
-        off
-    }
-
-    /// Bytes arrived on `conn` that the driver kept to itself for now (the middle of a frame
-    /// it is still assembling). Any received byte counts as activity for the heartbeat and the
-    /// idle timeout, so a frame that trickles in keeps its connection alive.
-    pub fn handle_activity(&mut self, now: Instant, conn: ConnId) {
-        let now_us = self.us_ceil(now);
         if let Some(s) = self.session_mut(conn) {
-            s.last_read_us = now_us;
-            s.pinged = false;
+            s.deframer = deframer;
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use super::*;
 use crate::id::Generations;
 use crate::protocol::SERVER_SLACK;
-use crate::protocol::{MAGIC, ServerMsg, VERSION, split_frame};
+use crate::protocol::{HEADER_LEN, MAGIC, ServerMsg, VERSION, split_frame};
 
 // ----- the simulator -----
 
@@ -262,17 +262,14 @@ impl Sim {
         id
     }
 
-    /// Raw bytes through `handle_data`; returns what it consumed.
-    fn feed(&mut self, conn: ConnId, data: &[u8]) -> usize {
-        let n = self.chat.handle_data(self.now, conn, data);
-        assert!(n <= data.len());
+    /// Raw bytes through `handle_data`, as a transport delivers them.
+    fn feed(&mut self, conn: ConnId, data: &[u8]) {
+        self.chat.handle_data(self.now, conn, data);
         self.check();
-        n
     }
 
     fn feed_all(&mut self, conn: ConnId, data: &[u8]) {
-        let n = self.feed(conn, data);
-        assert_eq!(n, data.len(), "whole frames are always consumed");
+        self.feed(conn, data);
     }
 
     fn send(&mut self, conn: ConnId, msg: ClientMsg<'_>) {
@@ -1269,7 +1266,7 @@ fn a_stale_conn_id_from_a_reused_slot_is_ignored() {
         nick: "mallory",
         token: None,
     });
-    assert_eq!(sim.feed(old, &hello), hello.len());
+    sim.feed(old, &hello);
     sim.expect_nothing(old);
     sim.expect_nothing(new);
     assert!(!sim.chat.kick(old, "x"));
@@ -1289,13 +1286,13 @@ fn a_stale_conn_id_from_a_reused_slot_is_ignored() {
 
 #[track_caller]
 fn assert_fatal_framing(sim: &mut Sim, conn: ConnId, bytes: &[u8], code: ErrorCode) {
-    assert_eq!(sim.feed(conn, bytes), bytes.len(), "everything is consumed");
+    sim.feed(conn, bytes);
     sim.expect_error(conn, code);
     assert_eq!(sim.take_closes(), vec![(conn, CloseReason::Protocol(code))]);
     assert!(!sim.chat.is_open(conn));
     // Nothing more is read from it.
     let more = encode(ClientMsg::Ping { data: b"?" });
-    assert_eq!(sim.feed(conn, &more), more.len());
+    sim.feed(conn, &more);
     sim.expect_nothing(conn);
 }
 
@@ -1332,11 +1329,12 @@ fn bad_magic_is_fatal_after_one_byte() {
 fn unsupported_version_is_fatal_from_the_third_byte() {
     let mut sim = Sim::new();
     let (v, o) = victim_and_observer(&mut sim);
-    assert_eq!(sim.feed(v, &[0x43]), 0);
-    assert_eq!(sim.feed(v, &[0x43, 0x4C]), 0);
+    sim.feed(v, &[0x43]);
+    sim.feed(v, &[0x4C]);
     sim.expect_nothing(v);
     assert!(sim.chat.is_open(v));
-    assert_fatal_framing(&mut sim, v, &[0x43, 0x4C, 2], ErrorCode::UnsupportedVersion);
+    // The third byte completes the first two, kept by the core.
+    assert_fatal_framing(&mut sim, v, &[2], ErrorCode::UnsupportedVersion);
     sim.expect(o, &[presence(Gone, "r", "victim")]);
     let p = sim.open();
     assert_fatal_framing(&mut sim, p, &[0x43, 0x4C, 0], ErrorCode::UnsupportedVersion);
@@ -1350,13 +1348,20 @@ fn frame_too_large_is_decided_from_the_header_alone() {
     // A header announcing exactly max_frame is fine: the core waits for the payload.
     let mut ok = frame(op::SAY, &[]);
     ok[4..8].copy_from_slice(&max_frame.to_be_bytes());
-    assert_eq!(sim.feed(v, &ok[..7]), 0);
-    assert_eq!(sim.feed(v, &ok), 0);
+    sim.feed(v, &ok[..7]);
+    sim.feed(v, &ok[7..]);
     sim.expect_nothing(v);
+    assert!(sim.chat.is_open(v));
     // One more byte than max_frame: fatal with only the 8 header bytes in.
     let mut big = frame(op::SAY, &[]);
     big[4..8].copy_from_slice(&(max_frame + 1).to_be_bytes());
     assert_eq!(big.len(), HEADER_LEN);
+    // (First the payload the core has been waiting for: a SAY of max_frame bytes.)
+    let mut rest = vec![b'x'; max_frame as usize];
+    rest[..3].copy_from_slice(&[0, 1, b'r']);
+    sim.feed(v, &rest);
+    assert_eq!(sim.chat.stats().messages, 1);
+    sim.clear();
     assert_fatal_framing(&mut sim, v, &big, ErrorCode::FrameTooLarge);
     sim.expect(o, &[presence(Gone, "r", "victim")]);
     // u32::MAX as well.
@@ -1367,7 +1372,7 @@ fn frame_too_large_is_decided_from_the_header_alone() {
     // A SAY whose payload is exactly max_frame is served.
     let text = "t".repeat(max_frame as usize - 3);
     sim.say(o, "r", &text);
-    sim.expect(o, &[message(1, "r", "observer", &text)]);
+    sim.expect(o, &[message(2, "r", "observer", &text)]);
 }
 
 #[test]
@@ -1379,7 +1384,7 @@ fn frames_before_a_framing_error_in_the_same_read_are_served() {
         text: "last words",
     });
     bytes.extend([0x43, 0x4C, 9, 9, 9]);
-    assert_eq!(sim.feed(v, &bytes), bytes.len());
+    sim.feed(v, &bytes);
     let got = sim.take(v);
     assert_eq!(got[0], message(1, "r", "victim", "last words"));
     assert!(matches!(
@@ -1445,27 +1450,26 @@ fn run_split(stream: &[u8], cuts: &[usize]) -> Vec<u8> {
     let ends = boundaries(stream);
     let mut sim = Sim::new();
     let a = sim.open();
-    let mut pending: Vec<u8> = Vec::new();
     let mut fed = 0;
     let mut points = cuts.to_vec();
     points.push(stream.len());
+    let mut frames_before = 0;
     for p in points {
-        pending.extend_from_slice(&stream[fed..p]);
+        sim.feed(a, &stream[fed..p]);
         fed = p;
-        let n = sim.feed(a, &pending);
-        // Consumed = everything up to the last whole frame received so far.
-        let boundary = *ends.iter().rev().find(|&&e| e <= fed).unwrap();
-        assert_eq!(fed - pending.len() + n, boundary, "cut at {cuts:?}");
-        pending.drain(..n);
+        // Every frame whole by now has been handled, and no other.
+        let whole = ends.iter().filter(|&&e| e > 0 && e <= fed).count() as u64;
+        let handled: u64 = sim.chat.stats().frames_in.iter().sum();
+        assert_eq!(handled - frames_before, whole - frames_before, "cut at {cuts:?}");
+        frames_before = whole;
         sim.drain();
     }
-    assert!(pending.is_empty());
     sim.drain();
     sim.wire.remove(&a).unwrap_or_default()
 }
 
 #[test]
-fn handle_data_returns_consumed_and_splitting_never_changes_the_output() {
+fn splitting_never_changes_the_output() {
     let stream = session_stream();
     let whole = run_split(&stream, &[]);
     assert!(!whole.is_empty());
@@ -1486,11 +1490,8 @@ fn bytes_in_counts_each_byte_once() {
     let stream = session_stream();
     let mut sim = Sim::new();
     let a = sim.open();
-    let mut pending = Vec::new();
     for chunk in stream.chunks(3) {
-        pending.extend_from_slice(chunk);
-        let n = sim.feed(a, &pending);
-        pending.drain(..n);
+        sim.feed(a, chunk);
     }
     assert_eq!(sim.chat.stats().bytes_in, stream.len() as u64);
 }
@@ -1992,7 +1993,7 @@ fn shutdown_closes_everyone_without_presence_and_refuses_new_connections() {
         nick: "late",
         token: None,
     });
-    assert_eq!(sim.feed(late, &hello), hello.len());
+    sim.feed(late, &hello);
     sim.expect_nothing(late);
 }
 
@@ -2181,7 +2182,7 @@ fn a_who_flood_in_one_round_is_a_slow_consumer() {
     }
     let who = encode(ClientMsg::Who { room: "big" });
     let flood: Vec<u8> = who.iter().copied().cycle().take(who.len() * 3000).collect();
-    assert_eq!(sim.feed(flooder, &flood), flood.len());
+    sim.feed(flooder, &flood);
     sim.expect_error(flooder, ErrorCode::SlowConsumer);
     assert_eq!(
         sim.take_closes(),

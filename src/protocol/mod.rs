@@ -14,10 +14,12 @@
 //! | 4 | 4 | payload length N, u32 big-endian |
 //! | 8 | N | payload |
 
+mod deframer;
 mod frame;
 mod message;
 mod wire;
 
+pub use deframer::Deframer;
 pub use frame::{FrameBuf, FrameError, Header, RawFrame, check_header, split_frame};
 pub use message::{ClientMsg, DecodeError, RosterNicks, ServerMsg, encode};
 

@@ -1,8 +1,7 @@
-//! One client connection's I/O state: its socket, its (pooled, usually absent) buffers, and
+//! One client connection's I/O state: its socket, its (pooled, usually absent) write buffer, and
 //! where it is in its life.
 //!
 //! Invariants (checked with `debug_assert!`):
-//! - `rbuf`, when present, holds the beginning of exactly one incomplete frame;
 //! - `wbuf`, when present, is non-empty, and `write_blocked` is true exactly when it is present
 //!   (bytes are only parked in `wbuf` because the socket refused them);
 //! - WRITABLE interest is registered exactly while `write_blocked`.
@@ -38,7 +37,6 @@ pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
-    pub(crate) rbuf: Option<RingBuf>,
     pub(crate) wbuf: Option<RingBuf>,
     pub(crate) write_blocked: bool,
     pub(crate) phase: Phase,
@@ -246,9 +244,6 @@ impl Conn {
 
     /// Drops every buffered byte (a slow consumer's backlog, or a dead socket's).
     pub(crate) fn discard_buffers(&mut self, pool: &mut BufPool) {
-        if let Some(b) = self.rbuf.take() {
-            pool.put(b);
-        }
         if let Some(b) = self.wbuf.take() {
             pool.put(b);
         }

@@ -17,7 +17,8 @@
 //!   `ConnId` is that slot with the slot's current generation;
 //! - the core knows a connection (`chat.is_open`) only while its phase is `Open`; a closing or
 //!   dead connection stays in `conns` only until its output is flushed or abandoned;
-//! - an idle connection holds no buffer: both rings go back to the pool when they empty.
+//! - an idle connection holds no buffer: its write ring goes back to the pool when it empties,
+//!   and the core's deframer frees an incomplete frame's buffer once the frame is whole.
 
 mod conn;
 mod listener;
@@ -36,7 +37,7 @@ use slab::Slab;
 use crate::buffer::BufPool;
 use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
 use crate::id::{ConnId, Generations};
-use crate::protocol::{self, ErrorCode, HEADER_LEN};
+use crate::protocol::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use conn::{Conn, Phase, WriteError, classify};
 
@@ -412,7 +413,6 @@ impl Server {
             id,
             stream,
             peer,
-            rbuf: None,
             wbuf: None,
             write_blocked: false,
             phase: Phase::Open,
@@ -479,7 +479,9 @@ impl Server {
                     c.read_left -= n as u32;
                     self.stats.reads += 1;
                     self.stats.bytes_read += n as u64;
-                    self.feed(id, &scratch[..n], now);
+                    // Whole frames are handled straight from the scratch buffer; the core
+                    // keeps only an incomplete frame at the end.
+                    self.chat.handle_data(now, id, &scratch[..n]);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -504,54 +506,6 @@ impl Server {
                 c.read_again = false;
                 self.read(id, now);
             }
-        }
-    }
-
-    /// Hands freshly read bytes to the core. Whole frames are decoded straight from `data`;
-    /// only the tail of an incomplete frame is copied into the connection's read buffer, and a
-    /// buffered partial frame is completed with just the bytes it lacks, so no byte is copied
-    /// more than once.
-    fn feed(&mut self, id: ConnId, mut data: &[u8], now: Instant) {
-        let max = self.cfg.chat.max_frame;
-        let Some(c) = self.conns.get_mut(id.slot()) else {
-            return;
-        };
-        if let Some(rbuf) = &mut c.rbuf {
-            loop {
-                let have = rbuf.make_contiguous();
-                let need = match protocol::check_header(have, max) {
-                    Ok(Some(h)) => h.frame_len(),
-                    Ok(None) => HEADER_LEN,
-                    // A bad header: let the core see it and answer.
-                    Err(_) => have.len(),
-                };
-                if have.len() >= need {
-                    let used = self.chat.handle_data(now, id, have);
-                    debug_assert!(used == have.len() || !self.chat.is_open(id));
-                    break;
-                }
-                if data.is_empty() {
-                    // Everything went into the partial frame; still, the peer is alive.
-                    self.chat.handle_activity(now, id);
-                    return;
-                }
-                // Append only what this frame (or, first, its header) lacks, then re-judge.
-                let take = (need - have.len()).min(data.len());
-                rbuf.extend_from_slice(&data[..take]);
-                data = &data[take..];
-            }
-            if let Some(b) = c.rbuf.take() {
-                self.pool.put(b);
-            }
-        }
-        if data.is_empty() || !self.chat.is_open(id) {
-            return;
-        }
-        let used = self.chat.handle_data(now, id, data);
-        if used < data.len() && self.chat.is_open(id) {
-            let mut b = self.pool.get();
-            b.extend_from_slice(&data[used..]);
-            c.rbuf = Some(b);
         }
     }
 
@@ -589,9 +543,6 @@ impl Server {
         };
         if c.is_open() {
             c.phase = Phase::Closing(reason);
-            if let Some(b) = c.rbuf.take() {
-                self.pool.put(b);
-            }
             self.closing.push(id);
         }
     }
