@@ -232,7 +232,11 @@ mod tests {
         assert_eq!(d.buffered(), 0);
         let mut empty: &[u8] = &[];
         assert_eq!(d.next(&mut empty, 2000), Ok(None));
-        assert_eq!(d.capacity(), 0, "the returned frame is freed by the next call");
+        assert_eq!(
+            d.capacity(),
+            0,
+            "the returned frame is freed by the next call"
+        );
     }
 
     #[test]
