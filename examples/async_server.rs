@@ -56,7 +56,7 @@ use chatloop::config::Args;
 use chatloop::core::{Chat, CloseReason};
 use chatloop::id::{ConnId, Generations};
 use chatloop::limits;
-use chatloop::protocol::{self, ErrorCode};
+use chatloop::protocol::ErrorCode;
 use chatloop::server::FdReserve;
 
 /// Capacity of the actor's event channel (readers wait when it is full: backpressure).
@@ -331,7 +331,7 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     log::warn!("connection limit reached; refusing {peer}");
-                    refuse(&stream, peer);
+                    refuse(&events, stream, peer).await;
                     continue;
                 };
                 // Frames are batched per round anyway; Nagle would only add delay.
@@ -362,29 +362,24 @@ async fn accept_loop(
                     reserve.release();
                     let pending = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx)));
                     if let Poll::Ready(Ok((stream, peer))) = pending.await {
-                        refuse(&stream, peer);
+                        refuse(&events, stream, peer).await;
                     }
                     reserve.restore();
                 } else {
-                    // Accept would fail again at once: back off until descriptors come back.
+                    // Accept would fail again at once: back off until descriptors come back
+                    // (the last refused stream, closed by the actor, returns the reserve's).
                     tokio::time::sleep(Duration::from_millis(10)).await;
+                    reserve.restore();
                 }
             }
         }
     }
 }
 
-/// Best effort: one non-blocking write of `server_full`, then close.
-fn refuse(stream: &TcpStream, peer: SocketAddr) {
-    let mut frame = Vec::with_capacity(64);
-    protocol::encode::error(
-        &mut frame,
-        ErrorCode::ServerFull,
-        "server is at its connection limit",
-    );
-    if let Err(e) = stream.try_write(&frame) {
-        log::debug!("{peer}: server_full not delivered: {e}");
-    }
+/// Hands a connection turned away at the limit to the actor, which owns the core that
+/// produces (and counts) the `server_full` ERROR, writes it best effort, and closes it.
+async fn refuse(events: &mpsc::Sender<Event>, stream: TcpStream, peer: SocketAddr) {
+    let _ = events.send(Event::Refused { stream, peer }).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -709,8 +704,10 @@ enum Event {
         handle: ConnHandle,
         reply: oneshot::Sender<ConnId>,
     },
-    /// Whole frames (or a bad header and what followed it) read from a connection.
+    /// Bytes read from a connection, as they arrived.
     Data { id: ConnId, bytes: Bytes },
+    /// A connection turned away at the limit: write the core's refusal and close it.
+    Refused { stream: TcpStream, peer: SocketAddr },
     /// The transport ended: EOF, read or write failure.
     Closed { id: ConnId, reason: CloseReason },
     /// SIGINT/SIGTERM: send shutting_down to everyone and flush until `deadline`.
@@ -727,8 +724,9 @@ struct Actor {
     grace: Duration,
     shutdown: Option<Instant>,
     closes: Vec<(ConnId, CloseReason)>,
+    /// The last frames (the ERROR) of slow consumers the core ended this round.
+    last_words: Vec<(ConnId, Bytes)>,
     slow: Vec<ConnId>,
-    slow_consumers: u64,
 }
 
 impl Actor {
@@ -743,8 +741,8 @@ impl Actor {
             grace: args.shutdown_grace,
             shutdown: None,
             closes: Vec::new(),
+            last_words: Vec::new(),
             slow: Vec::new(),
-            slow_consumers: 0,
         }
     }
 
@@ -843,6 +841,12 @@ impl Actor {
                     });
                 }
             }
+            Event::Refused { stream, peer } => {
+                match stream.try_write(self.chat.refusal(ErrorCode::ServerFull)) {
+                    Ok(_) => log::debug!("{peer}: refused"),
+                    Err(e) => log::debug!("{peer}: refused (the ERROR not delivered: {e})"),
+                }
+            }
             Event::Shutdown { deadline } => {
                 log::info!(
                     "shutting down: {} connections, grace {:?}",
@@ -870,14 +874,8 @@ impl Actor {
     fn flush(&mut self, now: Instant) -> bool {
         let mut sent = false;
         loop {
-            while let Some((id, reason)) = self.chat.poll_close() {
-                if reason == CloseReason::SlowConsumer {
-                    // The core found it: the ERROR it queued goes the best-effort way, and the
-                    // output still in the channel is dropped.
-                    self.abort_slow(id);
-                } else {
-                    self.closes.push((id, reason));
-                }
+            while let Some(close) = self.chat.poll_close() {
+                self.closes.push(close);
             }
             let mut shared: Option<(usize, usize, Bytes)> = None;
             for (id, chunks) in self.chat.poll_output() {
@@ -886,6 +884,13 @@ impl Actor {
                 };
                 let total = chunks.total_len();
                 if total == 0 {
+                    continue;
+                }
+                if self.closes.contains(&(id, CloseReason::SlowConsumer)) {
+                    // Ended as a slow consumer: what it has queued is dropped, and its ERROR
+                    // goes the best-effort way (see `abort_slow`).
+                    let frame: Vec<u8> = chunks.flatten().copied().collect();
+                    self.last_words.push((id, Bytes::from(frame)));
                     continue;
                 }
                 if h.shared.queued.load(Ordering::Relaxed) + total > self.max_pending {
@@ -917,16 +922,20 @@ impl Actor {
                 }
             }
             for (id, reason) in std::mem::take(&mut self.closes) {
-                if let Some(h) = self.remove(id) {
+                if reason == CloseReason::SlowConsumer {
+                    self.abort_slow(id);
+                } else if let Some(h) = self.remove(id) {
                     log::debug!("conn {id}: closing ({reason})");
                     let deadline = self.shutdown.unwrap_or(now + self.grace);
                     h.close(Ctl::Flush(deadline));
                 }
             }
+            // Output this runtime could not queue: the core decides (and logs, and produces
+            // the ERROR, taken on the next turn of this loop).
             for id in std::mem::take(&mut self.slow) {
-                if self.handle_of(id).is_some() {
-                    self.chat.handle_close(id, CloseReason::SlowConsumer);
-                    self.abort_slow(id);
+                if let Some(h) = self.handle_of(id) {
+                    let queued = h.shared.queued.load(Ordering::Relaxed);
+                    self.chat.handle_slow_consumer(id, queued);
                 }
             }
             if !self.chat.has_output() {
@@ -935,24 +944,13 @@ impl Actor {
         }
     }
 
-    /// Closes a slow consumer: its queue is dropped and it gets `slow_consumer` if the socket
-    /// takes it at once.
+    /// Closes a connection the core ended as a slow consumer: its queue is dropped and it gets
+    /// the core's ERROR if the socket takes it at once (at a frame boundary).
     fn abort_slow(&mut self, id: ConnId) {
         let Some(h) = self.remove(id) else { return };
-        self.slow_consumers += 1;
-        log::warn!(
-            "conn {id} ({}): slow consumer, {} bytes queued (max-pending {}); closing",
-            h.peer,
-            h.shared.queued.load(Ordering::Relaxed),
-            self.max_pending
-        );
-        let mut frame = Vec::with_capacity(64);
-        protocol::encode::error(
-            &mut frame,
-            ErrorCode::SlowConsumer,
-            "too much output queued",
-        );
-        h.close(Ctl::Abort(Some(Bytes::from(frame))));
+        let at = self.last_words.iter().position(|(c, _)| *c == id);
+        let frame = at.map(|i| self.last_words.swap_remove(i).1);
+        h.close(Ctl::Abort(frame));
     }
 }
 
@@ -1000,7 +998,7 @@ impl StatsSnapshot {
             rate(self.messages, prev.messages),
             rate(self.deliveries, prev.deliveries),
             rate(self.accepted, prev.accepted),
-            actor.slow_consumers,
+            actor.chat.stats().closed.slow_consumer,
         );
     }
 }

@@ -427,13 +427,8 @@ pub fn render(server: &Server, out: &mut String) {
         "counter",
         "Frames addressed to connections, by opcode (one per recipient).",
     );
-    // ERROR frames the shell writes itself (server_full, slow_consumer) are counted by it.
-    let shell_errors: u64 = ss.errors_sent.iter().sum();
     for &(code, name) in SERVER_OPS {
-        let mut v = chat.frames_out()[usize::from(code)];
-        if code == op::S_ERROR {
-            v += shell_errors;
-        }
+        let v = chat.frames_out()[usize::from(code)];
         o.labelled("frames_sent_total", "op", name, v);
     }
     o.one(
@@ -486,7 +481,7 @@ pub fn render(server: &Server, out: &mut String) {
     );
     for &code in ErrorCode::ALL {
         let i = code.code() as usize;
-        let v = cs.errors_sent[i] + ss.errors_sent[i];
+        let v = cs.errors_sent[i];
         o.labelled("errors_sent_total", "code", code.name(), v);
     }
 
@@ -509,7 +504,7 @@ pub fn render(server: &Server, out: &mut String) {
         ("session_taken_over", c.taken_over),
         ("shutdown", c.shutdown),
         ("kicked", c.kicked),
-        ("server_full", ss.refused_full),
+        ("server_full", c.server_full),
     ] {
         o.labelled("connections_closed_total", "reason", reason, v);
     }

@@ -372,6 +372,13 @@ fn slow_consumer_case(max_pending: &str, flood: usize) {
             && (line.contains(&sink_id.to_string()) || line.contains(&format!("{sink_id:x}"))),
         "slow consumer log line should be a warning naming peer {sink_addr} and conn_id {sink_id}: {line:?}"
     );
+    // One close, one line (the core decides and logs it, whoever noticed first).
+    let lines: Vec<String> = server
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("slow consumer"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one warning per slow consumer: {lines:#?}");
 
     // Sender and reader are still fine.
     sender.assert_no_pending();
@@ -383,6 +390,52 @@ fn slow_consumer_case(max_pending: &str, flood: usize) {
 #[test]
 fn slow_consumer_is_cut_off_others_lose_nothing() {
     slow_consumer_case("64KiB", 2000);
+}
+
+/// Requests whose answers dwarf them (a hundred WHOs on a room of 20 in one write, against a
+/// 4 KiB max-pending): the core ends the requester as a slow consumer before anything is
+/// written. It gets the fatal ERROR (and nothing before it: the round's ROSTERs are dropped),
+/// the room gets PRESENCE gone, and the server logs one warning, not one per layer that
+/// noticed (both servers).
+fn who_flood_case(kind: ServerKind) {
+    let server = Server::start_kind(kind, &["--max-pending", "4KiB"]);
+    let mut members: Vec<Client> = (0..20)
+        .map(|i| {
+            let mut c = server.login(&format!("member_{i:02}"));
+            c.join("big");
+            c
+        })
+        .collect();
+    let mut flooder = server.login("flooder");
+    flooder.join("big");
+    for m in &mut members {
+        m.barrier();
+    }
+    let who = frame(op::WHO, &pstr("big"));
+    let flood: Vec<u8> = who.iter().copied().cycle().take(who.len() * 100).collect();
+    flooder.send_raw(&flood);
+    flooder.expect_fatal(code::SLOW_CONSUMER);
+    for m in &mut members {
+        m.expect_presence(kind::GONE, "big", "flooder");
+    }
+    server
+        .wait_log(Duration::from_secs(5), |l| l.contains("slow consumer"))
+        .expect("a log line about the slow consumer");
+    let lines: Vec<String> = server
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("slow consumer"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}: one warning: {lines:#?}", kind.name());
+    assert!(lines[0].to_ascii_uppercase().contains("WARN"), "{lines:?}");
+    members[0].say("big", "still here");
+    members[1].expect_message("big", "member_00", "still here");
+}
+
+#[test]
+fn requests_whose_answers_dwarf_them_make_one_slow_consumer_and_one_warning() {
+    who_flood_case(ServerKind::Mio);
+    who_flood_case(ServerKind::Async);
 }
 
 /// A peer that QUITs while the server still holds output for it, and then never reads: the

@@ -249,6 +249,8 @@ pub struct Chat {
     token_source: TokenSource,
     shutting_down: bool,
     stats: Stats,
+    /// The last refusal encoded (see `refusal`), kept to reuse its allocation.
+    refusal: Vec<u8>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -320,6 +322,7 @@ impl Chat {
             token_source,
             shutting_down: false,
             stats: Stats::default(),
+            refusal: Vec::new(),
         }
     }
 
@@ -517,7 +520,11 @@ impl Chat {
                         // would make the core buffer without bound before the shell could see
                         // a slow socket. Ordinary traffic grows the arena about as much as it
                         // reads (a SAY becomes one MESSAGE, whatever the room size).
-                        self.slow_consumer(conn);
+                        let max = self.cfg.max_pending;
+                        self.slow_consumer(
+                            conn,
+                            format_args!("its requests produced more than {max} bytes of output"),
+                        );
                         return;
                     }
                 }
@@ -595,6 +602,22 @@ impl Chat {
     pub fn handle_close(&mut self, conn: ConnId, reason: CloseReason) {
         if self.is_open(conn) {
             self.remove_session(conn, Some(PresenceKind::Gone), reason);
+        }
+    }
+
+    /// The transport holds more of `conn`'s output than max_pending, unread by its peer
+    /// (`queued` bytes): the session ends as a slow consumer. What the core had queued for it
+    /// in this round is dropped; it gets a fatal `slow_consumer` ERROR (the driver drops its
+    /// own backlog first, then writes that frame if the socket takes it at once), its rooms get
+    /// PRESENCE gone, and its close comes out of [`poll_close`](Self::poll_close) with
+    /// [`CloseReason::SlowConsumer`]. A no-op for a connection that is not open.
+    pub fn handle_slow_consumer(&mut self, conn: ConnId, queued: usize) {
+        if self.is_open(conn) {
+            let max = self.cfg.max_pending;
+            self.slow_consumer(
+                conn,
+                format_args!("{queued} bytes queued (max-pending {max})"),
+            );
         }
     }
 
@@ -740,6 +763,27 @@ impl Chat {
         log::debug!("conn {conn}: kicked ({detail})");
         self.fatal(conn, ErrorCode::Kicked, detail, CloseReason::Kicked);
         true
+    }
+
+    /// The fatal ERROR for a connection turned away before it was ever opened (at the
+    /// connection limit: `server_full`), counted like every ERROR the core produces. The
+    /// driver writes these bytes once, best effort, and closes the socket; the core never
+    /// hears of that connection again.
+    pub fn refusal(&mut self, code: ErrorCode) -> &[u8] {
+        debug_assert!(code.is_fatal(), "a refusal ends the connection");
+        let detail = match code {
+            ErrorCode::ServerFull => "server is at its connection limit",
+            ErrorCode::ShuttingDown => "server is shutting down",
+            other => other.name(),
+        };
+        self.refusal.clear();
+        encode::error(&mut self.refusal, code, detail);
+        self.stats.errors_sent[code.code() as usize] += 1;
+        self.outbox.frames_out[usize::from(op::S_ERROR)] += 1;
+        if code == ErrorCode::ServerFull {
+            self.stats.closed.count(CloseReason::ServerFull);
+        }
+        &self.refusal
     }
 
     /// Sends ERROR shutting_down to every connection and asks for all of them to be closed.

@@ -47,11 +47,15 @@ impl Chat {
         self.closes.push_back((conn, reason));
     }
 
-    pub(super) fn slow_consumer(&mut self, conn: ConnId) {
-        log::warn!(
-            "conn {conn}: more than {} bytes of output queued; closing it as a slow consumer",
-            self.cfg.max_pending
-        );
+    /// Ends `conn` as a slow consumer: what the core queued for it in this round is dropped,
+    /// it gets the fatal ERROR, its rooms PRESENCE gone, and the close is asked for. The one
+    /// place this is decided and logged, whether the core or the transport found it.
+    pub(super) fn slow_consumer(&mut self, conn: ConnId, why: std::fmt::Arguments<'_>) {
+        let peer = self.session(conn).and_then(|s| s.peer);
+        match peer {
+            Some(peer) => log::warn!("conn {conn} ({peer}): slow consumer, {why}; closing"),
+            None => log::warn!("conn {conn}: slow consumer, {why}; closing"),
+        }
         self.outbox.discard(conn);
         self.fatal(
             conn,

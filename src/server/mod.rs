@@ -37,7 +37,7 @@ use slab::Slab;
 use crate::buffer::BufPool;
 use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
 use crate::id::{ConnId, Generations};
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::ErrorCode;
 use crate::timer::TimerWheel;
 use conn::{Conn, Phase, WriteError, classify};
 
@@ -90,8 +90,6 @@ pub struct ServerStats {
     pub accept_emfile: u64,
     /// Connections closed (all reasons).
     pub closed: u64,
-    /// Connections closed as slow consumers by the shell (backlog over max-pending).
-    pub slow_consumers: u64,
     /// Connections closed before their output was flushed (close deadline passed).
     pub close_timeouts: u64,
     /// Bytes read from sockets.
@@ -110,9 +108,6 @@ pub struct ServerStats {
     pub iteration_us: [u64; ITERATION_BUCKETS],
     /// Sum of all iteration times, in microseconds.
     pub iteration_us_sum: u64,
-    /// ERROR frames the shell wrote itself (server_full at accept, slow_consumer), by code;
-    /// the core counts the rest.
-    pub errors_sent: [u64; 32],
 }
 
 /// Buckets of [`ServerStats::iteration_us`]: 2^0 µs up to 2^23 µs (8.4 s), then the rest.
@@ -350,8 +345,7 @@ impl Server {
                     let accepted = match listener.accept() {
                         Ok((stream, peer)) => {
                             self.stats.refused_full += 1;
-                            refuse(stream, peer, ErrorCode::ServerFull);
-                            self.stats.errors_sent[ErrorCode::ServerFull.code() as usize] += 1;
+                            refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
                             true
                         }
                         Err(_) => false,
@@ -390,8 +384,7 @@ impl Server {
                 "connection limit {} reached; refusing {peer}",
                 self.cfg.max_connections
             );
-            refuse(stream, peer, ErrorCode::ServerFull);
-            self.stats.errors_sent[ErrorCode::ServerFull.code() as usize] += 1;
+            refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
             return Err(AdoptError::Full);
         }
         // Latency matters more than packet count for chat; frames are batched per iteration
@@ -536,13 +529,18 @@ impl Server {
         }
     }
 
-    /// Marks `id` to be closed once its queued output is flushed; reads stop now.
+    /// Marks `id` to be closed once its queued output is flushed; reads stop now. A slow
+    /// consumer's backlog is dropped at once: only what the core produced last (its ERROR)
+    /// is still offered to the socket, once.
     fn begin_close(&mut self, id: ConnId, reason: CloseReason) {
         let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
             return;
         };
         if c.is_open() {
             c.phase = Phase::Closing(reason);
+            if reason == CloseReason::SlowConsumer {
+                c.discard_buffers(&mut self.pool);
+            }
             self.closing.push(id);
         }
     }
@@ -591,11 +589,6 @@ impl Server {
         loop {
             while let Some((id, reason)) = self.chat.poll_close() {
                 self.begin_close(id, reason);
-                if reason == CloseReason::SlowConsumer {
-                    if let Some(c) = self.conn(id) {
-                        log::warn!("conn {id} ({}): slow consumer, closing", c.peer);
-                    }
-                }
             }
             if !self.chat.has_output() {
                 break;
@@ -628,7 +621,7 @@ impl Server {
             }
             for (id, e) in failed.drain(..) {
                 match e {
-                    WriteError::Overflow => self.slow_consumer(id),
+                    WriteError::Overflow => self.overflow(id),
                     WriteError::Io(reason) => {
                         log::debug!("conn {id}: write failed ({reason})");
                         self.chat.handle_close(id, reason);
@@ -643,6 +636,8 @@ impl Server {
                 continue;
             };
             match c.phase {
+                // A slow consumer had one chance at its ERROR; it does not linger.
+                Phase::Closing(reason @ CloseReason::SlowConsumer) => self.close_now(id, reason),
                 Phase::Closing(reason) if c.wbuf.is_none() => self.close_now(id, reason),
                 Phase::Dead(reason) => self.close_now(id, reason),
                 _ if c.linger.is_none() => {
@@ -657,30 +652,20 @@ impl Server {
         }
     }
 
-    /// A connection whose parked output would exceed max-pending: its backlog is dropped, it
-    /// gets `slow_consumer` if the socket takes it, and it is closed. Nobody else is affected.
-    fn slow_consumer(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+    /// A connection whose parked output would exceed max-pending. The core decides what that
+    /// means (it ends the session as a slow consumer and produces the ERROR), and the next
+    /// round of `flush` drops the backlog, offers the ERROR once and closes. A connection
+    /// already closing (the core forgot it) is closed at once.
+    fn overflow(&mut self, id: ConnId) {
+        let Some((queued, phase)) = self.conn(id).map(|c| (c.pending(), c.phase)) else {
             return;
         };
-        self.stats.slow_consumers += 1;
-        log::warn!(
-            "conn {id} ({}): slow consumer, {} bytes queued (max-pending {}); closing",
-            c.peer,
-            c.pending(),
-            self.cfg.chat.max_pending
-        );
-        c.discard_buffers(&mut self.pool);
-        let mut frame = Vec::with_capacity(64);
-        protocol::encode::error(
-            &mut frame,
-            ErrorCode::SlowConsumer,
-            "too much output queued",
-        );
-        let _ = std::io::Write::write(&mut c.stream, &frame);
-        self.stats.errors_sent[ErrorCode::SlowConsumer.code() as usize] += 1;
-        self.chat.handle_close(id, CloseReason::SlowConsumer);
-        self.close_now(id, CloseReason::SlowConsumer);
+        if self.chat.is_open(id) {
+            self.chat.handle_slow_consumer(id, queued);
+        } else if let Phase::Closing(reason) = phase {
+            log::debug!("conn {id}: closing with {queued} bytes unsent (over max-pending)");
+            self.close_now(id, reason);
+        }
     }
 
     // ----- time -----
@@ -790,12 +775,10 @@ fn unreachable_overflow() {
     debug_assert!(false, "write_backlog never reports overflow");
 }
 
-/// Best-effort refusal: one non-blocking write of a fatal ERROR, then close.
-fn refuse(mut stream: TcpStream, peer: SocketAddr, code: ErrorCode) {
-    let mut frame = Vec::with_capacity(64);
-    protocol::encode::error(&mut frame, code, "server is at its connection limit");
-    match std::io::Write::write(&mut stream, &frame) {
-        Ok(_) => log::debug!("{peer}: refused with {code}"),
-        Err(e) => log::debug!("{peer}: refused with {code} (not delivered: {e})"),
+/// Best-effort refusal: one non-blocking write of the core's refusal frame, then close.
+fn refuse(mut stream: TcpStream, peer: SocketAddr, frame: &[u8]) {
+    match std::io::Write::write(&mut stream, frame) {
+        Ok(_) => log::debug!("{peer}: refused"),
+        Err(e) => log::debug!("{peer}: refused (the ERROR not delivered: {e})"),
     }
 }
