@@ -47,7 +47,7 @@ use clap::Parser;
 use slab::Slab;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -56,19 +56,17 @@ use chatloop::config::Args;
 use chatloop::core::{Chat, CloseReason};
 use chatloop::id::{ConnId, Generations};
 use chatloop::limits;
+use chatloop::net::{self, FdReserve, MAX_IOV, classify};
 use chatloop::protocol::ErrorCode;
-use chatloop::server::FdReserve;
 
 /// Capacity of the actor's event channel (readers wait when it is full: backpressure).
 const EVENTS: usize = 1024;
-/// Most events the actor takes from its channel at once (a round may end sooner: see
-/// [`round_budget`]).
+/// Most events the actor takes from its channel at once (a round may end sooner, at the core's
+/// input budget: `ChatConfig::input_budget`).
 const BATCH: usize = 512;
-/// Bytes asked of one read, at most (unless a buffered frame header announces more); less with
-/// a small `--max-pending` (see [`round_budget`]).
+/// Bytes asked of one read, at most; less with a small `--max-pending` (a quarter of the
+/// input budget).
 const READ_SIZE: usize = 16 * 1024;
-/// Most buffers handed to one `writev`.
-const MAX_IOV: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Command line
@@ -192,16 +190,6 @@ fn init_logging(level: log::LevelFilter) {
 // Startup and shutdown
 // ---------------------------------------------------------------------------------------------
 
-/// Input bytes the actor handles in one round, before it hands the output to the writers.
-///
-/// The limit on queued output (max-pending) applies to what a round produces too, so a round
-/// must stay well below it, or a busy room would make members that read continuously look like
-/// slow consumers: a quarter of max-pending of input produces at most about half of it for any
-/// one member (MESSAGE is at most about twice the size of the SAY it comes from).
-fn round_budget(max_pending: usize) -> usize {
-    max_pending / 4
-}
-
 /// What every connection task needs to know.
 #[derive(Debug)]
 struct ConnConfig {
@@ -251,7 +239,7 @@ async fn run(args: Args) -> Result<(), String> {
     let (events_tx, events_rx) = mpsc::channel(EVENTS);
     // Every connection task holds a clone of `done_tx`; `done_rx` yields None once all are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let read_size = round_budget(args.max_pending).clamp(256, READ_SIZE);
+    let read_size = args.chat_config().input_budget().clamp(256, READ_SIZE);
     let cfg = Arc::new(ConnConfig {
         read_size,
         unhandled_limit: 2 * read_size,
@@ -300,15 +288,9 @@ fn exit_now(name: &str) {
     std::process::exit(1);
 }
 
-/// A listener with SO_REUSEADDR and the configured backlog.
+/// A listener with SO_REUSEADDR and the configured backlog, as the mio server binds it.
 fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
+    TcpListener::from_std(net::bind_listener(addr, backlog)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,7 +331,7 @@ async fn accept_loop(
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                let emfile = matches!(e.raw_os_error(), Some(c) if c == nix::libc::EMFILE || c == nix::libc::ENFILE);
+                let emfile = net::is_fd_exhaustion(&e);
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     last_warning = Some(Instant::now());
                     if emfile {
@@ -404,15 +386,6 @@ enum WriterEnd {
     Closed,
     /// Writing failed: the actor does not know yet.
     Failed(CloseReason),
-}
-
-fn classify(e: &io::Error) -> CloseReason {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => CloseReason::Reset,
-        io::ErrorKind::BrokenPipe => CloseReason::BrokenPipe,
-        io::ErrorKind::TimedOut => CloseReason::TimedOut,
-        _ => CloseReason::IoError,
-    }
 }
 
 async fn connection(
@@ -521,20 +494,9 @@ async fn read_loop(
         Ok((wr, WriterEnd::Closed)) => Some(wr),
         Err(_) => None,
     };
-    drain_input(rd);
+    // So the close is a FIN, not a reset that could destroy our last frames.
+    net::drain_input(|b| rd.try_read(b), &mut [0u8; 4096]);
     drop(wr);
-}
-
-/// Reads and drops what the peer already sent, so closing the socket sends FIN rather than a
-/// reset (a peer that receives a reset may discard our last frames before reading them).
-fn drain_input(rd: &OwnedReadHalf) {
-    let mut scratch = [0u8; 4096];
-    for _ in 0..4 {
-        match rd.try_read(&mut scratch) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
-        }
-    }
 }
 
 /// The writer: everything the channel holds goes out in one `writev` (up to MAX_IOV buffers).
@@ -736,7 +698,7 @@ impl Actor {
             conns: Slab::new(),
             gens: Generations::new(),
             max_pending: args.max_pending,
-            round_budget: round_budget(args.max_pending),
+            round_budget: args.chat_config().input_budget(),
             unhandled_limit: cfg.unhandled_limit,
             grace: args.shutdown_grace,
             shutdown: None,

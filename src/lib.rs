@@ -19,6 +19,7 @@
 //! | [`protocol`] | frame header validation, client and server messages, encoders |
 //! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, hooks, counters |
 //! | [`server`] | listener, connections in a slab (key = token), reads, `writev` flushing, closes |
+//! | [`net`] | the shell toolkit both shells share: listener bind, EMFILE reserve, error classification, drain before close |
 //! | [`buffer`] | pooled byte ring buffers |
 //! | [`timer`] | hashed timing wheel |
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
@@ -62,6 +63,7 @@ pub mod core;
 pub mod id;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod timer;

@@ -70,6 +70,17 @@ pub struct ChatConfig {
     pub tick: Duration,
 }
 
+impl ChatConfig {
+    /// Input bytes one connection may have handled in one round (a loop iteration of the mio
+    /// server, a batch of the async actor) before the round's output is taken: a quarter of
+    /// max_pending. A SAY read becomes about as many bytes of output for every member of its
+    /// room (a MESSAGE is at most about twice its SAY), and one round's output must fit what a
+    /// member that reads continuously may have queued, or it would look like a slow consumer.
+    pub fn input_budget(&self) -> usize {
+        self.max_pending / 4
+    }
+}
+
 impl Default for ChatConfig {
     fn default() -> Self {
         ChatConfig {

@@ -15,11 +15,8 @@ use mio::{Interest, Registry, Token};
 use crate::buffer::{BufPool, RingBuf};
 use crate::core::CloseReason;
 use crate::id::ConnId;
+use crate::net::{MAX_IOV, classify};
 use crate::timer::TimerId;
-
-/// How many slices one `writev` carries at most; later slices wait for the next call (in
-/// practice a connection has one or two: its backlog and one merged run of new frames).
-const MAX_IOV: usize = 64;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,17 +53,6 @@ pub(crate) enum WriteError {
     Overflow,
     /// The socket failed.
     Io(CloseReason),
-}
-
-/// Maps an I/O error to a close reason (for the debug log and the counters).
-pub(crate) fn classify(e: &io::Error) -> CloseReason {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => CloseReason::Reset,
-        io::ErrorKind::BrokenPipe => CloseReason::BrokenPipe,
-        io::ErrorKind::TimedOut => CloseReason::TimedOut,
-        io::ErrorKind::UnexpectedEof => CloseReason::Eof,
-        _ => CloseReason::IoError,
-    }
 }
 
 impl Conn {

@@ -21,9 +21,6 @@
 //!   and the core's deframer frees an incomplete frame's buffer once the frame is whole.
 
 mod conn;
-mod listener;
-
-pub use listener::{FdReserve, bind_listener};
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -37,9 +34,10 @@ use slab::Slab;
 use crate::buffer::BufPool;
 use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
 use crate::id::{ConnId, Generations};
+use crate::net::{self, FdReserve};
 use crate::protocol::ErrorCode;
 use crate::timer::TimerWheel;
-use conn::{Conn, Phase, WriteError, classify};
+use conn::{Conn, Phase, WriteError};
 
 /// Bytes read per `read` call, into one scratch buffer shared by every connection.
 const SCRATCH: usize = 64 * 1024;
@@ -228,7 +226,7 @@ impl Server {
 
     /// Binds a listener on `addr` (token `base`) and returns the bound address.
     pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
-        let mut l = bind_listener(addr, self.cfg.backlog)?;
+        let mut l = TcpListener::from_std(net::bind_listener(addr, self.cfg.backlog)?);
         self.registry
             .register(&mut l, Token(self.base), Interest::READABLE)?;
         let local = l.local_addr()?;
@@ -328,8 +326,7 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE) =>
-                {
+                Err(e) if net::is_fd_exhaustion(&e) => {
                     self.stats.accept_emfile += 1;
                     if !self.reserve.is_held() {
                         log::warn!(
@@ -425,14 +422,12 @@ impl Server {
     }
 
     /// The bytes one connection may read per loop iteration: the configured budget, but no
-    /// more than a quarter of max-pending, since a SAY read becomes about as many bytes of
-    /// output for every member of the room, and one iteration's output must fit what a
-    /// reading (not slow) member may have queued.
+    /// more than the core's input budget per round ([`ChatConfig::input_budget`]), and at
+    /// least one 16 KiB read so a tiny max-pending still makes progress.
     fn read_budget(&self) -> usize {
-        let quarter = self.cfg.chat.max_pending / 4;
         self.cfg
             .read_budget
-            .min(quarter)
+            .min(self.cfg.chat.input_budget())
             .max(SCRATCH.min(16 * 1024))
     }
 
@@ -479,7 +474,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let reason = classify(&e);
+                    let reason = net::classify(&e);
                     log::debug!("conn {id}: read failed: {e}");
                     self.chat.handle_close(id, reason);
                     self.close_now(id, reason);
@@ -557,16 +552,8 @@ impl Server {
             self.linger.cancel(t);
         }
         if !matches!(c.phase, Phase::Dead(_)) {
-            // Closing a socket with unread input makes the kernel send RST, and a peer that
-            // receives RST may discard our last frames (the ERROR that explains the close)
-            // before reading them. Draining what has already arrived avoids that in the
-            // common case, for one extra read.
-            for _ in 0..4 {
-                match c.stream.read(&mut self.scratch) {
-                    Ok(n) if n > 0 => continue,
-                    _ => break,
-                }
-            }
+            // So the close is a FIN, not a reset that could destroy our last frames.
+            net::drain_input(|b| c.stream.read(b), &mut self.scratch);
         }
         c.discard_buffers(&mut self.pool);
         self.stats.closed += 1;

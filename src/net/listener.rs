@@ -1,23 +1,25 @@
 //! The listening socket, created by hand so the backlog suits connection storms, and the
-//! reserve descriptor that keeps an edge-triggered listener alive through EMFILE.
+//! reserve descriptor that keeps an edge-triggered listener alive through EMFILE. Both shells
+//! use them: the mio server wraps the socket in `mio::net::TcpListener::from_std`, the async
+//! version in `tokio::net::TcpListener::from_std`.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
-use mio::net::TcpListener;
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
     sockopt,
 };
 
 /// Binds `addr` with SO_REUSEADDR and listens with `backlog` (clamped to what the platform
-/// accepts; the kernel further caps it at net.core.somaxconn).
+/// accepts; the kernel further caps it at net.core.somaxconn). The socket is non-blocking and
+/// close-on-exec.
 ///
-/// `mio::net::TcpListener::bind` uses a backlog of 128, which a burst of thousands of clients
-/// overflows, silently losing connections; hence this.
-pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// `mio::net::TcpListener::bind` and `std::net::TcpListener::bind` use a backlog of 128, which
+/// a burst of thousands of clients overflows, silently losing connections; hence this.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -34,7 +36,7 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
     let max = i32::from(Backlog::MAXCONN).max(1) as u32;
     let backlog = Backlog::new(backlog.clamp(1, max) as i32)?;
     listen(&fd, backlog)?;
-    Ok(TcpListener::from_std(std::net::TcpListener::from(fd)))
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// One descriptor held in reserve. When accept fails with EMFILE, the pending connection would
