@@ -6,8 +6,17 @@
 //! start at 1) and never repeated in one run until a single slot has been reused 2^32 times.
 
 /// A connection's identity: slab slot plus generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// `Display` prints the wire value (WELCOME's `conn_id`, as logs show it); `Debug` prints the
+/// parts, `ConnId(slot 3, gen 2)`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
+
+impl std::fmt::Debug for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnId(slot {}, gen {})", self.slot(), self.generation())
+    }
+}
 
 impl ConnId {
     /// The id of `slot` in its `generation` (which must be non-zero).
@@ -90,5 +99,7 @@ mod tests {
         assert_eq!(c.generation(), 1);
         assert_eq!(ConnId::from_u64(b.to_u64()), Some(b));
         assert_eq!(ConnId::from_u64(7), None);
+        assert_eq!(format!("{b:?}"), "ConnId(slot 0, gen 2)");
+        assert_eq!(b.to_string(), ((2u64 << 32) | 0).to_string());
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use super::{
-    Chat, CloseReason, HelloInfo, Room, RoomId, Verdict, ct_eq, fold, os_token, token_key,
+    Chat, CloseReason, Event, HelloInfo, Room, RoomId, Verdict, ct_eq, fold, os_token, token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -71,6 +71,11 @@ impl Chat {
         }
         self.stats.sessions_started += 1;
         log::debug!("conn {conn}: welcomed as {nick}");
+        self.event(|| Event::Welcomed {
+            conn,
+            nick: nick.into(),
+            resumed_from: None,
+        });
         self.welcome(now, conn);
     }
 
@@ -157,6 +162,16 @@ impl Chat {
             let nick = s.nick.clone();
             self.hooks
                 .on_close(old, Some(&nick), CloseReason::TakenOver);
+            self.event(|| Event::Closed {
+                conn: old,
+                nick: Some(nick.clone()),
+                reason: CloseReason::TakenOver,
+            });
+            self.event(|| Event::Welcomed {
+                conn: new,
+                nick,
+                resumed_from: Some(old),
+            });
         }
         self.welcome(now, new);
     }
@@ -202,6 +217,11 @@ impl Chat {
         let nick = s.nick.clone();
         self.presence(rid, PresenceKind::Join, conn, &nick);
         self.hooks.on_join(conn, &nick, room);
+        self.event(|| Event::Joined {
+            conn,
+            nick,
+            room: room.into(),
+        });
     }
 
     pub(super) fn leave(&mut self, conn: ConnId, room: &str) {
@@ -220,6 +240,11 @@ impl Chat {
         self.presence(rid, PresenceKind::Leave, conn, &nick);
         self.remove_member(conn, pos);
         self.hooks.on_leave(conn, &nick, room);
+        self.event(|| Event::Left {
+            conn,
+            nick,
+            room: room.into(),
+        });
     }
 
     pub(super) fn say(&mut self, conn: ConnId, room: &str, text: &str) {
@@ -234,14 +259,21 @@ impl Chat {
             return;
         };
         let nick = s.nick.clone();
-        if self.hooks.on_say(conn, &nick, room, text) == Verdict::Drop {
-            self.stats.vetoed += 1;
+        let verdict = self.hooks.on_say(conn, &nick, room, text);
+        if self.vetoed(conn, verdict) {
             return;
         }
-        self.broadcast_message(rid, &nick, text);
+        self.broadcast_message(rid, Some(conn), &nick, text);
     }
 
-    pub(super) fn broadcast_message(&mut self, rid: RoomId, from: &str, text: &str) {
+    /// A MESSAGE from `from` (`sender` `None`: the application) to every member of `rid`.
+    pub(super) fn broadcast_message(
+        &mut self,
+        rid: RoomId,
+        sender: Option<ConnId>,
+        from: &str,
+        text: &str,
+    ) {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
         let room = &self.rooms[rid.0];
@@ -249,8 +281,18 @@ impl Chat {
         encode::message(buf, msg_id, &room.name, from, text);
         let end = buf.len();
         self.outbox.send_all(&room.members, None, start, end);
+        let recipients = room.members.len();
         self.stats.messages += 1;
-        self.stats.deliveries += room.members.len() as u64;
+        self.stats.deliveries += recipients as u64;
+        if self.events_enabled() {
+            let room = self.rooms[rid.0].name.clone();
+            self.event(|| Event::Said {
+                from: sender,
+                room,
+                msg_id,
+                recipients,
+            });
+        }
     }
 
     pub(super) fn whisper_from(&mut self, conn: ConnId, target: &str, text: &str) {
@@ -262,14 +304,43 @@ impl Chat {
             return;
         };
         let to_nick = self.nick(to).map(Box::<str>::from).unwrap_or_default();
-        if self.hooks.on_whisper(conn, &nick, &to_nick, text) == Verdict::Drop {
-            self.stats.vetoed += 1;
+        let verdict = self.hooks.on_whisper(conn, &nick, &to_nick, text);
+        if self.vetoed(conn, verdict) {
             return;
         }
-        self.deliver_whisper(to, &nick, text);
+        self.deliver_whisper(Some(conn), to, &nick, text);
     }
 
-    pub(super) fn deliver_whisper(&mut self, to: ConnId, from: &str, text: &str) {
+    /// Carries out a delivery hook's veto, if it is one; true if nothing is to be delivered.
+    /// A veto uses no msg_id.
+    fn vetoed(&mut self, conn: ConnId, verdict: Verdict) -> bool {
+        if verdict != Verdict::Deliver {
+            self.stats.vetoed += 1;
+            self.event(|| Event::Vetoed { conn });
+        }
+        match verdict {
+            Verdict::Deliver => false,
+            Verdict::Drop => true,
+            Verdict::Reject(r) => {
+                log::debug!("conn {conn}: refused by hook: {} {}", r.code, r.detail);
+                if r.code.is_fatal() {
+                    self.fatal(conn, r.code, &r.detail, CloseReason::Protocol(r.code));
+                } else {
+                    self.send_error(conn, r.code, &r.detail);
+                }
+                true
+            }
+        }
+    }
+
+    /// A WHISPER from `from` (`sender` `None`: the application) to `to`.
+    pub(super) fn deliver_whisper(
+        &mut self,
+        sender: Option<ConnId>,
+        to: ConnId,
+        from: &str,
+        text: &str,
+    ) {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
         let (buf, start) = self.outbox.buf();
@@ -278,6 +349,11 @@ impl Chat {
         self.outbox.send(to, start, end);
         self.stats.whispers += 1;
         self.stats.deliveries += 1;
+        self.event(|| Event::Whispered {
+            from: sender,
+            to,
+            msg_id,
+        });
     }
 
     pub(super) fn who(&mut self, conn: ConnId, room: &str) {

@@ -25,19 +25,43 @@ pub struct HelloInfo<'a> {
 /// is fatal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// The error code to send.
+    /// The error code to send: [`ErrorCode::Refused`] for a policy decision, unless a more
+    /// specific code fits (`bad_nick`, `kicked`, ...).
     pub code: ErrorCode,
-    /// Human-readable detail.
+    /// Human-readable detail (cut to 120 bytes on the wire).
     pub detail: String,
 }
 
-/// A delivery hook's decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl Rejection {
+    /// A policy refusal: [`ErrorCode::Refused`] (non-fatal) with `detail`.
+    pub fn refused(detail: impl Into<String>) -> Rejection {
+        Rejection {
+            code: ErrorCode::Refused,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A delivery hook's decision (docs/PROTOCOL.md section 5.8 says what a client sees).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Deliver as usual.
     Deliver,
-    /// Deliver to no one, silently (the sender is not told).
+    /// Deliver to no one, silently: the sender is not told, gets no echo, and no msg_id is
+    /// used (counted in `Stats::vetoed`). For spam a sender must not learn was caught; a
+    /// client waiting for its own echo never gets it.
     Drop,
+    /// Deliver to no one, and tell the sender: it gets `ERROR code detail` (closed after it
+    /// if the code is fatal). No msg_id is used (counted in `Stats::vetoed`). Use
+    /// [`ErrorCode::Refused`] unless a more specific code fits.
+    Reject(Rejection),
+}
+
+impl Verdict {
+    /// `Reject` with [`ErrorCode::Refused`] (non-fatal) and `detail`.
+    pub fn refuse(detail: impl Into<String>) -> Verdict {
+        Verdict::Reject(Rejection::refused(detail))
+    }
 }
 
 /// Policy hooks, called synchronously on the thread that drives the core.

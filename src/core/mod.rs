@@ -24,11 +24,13 @@
 //! - every open session has exactly one live timer.
 
 mod commands;
+mod event;
 mod hooks;
 mod outbox;
 mod session_ops;
 mod stats;
 
+pub use event::{Event, MAX_EVENTS};
 pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
 pub use outbox::{Chunks, Output};
 pub use stats::{CloseCounts, Stats};
@@ -44,6 +46,7 @@ use crate::protocol::{
     self, ClientMsg, Deframer, ErrorCode, PresenceKind, SessionToken, encode, op,
 };
 use crate::timer::{TimerId, TimerWheel};
+use event::EventQueue;
 use outbox::Outbox;
 
 /// Limits and timings of the chat core.
@@ -262,6 +265,7 @@ pub struct Chat {
     stats: Stats,
     /// The last refusal encoded (see `refusal`), kept to reuse its allocation.
     refusal: Vec<u8>,
+    events: EventQueue,
 }
 
 impl std::fmt::Debug for Chat {
@@ -334,6 +338,27 @@ impl Chat {
             shutting_down: false,
             stats: Stats::default(),
             refusal: Vec::new(),
+            events: EventQueue::default(),
+        }
+    }
+
+    /// Turns recording of [`Event`]s on or off (off by default: a driver that never drains them
+    /// should not pay for them). At most [`MAX_EVENTS`] wait; beyond that they are lost and
+    /// counted in [`Stats::events_dropped`]. Turning it off discards what was queued.
+    pub fn set_events(&mut self, on: bool) {
+        self.events.set_enabled(on);
+    }
+
+    /// Whether events are being recorded.
+    pub fn events_enabled(&self) -> bool {
+        self.events.is_enabled()
+    }
+
+    /// Queues the event `make` builds, if events are on.
+    #[inline]
+    fn event(&mut self, make: impl FnOnce() -> Event) {
+        if !self.events.push(make) {
+            self.stats.events_dropped += 1;
         }
     }
 
@@ -734,6 +759,15 @@ impl Chat {
         !self.outbox.is_empty() || !self.closes.is_empty()
     }
 
+    /// The next thing that happened (session welcomed, room joined or left, message
+    /// delivered, vetoed, session ended), oldest first; `None` when there is nothing (always,
+    /// unless [`set_events`](Self::set_events) turned recording on). Drain it after each
+    /// batch of inputs.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop()
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next be called (`None`: no timer).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -750,7 +784,7 @@ impl Chat {
             return false;
         };
         let text = session_ops::truncate(text, self.cfg.max_frame as usize);
-        self.broadcast_message(rid, "", text);
+        self.broadcast_message(rid, None, "", text);
         true
     }
 
@@ -761,7 +795,7 @@ impl Chat {
             return false;
         };
         let text = session_ops::truncate(text, self.cfg.max_frame as usize);
-        self.deliver_whisper(to, "", text);
+        self.deliver_whisper(None, to, "", text);
         true
     }
 

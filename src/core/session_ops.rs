@@ -1,7 +1,7 @@
 //! Machinery shared by the commands, the timers and the application's commands: errors,
 //! fatal closes, presence delivery, and removing members and sessions.
 
-use super::{Chat, CloseReason, RoomId, fold, token_key};
+use super::{Chat, CloseReason, Event, RoomId, fold, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
 
@@ -124,6 +124,11 @@ impl Chat {
             let name = self.rooms[rid.0].name.clone();
             self.remove_member(conn, last);
             self.hooks.on_leave(conn, &nick, &name);
+            self.event(|| Event::Left {
+                conn,
+                nick: nick.clone(),
+                room: name,
+            });
         }
         let Some(s) = self.sessions[conn.slot()].take() else {
             return;
@@ -138,5 +143,10 @@ impl Chat {
         log::debug!("conn {conn}: session ended ({reason})");
         self.hooks
             .on_close(conn, welcomed.then_some(&*s.nick), reason);
+        self.event(|| Event::Closed {
+            conn,
+            nick: welcomed.then_some(s.nick),
+            reason,
+        });
     }
 }

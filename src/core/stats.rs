@@ -99,8 +99,10 @@ pub struct Stats {
     pub whispers: u64,
     /// MESSAGE and WHISPER frames addressed to connections (one per recipient).
     pub deliveries: u64,
-    /// SAYs and WHISPERs a hook dropped.
+    /// SAYs and WHISPERs a hook vetoed (dropped or refused).
     pub vetoed: u64,
+    /// Events lost because the event queue was full (see `Chat::set_events`).
+    pub events_dropped: u64,
     /// Server PINGs sent.
     pub pings_sent: u64,
     /// Connections closed for not saying HELLO in time.
@@ -127,6 +129,7 @@ impl Default for Stats {
             whispers: 0,
             deliveries: 0,
             vetoed: 0,
+            events_dropped: 0,
             pings_sent: 0,
             hello_timeouts: 0,
             idle_timeouts: 0,

@@ -2021,6 +2021,13 @@ impl Hooks for PolicyHooks {
     fn on_say(&mut self, _: ConnId, _: &str, _: &str, text: &str) -> Verdict {
         if text.contains("spam") {
             Verdict::Drop
+        } else if text.contains("advert") {
+            Verdict::refuse("no adverts here")
+        } else if text.contains("slur") {
+            Verdict::Reject(Rejection {
+                code: ErrorCode::Kicked,
+                detail: "bye".into(),
+            })
         } else {
             Verdict::Deliver
         }
@@ -2029,6 +2036,8 @@ impl Hooks for PolicyHooks {
     fn on_whisper(&mut self, _: ConnId, _: &str, _: &str, text: &str) -> Verdict {
         if text.contains("spam") {
             Verdict::Drop
+        } else if text.contains("advert") {
+            Verdict::refuse("no adverts here")
         } else {
             Verdict::Deliver
         }
@@ -2078,6 +2087,46 @@ fn a_hello_hook_rejects_with_a_fatal_code() {
         assert!(!sim.chat.is_open(a));
     }
     assert_eq!(sim.chat.connections(), 0);
+}
+
+#[test]
+fn a_rejecting_say_or_whisper_hook_tells_the_sender_and_uses_no_msg_id() {
+    let mut sim = Sim::with_hooks(cfg(), Box::new(PolicyHooks));
+    let a = sim.hello("alice");
+    let b = sim.hello("bob");
+    sim.join(a, "r");
+    sim.join(b, "r");
+    sim.clear();
+    let refused = Msg::Error {
+        code: ErrorCode::Refused.code(),
+        fatal: false,
+        detail: "no adverts here".into(),
+    };
+    sim.say(a, "r", "an advert");
+    sim.expect(a, std::slice::from_ref(&refused));
+    sim.expect_nothing(b);
+    sim.send(
+        a,
+        ClientMsg::Whisper {
+            nick: "bob",
+            text: "advert",
+        },
+    );
+    sim.expect(a, &[refused]);
+    sim.expect_nothing(b);
+    assert_eq!(sim.chat.stats().vetoed, 2);
+    assert!(sim.chat.is_open(a));
+    sim.say(a, "r", "hello");
+    sim.expect(b, &[message(1, "r", "alice", "hello")]);
+    // A fatal code closes the sender, as for any fatal ERROR: PRESENCE gone to the room.
+    sim.clear();
+    sim.say(a, "r", "a slur");
+    sim.expect_error(a, ErrorCode::Kicked);
+    assert_eq!(
+        sim.take_closes(),
+        vec![(a, CloseReason::Protocol(ErrorCode::Kicked))]
+    );
+    sim.expect(b, &[presence(Gone, "r", "alice")]);
 }
 
 #[test]
@@ -2286,4 +2335,124 @@ fn application_text_is_cut_to_fit_the_frame_limit() {
         [Msg::Error { detail, .. }] => assert_eq!(detail.len(), 120),
         other => panic!("expected one ERROR, got {other:?}"),
     }
+}
+
+// ----- events -----
+
+#[test]
+fn events_tell_what_happened_in_order_and_only_when_asked_for() {
+    let mut sim = Sim::new();
+    let a = sim.hello("alice");
+    sim.join(a, "r");
+    assert_eq!(sim.chat.poll_event(), None, "off by default");
+    sim.chat.set_events(true);
+    let b = sim.hello("bob");
+    sim.join(b, "r");
+    sim.say(b, "r", "hi");
+    sim.send(
+        b,
+        ClientMsg::Whisper {
+            nick: "alice",
+            text: "psst",
+        },
+    );
+    assert!(sim.chat.post("r", "system"));
+    sim.send(b, ClientMsg::Leave { room: "r" });
+    sim.chat.handle_close(a, CloseReason::Eof);
+    let mut got = Vec::new();
+    while let Some(e) = sim.chat.poll_event() {
+        got.push(e);
+    }
+    let room: Box<str> = "r".into();
+    assert_eq!(
+        got,
+        vec![
+            Event::Welcomed {
+                conn: b,
+                nick: "bob".into(),
+                resumed_from: None
+            },
+            Event::Joined {
+                conn: b,
+                nick: "bob".into(),
+                room: room.clone()
+            },
+            Event::Said {
+                from: Some(b),
+                room: room.clone(),
+                msg_id: 1,
+                recipients: 2
+            },
+            Event::Whispered {
+                from: Some(b),
+                to: a,
+                msg_id: 2
+            },
+            Event::Said {
+                from: None,
+                room: room.clone(),
+                msg_id: 3,
+                recipients: 2
+            },
+            Event::Left {
+                conn: b,
+                nick: "bob".into(),
+                room: room.clone()
+            },
+            Event::Left {
+                conn: a,
+                nick: "alice".into(),
+                room
+            },
+            Event::Closed {
+                conn: a,
+                nick: Some("alice".into()),
+                reason: CloseReason::Eof
+            },
+        ]
+    );
+    assert_eq!(sim.chat.stats().events_dropped, 0);
+}
+
+#[test]
+fn a_resume_is_a_close_of_the_old_connection_and_a_welcome_of_the_new() {
+    let mut sim = Sim::new();
+    let old = sim.open();
+    sim.send(
+        old,
+        ClientMsg::Hello {
+            nick: "alice",
+            token: None,
+        },
+    );
+    let token = match sim.take(old).as_slice() {
+        [Msg::Welcome { token, .. }] => *token,
+        other => panic!("{other:?}"),
+    };
+    sim.chat.set_events(true);
+    let new = sim.open();
+    sim.send(
+        new,
+        ClientMsg::Hello {
+            nick: "alice",
+            token: Some(token),
+        },
+    );
+    assert_eq!(
+        sim.chat.poll_event(),
+        Some(Event::Closed {
+            conn: old,
+            nick: Some("alice".into()),
+            reason: CloseReason::TakenOver
+        })
+    );
+    assert_eq!(
+        sim.chat.poll_event(),
+        Some(Event::Welcomed {
+            conn: new,
+            nick: "alice".into(),
+            resumed_from: Some(old)
+        })
+    );
+    assert_eq!(sim.chat.poll_event(), None);
 }

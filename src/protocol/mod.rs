@@ -159,6 +159,9 @@ error_codes! {
     TooManyRooms = 20, "too_many_rooms", false;
     /// The operator (or an embedding application) closed this connection.
     Kicked = 21, "kicked", true;
+    /// A policy of the embedding application refused the command (a HELLO, SAY or WHISPER);
+    /// nothing was delivered and no msg_id was used.
+    Refused = 22, "refused", false;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -89,6 +89,7 @@ pub mod code {
     pub const SHUTTING_DOWN: u16 = 19;
     pub const TOO_MANY_ROOMS: u16 = 20;
     pub const KICKED: u16 = 21;
+    pub const REFUSED: u16 = 22;
 
     /// Fatal codes per the decisions file: 1, 2, 3, 14..=19.
     pub fn is_fatal(code: u16) -> bool {
@@ -118,6 +119,7 @@ pub mod code {
             19 => "shutting_down",
             20 => "too_many_rooms",
             21 => "kicked",
+            22 => "refused",
             _ => "?",
         }
     }
