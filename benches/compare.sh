@@ -28,7 +28,9 @@ command -v taskset >/dev/null || { echo "compare.sh: taskset (util-linux) is req
 [ "$(nproc)" -ge 2 ] || { echo "compare.sh: needs 2 CPUs (server on 0, generator on 1)" >&2; exit 2; }
 
 echo "== building (release)" >&2
-cargo build --release --quiet --bin chatloop --bin chatloop-bench --example async_server --example bench_report
+# chatloop-bench is a workspace member (crates/chatloop-bench). Building the whole workspace's
+# binaries selects the same packages as the README's test command, so its artifacts are reused.
+cargo build --release --quiet --workspace --bins --example async_server --example bench_report
 
 BIN=target/release
 BENCH="taskset -c 1 $BIN/chatloop-bench -q --json"

@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         eprintln!("async_server: {e}");
         return ExitCode::from(2);
     }
-    init_logging(cli.args.log_level.filter());
+    chatloop::config::init_logging(cli.args.log_level.filter());
     let runtime = match cli.runtime {
         RuntimeKind::CurrentThread => {
             if cli.workers.is_some() {
@@ -161,28 +161,6 @@ fn main() -> ExitCode {
             log::error!("{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(level: log::LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_target_level(log::LevelFilter::Off)
-        .set_thread_level(log::LevelFilter::Off)
-        .build();
-    if simplelog::TermLogger::init(
-        level,
-        config.clone(),
-        simplelog::TerminalMode::Stderr,
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            simplelog::ColorChoice::Auto
-        } else {
-            simplelog::ColorChoice::Never
-        },
-    )
-    .is_err()
-    {
-        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
     }
 }
 

@@ -2,13 +2,21 @@
 //!
 //! The flags are a library type so every binary (the server, the async comparison server)
 //! parses the same flags the same way.
+//!
+//! [`parse_duration`] and [`parse_bytes`] are always here. The flags themselves (`Args`,
+//! `LogLevel`) and the binaries' stderr logger (`init_logging`) need clap and simplelog, so
+//! they exist only with the `cli` feature (on by default; an embedder turns it off).
 
+#[cfg(feature = "cli")]
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[cfg(feature = "cli")]
 use clap::Parser;
 
+#[cfg(feature = "cli")]
 use crate::core::ChatConfig;
+#[cfg(feature = "cli")]
 use crate::server::ServerConfig;
 
 /// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds (`5`, `0.5`).
@@ -59,6 +67,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is out of range"))
 }
 
+#[cfg(feature = "cli")]
 fn parse_max_frame(s: &str) -> Result<u32, String> {
     let v = parse_bytes(s)?;
     if v == 0 || v > (1 << 30) {
@@ -68,6 +77,7 @@ fn parse_max_frame(s: &str) -> Result<u32, String> {
 }
 
 /// Log verbosity.
+#[cfg(feature = "cli")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
     /// Listener and poll failures only.
@@ -82,6 +92,7 @@ pub enum LogLevel {
     Trace,
 }
 
+#[cfg(feature = "cli")]
 impl LogLevel {
     /// As a `log` filter.
     pub fn filter(self) -> log::LevelFilter {
@@ -96,6 +107,7 @@ impl LogLevel {
 }
 
 /// The server's command line.
+#[cfg(feature = "cli")]
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "chatloop",
@@ -151,6 +163,7 @@ pub struct Args {
     pub stats_interval: Duration,
 }
 
+#[cfg(feature = "cli")]
 impl Args {
     /// The chat core's part of the configuration.
     pub fn chat_config(&self) -> ChatConfig {
@@ -201,6 +214,34 @@ impl Args {
     }
 }
 
+/// Logs to stderr at `level`, as the server binaries do: RFC 3339 timestamps, no target or
+/// thread names, colours only when stderr is a terminal.
+///
+/// Falls back to a plain writer when the terminal logger cannot start. Does nothing if a
+/// logger is already installed: logging is process-wide and the first one wins.
+#[cfg(feature = "cli")]
+pub fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    if simplelog::TermLogger::init(
+        level,
+        config.clone(),
+        simplelog::TerminalMode::Stderr,
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            simplelog::ColorChoice::Auto
+        } else {
+            simplelog::ColorChoice::Never
+        },
+    )
+    .is_err()
+    {
+        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +269,7 @@ mod tests {
         assert!(parse_bytes("99999999999999999999G").is_err());
     }
 
+    #[cfg(feature = "cli")]
     #[test]
     fn defaults_match_the_spec() {
         let a = Args::try_parse_from(["chatloop"]).expect("defaults parse");
@@ -245,6 +287,7 @@ mod tests {
         assert_eq!(a.chat_config(), ChatConfig::default());
     }
 
+    #[cfg(feature = "cli")]
     #[test]
     fn bad_relations_are_refused() {
         let a = Args::try_parse_from(["chatloop", "--heartbeat", "10s", "--idle-timeout", "5s"])

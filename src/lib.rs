@@ -23,9 +23,17 @@
 //! | [`buffer`] | pooled byte ring buffers |
 //! | [`timer`] | hashed timing wheel |
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
-//! | [`config`] | command-line flags, defaults, duration and size parsing |
+//! | [`config`] | duration and size parsing; with `cli`, the command-line flags, their defaults and the stderr logger |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
 //! | [`metrics`] | Prometheus `/metrics` and `/healthz` over HTTP, in the same poll loop |
+//!
+//! # Features
+//!
+//! - `cli` (default): what the `chatloop` server binary needs beyond the library: the flags
+//!   (`config::Args`, `config::LogLevel`, with clap) and `config::init_logging` (a stderr
+//!   logger, with simplelog). An application embedding the library depends on it with
+//!   `default-features = false` and gets neither clap nor simplelog; the library itself only
+//!   logs through the `log` facade.
 //!
 //! # Example: embedding the server in your own loop
 //!

@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use chatloop::config::Args;
+use chatloop::config::{Args, init_logging};
 use chatloop::limits;
 use chatloop::metrics::MetricsEndpoint;
 use chatloop::server::Server;
@@ -49,28 +49,6 @@ fn main() -> ExitCode {
             log::error!("{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(level: log::LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_target_level(log::LevelFilter::Off)
-        .set_thread_level(log::LevelFilter::Off)
-        .build();
-    if simplelog::TermLogger::init(
-        level,
-        config.clone(),
-        simplelog::TerminalMode::Stderr,
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            simplelog::ColorChoice::Auto
-        } else {
-            simplelog::ColorChoice::Never
-        },
-    )
-    .is_err()
-    {
-        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
     }
 }
 

@@ -601,30 +601,60 @@ impl ServerKind {
     pub fn binary(self) -> PathBuf {
         match self {
             ServerKind::Mio => PathBuf::from(BIN),
-            ServerKind::Async => async_server_binary().to_path_buf(),
+            ServerKind::Async => Exe::AsyncServer.path(),
         }
     }
 }
 
-/// `target/<profile>/examples/async_server`, next to `chatloop`'s `target/<profile>/chatloop`.
+/// An executable the tests run that cargo gives them no `CARGO_BIN_EXE_` variable for: those
+/// exist only for the binaries of the package under test (`chatloop`), not for its examples or
+/// for the binaries of the other workspace members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exe {
+    /// examples/async_server.rs, the tokio server.
+    AsyncServer,
+    /// `chatloop-client`, the terminal client (crates/chatloop-client).
+    Client,
+    /// `chatloop-bench`, the load generator (crates/chatloop-bench).
+    Bench,
+}
+
+impl Exe {
+    /// The path of the executable in `chatloop`'s `target/<profile>`, built first if needed
+    /// (see [`built_profile_dir`]).
+    pub fn path(self) -> PathBuf {
+        let dir = built_profile_dir();
+        match self {
+            Exe::AsyncServer => dir.join("examples").join("async_server"),
+            Exe::Client => dir.join("chatloop-client"),
+            Exe::Bench => dir.join("chatloop-bench"),
+        }
+    }
+}
+
+/// `target/<profile>`, where `chatloop` is, once every [`Exe`] in it is up to date.
 ///
-/// Examples get no `CARGO_BIN_EXE_` variable, and while a plain `cargo test` builds them
-/// before running tests, `cargo test --test NAME` does not, and an example left from an earlier
-/// build would test old code. So the first use runs `cargo build --example async_server` with
-/// this test's profile and target directory: a no-op when the binary is fresh.
-fn async_server_binary() -> &'static Path {
+/// While a plain `cargo test` builds the package's examples before running tests, `cargo test
+/// --test NAME` does not, nothing builds the other members' binaries, and one left from an
+/// earlier build would test old code. So the first use in a test process runs `cargo build
+/// --workspace --bins --example async_server` with this test's profile and target directory
+/// (shared by the workspace). It selects the same packages as the README's `cargo test
+/// --release --workspace`, and an example makes cargo include the dev-dependencies as a test
+/// build does, so the features come out the same and that build's artifacts are reused: a
+/// no-op when the executables are fresh, and otherwise only they are compiled.
+fn built_profile_dir() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let profile_dir = Path::new(BIN)
             .parent()
             .expect("the chatloop binary is in a profile directory");
-        let path = profile_dir.join("examples").join("async_server");
         let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") | None => "dev",
             Some(p) => p,
         };
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "--example", "async_server", "--profile"])
+        cmd.args(["build", "--quiet", "--workspace", "--bins"])
+            .args(["--example", "async_server", "--profile"])
             .arg(profile)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null());
@@ -633,19 +663,25 @@ fn async_server_binary() -> &'static Path {
         }
         let out = cmd
             .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the async server: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run cargo to build the test executables: {e}"));
         assert!(
             out.status.success(),
-            "building the async server failed ({}):\n{}",
+            "building the test executables failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            path.is_file(),
-            "cargo built the async server, but not at {}",
-            path.display()
-        );
-        path
+        for path in [
+            profile_dir.join("examples").join("async_server"),
+            profile_dir.join("chatloop-client"),
+            profile_dir.join("chatloop-bench"),
+        ] {
+            assert!(
+                path.is_file(),
+                "cargo built the test executables, but not {}",
+                path.display()
+            );
+        }
+        profile_dir.to_path_buf()
     })
 }
 

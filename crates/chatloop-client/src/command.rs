@@ -87,7 +87,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         _ => {
             return Err(format!(
                 "unknown_command: /{} (try /help)",
-                crate::chatloop_client::output::clean(name)
+                crate::output::clean(name)
             ));
         }
     };

@@ -1,12 +1,35 @@
-//! The terminal client's parts: flags, input (command), output, network (net) and the
-//! bookkeeping of commands awaiting their answers (sent).
+//! `chatloop-client`: a terminal client for the chatloop server, built on the crate's own
+//! protocol codec.
+//!
+//! ```text
+//! chatloop-client [--connect ADDR] --nick NICK [--join ROOM]... [--log-level LEVEL] [--wait DUR]
+//! ```
+//!
+//! On a terminal it edits lines with rustyline and prints incoming events above the input line;
+//! otherwise it reads commands line by line from stdin (scripts). See the README's "Terminal
+//! client" section for the commands, reconnection rules and exit statuses.
+//!
+//! # Layout
+//!
+//! One binary crate; it uses the `chatloop` library like any other user: its codec, its
+//! duration parser, and (through the library's `cli` feature) the `--log-level` values the
+//! server takes.
+//!
+//! | module | one job |
+//! |---|---|
+//! | `main` | flags, logging, and the input thread (line editor or script) feeding the session |
+//! | `command` | parsing input lines into commands |
+//! | `net` | the network thread: connection, session state, reconnects, timers |
+//! | `output` | where event lines go (above the line editor, or stdout), with timestamps |
+//! | `sent` | commands sent and not yet answered, and which answer belongs to which |
 
-pub mod command;
-pub mod net;
-pub mod output;
+mod command;
+mod net;
+mod output;
 mod sent;
 
 use std::io::{self, BufRead, IsTerminal, Write};
+use std::process::ExitCode;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -19,6 +42,36 @@ use nix::sys::termios::{SetArg, Termios, tcgetattr, tcsetattr};
 use command::{Command, HELP};
 use net::{Event, Net, Settings};
 use output::{Clock, EditorSink, Out};
+
+fn main() -> ExitCode {
+    // The local UTC offset can only be read while the process is single-threaded.
+    let clock = Clock::new();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.render().to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("chatloop-client: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(args.log_level.filter());
+    ExitCode::from(run(args, clock))
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+}
 
 /// The client's command line.
 #[derive(Debug, Clone, Parser)]

@@ -5,9 +5,15 @@
 //! Scenarios: `fanout`, `sweep`, `idle`, `connect`, `rtt` (see `--help` of each). Loopback
 //! use only: every loop is bounded in time and stops by itself.
 //!
-//! | module | job |
+//! # Layout
+//!
+//! One binary crate; it uses the `chatloop` library like any other user (its codec, and its
+//! duration parser for the flags), without the library's `cli` feature.
+//!
+//! | module | one job |
 //! |---|---|
-//! | `cli` | flags |
+//! | `main` | runs the chosen scenario and prints its report; the exit status |
+//! | `cli` | the flags |
 //! | `conn` | one connection: socket, partial frame, output |
 //! | `pool` | the poll loop: dialing in batches, handshake, PING/ERROR handling |
 //! | `stamp` | SAY text with send time and sequence number; MESSAGE parsing in place |
@@ -16,40 +22,29 @@
 //! | `fanout` | publishers + subscribers, measurement steps |
 //! | `result` | one step's figures and their rendering |
 //! | `load` | the `fanout` and `sweep` commands |
-//! | `idle`, `dialers`, `rtt` | the other commands |
-//! | `report`, `sys` | JSON/human output, progress; CPU time, RSS, fd limit |
+//! | `idle` | the `idle` command: the server's memory per idle connection |
+//! | `dialers` | the `connect` command: connection + HELLO/WELCOME rate |
+//! | `rtt` | the `rtt` command: PING/PONG round trips, optionally under load |
+//! | `report` | JSON and human output, latency summaries, progress |
+//! | `sys` | what it asks of the OS: CPU time, RSS, fd limit, delayed ACKs |
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-#[path = "chatloop_bench/cli.rs"]
 mod cli;
-#[path = "chatloop_bench/conn.rs"]
 mod conn;
-#[path = "chatloop_bench/dialers.rs"]
 mod dialers;
-#[path = "chatloop_bench/fanout.rs"]
 mod fanout;
-#[path = "chatloop_bench/idle.rs"]
 mod idle;
-#[path = "chatloop_bench/load.rs"]
 mod load;
-#[path = "chatloop_bench/pacer.rs"]
 mod pacer;
-#[path = "chatloop_bench/pool.rs"]
 mod pool;
-#[path = "chatloop_bench/report.rs"]
 mod report;
-#[path = "chatloop_bench/result.rs"]
 mod result;
-#[path = "chatloop_bench/rtt.rs"]
 mod rtt;
-#[path = "chatloop_bench/stamp.rs"]
 mod stamp;
-#[path = "chatloop_bench/sys.rs"]
 mod sys;
-#[path = "chatloop_bench/track.rs"]
 mod track;
 
 use cli::{Cli, Cmd};
