@@ -230,7 +230,9 @@ mod tests {
             .collect();
         assert_eq!(fatal, vec![1, 2, 3, 14, 15, 16, 17, 18, 19, 21]);
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(22), None);
+        assert_eq!(ErrorCode::from_u16(22), Some(ErrorCode::Refused));
+        assert!(!ErrorCode::Refused.is_fatal());
+        assert_eq!(ErrorCode::from_u16(23), None);
     }
 
     #[test]
