@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | [`UDP`] (0) | a `mio::net::UdpSocket` | each datagram `room text` is posted into `room` as a system message (MESSAGE with an empty `from`) |
 //! | [`WAKER`] (1) | the `Poll`'s one `mio::Waker`, created here (the library never creates one) | another thread sent [`Command`]s over a channel: kick a nick, broadcast into a room, report counters, shut down, stop |
+//! | [`SIGNALS`] (2) | a signalfd for SIGINT and SIGTERM | the first begins a graceful shutdown, a second stops at once |
 //! | [`CHAT_BASE`] (100) ..= 100 + max_connections | the chat [`Server`] | its listener at the base, its connections above it; [`Server::owns`] routes them |
 //!
 //! Policy is plugged in through [`Policy`], a [`Hooks`] implementation: HELLOs for nicks that
@@ -23,6 +24,12 @@
 //! the waker): `kick NICK [REASON]`, `say ROOM TEXT`, `stats`, `shutdown` (graceful: ERROR
 //! shutting_down to everyone, then exit once every connection is closed) or `stop` (at once).
 //!
+//! SIGINT and SIGTERM reach the loop as a readable descriptor (a signalfd, as the `chatloop`
+//! binary does it), not as an asynchronous handler: `main` blocks both signals before any
+//! thread starts, so every thread inherits the mask and the kernel queues them on the
+//! signalfd instead of killing the process. The first begins a graceful shutdown; a second
+//! stops at once.
+//!
 //! The reactor is a plain struct ([`Reactor`]) rather than code in `main`, so that the
 //! integration tests in tests/embedded.rs run exactly this loop (they include this file as a
 //! module).
@@ -35,8 +42,13 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+
 use mio::net::UdpSocket;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use chatloop::core::{HelloInfo, Hooks, Rejection, Stats, Verdict};
 use chatloop::id::ConnId;
@@ -47,6 +59,8 @@ use chatloop::server::{Server, ServerConfig, ServerStats};
 pub const UDP: Token = Token(0);
 /// The application's waker (a `Poll` supports exactly one).
 pub const WAKER: Token = Token(1);
+/// The signalfd for SIGINT and SIGTERM.
+pub const SIGNALS: Token = Token(2);
 /// The chat server's first token (its listener); its connections follow it.
 pub const CHAT_BASE: Token = Token(100);
 
@@ -263,6 +277,22 @@ pub struct Reactor {
     udp_addr: SocketAddr,
     app: AppCounters,
     shutdown_began: Option<Instant>,
+    signals: SignalFd,
+}
+
+/// The signals that end the application: SIGINT (Ctrl-C) and SIGTERM (a service manager).
+fn shutdown_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread, and so in every thread it starts later:
+/// call it first thing in `main`. They then wait on the reactor's signalfd instead of killing
+/// the process (a signal not blocked in some thread is delivered there, the default way).
+pub fn block_shutdown_signals() -> io::Result<()> {
+    shutdown_signals().thread_block().map_err(io::Error::from)
 }
 
 impl Reactor {
@@ -287,6 +317,17 @@ impl Reactor {
             .register(&mut udp, UDP, Interest::READABLE)?;
         let udp_addr = udp.local_addr()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        // Non-blocking, like every source of an edge-triggered loop: it is drained until empty.
+        let signals = SignalFd::with_flags(
+            &shutdown_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        poll.registry().register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
         let (tx, rx) = mpsc::channel();
         Ok(Reactor {
             poll,
@@ -299,6 +340,7 @@ impl Reactor {
             udp_addr,
             app: AppCounters::default(),
             shutdown_began: None,
+            signals,
         })
     }
 
@@ -323,7 +365,10 @@ impl Reactor {
         loop {
             // Block until an event, or until the server's next deadline (zero when it still
             // has buffered input to read or output to flush).
-            let timeout = self.server.poll_timeout(Instant::now());
+            let timeout = self
+                .server
+                .poll_timeout()
+                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -332,6 +377,7 @@ impl Reactor {
             }
             let now = Instant::now();
             let mut woken = false;
+            let mut stop = false;
             for event in events.iter() {
                 let token = event.token();
                 if self.server.owns(token) {
@@ -340,12 +386,14 @@ impl Reactor {
                     self.drain_udp();
                 } else if token == WAKER {
                     woken = true;
+                } else if token == SIGNALS {
+                    stop |= self.drain_signals(now);
                 } else {
                     self.app.foreign_events += 1;
                 }
             }
             // Commands after the events, so a snapshot taken now reflects them all.
-            let stop = woken && self.drain_commands(now);
+            stop |= woken && self.drain_commands(now);
             // Then, every iteration, in this order: timers, then one flush of everything
             // this iteration produced (replies, fan-out, posts, kicks).
             self.server.handle_timeout(now);
@@ -437,6 +485,25 @@ impl Reactor {
             log::debug!("udp from {from}: no room {room:?}");
             self.app.udp_no_room += 1;
         }
+    }
+
+    /// Reads every pending signal (edge-triggered: all of them, now). The first begins a
+    /// graceful shutdown; one that arrives while a shutdown is under way asks to stop at
+    /// once (true).
+    fn drain_signals(&mut self, now: Instant) -> bool {
+        let mut stop = false;
+        while let Ok(Some(sig)) = self.signals.read_signal() {
+            let name = Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
+            if self.server.is_shutting_down() {
+                log::warn!("{name} again: stopping now");
+                stop = true;
+            } else {
+                log::info!("{name}: shutting down");
+                self.shutdown_began = Some(now);
+                self.server.begin_shutdown(now);
+            }
+        }
+        stop
     }
 
     /// Carries out every queued command; true if asked to stop. Their effects (frames,
@@ -542,7 +609,14 @@ impl Drop for Running {
 // ----- main -----
 
 fn main() -> io::Result<()> {
-    let _ = simplelog::SimpleLogger::init(log::LevelFilter::Info, simplelog::Config::default());
+    // Before any thread exists, so that every thread inherits the mask (see the module docs).
+    block_shutdown_signals()?;
+    // Logs go to standard error, as the `chatloop` binary's do.
+    let _ = simplelog::WriteLogger::init(
+        log::LevelFilter::Info,
+        simplelog::Config::default(),
+        io::stderr(),
+    );
     let mut args = std::env::args().skip(1);
     let parse = |a: Option<String>, default: &str| {
         a.as_deref()
@@ -554,25 +628,45 @@ fn main() -> io::Result<()> {
     let udp = parse(args.next(), DEFAULT_UDP)?;
     let mut running = Reactor::spawn(tcp, udp, ServerConfig::default())?;
     log::info!(
-        "chat on {}, udp on {}; commands: kick NICK [REASON] | say ROOM TEXT | stats | shutdown | stop",
+        "chat listening on {}, udp on {}; commands: kick NICK [REASON] | say ROOM TEXT | stats | shutdown | stop",
         running.tcp_addr,
         running.udp_addr
     );
-    // This thread plays "another thread of the application": it pokes the loop's waker.
+    // Another thread of the application reads commands and pokes the loop's waker; this one
+    // waits for the loop to end (by a command, or by SIGINT/SIGTERM).
+    let handle = running.handle.clone();
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || operator_commands(&handle))?;
+    match running.wait(None) {
+        Some(Ok(f)) => log::info!(
+            "done (graceful: {}, took {:?})",
+            f.shut_down,
+            f.shutdown_took
+        ),
+        Some(Err(e)) => return Err(e),
+        None => log::error!("the reactor thread panicked"),
+    }
+    Ok(())
+}
+
+/// Reads operator commands from standard input and sends them to the loop, until standard
+/// input ends, the loop is gone, or the operator asks for a shutdown or a stop.
+fn operator_commands(handle: &Handle) {
     for line in io::stdin().lock().lines() {
-        let line = line?;
+        let Ok(line) = line else { return };
         let mut words = line.trim().splitn(2, ' ');
         let sent = match (words.next(), words.next()) {
             (Some("kick"), Some(rest)) => {
                 let (nick, reason) = rest.split_once(' ').unwrap_or((rest, "kicked by operator"));
-                running.handle.kick(nick, reason)
+                handle.kick(nick, reason)
             }
             (Some("say"), Some(rest)) => match rest.split_once(' ') {
-                Some((room, text)) => running.handle.broadcast(room, text),
+                Some((room, text)) => handle.broadcast(room, text),
                 None => true,
             },
             (Some("stats"), None) => {
-                if let Some(s) = running.handle.snapshot(Duration::from_secs(1)) {
+                if let Some(s) = handle.snapshot(Duration::from_secs(1)) {
                     log::info!(
                         "conns {} sessions {} rooms {} | in {} B out {} B | msgs {} vetoed {} kicked {} | {:?}",
                         s.connections,
@@ -589,11 +683,11 @@ fn main() -> io::Result<()> {
                 true
             }
             (Some("shutdown"), None) => {
-                running.handle.shutdown();
+                handle.shutdown();
                 break;
             }
             (Some("stop"), None) => {
-                running.handle.stop();
+                handle.stop();
                 break;
             }
             (Some(""), None) | (None, _) => true,
@@ -606,16 +700,4 @@ fn main() -> io::Result<()> {
             break; // the loop has ended
         }
     }
-    // Standard input is closed, or a shutdown or stop was asked for: wait for the loop to end
-    // (with standard input closed, it serves until the process is killed).
-    match running.wait(None) {
-        Some(Ok(f)) => log::info!(
-            "done (graceful: {}, took {:?})",
-            f.shut_down,
-            f.shutdown_took
-        ),
-        Some(Err(e)) => return Err(e),
-        None => log::error!("the reactor thread panicked"),
-    }
-    Ok(())
 }

@@ -18,7 +18,7 @@
 //! |---|---|
 //! | [`protocol`] | frame header validation, client and server messages, encoders |
 //! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, hooks, counters |
-//! | [`server`] | listener, connections in a slab (key = token), reads, `writev` flushing, closes |
+//! | [`server`] | listener, connections in a slab (token = base + 1 + slot), reads, `writev` flushing, closes, events |
 //! | [`net`] | the shell toolkit both shells share: listener bind, EMFILE reserve, error classification, drain before close |
 //! | [`buffer`] | pooled byte ring buffers |
 //! | [`timer`] | hashed timing wheel |
@@ -49,7 +49,13 @@
 //! chat.listen("127.0.0.1:7878".parse().unwrap())?;
 //! let mut events = Events::with_capacity(1024);
 //! loop {
-//!     poll.poll(&mut events, chat.poll_timeout(Instant::now()))?;
+//!     // The server's next deadline (merge yours in with `min`); `None`: block until an event.
+//!     let timeout = chat.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+//!     match poll.poll(&mut events, timeout) {
+//!         // A signal interrupted the wait: nothing happened, go round again.
+//!         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+//!         other => other?,
+//!     }
 //!     let now = Instant::now();
 //!     for event in events.iter() {
 //!         if chat.owns(event.token()) {
@@ -75,3 +81,9 @@ pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+
+/// docs/EMBEDDING.md's snippets, compiled (and, unless marked `no_run`, run) as doc tests so
+/// the guide cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/EMBEDDING.md")]
+pub struct EmbeddingGuide;

@@ -542,8 +542,9 @@ fn mini_loop(
         // The earliest deadline of any server.
         let timeout = servers
             .iter()
-            .filter_map(|s| s.server.poll_timeout(now))
-            .min();
+            .filter_map(|s| s.server.poll_timeout())
+            .min()
+            .map(|deadline| deadline.saturating_duration_since(now));
         match poll.poll(&mut events, timeout) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => r.expect("poll"),
@@ -788,4 +789,169 @@ fn foreign_events_handed_to_the_server_are_ignored() {
     );
     alice.assert_no_pending();
     bob.assert_no_pending();
+}
+
+// ----- the example as a program: signals -----
+
+/// The example run as a process handles SIGTERM the way docs/EMBEDDING.md's recipe says: a
+/// signalfd in its own `Poll` (the signals blocked before any thread starts), the signal a
+/// graceful shutdown (`shutting_down` to every client, exit 0 once all are closed).
+#[test]
+fn the_example_shuts_down_gracefully_on_sigterm() {
+    let start = || {
+        let mut cmd = std::process::Command::new(common::Exe::Embedded.path());
+        cmd.args([LOCALHOST, LOCALHOST]);
+        common::Server::start_cmd(cmd)
+    };
+    let mut app = start();
+    let mut alice = login(app.addr(), "alice");
+    alice.join("lobby");
+    app.signal("TERM");
+    let e = alice.expect_fatal(code::SHUTTING_DOWN);
+    assert!(!e.detail.is_empty());
+    let status = app
+        .wait_exit(DEFAULT_TIMEOUT)
+        .expect("exits after the drain");
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+    app.wait_log(DEFAULT_TIMEOUT, |l| l.contains("done (graceful: true"))
+        .expect("the example reports a graceful shutdown");
+}
+
+// ----- events -----
+
+/// Turns the loop of a one-server reactor until `done` says so (bounded), collecting events.
+fn turn_until(
+    poll: &mut Poll,
+    server: &mut Server,
+    got: &mut Vec<chatloop::server::ServerEvent>,
+    mut done: impl FnMut(&Server, &[chatloop::server::ServerEvent]) -> bool,
+) {
+    let mut events = Events::with_capacity(64);
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while !done(server, got) {
+        assert!(Instant::now() < deadline, "events so far: {got:#?}");
+        let wait = server
+            .poll_timeout()
+            .map_or(Duration::from_millis(50), |t| {
+                t.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50))
+            });
+        poll.poll(&mut events, Some(wait)).expect("poll");
+        let now = Instant::now();
+        for e in events.iter() {
+            if server.owns(e.token()) {
+                server.handle_event(e, now);
+            }
+        }
+        server.handle_timeout(now);
+        server.flush(now);
+        while let Some(ev) = server.poll_event() {
+            got.push(ev);
+        }
+    }
+}
+
+/// With events on, the server reports the listener's life and the core's: an accept, a
+/// refusal at the limit, a welcome, a join, a SAY, a close, in order, naming connections by
+/// the ids the tokens map back to. With events off (the default), nothing is queued.
+#[test]
+fn server_events_report_accepts_refusals_and_what_sessions_did() {
+    use chatloop::core::{CloseReason, Event};
+    use chatloop::server::ServerEvent;
+    use std::io::Write;
+
+    let mut poll = Poll::new().expect("poll");
+    let cfg = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(cfg, poll.registry(), Token(10), Instant::now()).expect("server");
+    let addr = server.listen(any_port()).expect("listen");
+    let mut got = Vec::new();
+    // Off by default: a connection comes and goes, and nothing is queued.
+    let quiet = std::net::TcpStream::connect(addr).expect("connect");
+    turn_until(&mut poll, &mut server, &mut got, |s, _| {
+        s.connections() == 1
+    });
+    drop(quiet);
+    turn_until(&mut poll, &mut server, &mut got, |s, _| {
+        s.connections() == 0
+    });
+    assert!(got.is_empty(), "{got:?}");
+    server.set_events(true);
+
+    let mut a = std::net::TcpStream::connect(addr).expect("connect");
+    let mut bytes = Vec::new();
+    chatloop::protocol::ClientMsg::Hello {
+        nick: "alice",
+        token: None,
+    }
+    .encode(&mut bytes);
+    chatloop::protocol::ClientMsg::Join { room: "lobby" }.encode(&mut bytes);
+    chatloop::protocol::ClientMsg::Say {
+        room: "lobby",
+        text: "hi",
+    }
+    .encode(&mut bytes);
+    a.write_all(&bytes).expect("write");
+    turn_until(&mut poll, &mut server, &mut got, |_, g| {
+        g.iter()
+            .any(|e| matches!(e, ServerEvent::Chat(Event::Said { .. })))
+    });
+    let conn = got
+        .iter()
+        .find_map(|e| match e {
+            ServerEvent::Accepted { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .expect("an Accepted event");
+    assert!(server.token(conn).is_some_and(|t| server.owns(t)));
+    // The limit is 1: the next connection is refused, and says so.
+    let b = std::net::TcpStream::connect(addr).expect("connect");
+    turn_until(&mut poll, &mut server, &mut got, |_, g| {
+        g.iter().any(|e| matches!(e, ServerEvent::Refused { .. }))
+    });
+    drop(b);
+    // A FIN (closing a socket with unread input would send a reset instead).
+    a.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    turn_until(&mut poll, &mut server, &mut got, |_, g| {
+        g.iter()
+            .any(|e| matches!(e, ServerEvent::Chat(Event::Closed { .. })))
+    });
+    drop(a);
+    let kinds: Vec<String> = got
+        .iter()
+        .map(|e| match e {
+            ServerEvent::Accepted { .. } => "accepted".to_string(),
+            ServerEvent::Refused { code, .. } => format!("refused {code}"),
+            ServerEvent::Chat(Event::Welcomed { conn: c, nick, .. }) if *c == conn => {
+                format!("welcomed {nick}")
+            }
+            ServerEvent::Chat(Event::Joined { room, .. }) => format!("joined {room}"),
+            ServerEvent::Chat(Event::Said { room, msg_id, .. }) => format!("said {room} {msg_id}"),
+            ServerEvent::Chat(Event::Left { room, .. }) => format!("left {room}"),
+            ServerEvent::Chat(Event::Closed { reason, .. }) => format!("closed {reason}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "accepted",
+            "welcomed alice",
+            "joined lobby",
+            "said lobby 1",
+            "refused server_full",
+            "left lobby",
+            &format!("closed {}", CloseReason::Eof),
+        ]
+    );
+    assert_eq!(server.stats().events_dropped, 0);
+    turn_until(&mut poll, &mut server, &mut got, |s, _| {
+        s.connections() == 0
+    });
+    assert!(
+        server.token(conn).is_none(),
+        "a closed connection has no token"
+    );
 }

@@ -84,7 +84,10 @@ impl World {
     /// One loop iteration, waiting at most `wait`.
     fn turn(&mut self, wait: Duration) {
         let now = Instant::now();
-        let timeout = self.server.poll_timeout(now).map_or(wait, |t| t.min(wait));
+        let timeout = self
+            .server
+            .poll_timeout()
+            .map_or(wait, |t| t.saturating_duration_since(now).min(wait));
         self.poll.poll(&mut self.events, Some(timeout)).unwrap();
         let now = Instant::now();
         for e in self.events.iter() {

@@ -117,18 +117,15 @@ fn run(args: &Args) -> Result<(), String> {
     let mut next_stats = (!args.stats_interval.is_zero()).then(|| now + args.stats_interval);
     let mut last_stats = StatsSnapshot::take(&server, now);
     loop {
-        let now = Instant::now();
-        let timeout = [
-            server.poll_timeout(now),
-            next_stats.map(|t| t.saturating_duration_since(now)),
-            metrics
-                .as_ref()
-                .and_then(|m| m.poll_timeout())
-                .map(|t| t.saturating_duration_since(now)),
+        let deadline = [
+            server.poll_timeout(),
+            next_stats,
+            metrics.as_ref().and_then(|m| m.poll_timeout()),
         ]
         .into_iter()
         .flatten()
         .min();
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;

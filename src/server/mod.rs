@@ -4,13 +4,21 @@
 //! owns the `Poll` (and its one waker) and gives the server a `Registry` and a token range.
 //! The `chatloop` binary drives it exactly as an embedding application would.
 //!
+//! Methods, as in quinn-proto, fall into groups: inputs ([`Server::handle_event`],
+//! [`Server::handle_timeout`], [`Server::adopt`]), the end of an iteration
+//! ([`Server::flush`]), outputs ([`Server::poll_timeout`], [`Server::poll_event`]), commands
+//! ([`Server::post`], [`Server::whisper`], [`Server::kick`], [`Server::begin_shutdown`]) and
+//! getters.
+//!
 //! One loop iteration, as the driver runs it:
-//! 1. `poll.poll(&mut events, server.poll_timeout(now))`;
+//! 1. `poll.poll(&mut events, timeout)`, the timeout running to [`Server::poll_timeout`]
+//!    (merged with the driver's own deadlines);
 //! 2. [`Server::handle_event`] for each event whose token the server [owns](Server::owns):
 //!    accepts, reads (decoding and handling frames through the core) and backlog writes;
 //! 3. [`Server::handle_timeout`]: heartbeats, evictions, close deadlines;
-//! 4. [`Server::flush`]: everything the core produced in this iteration goes out, one
-//!    `writev` per connection, and requested closes happen.
+//! 4. [`Server::flush`]: reads deferred by the read budget, then everything the core produced
+//!    in this iteration goes out, one `writev` per connection, and requested closes happen;
+//! 5. if events are on, [`Server::poll_event`] until `None`.
 //!
 //! Invariants:
 //! - a connection's token is `base + 1 + slot`, its slot is its key in `conns`, and its
@@ -21,6 +29,9 @@
 //!   and the core's deframer frees an incomplete frame's buffer once the frame is whole.
 
 mod conn;
+mod event;
+
+pub use event::ServerEvent;
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -38,28 +49,36 @@ use crate::net::{self, FdReserve};
 use crate::protocol::ErrorCode;
 use crate::timer::TimerWheel;
 use conn::{Conn, Phase, WriteError};
+use event::ShellEvents;
 
 /// Bytes read per `read` call, into one scratch buffer shared by every connection.
 const SCRATCH: usize = 64 * 1024;
 
-/// Settings of the server shell (the core's are in `chat`).
+/// Settings of the server shell (the core's are in `chat`). Defaults are in brackets; the
+/// `chatloop` binary's flags set the same fields (`config::Args::server_config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// The chat core's limits and timings.
+    /// The chat core's limits and timings ([`ChatConfig::default`]).
     pub chat: ChatConfig,
-    /// Most connections served at once; more are refused with `server_full`.
+    /// Most connections served at once; more are refused with `server_full` [10,000]. The
+    /// binary's default is different: the fd limit minus 32 (`limits::connection_limit`). A
+    /// library default cannot know the process's fd limit; keep this below it (a connection
+    /// is one descriptor), or accepts fail with EMFILE and are refused the slow way. It also
+    /// sizes the token range (`base ..= base + max_connections`).
     pub max_connections: usize,
-    /// Listen backlog for [`Server::listen`].
+    /// Listen backlog for [`Server::listen`] [4096; the kernel caps it at
+    /// net.core.somaxconn].
     pub backlog: u32,
-    /// How long a shutdown, or a close after a fatal error, keeps flushing output.
+    /// How long a shutdown, or one connection's close after QUIT or a fatal error, keeps
+    /// flushing output before closing with it unsent [5 s].
     pub shutdown_grace: Duration,
     /// Most bytes read from one connection per loop iteration, so one flooding peer cannot
-    /// starve the others (the rest is read on the next iteration). Never more than a quarter
-    /// of `chat.max_pending` is used, whatever this says.
+    /// starve the others (the rest is read at the next `flush`) [256 KiB]. Never more than
+    /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
-    /// Size of a pooled ring buffer, in bytes.
+    /// Size of a pooled write ring buffer, in bytes [16 KiB].
     pub buf_size: usize,
-    /// Most idle buffers the pool keeps.
+    /// Most idle buffers the pool keeps [1024].
     pub pool_max: usize,
 }
 
@@ -106,6 +125,9 @@ pub struct ServerStats {
     pub iteration_us: [u64; ITERATION_BUCKETS],
     /// Sum of all iteration times, in microseconds.
     pub iteration_us_sum: u64,
+    /// Shell events lost because the event queue was full, as of the last `flush` (the
+    /// core's are in its `Stats`).
+    pub events_dropped: u64,
 }
 
 /// Buckets of [`ServerStats::iteration_us`]: 2^0 µs up to 2^23 µs (8.4 s), then the rest.
@@ -161,6 +183,9 @@ pub struct Server {
     shutdown_deadline: Option<Instant>,
     iteration_start: Option<Instant>,
     stats: ServerStats,
+    /// When the server was created: the instant `poll_timeout` returns for "now".
+    origin: Instant,
+    events: ShellEvents,
 }
 
 impl std::fmt::Debug for Server {
@@ -221,6 +246,8 @@ impl Server {
             shutdown_deadline: None,
             iteration_start: None,
             stats: ServerStats::default(),
+            origin: now,
+            events: ShellEvents::default(),
         })
     }
 
@@ -316,6 +343,7 @@ impl Server {
     }
 
     fn accept_all(&mut self, now: Instant) {
+        let mut exhausted = false;
         loop {
             let Some(listener) = &self.listener else {
                 return;
@@ -328,6 +356,10 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if net::is_fd_exhaustion(&e) => {
                     self.stats.accept_emfile += 1;
+                    if !exhausted {
+                        exhausted = true;
+                        self.events.push(|| ServerEvent::FdExhausted);
+                    }
                     if !self.reserve.is_held() {
                         log::warn!(
                             "accept: out of file descriptors ({e}) and no reserve left; waiting for connections to close"
@@ -343,6 +375,10 @@ impl Server {
                         Ok((stream, peer)) => {
                             self.stats.refused_full += 1;
                             refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
+                            self.events.push(|| ServerEvent::Refused {
+                                peer,
+                                code: ErrorCode::ServerFull,
+                            });
                             true
                         }
                         Err(_) => false,
@@ -359,6 +395,7 @@ impl Server {
                     // logged and retried on the next readiness event.
                     if e.kind() != io::ErrorKind::ConnectionAborted {
                         log::error!("accept failed: {e}");
+                        self.events.push(|| ServerEvent::AcceptFailed(e));
                         return;
                     }
                 }
@@ -382,6 +419,10 @@ impl Server {
                 self.cfg.max_connections
             );
             refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
+            self.events.push(|| ServerEvent::Refused {
+                peer,
+                code: ErrorCode::ServerFull,
+            });
             return Err(AdoptError::Full);
         }
         // Latency matters more than packet count for chat; frames are batched per iteration
@@ -413,6 +454,8 @@ impl Server {
         });
         self.stats.accepted += 1;
         log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
+        self.events
+            .push(|| ServerEvent::Accepted { conn: id, peer });
         self.chat.handle_open(now, id, Some(peer));
         Ok(id)
     }
@@ -485,8 +528,8 @@ impl Server {
         self.scratch = scratch;
     }
 
-    /// Connections that stopped at their read budget in the previous iteration read on, with a
-    /// fresh budget (the iteration count moved on in `flush`).
+    /// Connections that stopped at their read budget read on, with a fresh budget (`flush`
+    /// moved the iteration count on just before).
     fn read_leftovers(&mut self, now: Instant) {
         let again = std::mem::take(&mut self.read_again);
         for id in again {
@@ -564,12 +607,16 @@ impl Server {
 
     // ----- end of iteration -----
 
-    /// Sends everything the core produced since the last call (one `writev` per connection)
-    /// and carries out the closes it asked for. Call once per loop iteration, after the
-    /// events and `handle_timeout`.
+    /// Ends the loop iteration. First the connections that stopped at their read budget in
+    /// the previous iteration read on (their turn comes after everyone else's events, so one
+    /// flooding peer cannot starve the others); then everything the core produced since the
+    /// last call goes out (one `writev` per connection) and the closes it asked for happen.
+    /// Call once per loop iteration, every iteration, after the events and `handle_timeout`.
     pub fn flush(&mut self, now: Instant) {
-        self.stats.iterations += 1;
         self.iteration_start.get_or_insert(now);
+        // A new read epoch first: the deferred reads spend the next iteration's budget.
+        self.stats.iterations += 1;
+        self.read_leftovers(now);
         let base = self.base;
         let max_pending = self.cfg.chat.max_pending;
         let mut failed: Vec<(ConnId, WriteError)> = Vec::new();
@@ -634,6 +681,7 @@ impl Server {
                 _ => {}
             }
         }
+        self.stats.events_dropped = self.events.dropped;
         if let Some(start) = self.iteration_start.take() {
             self.stats.record_iteration(start.elapsed());
         }
@@ -657,11 +705,11 @@ impl Server {
 
     // ----- time -----
 
-    /// Runs what is due by `now`: the core's timers, close deadlines and the end of a shutdown's
-    /// grace period. A spurious call is a no-op.
+    /// Runs what is due by `now`: the core's timers (hello timeouts, heartbeats, idle
+    /// evictions), close deadlines and the end of a shutdown's grace period. A spurious call
+    /// is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.iteration_start.get_or_insert(now);
-        self.read_leftovers(now);
         self.chat.handle_timeout(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.linger.expire(now, &mut expired);
@@ -691,13 +739,16 @@ impl Server {
         }
     }
 
-    /// How long the caller may block in `poll` before the server needs
-    /// [`handle_timeout`](Self::handle_timeout) (zero when connections still have bytes to read
-    /// that no new event will announce: `handle_timeout` reads them); `None`: no deadline.
+    /// When the server next needs the loop to come round (`None`: nothing is due; block until
+    /// an event): the earliest of the core's timers, close deadlines and the end of a
+    /// shutdown's grace period, or an instant already past when work is waiting that no event
+    /// will announce (output queued since the last [`flush`](Self::flush), or connections
+    /// whose reads the read budget deferred: the next `flush` reads them). Merge it with your
+    /// own deadlines and block in `poll` for `deadline.saturating_duration_since(now)`.
     #[must_use]
-    pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.read_again.is_empty() || self.chat.has_output() {
-            return Some(Duration::ZERO);
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.read_again.is_empty() || self.chat.has_output() || !self.events.is_empty() {
+            return Some(self.origin);
         }
         [
             self.chat.poll_timeout(),
@@ -707,7 +758,6 @@ impl Server {
         .into_iter()
         .flatten()
         .min()
-        .map(|t| t.saturating_duration_since(now))
     }
 
     // ----- commands -----
@@ -738,6 +788,35 @@ impl Server {
     /// Whether a shutdown was begun and every connection is closed.
     pub fn is_shut_down(&self) -> bool {
         self.shutdown_deadline.is_some() && self.conns.is_empty()
+    }
+
+    /// Turns event recording on or off, for the shell and the core alike (off by default: an
+    /// application that never drains them should not pay for them). While on, drain
+    /// [`poll_event`](Self::poll_event) after each iteration; at most
+    /// [`MAX_EVENTS`](crate::core::MAX_EVENTS) wait in each queue, more are counted as dropped
+    /// (`ServerStats::events_dropped`, `Stats::events_dropped`) and lost.
+    pub fn set_events(&mut self, on: bool) {
+        self.events.set_enabled(on);
+        self.chat.set_events(on);
+    }
+
+    /// The next event, oldest first: the shell's (accepts, refusals, listener trouble) before
+    /// the core's (sessions, rooms, messages, closes). `None` when there is none, and always
+    /// while events are off ([`set_events`](Self::set_events)).
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events
+            .pop()
+            .or_else(|| self.chat.poll_event().map(ServerEvent::Chat))
+    }
+
+    /// The token of a connection this server serves (`None` if it is not open): events for
+    /// that token are its readiness.
+    pub fn token(&self, conn: ConnId) -> Option<Token> {
+        self.conns
+            .get(conn.slot())
+            .filter(|c| c.id == conn)
+            .map(|c| c.token(self.base))
     }
 
     /// Posts a system message (empty `from`) to a room; false if the room does not exist.

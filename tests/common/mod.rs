@@ -617,6 +617,8 @@ pub enum Exe {
     Client,
     /// `chatloop-bench`, the load generator (crates/chatloop-bench).
     Bench,
+    /// examples/embedded.rs, the embedding example run as a program.
+    Embedded,
 }
 
 impl Exe {
@@ -628,6 +630,7 @@ impl Exe {
             Exe::AsyncServer => dir.join("examples").join("async_server"),
             Exe::Client => dir.join("chatloop-client"),
             Exe::Bench => dir.join("chatloop-bench"),
+            Exe::Embedded => dir.join("examples").join("embedded"),
         }
     }
 }
@@ -637,7 +640,7 @@ impl Exe {
 /// While a plain `cargo test` builds the package's examples before running tests, `cargo test
 /// --test NAME` does not, nothing builds the other members' binaries, and one left from an
 /// earlier build would test old code. So the first use in a test process runs `cargo build
-/// --workspace --bins --example async_server` with this test's profile and target directory
+/// --workspace --bins --example async_server --example embedded` with this test's profile and target directory
 /// (shared by the workspace). It selects the same packages as the README's `cargo test
 /// --release --workspace`, and an example makes cargo include the dev-dependencies as a test
 /// build does, so the features come out the same and that build's artifacts are reused: a
@@ -654,7 +657,13 @@ fn built_profile_dir() -> &'static Path {
         };
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "--workspace", "--bins"])
-            .args(["--example", "async_server", "--profile"])
+            .args([
+                "--example",
+                "async_server",
+                "--example",
+                "embedded",
+                "--profile",
+            ])
             .arg(profile)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null());
@@ -674,6 +683,7 @@ fn built_profile_dir() -> &'static Path {
             profile_dir.join("examples").join("async_server"),
             profile_dir.join("chatloop-client"),
             profile_dir.join("chatloop-bench"),
+            profile_dir.join("examples").join("embedded"),
         ] {
             assert!(
                 path.is_file(),
