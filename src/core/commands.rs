@@ -23,7 +23,7 @@ impl Chat {
         token: Option<SessionToken>,
     ) {
         let resume = token.and_then(|t| self.session_by_token(&t));
-        let peer = self.session(conn).and_then(|s| s.peer);
+        let peer = self.state(conn).and_then(|s| s.peer);
         let info = HelloInfo {
             conn,
             nick,
@@ -64,7 +64,7 @@ impl Chat {
         let token = self.fresh_token();
         self.nicks.insert(folded, conn);
         self.tokens.insert(token_key(&token), conn);
-        if let Some(s) = self.session_mut(conn) {
+        if let Some(s) = self.state_mut(conn) {
             s.welcomed = true;
             s.nick = nick.into();
             s.token = token;
@@ -82,7 +82,7 @@ impl Chat {
     /// The live session whose token is `t`, compared in constant time.
     pub(super) fn session_by_token(&self, t: &SessionToken) -> Option<ConnId> {
         let conn = *self.tokens.get(&token_key(t))?;
-        let s = self.session(conn)?;
+        let s = self.state(conn)?;
         ct_eq(&s.token, t).then_some(conn)
     }
 
@@ -108,13 +108,13 @@ impl Chat {
         let hb_ms = u32::try_from(self.cfg.heartbeat.as_millis()).unwrap_or(u32::MAX);
         let max_frame = self.cfg.max_frame;
         let deadline = now + self.cfg.heartbeat;
-        let old_timer = match self.session(conn) {
+        let old_timer = match self.state(conn) {
             Some(s) => s.timer,
             None => return,
         };
         self.timers.cancel(old_timer);
         let timer = self.timers.schedule(deadline, conn.to_u64());
-        let Some(s) = self.sessions[conn.slot()].as_mut() else {
+        let Some(s) = self.conns[conn.slot()].as_mut() else {
             return;
         };
         s.timer = timer;
@@ -127,7 +127,7 @@ impl Chat {
     /// `new` takes over the session of `old`: nick, rooms and membership order, without PRESENCE.
     /// `old` gets session_taken_over and is closed; the old token stops working.
     pub(super) fn resume(&mut self, now: Instant, new: ConnId, old: ConnId) {
-        let Some(mut prev) = self.sessions[old.slot()].take().filter(|s| s.id == old) else {
+        let Some(mut prev) = self.conns[old.slot()].take().filter(|s| s.id == old) else {
             return;
         };
         self.timers.cancel(prev.timer);
@@ -144,7 +144,7 @@ impl Chat {
         log::debug!("conn {new}: resumed the session of {} ({})", prev.nick, old);
         let nick = std::mem::take(&mut prev.nick);
         let rooms = std::mem::take(&mut prev.rooms);
-        if let Some(s) = self.session_mut(new) {
+        if let Some(s) = self.state_mut(new) {
             s.welcomed = true;
             s.nick = nick;
             s.rooms = rooms;
@@ -158,7 +158,7 @@ impl Chat {
         );
         self.closes.push_back((old, CloseReason::TakenOver));
         self.stats.closed.count(CloseReason::TakenOver);
-        if let Some(s) = self.session(new) {
+        if let Some(s) = self.state(new) {
             let nick = s.nick.clone();
             self.hooks
                 .on_close(old, Some(&nick), CloseReason::TakenOver);
@@ -186,7 +186,7 @@ impl Chat {
             return;
         }
         let existing = self.room_index.get(room).copied();
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         if existing.is_some_and(|rid| s.rooms.iter().any(|&(r, _)| r == rid)) {
             self.send_error(conn, ErrorCode::AlreadyInRoom, "already in that room");
             return;
@@ -210,7 +210,7 @@ impl Chat {
         let members = &mut self.rooms[rid.0].members;
         let idx = members.len() as u32;
         members.push(conn);
-        let Some(s) = self.session_mut(conn) else {
+        let Some(s) = self.state_mut(conn) else {
             return;
         };
         s.rooms.push((rid, idx));
@@ -230,7 +230,7 @@ impl Chat {
             return;
         }
         let rid = self.room_index.get(room).copied();
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         let Some(pos) = rid.and_then(|rid| s.rooms.iter().position(|&(r, _)| r == rid)) else {
             self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
             return;
@@ -253,7 +253,7 @@ impl Chat {
             return;
         }
         let rid = self.room_index.get(room).copied();
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         let Some(rid) = rid.filter(|&rid| s.rooms.iter().any(|&(r, _)| r == rid)) else {
             self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
             return;
@@ -370,7 +370,7 @@ impl Chat {
         let mut extra_frames = 0;
         if let Some(rid) = rid {
             for &m in &self.rooms[rid.0].members {
-                let Some(nick) = self.sessions[m.slot()].as_ref().map(|s| &*s.nick) else {
+                let Some(nick) = self.conns[m.slot()].as_ref().map(|s| &*s.nick) else {
                     continue;
                 };
                 let payload = buf.len() - start - HEADER_LEN;

@@ -19,8 +19,8 @@
 //! Invariants (checked with `debug_assert!` in [`Chat::check_invariants`], run by the tests):
 //! - a welcomed session's nick is in `nicks` (ASCII-folded) and its token in `tokens`, each
 //!   mapping back to it; a session that is not welcomed is in neither;
-//! - a room exists exactly while it has members; `Session::rooms` and `Room::members` mirror
-//!   each other, and each `Session::rooms` entry records the member's index in its room;
+//! - a room exists exactly while it has members; `ConnState::rooms` and `Room::members` mirror
+//!   each other, and each `ConnState::rooms` entry records the member's index in its room;
 //! - every open session has exactly one live timer.
 
 mod commands;
@@ -189,8 +189,10 @@ struct Room {
     members: Vec<ConnId>,
 }
 
+/// What the core knows of one open connection: before HELLO only its times and timer; once
+/// welcomed, its session too (nick, token, rooms).
 #[derive(Debug)]
-struct Session {
+struct ConnState {
     id: ConnId,
     welcomed: bool,
     pinged: bool,
@@ -244,7 +246,8 @@ struct Session {
 pub struct Chat {
     cfg: ChatConfig,
     epoch: Instant,
-    sessions: Vec<Option<Session>>,
+    /// Every open connection, welcomed or not, by slot (`sessions()` counts the welcomed).
+    conns: Vec<Option<ConnState>>,
     open: usize,
     nicks: HashMap<Box<str>, ConnId>,
     /// Live sessions by an index derived from their token (see `token_key`); the whole
@@ -321,7 +324,7 @@ impl Chat {
         Chat {
             cfg,
             epoch: now,
-            sessions: Vec::new(),
+            conns: Vec::new(),
             open: 0,
             nicks: HashMap::new(),
             tokens: HashMap::new(),
@@ -407,19 +410,19 @@ impl Chat {
 
     /// Whether `conn` is open as far as the core is concerned.
     pub fn is_open(&self, conn: ConnId) -> bool {
-        self.session(conn).is_some()
+        self.state(conn).is_some()
     }
 
     /// Bytes of an incomplete frame the core holds for `conn` (0 between frames, or if it is
     /// not open).
     pub fn buffered_input(&self, conn: ConnId) -> usize {
-        self.session(conn).map_or(0, |s| s.deframer.buffered())
+        self.state(conn).map_or(0, |s| s.deframer.buffered())
     }
 
     /// Connections holding an incomplete frame, and the bytes of memory held for those frames.
     /// O(connections): for metrics scrapes, not for the hot path.
     pub fn partial_input(&self) -> (usize, usize) {
-        self.sessions
+        self.conns
             .iter()
             .flatten()
             .map(|s| s.deframer.capacity())
@@ -429,7 +432,7 @@ impl Chat {
 
     /// The nick of a welcomed connection.
     pub fn nick(&self, conn: ConnId) -> Option<&str> {
-        self.session(conn).filter(|s| s.welcomed).map(|s| &*s.nick)
+        self.state(conn).filter(|s| s.welcomed).map(|s| &*s.nick)
     }
 
     /// The connection holding `nick` (ASCII case folded).
@@ -448,15 +451,15 @@ impl Chat {
         self.shutting_down
     }
 
-    fn session(&self, conn: ConnId) -> Option<&Session> {
-        self.sessions
+    fn state(&self, conn: ConnId) -> Option<&ConnState> {
+        self.conns
             .get(conn.slot())?
             .as_ref()
             .filter(|s| s.id == conn)
     }
 
-    fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
-        self.sessions
+    fn state_mut(&mut self, conn: ConnId) -> Option<&mut ConnState> {
+        self.conns
             .get_mut(conn.slot())?
             .as_mut()
             .filter(|s| s.id == conn)
@@ -492,10 +495,10 @@ impl Chat {
             return;
         }
         let slot = conn.slot();
-        if slot >= self.sessions.len() {
-            self.sessions.resize_with(slot + 1, || None);
+        if slot >= self.conns.len() {
+            self.conns.resize_with(slot + 1, || None);
         }
-        if let Some(stale) = self.sessions[slot].as_ref().map(|s| s.id) {
+        if let Some(stale) = self.conns[slot].as_ref().map(|s| s.id) {
             // The driver reused a slot without reporting its previous occupant closed.
             debug_assert!(false, "slot {slot} reused while {stale} was open");
             self.remove_session(stale, Some(PresenceKind::Gone), CloseReason::IoError);
@@ -504,7 +507,7 @@ impl Chat {
         let timer = self
             .timers
             .schedule(self.at(now_us) + self.cfg.hello_timeout, conn.to_u64());
-        self.sessions[slot] = Some(Session {
+        self.conns[slot] = Some(ConnState {
             id: conn,
             welcomed: false,
             pinged: false,
@@ -532,7 +535,7 @@ impl Chat {
     /// it is read. Bytes for a connection that is not open are ignored.
     pub fn handle_data(&mut self, now: Instant, conn: ConnId, mut data: &[u8]) {
         let now_us = self.us_ceil(now);
-        let Some(s) = self.session_mut(conn) else {
+        let Some(s) = self.state_mut(conn) else {
             return;
         };
         s.last_read_us = now_us;
@@ -573,14 +576,14 @@ impl Chat {
                 }
             }
         }
-        if let Some(s) = self.session_mut(conn) {
+        if let Some(s) = self.state_mut(conn) {
             s.deframer = deframer;
         }
     }
 
     /// One whole frame from `conn` (for drivers that split frames themselves).
     pub fn handle_frame(&mut self, now: Instant, conn: ConnId, opcode: u8, payload: &[u8]) {
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         let welcomed = s.welcomed;
         self.stats.frames_in[usize::from(opcode)] += 1;
         log::trace!("conn {conn}: frame 0x{opcode:02x}, {} bytes", payload.len());
@@ -676,7 +679,7 @@ impl Chat {
         let hello_us = self.cfg.hello_timeout.as_micros() as u64;
         let hb_us = self.cfg.heartbeat.as_micros() as u64;
         let idle_us = self.cfg.idle_timeout.as_micros() as u64;
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         let (welcomed, opened, last, pinged) = (s.welcomed, s.opened_us, s.last_read_us, s.pinged);
         // The wheel is re-armed here, at the true deadline, rather than on every frame:
         // activity only records `last_read_us`, and a timer that fires early re-arms.
@@ -719,7 +722,7 @@ impl Chat {
         };
         let at = self.at(next);
         let timer = self.timers.schedule(at, conn.to_u64());
-        if let Some(s) = self.session_mut(conn) {
+        if let Some(s) = self.state_mut(conn) {
             s.timer = timer;
         }
     }
@@ -732,7 +735,7 @@ impl Chat {
         let end = buf.len();
         self.outbox.send(conn, start, end);
         self.stats.pings_sent += 1;
-        if let Some(s) = self.session_mut(conn) {
+        if let Some(s) = self.state_mut(conn) {
             s.pinged = true;
         }
     }
@@ -838,7 +841,7 @@ impl Chat {
             return;
         }
         self.shutting_down = true;
-        let ids: Vec<ConnId> = self.sessions.iter().flatten().map(|s| s.id).collect();
+        let ids: Vec<ConnId> = self.conns.iter().flatten().map(|s| s.id).collect();
         for conn in ids {
             self.send_error(conn, ErrorCode::ShuttingDown, "server is shutting down");
             self.remove_session(conn, None, CloseReason::Shutdown);
@@ -851,7 +854,7 @@ impl Chat {
     pub fn check_invariants(&self) {
         let mut open = 0;
         let mut welcomed = 0;
-        for (slot, s) in self.sessions.iter().enumerate() {
+        for (slot, s) in self.conns.iter().enumerate() {
             let Some(s) = s else { continue };
             open += 1;
             assert_eq!(s.id.slot(), slot);
@@ -872,7 +875,7 @@ impl Chat {
         for (_, room) in &self.rooms {
             assert!(!room.members.is_empty());
             for &m in &room.members {
-                assert!(self.session(m).is_some_and(|s| s.welcomed));
+                assert!(self.state(m).is_some_and(|s| s.welcomed));
             }
         }
     }

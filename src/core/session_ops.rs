@@ -51,7 +51,7 @@ impl Chat {
     /// it gets the fatal ERROR, its rooms PRESENCE gone, and the close is asked for. The one
     /// place this is decided and logged, whether the core or the transport found it.
     pub(super) fn slow_consumer(&mut self, conn: ConnId, why: std::fmt::Arguments<'_>) {
-        let peer = self.session(conn).and_then(|s| s.peer);
+        let peer = self.state(conn).and_then(|s| s.peer);
         match peer {
             Some(peer) => log::warn!("conn {conn} ({peer}): slow consumer, {why}; closing"),
             None => log::warn!("conn {conn}: slow consumer, {why}; closing"),
@@ -84,7 +84,7 @@ impl Chat {
 
     /// Removes the `pos`th room of `conn`'s session from it, and `conn` from that room.
     pub(super) fn remove_member(&mut self, conn: ConnId, pos: usize) {
-        let Some(s) = self.session_mut(conn) else {
+        let Some(s) = self.state_mut(conn) else {
             return;
         };
         let (rid, idx) = s.rooms.swap_remove(pos);
@@ -93,7 +93,7 @@ impl Chat {
         room.members.swap_remove(idx as usize);
         if let Some(&moved) = room.members.get(idx as usize) {
             // The last member took the leaver's place: record its new index.
-            if let Some(ms) = self.sessions[moved.slot()].as_mut() {
+            if let Some(ms) = self.conns[moved.slot()].as_mut() {
                 if let Some(e) = ms.rooms.iter_mut().find(|e| e.0 == rid) {
                     e.1 = idx;
                 }
@@ -113,14 +113,14 @@ impl Chat {
         kind: Option<PresenceKind>,
         reason: CloseReason,
     ) {
-        let Some(s) = self.session(conn) else { return };
+        let Some(s) = self.state(conn) else { return };
         let nick = s.nick.clone();
         let welcomed = s.welcomed;
-        while let Some(&(rid, _)) = self.session(conn).and_then(|s| s.rooms.last()) {
+        while let Some(&(rid, _)) = self.state(conn).and_then(|s| s.rooms.last()) {
             if let Some(kind) = kind {
                 self.presence(rid, kind, conn, &nick);
             }
-            let last = self.session(conn).map_or(0, |s| s.rooms.len() - 1);
+            let last = self.state(conn).map_or(0, |s| s.rooms.len() - 1);
             let name = self.rooms[rid.0].name.clone();
             self.remove_member(conn, last);
             self.hooks.on_leave(conn, &nick, &name);
@@ -130,7 +130,7 @@ impl Chat {
                 room: name,
             });
         }
-        let Some(s) = self.sessions[conn.slot()].take() else {
+        let Some(s) = self.conns[conn.slot()].take() else {
             return;
         };
         self.timers.cancel(s.timer);
