@@ -1,10 +1,10 @@
 //! Decoder and encoder throughput on a realistic frame mix: mostly SAYs with short text, some
 //! PINGs, JOINs and WHISPERs, decoded from one buffer (whole reads) and from 100-byte pieces
-//! (split reads, through `FrameBuf`).
+//! (split reads, through the `Deframer` the core and the clients use).
 
 use std::hint::black_box;
 
-use chatloop::protocol::{ClientMsg, FrameBuf, encode, split_frame};
+use chatloop::protocol::{ClientMsg, Deframer, encode, split_frame};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn mix(frames: usize) -> Vec<u8> {
@@ -47,13 +47,12 @@ fn bench(c: &mut Criterion) {
     });
     g.throughput(Throughput::Bytes(stream.len() as u64));
     g.bench_function("split_reads_bytes", |b| {
-        let mut fb = FrameBuf::new(65_536);
+        let mut d = Deframer::new();
         b.iter(|| {
             let mut n = 0;
-            for piece in stream.chunks(100) {
-                fb.extend(piece);
-                while let Ok(Some((op, payload))) = fb.next_frame() {
-                    if ClientMsg::decode(op, payload).is_ok() {
+            for mut piece in stream.chunks(100) {
+                while let Ok(Some(f)) = d.next(&mut piece, 65_536) {
+                    if ClientMsg::decode(f.opcode, f.payload).is_ok() {
                         n += 1;
                     }
                 }

@@ -3,16 +3,16 @@
 //! Input layout: byte 0 picks max_frame, byte 1 the number of chunk lengths (0 to 15) that
 //! follow, one byte each (a length of 0 means 1); the rest is the stream, cut into chunks of
 //! those lengths in turn. Checks:
-//! - nothing panics (`split_frame`, `check_header`, `FrameBuf`, `ClientMsg::decode`,
+//! - nothing panics (`split_frame`, `check_header`, `Deframer`, `ClientMsg::decode`,
 //!   `ServerMsg::decode`, the encoders);
 //! - chunking never changes the outcome: the frames and the final error are the same whether
-//!   the stream is split whole, fed to a `FrameBuf` chunk by chunk, or to a `Deframer` (the
-//!   splitter the core's `handle_data` uses) chunk by chunk;
+//!   the stream is split whole, or fed to a `Deframer` (the one splitter the core, the
+//!   client and the load generator use) chunk by chunk;
 //! - a decoded client message encodes back to exactly the bytes it came from; a decoded
 //!   server message survives encode and decode unchanged.
 #![no_main]
 
-use chatloop::protocol::{ClientMsg, Deframer, FrameBuf, FrameError, ServerMsg, split_frame};
+use chatloop::protocol::{ClientMsg, Deframer, FrameError, ServerMsg, split_frame};
 use libfuzzer_sys::fuzz_target;
 
 type Frames = Vec<(u8, Vec<u8>)>;
@@ -51,23 +51,6 @@ fn chunks<'a>(stream: &'a [u8], lens: &'a [u8]) -> impl Iterator<Item = &'a [u8]
         rest = r;
         Some(c)
     })
-}
-
-fn with_framebuf(stream: &[u8], lens: &[u8], max: u32) -> (Frames, Option<FrameError>, usize) {
-    let mut fb = FrameBuf::new(max);
-    let mut frames = Vec::new();
-    for c in chunks(stream, lens) {
-        fb.extend(c);
-        loop {
-            match fb.next_frame() {
-                Ok(Some((op, p))) => frames.push((op, p.to_vec())),
-                Ok(None) => break,
-                Err(e) => return (frames, Some(e), 0),
-            }
-        }
-    }
-    let left = fb.len();
-    (frames, None, left)
 }
 
 /// As every reader of the protocol (the chat core, the clients) splits a stream: a
@@ -139,11 +122,6 @@ fuzz_target!(|data: &[u8]| {
     let stream = &data[2 + n..];
 
     let reference = whole(stream, max);
-    assert_eq!(
-        with_framebuf(stream, lens, max),
-        reference,
-        "FrameBuf, chunks {lens:?}"
-    );
     assert_eq!(
         with_deframer(stream, lens, max),
         reference,

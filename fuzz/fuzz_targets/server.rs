@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use chatloop::core::ChatConfig;
-use chatloop::protocol::{ClientMsg, FrameBuf, ServerMsg};
+use chatloop::protocol::{ClientMsg, Deframer, ServerMsg};
 use chatloop::server::{Server, ServerConfig};
 use libfuzzer_sys::fuzz_target;
 use mio::{Events, Poll, Token};
@@ -102,7 +102,7 @@ impl World {
 
 struct Client {
     stream: TcpStream,
-    frames: FrameBuf,
+    frames: Deframer,
     eof: bool,
 }
 
@@ -114,13 +114,13 @@ impl Client {
             match self.stream.read(&mut buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
-                    self.frames.extend(&buf[..n]);
-                    while let Some((op, payload)) = self
+                    let mut chunk = &buf[..n];
+                    while let Some(f) = self
                         .frames
-                        .next_frame()
+                        .next(&mut chunk, MAX_FRAME + 128)
                         .expect("server frames have valid headers")
                     {
-                        ServerMsg::decode(op, payload).expect("server frames decode");
+                        ServerMsg::decode(f.opcode, f.payload).expect("server frames decode");
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -140,7 +140,7 @@ fuzz_target!(|steps: Vec<Step>| {
                 stream.set_nodelay(true).unwrap();
                 Client {
                     stream,
-                    frames: FrameBuf::new(MAX_FRAME + 128),
+                    frames: Deframer::new(),
                     eof: false,
                 }
             })

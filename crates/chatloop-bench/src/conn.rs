@@ -2,14 +2,14 @@
 //! the bytes it still has to write.
 //!
 //! Reads go into one large buffer shared by every connection of the loop (64 KiB per `read`),
-//! and frames are parsed in place there; only the incomplete frame at the end of a read is
-//! copied into the connection's own `partial` buffer (whose capacity is kept, so a steady
-//! stream allocates nothing). Ten thousand idle subscribers thus cost no 64 KiB each.
+//! and frames are parsed in place there by the crate's `Deframer`; only the incomplete frame
+//! at the end of a read is copied, into the connection's deframer. Ten thousand idle
+//! subscribers thus cost no 64 KiB each.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::time::Instant;
 
-use chatloop::protocol::{FrameError, split_frame};
+use chatloop::protocol::{Deframer, FrameError};
 use mio::net::TcpStream;
 
 use super::sys::delay_acks;
@@ -74,7 +74,7 @@ pub struct Conn {
     pub fatal: Option<u16>,
     /// Whether the slot is in the pool's list of connections with output to flush.
     pub dirty: bool,
-    partial: Vec<u8>,
+    deframer: Deframer,
     out: Vec<u8>,
     out_pos: usize,
 }
@@ -90,7 +90,7 @@ impl Conn {
             since: now,
             fatal: None,
             dirty: false,
-            partial: Vec::new(),
+            deframer: Deframer::new(),
             out: Vec::new(),
             out_pos: 0,
         }
@@ -102,7 +102,7 @@ impl Conn {
         self.state = state;
         self.since = now;
         self.fatal = None;
-        self.partial.clear();
+        self.deframer.clear();
         self.out.clear();
         self.out_pos = 0;
     }
@@ -137,23 +137,23 @@ impl Conn {
     }
 
     /// Reads until the socket is drained, calling `f(self, opcode, payload, read_time)` for every
-    /// whole frame, parsed in place in `buf`. A read shorter than asked means the socket was
-    /// emptied (edge-triggered epoll reports any later arrival), which saves the extra `read`
-    /// that would only return WouldBlock.
+    /// whole frame: frames are split by the crate's `Deframer`, straight out of `buf` when
+    /// whole, and only an incomplete frame at the end of a read is kept (by the deframer, in
+    /// memory sized to what arrived). A read shorter than asked means the socket was emptied
+    /// (edge-triggered epoll reports any later arrival), which saves the extra `read` that
+    /// would only return WouldBlock.
     pub fn read_frames<F>(&mut self, buf: &mut Vec<u8>, mut f: F) -> ReadEnd
     where
         F: FnMut(&mut Conn, u8, &[u8], Instant),
     {
+        if buf.len() < READ_CHUNK {
+            buf.resize(READ_CHUNK, 0);
+        }
         loop {
-            let kept = self.partial.len();
-            if buf.len() < kept + READ_CHUNK {
-                buf.resize(kept + READ_CHUNK, 0);
-            }
-            buf[..kept].copy_from_slice(&self.partial);
             let Some(sock) = self.sock.as_mut() else {
                 return ReadEnd::Closed(None);
             };
-            let n = match sock.read(&mut buf[kept..kept + READ_CHUNK]) {
+            let n = match sock.read(&mut buf[..READ_CHUNK]) {
                 Ok(0) => return ReadEnd::Closed(None),
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return ReadEnd::Drained,
@@ -162,20 +162,17 @@ impl Conn {
             };
             delay_acks(sock);
             let now = Instant::now();
-            self.partial.clear();
-            let data = &buf[..kept + n];
-            let mut at = 0;
+            // Out of `self` while its frames are handed to `f`, which takes `self`.
+            let mut deframer = std::mem::take(&mut self.deframer);
+            let mut chunk = &buf[..n];
             loop {
-                match split_frame(&data[at..], MAX_PAYLOAD) {
-                    Ok(Some(frame)) => {
-                        at += frame.frame_len();
-                        f(self, frame.opcode, frame.payload, now);
-                    }
+                match deframer.next(&mut chunk, MAX_PAYLOAD) {
+                    Ok(Some(frame)) => f(self, frame.opcode, frame.payload, now),
                     Ok(None) => break,
                     Err(e) => return ReadEnd::Bad(e),
                 }
             }
-            self.partial.extend_from_slice(&data[at..]);
+            self.deframer = deframer;
             if n < READ_CHUNK || self.state == State::Dead {
                 return ReadEnd::Drained;
             }
