@@ -25,7 +25,7 @@
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | command-line flags, defaults, duration and size parsing |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
-//! | [`metrics`] | Prometheus `/metrics` and `/healthz` over HTTP, in the same poll loop |
+//! | [`metrics`] | Prometheus `/metrics`, `/healthz` and the stats line from a plain [`metrics::Snapshot`]; the endpoint in the same poll loop |
 //!
 //! # Example: embedding the server in your own loop
 //!
