@@ -9,7 +9,8 @@
 use crate::core::Stats;
 use crate::server::{Server, ServerStats};
 
-/// The counters and gauges of a chat server at one instant. See the [module docs](self).
+/// The counters and gauges of a chat server at one instant, for the metrics, `/healthz` and
+/// the stats line of [both servers](crate::metrics).
 ///
 /// Every field is a plain number, so a snapshot can be cloned, sent to another task and
 /// compared with an earlier one. A shell that has no such thing as a field describes (the
