@@ -18,7 +18,11 @@
 //!   `poll_close`/`poll_output` into the connections' channels, then yields so the writers
 //!   run. A round ends after a quarter of max-pending of input, so one round cannot make a
 //!   member that reads continuously look like a slow consumer. A broadcast's bytes are copied
-//!   once per round into a `Bytes` that every recipient shares.
+//!   once per round into a `Bytes` that every recipient shares;
+//! - with `--metrics ADDR`, **a metrics task** serves `GET /metrics` and `GET /healthz` like
+//!   the mio server, through the same sans-IO HTTP code and renderer (`chatloop::metrics`):
+//!   for each whole request that needs one, it asks the actor for a `Snapshot` over the event
+//!   channel. Same limits: 16 scrapers at once, 5 s per exchange, 8 KiB request heads.
 //!
 //! A connection whose queued, unwritten output would exceed `--max-pending` bytes, or whose
 //! channel is full, is a slow consumer: its queue is dropped, it gets `slow_consumer` if the
@@ -38,14 +42,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
 use slab::Slab;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -56,8 +60,13 @@ use chatloop::config::Args;
 use chatloop::core::{Chat, CloseReason};
 use chatloop::id::{ConnId, Generations};
 use chatloop::limits;
+use chatloop::metrics::http::{self, Verdict};
+use chatloop::metrics::{
+    ACCEPT_RETRY, MAX_CLIENTS, MAX_DISCARD, REQUEST_TIMEOUT, Snapshot, StatsLine,
+};
 use chatloop::net::{self, FdReserve, MAX_IOV, classify};
 use chatloop::protocol::ErrorCode;
+use chatloop::server::ServerStats;
 
 /// Capacity of the actor's event channel (readers wait when it is full: backpressure).
 const EVENTS: usize = 1024;
@@ -67,6 +76,8 @@ const BATCH: usize = 512;
 /// Bytes asked of one read, at most; less with a small `--max-pending` (a quarter of the
 /// input budget).
 const READ_SIZE: usize = 16 * 1024;
+/// The actor prunes its retired connections' counters at this many at least.
+const RETIRED_MIN: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Command line
@@ -223,16 +234,26 @@ async fn run(args: Args) -> Result<(), String> {
         unhandled_limit: 2 * read_size,
         out_slots: (args.max_pending / 64).clamp(64, 16 * 1024),
     });
-    let actor = Actor::new(&args, &cfg, Instant::now());
-    let actor = tokio::spawn(actor.run(events_rx, args.stats_interval));
     let limit = Arc::new(Semaphore::new(max_conns));
+    let totals = Arc::new(Totals::default());
+    let actor = Actor::new(&args, &cfg, max_conns, &limit, &totals, Instant::now());
+    let actor = tokio::spawn(actor.run(events_rx, args.stats_interval));
     let acceptor = tokio::spawn(accept_loop(
         listener,
         limit,
         events_tx.clone(),
         done_tx,
         cfg,
+        totals,
     ));
+    if let Some(a) = args.metrics {
+        let cannot = |e: io::Error| format!("cannot listen for metrics on {a}: {e}");
+        let metrics = TcpListener::bind(a).await.map_err(cannot)?;
+        let local = metrics.local_addr().map_err(cannot)?;
+        log::info!("metrics on http://{local}/metrics");
+        // It keeps serving through a shutdown (/healthz says 503 then), until the process ends.
+        tokio::spawn(metrics_loop(metrics, events_tx.clone()));
+    }
 
     let name = tokio::select! {
         _ = sigint.recv() => "SIGINT",
@@ -281,6 +302,7 @@ async fn accept_loop(
     events: mpsc::Sender<Event>,
     done: mpsc::Sender<()>,
     cfg: Arc<ConnConfig>,
+    totals: Arc<Totals>,
 ) {
     // One descriptor in reserve: out of descriptors, the pending connection would stay in the
     // backlog unanswered; freeing the reserve lets us take it off and refuse it.
@@ -305,6 +327,7 @@ async fn accept_loop(
                     events.clone(),
                     done.clone(),
                     cfg.clone(),
+                    totals.clone(),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
@@ -343,6 +366,94 @@ async fn refuse(events: &mpsc::Sender<Event>, stream: TcpStream, peer: SocketAdd
 }
 
 // ---------------------------------------------------------------------------------------------
+// Metrics: the mio server's endpoint, on tokio
+// ---------------------------------------------------------------------------------------------
+
+/// Serves `/metrics` and `/healthz` on `listener`: one task per scraper, at most
+/// [`MAX_CLIENTS`] at once (more are closed at accept, as the mio endpoint does), each with
+/// [`REQUEST_TIMEOUT`] for its whole exchange.
+async fn metrics_loop(listener: TcpListener, events: mpsc::Sender<Event>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    log::warn!("metrics: {MAX_CLIENTS} scrapers already connected; closing {peer}");
+                    continue;
+                };
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let exchange = scrape(stream, &events);
+                    if tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                        .await
+                        .is_err()
+                    {
+                        log::debug!("metrics client timed out");
+                    }
+                    drop(slot);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => {
+                // Out of descriptors, say: try again shortly rather than spin.
+                log::warn!("metrics: accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+/// One scraper's exchange: the request, judged as it arrives; the answer (a snapshot asked of
+/// the actor only if the answer needs one); then, if the client may still be sending, a
+/// half-close and input discarded until it closes (see `chatloop::metrics::http`). Errors
+/// just end the exchange: the stream is dropped, which closes it.
+async fn scrape(mut stream: TcpStream, events: &mpsc::Sender<Event>) -> io::Result<()> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 2048];
+    // `judge` answers once the head is whole or past MAX_REQUEST, so this reads at most a
+    // little over MAX_REQUEST, like the mio endpoint.
+    let (reply, linger) = loop {
+        let n = stream.read(&mut buf).await?;
+        req.extend_from_slice(&buf[..n]);
+        match http::judge(&req, n == 0) {
+            Verdict::Partial => {}
+            Verdict::Abandoned => return Ok(()),
+            Verdict::Answer { reply, linger } => break (reply, linger),
+        }
+    };
+    let snapshot = if reply.needs_snapshot() {
+        ask_snapshot(events).await
+    } else {
+        None
+    };
+    stream
+        .write_all(&http::respond(reply, snapshot.as_ref()))
+        .await?;
+    if !linger {
+        return Ok(());
+    }
+    stream.shutdown().await?;
+    let mut discarded = 0;
+    loop {
+        match stream.read(&mut buf).await? {
+            0 => return Ok(()),
+            n => discarded += n,
+        }
+        if discarded > MAX_DISCARD {
+            return Ok(());
+        }
+    }
+}
+
+/// The actor's snapshot of the counters; None if the actor has stopped (the answer is then
+/// 503). It waits behind the chat events already queued, so it reflects them all.
+async fn ask_snapshot(events: &mpsc::Sender<Event>) -> Option<Snapshot> {
+    let (reply, answer) = oneshot::channel();
+    events.send(Event::Snapshot { reply }).await.ok()?;
+    answer.await.ok()
+}
+
+// ---------------------------------------------------------------------------------------------
 // A connection: reader (this task) and writer (its own task)
 // ---------------------------------------------------------------------------------------------
 
@@ -373,7 +484,10 @@ async fn connection(
     events: mpsc::Sender<Event>,
     _done: mpsc::Sender<()>,
     cfg: Arc<ConnConfig>,
+    totals: Arc<Totals>,
 ) {
+    // Counted when this task ends, however it ends: that is when the socket closes.
+    let _closed = CountsClose(totals.clone());
     let (rd, wr) = stream.into_split();
     let (out_tx, out_rx) = mpsc::channel(cfg.out_slots);
     let (ctl_tx, ctl_rx) = oneshot::channel();
@@ -393,7 +507,7 @@ async fn connection(
         return;
     }
     let Ok(id) = id_rx.await else { return };
-    let writer = tokio::spawn(write_loop(wr, out_rx, ctl_rx, shared.clone()));
+    let writer = tokio::spawn(write_loop(wr, out_rx, ctl_rx, shared.clone(), totals));
     read_loop(id, &rd, writer, &events, &shared, &cfg).await;
     log::debug!("conn {id}: closed, peer {peer}");
 }
@@ -483,6 +597,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Bytes>,
     mut ctl: oneshot::Receiver<Ctl>,
     shared: Arc<Shared>,
+    totals: Arc<Totals>,
 ) -> (OwnedWriteHalf, WriterEnd) {
     let mut batch: VecDeque<Bytes> = VecDeque::new();
     // Whether the front of `batch` was partly written (the stream is mid-frame).
@@ -534,14 +649,21 @@ async fn write_loop(
                     Err(_) => {}
                 }
             }
-            res = write_some(&mut wr, &batch) => match res {
-                Ok(n) => {
-                    shared.queued.fetch_sub(n, Ordering::Relaxed);
-                    mid_frame = advance(&mut batch, n);
+            res = write_some(&mut wr, &batch) => {
+                // This connection's own counters, beside `queued` (no line shared by all).
+                shared.writes.fetch_add(1, Ordering::Relaxed);
+                match res {
+                    Ok(n) => {
+                        shared.queued.fetch_sub(n, Ordering::Relaxed);
+                        shared.written.fetch_add(n as u64, Ordering::Relaxed);
+                        mid_frame = advance(&mut batch, n);
+                    }
+                    Err(e) => return (wr, WriterEnd::Failed(classify(&e))),
                 }
-                Err(e) => return (wr, WriterEnd::Failed(classify(&e))),
-            },
+            }
             () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                // Closing with output unsent: the peer did not take it within the grace.
+                totals.close_timeouts.fetch_add(1, Ordering::Relaxed);
                 return (wr, WriterEnd::Closed);
             }
         }
@@ -606,6 +728,29 @@ struct Shared {
     unhandled: AtomicUsize,
     /// Wakes the reader when `unhandled` falls below its limit.
     handled: Notify,
+    /// Bytes written to the socket (the writer adds; for `chatloop_bytes_sent_total`).
+    written: AtomicU64,
+    /// `writev` calls completed (the writer adds; for `chatloop_writes_total`).
+    writes: AtomicU64,
+}
+
+/// Counters of rare events, shared by every connection's tasks (per-write counters live in
+/// each connection's [`Shared`] instead, so no cache line is written by every task).
+#[derive(Debug, Default)]
+struct Totals {
+    /// Connections whose tasks have ended (their sockets closed).
+    closed: AtomicU64,
+    /// Closing connections whose output was not all written by their deadline.
+    close_timeouts: AtomicU64,
+}
+
+/// Counts a connection closed when dropped, at the end of its task.
+struct CountsClose(Arc<Totals>);
+
+impl Drop for CountsClose {
+    fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -652,6 +797,8 @@ enum Event {
     Closed { id: ConnId, reason: CloseReason },
     /// SIGINT/SIGTERM: send shutting_down to everyone and flush until `deadline`.
     Shutdown { deadline: Instant },
+    /// The metrics task wants the counters (for /metrics or /healthz).
+    Snapshot { reply: oneshot::Sender<Snapshot> },
 }
 
 struct Actor {
@@ -667,10 +814,31 @@ struct Actor {
     /// The last frames (the ERROR) of slow consumers the core ended this round.
     last_words: Vec<(ConnId, Bytes)>,
     slow: Vec<ConnId>,
+    /// The shell counters the actor sees happen (accepts, refusals, reads).
+    stats: ServerStats,
+    max_conns: usize,
+    /// The acceptor's connection limit: permits taken are connections whose tasks still run.
+    limit: Arc<Semaphore>,
+    totals: Arc<Totals>,
+    /// Counters of connections the actor has let go whose tasks may still be writing (their
+    /// last output, within the grace): still summed, until their tasks end and the final
+    /// counts move into `gone_written` and `gone_writes`.
+    retired: Vec<Arc<Shared>>,
+    /// When `retired` reaches this length, it is pruned (amortized: twice what survived).
+    prune_at: usize,
+    gone_written: u64,
+    gone_writes: u64,
 }
 
 impl Actor {
-    fn new(args: &Args, cfg: &ConnConfig, now: Instant) -> Actor {
+    fn new(
+        args: &Args,
+        cfg: &ConnConfig,
+        max_conns: usize,
+        limit: &Arc<Semaphore>,
+        totals: &Arc<Totals>,
+        now: Instant,
+    ) -> Actor {
         Actor {
             chat: Chat::new(args.chat_config(), now),
             conns: Slab::new(),
@@ -683,6 +851,14 @@ impl Actor {
             closes: Vec::new(),
             last_words: Vec::new(),
             slow: Vec::new(),
+            stats: ServerStats::default(),
+            max_conns,
+            limit: limit.clone(),
+            totals: totals.clone(),
+            retired: Vec::new(),
+            prune_at: RETIRED_MIN,
+            gone_written: 0,
+            gone_writes: 0,
         }
     }
 
@@ -698,7 +874,8 @@ impl Actor {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
-        let mut last = StatsSnapshot::take(&self, Instant::now());
+        // The previous stats line's snapshot and when it was taken, for the rates.
+        let mut last = stats.as_ref().map(|_| (Instant::now(), self.snapshot()));
         let mut yield_first = false;
         loop {
             let next = self.chat.poll_timeout();
@@ -724,9 +901,13 @@ impl Actor {
                     }
                     () = &mut timer, if armed.is_some() => {}
                     () = tick(&mut stats) => {
-                        let snap = StatsSnapshot::take(&self, Instant::now());
-                        snap.log(&last, &self);
-                        last = snap;
+                        let snap = self.snapshot();
+                        let now = Instant::now();
+                        if let Some((at, prev)) = &last {
+                            let elapsed = now.saturating_duration_since(*at);
+                            StatsLine { prev, cur: &snap, elapsed }.log();
+                        }
+                        last = Some((now, snap));
                     }
                 }
             }
@@ -761,17 +942,24 @@ impl Actor {
                 handle.id = id;
                 let peer = handle.peer;
                 entry.insert(handle);
+                self.stats.accepted += 1;
                 log::debug!("conn {id}: accepted from {peer}");
                 self.chat.handle_open(now, id, Some(peer));
             }
             Event::Data { id, bytes } => {
                 if let Some(h) = self.handle_of(id) {
                     h.shared.handled(bytes.len(), self.unhandled_limit);
+                    // One read, as the reader made it (it sends each read as it is).
+                    self.stats.reads += 1;
+                    self.stats.bytes_read += bytes.len() as u64;
                     self.chat.handle_data(now, id, &bytes);
                 }
             }
             Event::Closed { id, reason } => {
                 if let Some(h) = self.remove(id) {
+                    if reason == CloseReason::Eof {
+                        self.stats.reads += 1; // the read that returned 0
+                    }
                     log::debug!("conn {id}: transport closed ({reason})");
                     self.chat.handle_close(id, reason);
                     h.close(if reason == CloseReason::Eof {
@@ -782,6 +970,7 @@ impl Actor {
                 }
             }
             Event::Refused { stream, peer } => {
+                self.stats.refused_full += 1;
                 match stream.try_write(self.chat.refusal(ErrorCode::ServerFull)) {
                     Ok(_) => log::debug!("{peer}: refused"),
                     Err(e) => log::debug!("{peer}: refused (the ERROR not delivered: {e})"),
@@ -796,6 +985,9 @@ impl Actor {
                 self.shutdown = Some(deadline);
                 self.chat.begin_shutdown();
             }
+            Event::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
         }
     }
 
@@ -805,7 +997,71 @@ impl Actor {
 
     fn remove(&mut self, id: ConnId) -> Option<ConnHandle> {
         self.handle_of(id)?;
-        Some(self.conns.remove(id.slot()))
+        let h = self.conns.remove(id.slot());
+        self.retired.push(h.shared.clone());
+        if self.retired.len() >= self.prune_at {
+            self.prune_retired();
+            self.prune_at = (2 * self.retired.len()).max(RETIRED_MIN);
+        }
+        Some(h)
+    }
+
+    /// Folds the counters of retired connections whose tasks have ended into the totals.
+    fn prune_retired(&mut self) {
+        for shared in std::mem::take(&mut self.retired) {
+            // The last reference: the tasks are gone and their counts final (try_unwrap
+            // synchronizes with their last writes).
+            match Arc::try_unwrap(shared) {
+                Ok(done) => {
+                    self.gone_written += done.written.into_inner();
+                    self.gone_writes += done.writes.into_inner();
+                }
+                Err(shared) => self.retired.push(shared),
+            }
+        }
+    }
+
+    /// The counters as the metrics and the stats line describe them (`chatloop::metrics`).
+    /// This server has no ring buffers and no event loop of its own, so the buffer gauges
+    /// and the loop-iteration counters are 0; see `Snapshot`.
+    fn snapshot(&mut self) -> Snapshot {
+        self.prune_retired();
+        let mut shell = ServerStats {
+            bytes_written: self.gone_written,
+            writes: self.gone_writes,
+            closed: self.totals.closed.load(Ordering::Relaxed),
+            close_timeouts: self.totals.close_timeouts.load(Ordering::Relaxed),
+            ..self.stats.clone()
+        };
+        // Live connections and those still flushing after the actor let them go.
+        let (mut queued, mut largest) = (0u64, 0u64);
+        let live = self.conns.iter().map(|(_, h)| &*h.shared);
+        for s in live.chain(self.retired.iter().map(|s| &**s)) {
+            let q = s.queued.load(Ordering::Relaxed) as u64;
+            queued += q;
+            largest = largest.max(q);
+            shell.bytes_written += s.written.load(Ordering::Relaxed);
+            shell.writes += s.writes.load(Ordering::Relaxed);
+        }
+        let (partial, partial_bytes) = self.chat.partial_input();
+        Snapshot {
+            chat: self.chat.stats().clone(),
+            frames_out: self.chat.frames_out().to_vec(),
+            shell,
+            connections: self
+                .max_conns
+                .saturating_sub(self.limit.available_permits()) as u64,
+            sessions: self.chat.sessions() as u64,
+            rooms: self.chat.rooms() as u64,
+            max_connections: self.max_conns as u64,
+            queued_output: queued,
+            queued_output_max: largest,
+            buffers_in_use: 0,
+            buffers_pooled: 0,
+            partial_frames: partial as u64,
+            partial_frame_bytes: partial_bytes as u64,
+            shutting_down: self.shutdown.is_some(),
+        }
     }
 
     /// Hands the core's output to the writers and carries out the closes it asked for, until
@@ -901,44 +1157,5 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Totals at one instant, to log rates between two of them (`--stats-interval`).
-struct StatsSnapshot {
-    at: Instant,
-    messages: u64,
-    deliveries: u64,
-    accepted: u64,
-}
-
-impl StatsSnapshot {
-    fn take(actor: &Actor, at: Instant) -> Self {
-        let s = actor.chat.stats();
-        StatsSnapshot {
-            at,
-            messages: s.messages,
-            deliveries: s.deliveries,
-            accepted: s.accepted,
-        }
-    }
-
-    fn log(&self, prev: &StatsSnapshot, actor: &Actor) {
-        let secs = self
-            .at
-            .saturating_duration_since(prev.at)
-            .max(Duration::from_millis(1))
-            .as_secs_f64();
-        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-        log::info!(
-            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | slow consumers {}",
-            actor.conns.len(),
-            actor.chat.sessions(),
-            actor.chat.rooms(),
-            rate(self.messages, prev.messages),
-            rate(self.deliveries, prev.deliveries),
-            rate(self.accepted, prev.accepted),
-            actor.chat.stats().closed.slow_consumer,
-        );
     }
 }

@@ -25,7 +25,7 @@
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | duration and size parsing; with `cli`, the command-line flags, their defaults and the stderr logger |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
-//! | [`metrics`] | Prometheus `/metrics` and `/healthz` over HTTP, in the same poll loop |
+//! | [`metrics`] | Prometheus `/metrics`, `/healthz` and the stats line from a plain [`metrics::Snapshot`]; the endpoint in the same poll loop |
 //!
 //! # Features
 //!

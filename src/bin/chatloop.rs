@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use mio::unix::SourceFd;
@@ -14,7 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use chatloop::config::{Args, init_logging};
 use chatloop::limits;
-use chatloop::metrics::MetricsEndpoint;
+use chatloop::metrics::{MetricsEndpoint, StatsLine};
 use chatloop::server::Server;
 
 /// Tokens: the signal fd, then the metrics endpoint's range, then the chat server's range.
@@ -115,7 +115,8 @@ fn run(args: &Args) -> Result<(), String> {
 
     let mut events = Events::with_capacity(1024);
     let mut next_stats = (!args.stats_interval.is_zero()).then(|| now + args.stats_interval);
-    let mut last_stats = StatsSnapshot::take(&server, now);
+    // The previous stats line's snapshot and when it was taken, for the rates.
+    let mut last_stats = next_stats.map(|_| (now, server.snapshot()));
     loop {
         let deadline = [
             server.poll_timeout(),
@@ -148,7 +149,7 @@ fn run(args: &Args) -> Result<(), String> {
             } else if server.owns(event.token()) {
                 server.handle_event(event, now);
             } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
-                m.handle_event(event, &server, now);
+                m.handle_event(event, now, || server.snapshot());
             }
         }
         server.handle_timeout(now);
@@ -161,60 +162,18 @@ fn run(args: &Args) -> Result<(), String> {
             return Ok(());
         }
         if let Some(t) = next_stats.filter(|&t| now >= t) {
-            let snap = StatsSnapshot::take(&server, now);
-            snap.log(&last_stats, &server);
-            last_stats = snap;
+            let snap = server.snapshot();
+            if let Some((at, prev)) = &last_stats {
+                let elapsed = now.saturating_duration_since(*at);
+                StatsLine {
+                    prev,
+                    cur: &snap,
+                    elapsed,
+                }
+                .log();
+            }
+            last_stats = Some((now, snap));
             next_stats = Some(t + args.stats_interval);
         }
-    }
-}
-
-/// Totals at one instant, to log rates between two of them.
-struct StatsSnapshot {
-    at: Instant,
-    messages: u64,
-    deliveries: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    accepted: u64,
-}
-
-impl StatsSnapshot {
-    fn take(server: &Server, at: Instant) -> Self {
-        StatsSnapshot {
-            at,
-            messages: server.chat_stats().messages,
-            deliveries: server.chat_stats().deliveries,
-            bytes_in: server.stats().bytes_read,
-            bytes_out: server.stats().bytes_written,
-            accepted: server.stats().accepted,
-        }
-    }
-
-    fn log(&self, prev: &StatsSnapshot, server: &Server) {
-        let secs = self
-            .at
-            .saturating_duration_since(prev.at)
-            .max(Duration::from_millis(1))
-            .as_secs_f64();
-        let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs;
-        let (queued, largest) = server.queued_output();
-        let (bufs, pooled) = server.buffers();
-        log::info!(
-            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | in {:.0} B/s out {:.0} B/s | queued {} B (max {} B) | buffers {} in use, {} pooled | closed {}",
-            server.connections(),
-            server.chat().sessions(),
-            server.chat().rooms(),
-            rate(self.messages, prev.messages),
-            rate(self.deliveries, prev.deliveries),
-            rate(self.accepted, prev.accepted),
-            rate(self.bytes_in, prev.bytes_in),
-            rate(self.bytes_out, prev.bytes_out),
-            queued,
-            largest,
-            bufs,
-            pooled,
-            server.stats().closed,
-        );
     }
 }

@@ -1,0 +1,502 @@
+//! [`TABLE`]: every metric chatloop exports, one row each: name, type, help text, and how its
+//! samples come from a [`Snapshot`].
+//!
+//! The table knows nothing of the text format ([`super::render`] walks it) and nothing of
+//! servers (it reads a snapshot). Adding a metric is adding a row; the order of the rows is the
+//! order of the exposition.
+
+use super::Snapshot;
+use crate::protocol::{ErrorCode, op};
+use crate::server::ITERATION_BUCKETS;
+
+/// A metric's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (the name ends in `_total`).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Cumulative buckets, `_sum` and `_count`.
+    Histogram,
+}
+
+impl Kind {
+    /// The word on the `# TYPE` line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric: a row of [`TABLE`].
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// The full name, `chatloop_` included.
+    pub name: &'static str,
+    /// Its type.
+    pub kind: Kind,
+    /// The `# HELP` text: one line, no backslash.
+    pub help: &'static str,
+    /// How its samples come from a snapshot.
+    pub series: Series,
+}
+
+/// How a metric's samples come from a [`Snapshot`].
+#[derive(Debug, Clone, Copy)]
+pub enum Series {
+    /// One sample without labels.
+    Single(fn(&Snapshot) -> u64),
+    /// One sample per value of the label `label`: `values` hands each [`Sample`] to its
+    /// second argument, in the order they are served.
+    Labelled {
+        /// The label's name.
+        label: &'static str,
+        /// Produces the samples.
+        values: fn(&Snapshot, &mut dyn FnMut(Sample)),
+    },
+    /// A histogram (only for [`Kind::Histogram`]).
+    Histogram(fn(&Snapshot) -> Histogram<'_>),
+}
+
+/// One sample of a [`Series::Labelled`] metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// The value of the row's label.
+    pub label: &'static str,
+    /// A second label, name and value, for samples that need one (a protocol error's code).
+    pub extra: Option<(&'static str, &'static str)>,
+    /// The sample.
+    pub value: u64,
+}
+
+impl Sample {
+    fn new(label: &'static str, value: u64) -> Sample {
+        Sample {
+            label,
+            extra: None,
+            value,
+        }
+    }
+}
+
+/// A histogram's observations, bucket by bucket (not cumulative).
+#[derive(Debug, Clone, Copy)]
+pub struct Histogram<'a> {
+    /// Observations per bucket; the last bucket has no upper bound (`+Inf`).
+    pub counts: &'a [u64],
+    /// The upper bound (`le`) of bucket `i`, for every bucket but the last.
+    pub bound: fn(usize) -> f64,
+    /// Sum of all observations, in the metric's unit.
+    pub sum: f64,
+}
+
+/// Client opcodes by name, for `frames_received_total{op}` (any other opcode is `unknown`).
+const CLIENT_OPS: &[(u8, &str)] = &[
+    (op::HELLO, "hello"),
+    (op::JOIN, "join"),
+    (op::LEAVE, "leave"),
+    (op::SAY, "say"),
+    (op::WHISPER, "whisper"),
+    (op::WHO, "who"),
+    (op::PING, "ping"),
+    (op::PONG, "pong"),
+    (op::QUIT, "quit"),
+];
+
+/// Server opcodes by name, for `frames_sent_total{op}`.
+const SERVER_OPS: &[(u8, &str)] = &[
+    (op::S_WELCOME, "welcome"),
+    (op::S_MESSAGE, "message"),
+    (op::S_WHISPER, "whisper"),
+    (op::S_PRESENCE, "presence"),
+    (op::S_ROSTER, "roster"),
+    (op::S_PING, "ping"),
+    (op::S_PONG, "pong"),
+    (op::S_ERROR, "error"),
+];
+
+/// Every metric, in the order served.
+pub static TABLE: &[Metric] = &[
+    Metric {
+        name: "chatloop_connections",
+        kind: Kind::Gauge,
+        help: "Open connections, including those flushing before a close.",
+        series: Series::Single(|s| s.connections),
+    },
+    Metric {
+        name: "chatloop_connections_accepted_total",
+        kind: Kind::Counter,
+        help: "Connections accepted (including those refused at the limit).",
+        series: Series::Single(|s| s.shell.accepted + s.shell.refused_full),
+    },
+    Metric {
+        name: "chatloop_sessions",
+        kind: Kind::Gauge,
+        help: "Welcomed sessions.",
+        series: Series::Single(|s| s.sessions),
+    },
+    Metric {
+        name: "chatloop_rooms",
+        kind: Kind::Gauge,
+        help: "Rooms with at least one member.",
+        series: Series::Single(|s| s.rooms),
+    },
+    Metric {
+        name: "chatloop_max_connections",
+        kind: Kind::Gauge,
+        help: "The connection limit in force.",
+        series: Series::Single(|s| s.max_connections),
+    },
+    Metric {
+        name: "chatloop_frames_received_total",
+        kind: Kind::Counter,
+        help: "Frames received, by opcode.",
+        series: Series::Labelled {
+            label: "op",
+            values: frames_received,
+        },
+    },
+    Metric {
+        name: "chatloop_frames_sent_total",
+        kind: Kind::Counter,
+        help: "Frames addressed to connections, by opcode (one per recipient).",
+        series: Series::Labelled {
+            label: "op",
+            values: |s, out| {
+                for &(code, name) in SERVER_OPS {
+                    out(Sample::new(name, s.frames_out(code)));
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_bytes_received_total",
+        kind: Kind::Counter,
+        help: "Bytes read from client sockets.",
+        series: Series::Single(|s| s.shell.bytes_read),
+    },
+    Metric {
+        name: "chatloop_bytes_sent_total",
+        kind: Kind::Counter,
+        help: "Bytes written to client sockets.",
+        series: Series::Single(|s| s.shell.bytes_written),
+    },
+    Metric {
+        name: "chatloop_messages_total",
+        kind: Kind::Counter,
+        help: "MESSAGE frames produced (one per SAY or post, whatever the room size).",
+        series: Series::Single(|s| s.chat.messages),
+    },
+    Metric {
+        name: "chatloop_whispers_total",
+        kind: Kind::Counter,
+        help: "WHISPER frames produced.",
+        series: Series::Single(|s| s.chat.whispers),
+    },
+    Metric {
+        name: "chatloop_deliveries_total",
+        kind: Kind::Counter,
+        help: "MESSAGE and WHISPER frames addressed to recipients.",
+        series: Series::Single(|s| s.chat.deliveries),
+    },
+    Metric {
+        name: "chatloop_pings_sent_total",
+        kind: Kind::Counter,
+        help: "Heartbeat PINGs sent by the server.",
+        series: Series::Single(|s| s.chat.pings_sent),
+    },
+    Metric {
+        name: "chatloop_resumes_total",
+        kind: Kind::Counter,
+        help: "Sessions resumed by a new connection.",
+        series: Series::Single(|s| s.chat.resumes),
+    },
+    Metric {
+        name: "chatloop_errors_sent_total",
+        kind: Kind::Counter,
+        help: "ERROR frames sent, by code.",
+        series: Series::Labelled {
+            label: "code",
+            values: |s, out| {
+                for &code in ErrorCode::ALL {
+                    out(Sample::new(
+                        code.name(),
+                        s.chat.errors_sent[code.code() as usize],
+                    ));
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_connections_closed_total",
+        kind: Kind::Counter,
+        help: "Connections closed, by reason.",
+        series: Series::Labelled {
+            label: "reason",
+            values: closed_by_reason,
+        },
+    },
+    Metric {
+        name: "chatloop_close_timeouts_total",
+        kind: Kind::Counter,
+        help: "Closing connections (QUIT, fatal ERROR) whose peer did not take their last output within the grace period; closed with it unsent.",
+        series: Series::Single(|s| s.shell.close_timeouts),
+    },
+    Metric {
+        name: "chatloop_queued_output_bytes",
+        kind: Kind::Gauge,
+        help: "Output bytes parked in connections' write buffers.",
+        series: Series::Single(|s| s.queued_output),
+    },
+    Metric {
+        name: "chatloop_queued_output_max_bytes",
+        kind: Kind::Gauge,
+        help: "Output bytes parked for the most backlogged connection.",
+        series: Series::Single(|s| s.queued_output_max),
+    },
+    Metric {
+        name: "chatloop_partial_frames",
+        kind: Kind::Gauge,
+        help: "Connections holding an incomplete frame (the beginning of a frame still arriving).",
+        series: Series::Single(|s| s.partial_frames),
+    },
+    Metric {
+        name: "chatloop_partial_frame_bytes",
+        kind: Kind::Gauge,
+        help: "Memory held for incomplete frames, in bytes.",
+        series: Series::Single(|s| s.partial_frame_bytes),
+    },
+    Metric {
+        name: "chatloop_buffers_in_use",
+        kind: Kind::Gauge,
+        help: "Write ring buffers held by connections (output a socket refused).",
+        series: Series::Single(|s| s.buffers_in_use),
+    },
+    Metric {
+        name: "chatloop_buffers_pooled",
+        kind: Kind::Gauge,
+        help: "Idle ring buffers kept by the pool.",
+        series: Series::Single(|s| s.buffers_pooled),
+    },
+    Metric {
+        name: "chatloop_loop_iterations_total",
+        kind: Kind::Counter,
+        help: "Event loop iterations.",
+        series: Series::Single(|s| s.shell.iterations),
+    },
+    Metric {
+        name: "chatloop_reads_total",
+        kind: Kind::Counter,
+        help: "read() calls on client sockets.",
+        series: Series::Single(|s| s.shell.reads),
+    },
+    Metric {
+        name: "chatloop_writes_total",
+        kind: Kind::Counter,
+        help: "write()/writev() calls on client sockets.",
+        series: Series::Single(|s| s.shell.writes),
+    },
+    Metric {
+        name: "chatloop_loop_iteration_seconds",
+        kind: Kind::Histogram,
+        help: "Time spent handling one loop iteration's events, timers and flush.",
+        series: Series::Histogram(|s| Histogram {
+            counts: &s.shell.iteration_us[..ITERATION_BUCKETS],
+            // Bucket i counts iterations under 2^i microseconds.
+            bound: |i| (1u64 << i) as f64 / 1e6,
+            sum: s.shell.iteration_us_sum as f64 / 1e6,
+        }),
+    },
+];
+
+/// `frames_received_total{op}`: the client opcodes by name, then every other opcode together
+/// as `unknown` (a peer chooses opcodes; one series per byte value would let it add series).
+fn frames_received(s: &Snapshot, out: &mut dyn FnMut(Sample)) {
+    let frames_in = &s.chat.frames_in;
+    for &(code, name) in CLIENT_OPS {
+        out(Sample::new(name, frames_in[usize::from(code)]));
+    }
+    let unknown = frames_in
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !CLIENT_OPS.iter().any(|&(c, _)| usize::from(c) == *i))
+        .map(|(_, v)| v)
+        .sum();
+    out(Sample::new("unknown", unknown));
+}
+
+/// `connections_closed_total{reason}`: each close reason, then `protocol_error` with a second
+/// label, `code`, per fatal error code. The codes a peer can cause without a valid session
+/// (bad_magic, unsupported_version, frame_too_large) are always served, so a dashboard finds
+/// them at 0; the others only once they happened, which keeps rare codes out of the series
+/// count.
+fn closed_by_reason(s: &Snapshot, out: &mut dyn FnMut(Sample)) {
+    let c = &s.chat.closed;
+    for (reason, v) in [
+        ("quit", c.quit),
+        ("eof", c.eof),
+        ("reset", c.reset),
+        ("broken_pipe", c.broken_pipe),
+        ("timed_out", c.timed_out),
+        ("io_error", c.io_error),
+        ("idle_timeout", c.idle_timeout),
+        ("hello_timeout", c.hello_timeout),
+        ("slow_consumer", c.slow_consumer),
+        ("session_taken_over", c.taken_over),
+        ("shutdown", c.shutdown),
+        ("kicked", c.kicked),
+        ("server_full", c.server_full),
+    ] {
+        out(Sample::new(reason, v));
+    }
+    for &code in ErrorCode::ALL.iter().filter(|c| c.is_fatal()) {
+        let v = c.protocol[code.code() as usize];
+        let always = matches!(
+            code,
+            ErrorCode::BadMagic | ErrorCode::UnsupportedVersion | ErrorCode::FrameTooLarge
+        );
+        if always || v > 0 {
+            out(Sample {
+                label: "protocol_error",
+                extra: Some(("code", code.name())),
+                value: v,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn samples(m: &Metric, s: &Snapshot) -> Vec<Sample> {
+        let mut v = Vec::new();
+        if let Series::Labelled { values, .. } = m.series {
+            values(s, &mut |x| v.push(x));
+        }
+        v
+    }
+
+    fn is_name(s: &str) -> bool {
+        let mut cs = s.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_lowercase())
+            && cs.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    #[test]
+    fn names_are_unique_prefixed_and_typed_by_suffix() {
+        let mut seen = BTreeSet::new();
+        for m in TABLE {
+            assert!(seen.insert(m.name), "{} twice", m.name);
+            assert!(
+                m.name.starts_with("chatloop_") && is_name(m.name),
+                "{}",
+                m.name
+            );
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+            assert_eq!(
+                m.kind == Kind::Histogram,
+                matches!(m.series, Series::Histogram(_)),
+                "{}: histogram series for histograms only",
+                m.name
+            );
+            assert!(
+                !m.help.is_empty() && !m.help.contains(['\n', '\\']),
+                "{}: HELP must be one line without escapes",
+                m.name
+            );
+        }
+        // A histogram's series names must not collide with another metric.
+        for m in TABLE.iter().filter(|m| m.kind == Kind::Histogram) {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                let n = format!("{}{suffix}", m.name);
+                assert!(!seen.contains(n.as_str()), "{n} collides");
+            }
+        }
+    }
+
+    #[test]
+    fn labelled_rows_have_unique_well_formed_label_sets() {
+        let s = Snapshot::default();
+        // Every fatal code counted once, so every optional protocol_error series appears.
+        let mut all = Snapshot::default();
+        all.chat.closed.protocol = [1; 32];
+        for m in TABLE {
+            let Series::Labelled { label, .. } = m.series else {
+                continue;
+            };
+            assert!(is_name(label), "{}: label {label}", m.name);
+            for snap in [&s, &all] {
+                let got = samples(m, snap);
+                assert!(!got.is_empty(), "{}: no samples", m.name);
+                let mut sets = BTreeSet::new();
+                for x in &got {
+                    assert!(is_name(x.label), "{}: label value {:?}", m.name, x.label);
+                    if let Some((n, v)) = x.extra {
+                        assert!(is_name(n) && n != label && is_name(v), "{}: {x:?}", m.name);
+                    }
+                    assert!(sets.insert((x.label, x.extra)), "{}: {x:?} twice", m.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_received_folds_unknown_opcodes() {
+        let mut s = Snapshot::default();
+        s.chat.frames_in[usize::from(op::SAY)] = 3;
+        s.chat.frames_in[0x00] = 1;
+        s.chat.frames_in[0x7f] = 2;
+        s.chat.frames_in[usize::from(op::S_MESSAGE)] = 4; // a server opcode sent by a client
+        let m = TABLE
+            .iter()
+            .find(|m| m.name == "chatloop_frames_received_total")
+            .expect("row");
+        let got = samples(m, &s);
+        assert!(got.contains(&Sample::new("say", 3)));
+        assert!(got.contains(&Sample::new("unknown", 7)));
+        assert_eq!(got.iter().map(|x| x.value).sum::<u64>(), 10);
+    }
+
+    #[test]
+    fn rare_protocol_error_codes_appear_once_counted() {
+        let m = TABLE
+            .iter()
+            .find(|m| m.name == "chatloop_connections_closed_total")
+            .expect("row");
+        let codes = |s: &Snapshot| -> Vec<&str> {
+            samples(m, s)
+                .iter()
+                .filter_map(|x| x.extra.map(|(_, v)| v))
+                .collect()
+        };
+        let mut s = Snapshot::default();
+        assert_eq!(
+            codes(&s),
+            ["bad_magic", "unsupported_version", "frame_too_large"]
+        );
+        let rare = *ErrorCode::ALL
+            .iter()
+            .find(|c| {
+                c.is_fatal()
+                    && !matches!(
+                        c,
+                        ErrorCode::BadMagic
+                            | ErrorCode::UnsupportedVersion
+                            | ErrorCode::FrameTooLarge
+                    )
+            })
+            .expect("a fatal code besides the framing ones");
+        s.chat.closed.protocol[rare.code() as usize] = 2;
+        assert!(codes(&s).contains(&rare.name()));
+    }
+}
