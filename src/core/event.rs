@@ -20,7 +20,8 @@ use crate::id::ConnId;
 /// on and stopped draining them costs bounded memory.
 pub const MAX_EVENTS: usize = 65_536;
 
-/// Something the chat core did. See the [module documentation](self).
+/// Something the chat core did, drained with [`Chat::poll_event`](super::Chat::poll_event)
+/// once recording is on ([`Chat::set_events`](super::Chat::set_events)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {

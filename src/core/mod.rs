@@ -52,24 +52,26 @@ use outbox::Outbox;
 /// Limits and timings of the chat core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatConfig {
-    /// Largest client payload accepted, in bytes (WELCOME's `max_frame`).
+    /// Largest client payload accepted, in bytes (WELCOME's `max_frame`) (default 64 KiB).
     pub max_frame: u32,
-    /// Most rooms one connection may be in.
+    /// Most rooms one connection may be in (default 64).
     pub max_rooms_per_conn: usize,
-    /// In rooms with more members than this, PRESENCE goes only to the member concerned.
+    /// In rooms with more members than this, PRESENCE goes only to the member concerned
+    /// (default 1000).
     pub presence_limit: usize,
-    /// Silence after which a welcomed connection is sent a PING.
+    /// Silence after which a welcomed connection is sent a PING (default 30 s).
     pub heartbeat: Duration,
-    /// Silence after which a connection is closed with `idle_timeout`.
+    /// Silence after which a connection is closed with `idle_timeout` (default 90 s).
     pub idle_timeout: Duration,
-    /// Time from open to HELLO after which a connection is closed with `hello_timeout`.
+    /// Time from open to HELLO after which a connection is closed with `hello_timeout`
+    /// (default 10 s).
     pub hello_timeout: Duration,
-    /// Most output bytes a connection may have queued. The shell enforces it on what a socket
+    /// Most output bytes a connection may have queued (default 1 MiB). The shell enforces it on what a socket
     /// refuses; the core uses it to bound requests whose answers dwarf them (a connection whose
     /// requests in one `handle_data` produce more than twice their size plus this much output is
     /// a slow consumer).
     pub max_pending: usize,
-    /// Timer wheel tick: timeouts fire up to one tick late.
+    /// Timer wheel tick: timeouts fire up to one tick late (default 100 ms).
     pub tick: Duration,
 }
 

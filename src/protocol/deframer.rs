@@ -23,7 +23,8 @@ use super::frame::{FrameError, RawFrame, check_header};
 const MIN_CAPACITY: usize = 256;
 
 /// Splits a byte stream into frames, keeping an incomplete frame between calls.
-/// See the [module documentation](self).
+/// One frame is buffered at most, in memory sized to what arrived (never more than the header
+/// declared), and none between frames.
 ///
 /// ```
 /// use chatloop::protocol::{ClientMsg, Deframer};

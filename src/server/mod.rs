@@ -54,31 +54,31 @@ use event::ShellEvents;
 /// Bytes read per `read` call, into one scratch buffer shared by every connection.
 const SCRATCH: usize = 64 * 1024;
 
-/// Settings of the server shell (the core's are in `chat`). Defaults are in brackets; the
+/// Settings of the server shell (the core's are in `chat`). Each field says its default; the
 /// `chatloop` binary's flags set the same fields (`config::Args::server_config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// The chat core's limits and timings ([`ChatConfig::default`]).
+    /// The chat core's limits and timings (default `ChatConfig::default()`).
     pub chat: ChatConfig,
-    /// Most connections served at once; more are refused with `server_full` [10,000]. The
+    /// Most connections served at once; more are refused with `server_full` (default 10,000). The
     /// binary's default is different: the fd limit minus 32 (`limits::connection_limit`). A
     /// library default cannot know the process's fd limit; keep this below it (a connection
     /// is one descriptor), or accepts fail with EMFILE and are refused the slow way. It also
     /// sizes the token range (`base ..= base + max_connections`).
     pub max_connections: usize,
-    /// Listen backlog for [`Server::listen`] [4096; the kernel caps it at
-    /// net.core.somaxconn].
+    /// Listen backlog for [`Server::listen`] (default 4096; the kernel caps it at
+    /// net.core.somaxconn).
     pub backlog: u32,
     /// How long a shutdown, or one connection's close after QUIT or a fatal error, keeps
-    /// flushing output before closing with it unsent [5 s].
+    /// flushing output before closing with it unsent (default 5 s).
     pub shutdown_grace: Duration,
     /// Most bytes read from one connection per loop iteration, so one flooding peer cannot
-    /// starve the others (the rest is read at the next `flush`) [256 KiB]. Never more than
+    /// starve the others (the rest is read at the next `flush`) (default 256 KiB). Never more than
     /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
-    /// Size of a pooled write ring buffer, in bytes [16 KiB].
+    /// Size of a pooled write ring buffer, in bytes (default 16 KiB).
     pub buf_size: usize,
-    /// Most idle buffers the pool keeps [1024].
+    /// Most idle buffers the pool keeps (default 1024).
     pub pool_max: usize,
 }
 
@@ -130,7 +130,8 @@ pub struct ServerStats {
     pub events_dropped: u64,
 }
 
-/// Buckets of [`ServerStats::iteration_us`]: 2^0 µs up to 2^23 µs (8.4 s), then the rest.
+/// Buckets of [`ServerStats::iteration_us`]: bucket `i` counts iterations under 2^i µs, up to
+/// 2^22 µs (4.2 s); the last bucket counts everything longer.
 pub const ITERATION_BUCKETS: usize = 24;
 
 impl ServerStats {
