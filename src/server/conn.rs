@@ -1,6 +1,13 @@
 //! One client connection's I/O state: its socket, its (pooled, usually absent) write buffer, and
 //! where it is in its life.
 //!
+//! This is the transport seam: every byte a connection moves goes through [`Conn::read_into`]
+//! (socket → bytes for the core), [`Conn::write_chunks`] and [`Conn::write_backlog`] (the
+//! core's bytes → socket). Plain TCP is the identity; a TLS or WebSocket transport (rustls and
+//! tungstenite both have sans-IO APIs) goes here, between the socket and the core's deframer,
+//! turning ciphertext or WebSocket messages into the protocol's bytes and back, with nothing
+//! above this file changing: the core never knows which transport a connection uses.
+//!
 //! Invariants (checked with `debug_assert!`):
 //! - `wbuf`, when present, is non-empty, and `write_blocked` is true exactly when it is present
 //!   (bytes are only parked in `wbuf` because the socket refused them);
@@ -58,6 +65,12 @@ pub(crate) enum WriteError {
 impl Conn {
     pub(crate) fn token(&self, base: usize) -> Token {
         Token(base + 1 + self.id.slot())
+    }
+
+    /// Reads what the transport has for the core into `buf` (plain TCP: one `read`). `Ok(0)`
+    /// is the end of the stream; `WouldBlock` means nothing more until the next readiness.
+    pub(crate) fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut self.stream, buf)
     }
 
     pub(crate) fn is_open(&self) -> bool {

@@ -33,7 +33,7 @@ mod event;
 
 pub use event::ServerEvent;
 
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -498,7 +498,7 @@ impl Server {
                 break;
             }
             let want = (c.read_left as usize).min(scratch.len());
-            let res = c.stream.read(&mut scratch[..want]);
+            let res = c.read_into(&mut scratch[..want]);
             match res {
                 Ok(0) => {
                     self.stats.reads += 1;
@@ -597,7 +597,7 @@ impl Server {
         }
         if !matches!(c.phase, Phase::Dead(_)) {
             // So the close is a FIN, not a reset that could destroy our last frames.
-            net::drain_input(|b| c.stream.read(b), &mut self.scratch);
+            net::drain_input(|b| c.read_into(b), &mut self.scratch);
         }
         c.discard_buffers(&mut self.pool);
         self.stats.closed += 1;
