@@ -52,7 +52,7 @@ impl Chat {
             self.send_error(
                 conn,
                 ErrorCode::BadNick,
-                "nick must be 1 to 32 bytes of UTF-8 without spaces or control characters",
+                "nick must be 1 to 32 bytes of UTF-8 without spaces, control or format characters",
             );
             return;
         }
@@ -181,7 +181,7 @@ impl Chat {
             self.send_error(
                 conn,
                 ErrorCode::BadRoom,
-                "room must be 1 to 64 bytes of UTF-8 without spaces or control characters",
+                "room must be 1 to 64 bytes of UTF-8 without spaces, control or format characters",
             );
             return;
         }

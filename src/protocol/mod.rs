@@ -197,12 +197,14 @@ impl PresenceKind {
     }
 }
 
-/// Whether `s` is a valid nick (1 to 32 bytes, no control characters, no white space).
+/// Whether `s` is a valid nick (1 to 32 bytes, no control characters, no white space, no
+/// format characters).
 pub fn valid_nick(s: &str) -> bool {
     valid_name(s, MAX_NICK)
 }
 
-/// Whether `s` is a valid room name (1 to 64 bytes, no control characters, no white space).
+/// Whether `s` is a valid room name (1 to 64 bytes, no control characters, no white space, no
+/// format characters).
 pub fn valid_room(s: &str) -> bool {
     valid_name(s, MAX_ROOM)
 }
@@ -211,7 +213,53 @@ fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.chars()
-            .all(|c| !(c < '\u{20}' || c == '\u{7F}' || c.is_whitespace()))
+            .all(|c| !(c < '\u{20}' || c == '\u{7F}' || c.is_whitespace() || is_format(c)))
+}
+
+/// Unicode's format characters (General_Category Cf, Unicode 15.1): invisible code points
+/// that change how text around them is shown (U+200B ZERO WIDTH SPACE, U+202E RIGHT-TO-LEFT
+/// OVERRIDE, U+2060 WORD JOINER, U+FEFF, tags, ...). In a name they make two names look
+/// alike, or reorder what follows them on screen; in free text they are harmless and allowed.
+/// The table is short and stable (Cf gains a code point every few Unicode versions), so it
+/// is spelled out here rather than pulled in with a Unicode property crate.
+pub fn is_format(c: char) -> bool {
+    const CF: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = c as u32;
+    // Everything below U+00AD is plain: the common case costs one comparison.
+    c >= 0xAD
+        && CF
+            .binary_search_by(|&(lo, hi)| {
+                if hi < c {
+                    std::cmp::Ordering::Less
+                } else if lo > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
 }
 
 #[cfg(test)]
@@ -245,6 +293,38 @@ mod tests {
         assert!(!valid_nick("a b"));
         assert!(!valid_nick("a\u{a0}b"));
         assert!(!valid_nick("a\u{2003}b"));
+        // Format characters: names that render like another, or reorder text.
+        for c in [
+            '\u{AD}', '\u{200B}', '\u{200D}', '\u{200F}', '\u{202E}', '\u{2060}', '\u{2064}',
+        ]
+        .into_iter()
+        .chain([
+            '\u{FEFF}',
+            '\u{E0001}',
+            '\u{E007F}',
+            '\u{110BD}',
+            '\u{1D173}',
+        ]) {
+            assert!(is_format(c), "{:04X}", c as u32);
+            assert!(!valid_nick(&format!("hon_alice{c}")), "{:04X}", c as u32);
+            assert!(!valid_room(&format!("r{c}")), "{:04X}", c as u32);
+        }
+        // Combining marks and other scripts stay allowed.
+        assert!(valid_nick("e\u{301}mile"));
+        assert!(valid_nick("\u{5D0}\u{5D1}"));
+        assert!(valid_room("\u{627}\u{644}"));
+        for c in [
+            'a',
+            '\u{AC}',
+            '\u{AE}',
+            '\u{2010}',
+            '\u{2065}',
+            '\u{FFFC}',
+            '\u{E0000}',
+            '\u{E0080}',
+        ] {
+            assert!(!is_format(c), "{:04X}", c as u32);
+        }
         assert!(!valid_nick("a\u{7f}"));
         assert!(!valid_nick("a\tb"));
         assert!(valid_room(&"r".repeat(64)));

@@ -177,8 +177,21 @@ fn is_control(c: char) -> bool {
     (c as u32) < 0x20 || c as u32 == 0x7F
 }
 
+/// Unicode General_Category Cf (format characters), from the Unicode 15.1 tables.
+fn is_format(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
+}
+
 fn valid_name(n: &str, max: usize) -> bool {
-    !n.is_empty() && n.len() <= max && !n.chars().any(|c| is_space(c) || is_control(c))
+    !n.is_empty()
+        && n.len() <= max
+        && !n
+            .chars()
+            .any(|c| is_space(c) || is_control(c) || is_format(c))
 }
 
 pub fn valid_nick(n: &str) -> bool {

@@ -992,6 +992,30 @@ fn bad_nick_whitespace_including_unicode() {
 }
 
 #[test]
+fn bad_nick_format_characters_that_hide_or_reorder_text() {
+    let server = start_server(&[]);
+    let mut alice = server.connect();
+    alice.hello("hon_alice");
+    let mut c = server.connect();
+    for nick in [
+        "hon_alice\u{200B}", // ZERO WIDTH SPACE: renders as hon_alice
+        "hon_alice\u{2060}", // WORD JOINER
+        "hon_alice\u{FEFF}", // ZERO WIDTH NO-BREAK SPACE
+        "\u{202E}ecila_noh", // RIGHT-TO-LEFT OVERRIDE
+        "hon\u{AD}alice",    // SOFT HYPHEN
+        "a\u{E0041}",        // a TAG character
+    ] {
+        assert!(!nick.chars().any(char::is_whitespace));
+        c.send_hello(nick, &[]);
+        c.expect_error(code::BAD_NICK);
+    }
+    c.hello("hon_bob");
+    c.send_join("lobby\u{200D}");
+    c.expect_error(code::BAD_ROOM);
+    c.join("lobby");
+}
+
+#[test]
 fn valid_nicks_are_accepted() {
     let server = start_server(&[]);
     for nick in [
@@ -1002,7 +1026,8 @@ fn valid_nicks_are_accepted() {
         "日本語",
         "émile",
         "🦀crab",
-        "zero\u{200B}width", // ZERO WIDTH SPACE is not White_Space
+        "e\u{301}mile",   // a combining mark
+        "\u{5D0}\u{5D1}", // another script
     ] {
         let w = server.connect().hello(nick);
         assert_eq!(w.nick, nick);
