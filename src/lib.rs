@@ -25,6 +25,7 @@
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | duration and size parsing; with `cli`, the command-line flags, their defaults and the stderr logger |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
+//! | [`untrusted`] | peer-supplied text escaped and cut for log lines |
 //! | [`metrics`] | Prometheus `/metrics`, `/healthz` and the stats line from a plain [`metrics::Snapshot`]; the endpoint in the same poll loop |
 //!
 //! # Features
@@ -81,6 +82,7 @@ pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+pub mod untrusted;
 
 /// docs/EMBEDDING.md's snippets, compiled (and, unless marked `no_run`, run) as doc tests so
 /// the guide cannot drift from the API.

@@ -13,6 +13,7 @@ use crate::id::ConnId;
 use crate::protocol::{
     self, ErrorCode, HEADER_LEN, PresenceKind, SERVER_SLACK, SessionToken, encode, op,
 };
+use crate::untrusted::Untrusted;
 
 impl Chat {
     pub(super) fn hello(
@@ -35,7 +36,7 @@ impl Chat {
             log::debug!(
                 "conn {conn}: HELLO rejected by hook: {} {}",
                 r.code,
-                r.detail
+                Untrusted(&r.detail)
             );
             if r.code.is_fatal() {
                 self.fatal(conn, r.code, &r.detail, CloseReason::Protocol(r.code));
@@ -70,7 +71,7 @@ impl Chat {
             s.token = token;
         }
         self.stats.sessions_started += 1;
-        log::debug!("conn {conn}: welcomed as {nick}");
+        log::debug!("conn {conn}: welcomed as {}", Untrusted(nick));
         self.event(|| Event::Welcomed {
             conn,
             nick: nick.into(),
@@ -141,7 +142,11 @@ impl Chat {
             debug_assert_eq!(members[idx as usize], old);
             members[idx as usize] = new;
         }
-        log::debug!("conn {new}: resumed the session of {} ({})", prev.nick, old);
+        log::debug!(
+            "conn {new}: resumed the session of {} ({})",
+            Untrusted(&prev.nick),
+            old
+        );
         let nick = std::mem::take(&mut prev.nick);
         let rooms = std::mem::take(&mut prev.rooms);
         if let Some(s) = self.state_mut(new) {
@@ -322,7 +327,11 @@ impl Chat {
             Verdict::Deliver => false,
             Verdict::Drop => true,
             Verdict::Reject(r) => {
-                log::debug!("conn {conn}: refused by hook: {} {}", r.code, r.detail);
+                log::debug!(
+                    "conn {conn}: refused by hook: {} {}",
+                    r.code,
+                    Untrusted(&r.detail)
+                );
                 if r.code.is_fatal() {
                     self.fatal(conn, r.code, &r.detail, CloseReason::Protocol(r.code));
                 } else {

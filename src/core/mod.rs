@@ -46,6 +46,7 @@ use crate::protocol::{
     self, ClientMsg, Deframer, ErrorCode, PresenceKind, SessionToken, encode, op,
 };
 use crate::timer::{TimerId, TimerWheel};
+use crate::untrusted::Untrusted;
 use event::EventQueue;
 use outbox::Outbox;
 
@@ -630,7 +631,7 @@ impl Chat {
             }
             ClientMsg::Pong { .. } => {}
             ClientMsg::Quit { reason } => {
-                log::debug!("conn {conn}: quit ({reason})");
+                log::debug!("conn {conn}: quit ({})", Untrusted(reason));
                 self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
                 self.closes.push_back((conn, CloseReason::Quit));
             }
@@ -810,7 +811,7 @@ impl Chat {
         if !self.is_open(conn) {
             return false;
         }
-        log::debug!("conn {conn}: kicked ({detail})");
+        log::debug!("conn {conn}: kicked ({})", Untrusted(detail));
         self.fatal(conn, ErrorCode::Kicked, detail, CloseReason::Kicked);
         true
     }
