@@ -300,6 +300,18 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.writes),
     },
     Metric {
+        name: "chatloop_loop_iteration_max_microseconds",
+        kind: Kind::Gauge,
+        help: "The slowest loop iteration since start, in microseconds: every connection waits while one iteration runs.",
+        series: Series::Single(|s| s.shell.iteration_us_max),
+    },
+    Metric {
+        name: "chatloop_events_dropped_total",
+        kind: Kind::Counter,
+        help: "Events lost because an application that turned events on did not drain them.",
+        series: Series::Single(|s| s.shell.events_dropped + s.chat.events_dropped),
+    },
+    Metric {
         name: "chatloop_loop_iteration_seconds",
         kind: Kind::Histogram,
         help: "Time spent handling one loop iteration's events, timers and flush.",

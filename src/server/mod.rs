@@ -125,6 +125,8 @@ pub struct ServerStats {
     pub iteration_us: [u64; ITERATION_BUCKETS],
     /// Sum of all iteration times, in microseconds.
     pub iteration_us_sum: u64,
+    /// The slowest iteration so far, in microseconds: a single loop's worst latency.
+    pub iteration_us_max: u64,
     /// Shell events lost because the event queue was full, as of the last `flush` (the
     /// core's are in its `Stats`).
     pub events_dropped: u64,
@@ -138,6 +140,7 @@ impl ServerStats {
     fn record_iteration(&mut self, d: Duration) {
         let us = d.as_micros().max(1);
         self.iteration_us_sum += us as u64;
+        self.iteration_us_max = self.iteration_us_max.max(us as u64);
         let bucket = (128 - (us - 1).leading_zeros()) as usize; // ceil(log2(us))
         self.iteration_us[bucket.min(ITERATION_BUCKETS - 1)] += 1;
     }
