@@ -470,11 +470,7 @@ impl Client {
         if f.op != sop::WELCOME {
             panic!("{}: expected WELCOME, got {f:?}", self.label);
         }
-        let w = f.welcome();
-        self.label = format!("{} ({})", self.label, w.nick);
-        self.nick = Some(w.nick.clone());
-        self.max_frame = Some(w.max_frame);
-        w
+        self.take_welcome(&f)
     }
 
     #[track_caller]
