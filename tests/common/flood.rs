@@ -4,9 +4,12 @@
 //! and is cut off (or reset); then what a cut-off sink's kernel buffers held is checked.
 
 use super::*;
-use std::sync::Condvar;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::thread::JoinHandle;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// Most SAYs a flood sends while waiting for the sink to be cut off.
 pub const FLOOD_CAP: usize = 40_000;

@@ -1,0 +1,307 @@
+//! A server as a child process: start it (also with lowered limits, or as any command), read
+//! its log lines, send it signals, wait for it to exit, kill it on drop (`Server`); run one to
+//! its exit (`run_to_exit`). Its protocol side is elsewhere: `Server::connect` and the logins
+//! in client.rs, `Server::scrape` and the metrics waits in metrics.rs.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{BIN, STARTUP_TIMEOUT, ServerKind};
+
+/// A running server on 127.0.0.1 with an OS-chosen port; killed on drop.
+pub struct Server {
+    kind: ServerKind,
+    child: Child,
+    addr: SocketAddr,
+    exited: Option<ExitStatus>,
+    /// Every stderr line so far (ANSI stripped), for [`Server::log_lines`] / [`Server::wait_log`].
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Removes ANSI escape sequences (simplelog may colour its output).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // parameters and intermediates, then one final byte in '@'..='~'
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Parses the address after `listening on ` in a log line (any prefix, any suffix).
+fn parse_listening(line: &str) -> Option<Result<SocketAddr, String>> {
+    let idx = line.find("listening on ")?;
+    let after = &line[idx + "listening on ".len()..];
+    let token: String = after
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    Some(
+        token
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("cannot parse {token:?} in log line {line:?} as IP:PORT: {e}")),
+    )
+}
+
+impl Server {
+    /// Starts `chatloop --listen 127.0.0.1:0 ARGS...`: [`Server::start_kind`] for the mio server.
+    #[track_caller]
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_kind(ServerKind::Mio, args)
+    }
+
+    /// Starts the `kind` server with `--listen 127.0.0.1:0 ARGS...` and waits (10 s at most)
+    /// for the `listening on IP:PORT` line on its stderr. Server output is echoed to the test's
+    /// stderr.
+    #[track_caller]
+    pub fn start_kind(kind: ServerKind, args: &[&str]) -> Server {
+        let mut cmd = Command::new(kind.binary());
+        cmd.arg("--listen").arg("127.0.0.1:0").args(args);
+        Self::spawn(cmd, kind, &format!("{args:?}"))
+    }
+
+    /// Like [`Server::start`], but runs exactly `cmd` (for example a shell that lowers limits
+    /// and then execs [`BIN`]); the command must make the server listen on 127.0.0.1:0 (or any
+    /// address) and log `listening on IP:PORT`. stdin, stdout and stderr are set here.
+    #[track_caller]
+    pub fn start_cmd(cmd: Command) -> Server {
+        let desc = format!("{cmd:?}");
+        Self::spawn(cmd, ServerKind::Mio, &desc)
+    }
+
+    /// Starts [`BIN`] with `--listen 127.0.0.1:0 ARGS...` under RLIMIT_NOFILE 64 (soft and
+    /// hard) with 36 descriptors (10..=45) already taken: the server allows 64 - 32 = 32
+    /// connections, but accept runs out of descriptors well before that.
+    #[track_caller]
+    pub fn start_fd_starved(args: &[&str]) -> Server {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(r#"ulimit -n 64 || exit 97; for fd in $(seq 10 45); do eval "exec $fd</dev/null" || exit 98; done; exec "$0" "$@""#)
+            .arg(BIN)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args);
+        Server::start_cmd(cmd)
+    }
+
+    #[track_caller]
+    fn spawn(mut cmd: Command, kind: ServerKind, desc: &str) -> Server {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn the server {desc}: {e}"));
+        let name = kind.name();
+        let pid = child.id();
+        let stderr = child.stderr.take().expect("stderr piped");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let log_w = Arc::clone(&log);
+        let (tx, rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        thread::Builder::new()
+            .name(format!("{name}-{pid}-stderr"))
+            .spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let line = strip_ansi(&String::from_utf8_lossy(&line));
+                    let line = line.trim_end_matches('\r');
+                    eprintln!("[{name} {pid}] {line}");
+                    if let Ok(mut l) = log_w.lock() {
+                        l.push(line.to_string());
+                    }
+                    if tx.is_some() {
+                        if let Some(res) = parse_listening(line) {
+                            let _ = tx.take().unwrap().send(res);
+                        }
+                    }
+                }
+            })
+            .expect("spawn stderr reader thread");
+        thread::Builder::new()
+            .name(format!("{name}-{pid}-stdout"))
+            .spawn(move || {
+                for line in BufReader::new(stdout).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    eprintln!("[{name} {pid} stdout] {}", String::from_utf8_lossy(&line));
+                }
+            })
+            .expect("spawn stdout reader thread");
+
+        // From here on, a panic drops `server`, which kills the child.
+        let mut server = Server {
+            kind,
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            exited: None,
+            log,
+        };
+        match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Ok(addr)) => {
+                server.addr = addr;
+                server
+            }
+            Ok(Err(e)) => panic!("{name} {desc}: {e}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "{name} {desc} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = server.wait_exit(Duration::from_secs(2));
+                panic!(
+                    "{name} {desc} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
+                )
+            }
+        }
+    }
+
+    /// Which server this is.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// The server's stderr lines received so far (ANSI escapes stripped).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for a stderr line matching `pred`; returns it, or None after `timeout`.
+    /// (Log lines reach the test through a pipe and a thread, so they may trail the events.)
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[track_caller]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    #[track_caller]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the process to exit; None if it is still running after `timeout`.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Some(s);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    self.exited = Some(s);
+                    return Some(s);
+                }
+                Ok(None) => {}
+                Err(e) => panic!("try_wait on server pid {}: {e}", self.child.id()),
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, ...) with the `kill` utility (std only).
+    #[track_caller]
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+        assert!(
+            status.success(),
+            "kill -s {sig} {} failed: {status}",
+            self.child.id()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// [`run_to_exit_kind`] for the mio server.
+#[track_caller]
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+    run_to_exit_kind(ServerKind::Mio, args, timeout)
+}
+
+/// Runs the `kind` server with exactly `args` until it exits (bounded); returns its status and
+/// stderr. Panics (after killing it) if it is still running after `timeout`.
+#[track_caller]
+pub fn run_to_exit_kind(
+    kind: ServerKind,
+    args: &[&str],
+    timeout: Duration,
+) -> (ExitStatus, String) {
+    let bin = kind.binary();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn the server binary {}: {e}", bin.display()));
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let reader = thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} {args:?} still running after {timeout:?} (expected it to exit)",
+                kind.name()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let err = reader.join().expect("stderr reader");
+    (status, err)
+}
