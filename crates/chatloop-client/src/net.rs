@@ -2,19 +2,19 @@
 //!
 //! It waits on one channel for everything: user commands (from the input thread), frames and
 //! closes (from a reader thread per connection, which owns the read half of the socket and a
-//! `FrameBuf`), or the session's next deadline. It feeds each to the session, then carries out
+//! `Deframer`), or the session's next deadline. It feeds each to the session, then carries out
 //! what the session asks: frames to write (blocking `write_all` on its half of the socket,
 //! with a write timeout), lines to print, a connection to open or close, the exit. Frames are
 //! decoded with `ServerMsg::decode`, the crate's own codec; the rules are all in `session`.
 
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use chatloop::protocol::{FrameBuf, SERVER_SLACK, ServerMsg, op};
+use chatloop::protocol::{Deframer, SERVER_SLACK, ServerMsg, op};
 
 use super::command::Command;
 use super::output::Out;
@@ -24,6 +24,8 @@ use super::session::{Action, Config, DEFAULT_MAX_FRAME, Rng, Session};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A write blocked this long means the connection is unusable.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Everything the network thread reacts to.
 #[derive(Debug)]
@@ -53,35 +55,36 @@ pub enum Event {
 /// Reads frames from `stream` and forwards them until the connection ends.
 fn reader(mut stream: TcpStream, conn: u64, tx: Sender<Event>) {
     // Before WELCOME no server frame is large; after it, payloads are at most
-    // max_frame + SERVER_SLACK. The buffer is swapped for one with the new bound once it holds
-    // no partial frame (the server sends nothing unasked right after WELCOME).
+    // max_frame + SERVER_SLACK. The reader learns max_frame itself, from the WELCOME it
+    // forwards: the frames right behind it may be in the same chunk.
     let mut limit = DEFAULT_MAX_FRAME + SERVER_SLACK;
-    let mut want = limit;
-    let mut buf = FrameBuf::new(limit);
+    let mut deframer = Deframer::new();
+    let mut chunk = vec![0; READ_CHUNK];
     let closed = |why: String| {
         let _ = tx.send(Event::Closed { conn, why });
     };
     loop {
-        match buf.read_from(&mut stream, 4096) {
+        let n = match stream.read(&mut chunk) {
             Ok(0) => return closed("the server closed the connection".into()),
-            Ok(_) => {}
+            Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return closed(format!("read failed: {e}")),
-        }
+        };
+        let mut data = &chunk[..n];
         loop {
-            match buf.next_frame() {
-                Ok(Some((op, payload))) => {
-                    if op == op::S_WELCOME {
+            match deframer.next(&mut data, limit) {
+                Ok(Some(f)) => {
+                    if f.opcode == op::S_WELCOME {
                         if let Ok(ServerMsg::Welcome { max_frame, .. }) =
-                            ServerMsg::decode(op, payload)
+                            ServerMsg::decode(f.opcode, f.payload)
                         {
-                            want = max_frame.saturating_add(SERVER_SLACK);
+                            limit = max_frame.saturating_add(SERVER_SLACK);
                         }
                     }
                     let ev = Event::Frame {
                         conn,
-                        op,
-                        payload: payload.to_vec(),
+                        op: f.opcode,
+                        payload: f.payload.to_vec(),
                     };
                     if tx.send(ev).is_err() {
                         return;
@@ -90,10 +93,6 @@ fn reader(mut stream: TcpStream, conn: u64, tx: Sender<Event>) {
                 Ok(None) => break,
                 Err(e) => return closed(format!("protocol error from the server: {e}")),
             }
-        }
-        if want != limit && buf.is_empty() {
-            limit = want;
-            buf = FrameBuf::new(limit);
         }
     }
 }
