@@ -1260,11 +1260,17 @@ impl Session {
             return;
         }
         if !self.welcomed() {
-            // HELLO refused. A taken nick after a reconnect is most likely our own old
-            // session, not yet noticed dead by the server: retry. Anything else is final.
+            // HELLO refused. After a reconnect, a taken nick is most likely our own old
+            // session, not yet noticed dead by the server; and a policy's refusal
+            // (PROTOCOL.md 5.8) may be temporary (a rate limit): retry, as a failed attempt.
+            // On the first HELLO, both mean the user must change something: as bad_nick,
+            // anything else is final.
             let retry = match ErrorCode::from_u16(code) {
                 Some(ErrorCode::NickTaken) if self.ever_welcomed => {
                     Some("nick still taken (the old session may linger)")
+                }
+                Some(ErrorCode::Refused) if self.ever_welcomed => {
+                    Some("HELLO refused (the server may accept a later attempt)")
                 }
                 _ => None,
             };

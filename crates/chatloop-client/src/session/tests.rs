@@ -1069,6 +1069,42 @@ fn a_refused_first_hello_ends_the_session_with_1() {
 }
 
 #[test]
+fn a_refused_hello_on_a_reconnect_is_a_failed_attempt() {
+    let mut c = cfg(&["lobby"]);
+    c.attempts = 2;
+    let mut t = T::with(c, 5);
+    t.open();
+    t.recv(&welcome());
+    t.recv(&joined("lobby"));
+    t.lines();
+    t.cut();
+    for attempt in 1..=2 {
+        t.jump();
+        t.open();
+        t.lines();
+        t.recv(&error(
+            ErrorCode::Refused,
+            "too many connections from your address",
+        ));
+        let want: &[&str] = if attempt == 1 {
+            &[
+                "! refused: too many connections from your address",
+                "* HELLO refused (the server may accept a later attempt)",
+                "* reconnecting in ... (attempt 2)",
+            ]
+        } else {
+            &[
+                "! refused: too many connections from your address",
+                "* HELLO refused (the server may accept a later attempt)",
+                "! unreachable: giving up after 2 attempts",
+            ]
+        };
+        t.expect_lines(want);
+    }
+    assert_eq!(t.exit, Some(1));
+}
+
+#[test]
 fn a_refused_say_or_whisper_is_shown_and_answers_its_own_command() {
     let mut t = T::in_rooms(&["lobby"]);
     t.typed("/msg bob psst");
