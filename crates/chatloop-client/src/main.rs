@@ -19,11 +19,13 @@
 //! |---|---|
 //! | `main` | flags, logging, and the input thread (line editor or script) feeding the session |
 //! | `command` | parsing input lines into commands |
+//! | `backoff` | reconnect pacing: attempts in a row, delays doubling with jitter from a seeded generator |
 //! | `session` | the session's rules, sans I/O: frames, lines and time in; frames, lines, deadlines and actions out |
 //! | `sent` | commands sent and not yet answered, and which answer belongs to which |
 //! | `net` | the network thread: sockets, reader threads and the clock, carrying out what the session asks |
 //! | `output` | what the session's lines say, and where they go (above the line editor, or stdout), with timestamps |
 
+mod backoff;
 mod command;
 mod net;
 mod output;

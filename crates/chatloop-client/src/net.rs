@@ -16,9 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chatloop::protocol::{Deframer, SERVER_SLACK, ServerMsg, op};
 
+use super::backoff::Rng;
 use super::command::Command;
 use super::output::Out;
-use super::session::{Action, Config, DEFAULT_MAX_FRAME, Rng, Session};
+use super::session::{Action, Config, DEFAULT_MAX_FRAME, Session};
 
 /// TCP connect timeout per address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

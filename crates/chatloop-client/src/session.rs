@@ -33,7 +33,7 @@
 //!   within [`WELCOME_TIMEOUT`] of the connection: a failed attempt.
 //! - **Reconnecting.** After a lost connection (or a fatal error [`reconnect_after`] accepts),
 //!   and for the first connection, attempts are spaced by [`Backoff`] (100 ms doubling to 5 s,
-//!   each drawn from [d/2, d]) and counted against `attempts`. HELLO carries the last token; on
+//!   each drawn from [d/2, d]; see `backoff`) and counted against `attempts`. HELLO carries the last token; on
 //!   WELCOME the LEAVEs and JOINs lost in flight are sent again and every room re-JOINed.
 //! - **The end.** `/quit`: QUIT, then exit 0 when the server closes (or after
 //!   [`QUIT_LINGER`]). End of piped input: a barrier PING after everything queued; its PONG
@@ -65,13 +65,10 @@ use chatloop::protocol::{
     ClientMsg, DecodeError, ErrorCode, HEADER_LEN, PresenceKind, ServerMsg, SessionToken,
 };
 
+use super::backoff::{Backoff, Rng};
 use super::command::Command;
 use super::sent::{JoinWhy, Sent, take_answered, take_refused, track};
 
-/// First reconnect delay; it doubles per failed attempt.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
-/// Largest reconnect delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long to wait for WELCOME after the connection opened (HELLO goes out at once).
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// After QUIT, how long to keep reading (queued frames are delivered before the close).
@@ -199,74 +196,6 @@ pub fn reconnect_after(code: u16) -> bool {
         // frame_too_large: a client bug or a different protocol; retrying repeats it. An
         // unknown fatal code: be conservative.
         _ => false,
-    }
-}
-
-/// A small deterministic generator (SplitMix64): the jitter needs spread, not secrecy, and a
-/// seed makes a test's delays reproducible.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator that starts from `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// Reconnect pacing: attempts in a row, and the delay before the next one.
-#[derive(Debug)]
-pub struct Backoff {
-    rng: Rng,
-    /// Connection attempts in this episode (the first connect, or one outage).
-    attempt: u32,
-    /// Delays drawn in this episode.
-    step: u32,
-    /// When the next attempt is due, while waiting for it.
-    at: Option<Instant>,
-}
-
-impl Backoff {
-    fn new(rng: Rng) -> Backoff {
-        Backoff {
-            rng,
-            attempt: 0,
-            step: 0,
-            at: None,
-        }
-    }
-
-    /// The delay's upper bound after `step` earlier delays: BACKOFF_BASE doubling, capped.
-    pub fn ceiling(step: u32) -> Duration {
-        BACKOFF_BASE
-            .saturating_mul(1u32 << step.min(16))
-            .min(BACKOFF_CAP)
-    }
-
-    /// The next delay, uniform in [d/2, d] ("equal jitter", whole milliseconds), so that
-    /// clients cut off together do not come back together.
-    fn next_delay(&mut self) -> Duration {
-        let d = Backoff::ceiling(self.step);
-        self.step = self.step.saturating_add(1);
-        let half = d / 2;
-        let r = self.rng.next_u64() % (half.as_millis() as u64 + 1);
-        let delay = half + Duration::from_millis(r);
-        debug_assert!(delay >= half && delay <= d);
-        delay
-    }
-
-    /// A new episode: the next failure waits the shortest delay again.
-    fn reset(&mut self) {
-        self.attempt = 0;
-        self.step = 0;
     }
 }
 
@@ -509,7 +438,7 @@ impl Session {
             return None;
         }
         let mut at: Vec<Instant> = Vec::new();
-        at.extend(self.backoff.at);
+        at.extend(self.backoff.due());
         at.extend(self.drain_until);
         at.extend(self.quit_until);
         if let Some(c) = &self.conn {
@@ -590,13 +519,8 @@ impl Session {
 
     fn connect(&mut self) {
         debug_assert!(self.conn.is_none());
-        self.backoff.at = None;
-        self.backoff.attempt += 1;
-        log::debug!(
-            "connecting to {} (attempt {})",
-            self.cfg.addr,
-            self.backoff.attempt
-        );
+        let attempt = self.backoff.begin_attempt();
+        log::debug!("connecting to {} (attempt {attempt})", self.cfg.addr);
         self.conn = Some(Conn {
             phase: Phase::Connecting,
             ctl: VecDeque::new(),
@@ -677,9 +601,9 @@ impl Session {
             return;
         }
         self.say(Line::AttemptFailed(why.to_string()));
-        if self.backoff.attempt >= self.cfg.attempts {
+        if self.backoff.attempts() >= self.cfg.attempts {
             self.say(Line::Unreachable {
-                attempts: self.backoff.attempt,
+                attempts: self.backoff.attempts(),
             });
             self.finish(1);
             return;
@@ -700,13 +624,12 @@ impl Session {
     }
 
     fn schedule_retry(&mut self, now: Instant) {
-        let delay = self.backoff.next_delay();
+        let delay = self.backoff.schedule(now);
         self.say(Line::Retrying {
             reconnect: self.ever_welcomed,
             delay,
-            attempt: self.backoff.attempt + 1,
+            attempt: self.backoff.attempts() + 1,
         });
-        self.backoff.at = Some(now + delay);
     }
 
     fn connection_ended(&mut self, now: Instant, why: &str, ours: bool) {
@@ -1299,7 +1222,7 @@ impl Session {
             self.finish(0);
             return;
         }
-        if self.backoff.at.is_some_and(|t| now >= t) {
+        if self.backoff.due().is_some_and(|t| now >= t) {
             self.connect();
             return;
         }
@@ -1348,7 +1271,7 @@ impl Session {
         // 1. Never stuck.
         if self.exit.is_none() {
             assert!(
-                self.conn.is_some() != self.backoff.at.is_some(),
+                self.conn.is_some() != self.backoff.due().is_some(),
                 "a connection or a reconnect deadline, exactly one: {self:?}"
             );
         }
@@ -1376,7 +1299,7 @@ impl Session {
             }
         }
         // 5. Attempts.
-        assert!(self.backoff.attempt <= self.cfg.attempts);
+        assert!(self.backoff.attempts() <= self.cfg.attempts);
     }
 }
 
