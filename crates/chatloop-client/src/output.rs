@@ -297,6 +297,69 @@ mod tests {
     }
 
     #[test]
+    fn lines_read_as_the_readme_says_and_network_text_is_cleaned() {
+        use std::time::Duration;
+        let s = |l: Line| l.to_string();
+        assert_eq!(
+            s(Line::Roster {
+                room: "a".into(),
+                nicks: vec!["bob".into()]
+            }),
+            "[a] 1 member: bob"
+        );
+        assert_eq!(
+            s(Line::Unreachable { attempts: 1 }),
+            "! unreachable: giving up after 1 attempt"
+        );
+        assert_eq!(
+            s(Line::Presence {
+                kind: PresenceKind::Quit,
+                room: "lobby".into(),
+                nick: "bob".into()
+            }),
+            "* bob quit lobby"
+        );
+        assert_eq!(
+            s(Line::Whisper {
+                from: String::new(),
+                text: "hi".into()
+            }),
+            "*(server)* hi"
+        );
+        assert_eq!(
+            s(Line::Retrying {
+                reconnect: false,
+                delay: Duration::from_millis(180),
+                attempt: 2
+            }),
+            "* connecting in 180ms (attempt 2)"
+        );
+        assert_eq!(
+            s(Line::Error {
+                code: 22,
+                detail: "no\nspam".into()
+            }),
+            "! refused: no\u{FFFD}spam"
+        );
+        assert_eq!(
+            s(Line::RejoinRefused {
+                code: 999,
+                room: "r\x1b".into(),
+                detail: String::new()
+            }),
+            "! error_999: cannot rejoin r\u{FFFD}: "
+        );
+        assert_eq!(
+            s(Line::Connected {
+                addr: "h:1".into(),
+                nick: "a\tb".into(),
+                conn_id: 255
+            }),
+            "* connected to h:1 as a b (conn 0xff)"
+        );
+    }
+
+    #[test]
     fn stamp_is_hh_mm_ss() {
         let s = Clock::new().stamp();
         let t = s.trim_end_matches('Z');
