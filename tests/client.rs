@@ -868,6 +868,55 @@ fn unknown_non_fatal_error_is_shown_and_refuses_no_command() {
     quit_cleanly(alice, c2, &["already_in_room"]);
 }
 
+#[test]
+fn refused_say_is_shown_and_a_refused_hello_is_retried_only_on_a_reconnect() {
+    let (addr, accepted) = fake_server();
+    let (mut alice, mut c1) = alice_in_lobby(&addr, &accepted);
+
+    // An embedding application's policy refuses a SAY (PROTOCOL.md 5.8): shown like any
+    // non-fatal error, and the session goes on.
+    alice.send("buy cheap watches");
+    assert_eq!(
+        read_frame(&mut c1),
+        (op::SAY, pstr_rest("lobby", b"buy cheap watches"))
+    );
+    c1.write_all(&error(code::REFUSED, false, "no spam here"))
+        .expect("write");
+    alice.expect("! refused: no spam here");
+
+    // On a reconnect, a refused HELLO may be temporary (a rate limit): a failed attempt.
+    drop(c1);
+    alice.expect_prefix("* connection lost: ");
+    let mut c2 = accepted
+        .recv_timeout(LINE_TIMEOUT)
+        .expect("a connection from the client");
+    assert_eq!(read_frame(&mut c2), (op::HELLO, pstr_rest("alice", &TOKEN)));
+    c2.write_all(&error(code::REFUSED, false, "slow down"))
+        .expect("write");
+    alice.expect("! refused: slow down");
+    alice.expect("* HELLO refused (the server may accept a later attempt)");
+    alice.expect_prefix("* reconnecting in ");
+    let mut c3 = accept_welcomed(&accepted, pstr_rest("alice", &TOKEN));
+    alice.expect("* reconnected as alice");
+    assert_eq!(read_frame(&mut c3), (op::JOIN, pstr("lobby")));
+    c3.write_all(&error(code::ALREADY_IN_ROOM, false, "already in room"))
+        .expect("write");
+    alice.expect("* session resumed");
+    quit_cleanly(alice, c3, &["already_in_room"]);
+
+    // A refused first HELLO is final, as bad_nick is: exit 1, no retry.
+    let mut bob = Cli::spawn("bob", &["--connect", &addr, "--nick", "alice"]);
+    let mut c = accepted
+        .recv_timeout(LINE_TIMEOUT)
+        .expect("a connection from the client");
+    assert_eq!(read_frame(&mut c), (op::HELLO, pstr("alice")));
+    c.write_all(&error(code::REFUSED, false, "not today"))
+        .expect("write");
+    bob.expect("! refused: not today");
+    assert_eq!(bob.wait_exit(), 1);
+    assert!(!bob.printed("connecting in"), "{:#?}", bob.all);
+}
+
 /// Reads the client's frames up to and including the first with opcode `until`; returns
 /// those before it.
 #[track_caller]

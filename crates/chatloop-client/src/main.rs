@@ -19,14 +19,18 @@
 //! |---|---|
 //! | `main` | flags, logging, and the input thread (line editor or script) feeding the session |
 //! | `command` | parsing input lines into commands |
-//! | `net` | the network thread: connection, session state, reconnects, timers |
-//! | `output` | where event lines go (above the line editor, or stdout), with timestamps |
+//! | `backoff` | reconnect pacing: attempts in a row, delays doubling with jitter from a seeded generator |
+//! | `session` | the session's rules, sans I/O: frames, lines and time in; frames, lines, deadlines and actions out |
 //! | `sent` | commands sent and not yet answered, and which answer belongs to which |
+//! | `net` | the network thread: sockets, reader threads and the clock, carrying out what the session asks |
+//! | `output` | what the session's lines say, and where they go (above the line editor, or stdout), with timestamps |
 
+mod backoff;
 mod command;
 mod net;
 mod output;
 mod sent;
+mod session;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -40,8 +44,9 @@ use clap::Parser;
 use nix::sys::termios::{SetArg, Termios, tcgetattr, tcsetattr};
 
 use command::{Command, HELP};
-use net::{Event, Net, Settings};
+use net::{Event, Net};
 use output::{Clock, EditorSink, Out};
+use session::Config;
 
 fn main() -> ExitCode {
     // The local UTC offset can only be read while the process is single-threaded.
@@ -158,15 +163,16 @@ pub fn run(args: Args, clock: Clock) -> u8 {
     } else {
         start_lines(out.clone(), tx.clone());
     }
-    let settings = Settings {
+    let cfg = Config {
         addr: args.connect,
         nick: args.nick,
         joins: args.join,
         wait: args.wait,
         attempts: args.retries,
         print_token: args.print_token,
+        ping_tag: std::process::id(),
     };
-    let code = Net::new(settings, out.clone(), tx, rx, current).run();
+    let code = Net::new(cfg, out.clone(), tx, rx, current).run();
     if let (Some(handle), Some(term)) = (editor_thread, saved) {
         if !handle.is_finished() {
             // The session ended while the editor is reading a line in raw mode. Let it

@@ -1,14 +1,19 @@
-//! Where event lines go: a printer shared by the network thread and the input thread.
+//! What event lines say and where they go: the text of the session's [`Line`]s, and a printer
+//! shared by the network thread and the input thread.
 //!
 //! Interactive sessions print through rustyline's `ExternalPrinter`, which clears the input
 //! line, prints, and redraws the prompt with what was typed so far; scripted sessions print to
 //! stdout. Every event line starts with a `HH:MM:SS` timestamp.
 
 use std::borrow::Cow;
+use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use chatloop::protocol::{ErrorCode, PresenceKind};
 use time::{OffsetDateTime, UtcOffset};
+
+use super::session::Line;
 
 /// Wall clock for timestamps.
 ///
@@ -117,6 +122,11 @@ impl Out {
         self.line(format!("{} {text}\n", self.clock.stamp()));
     }
 
+    /// One line of the session's.
+    pub fn show(&self, line: &Line) {
+        self.event(&line.to_string());
+    }
+
     /// Text without a timestamp (help).
     pub fn plain(&self, text: &str) {
         let mut s = text.to_string();
@@ -130,6 +140,129 @@ impl Out {
         // A closed stdout (the reader of a pipe went away) is not worth dying for.
         let _ = self.lock().print_line(s);
     }
+}
+
+/// An error code by its protocol name (`error_999` for a code this client does not know).
+pub fn error_name(code: u16) -> Cow<'static, str> {
+    match ErrorCode::from_u16(code) {
+        Some(c) => Cow::Borrowed(c.name()),
+        None => Cow::Owned(format!("error_{code}")),
+    }
+}
+
+/// The text of a line, without its timestamp. Whatever came from the network goes through
+/// [`clean`].
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Line::Connected {
+                addr,
+                nick,
+                conn_id,
+            } => write!(
+                f,
+                "* connected to {addr} as {} (conn {conn_id:#x})",
+                clean(nick)
+            ),
+            Line::Token(token) => {
+                f.write_str("* token ")?;
+                token.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            Line::Reconnected { nick } => write!(f, "* reconnected as {}", clean(nick)),
+            Line::Resumed => f.write_str("* session resumed"),
+            Line::AttemptFailed(why) => write!(f, "* {why}"),
+            Line::ConnectionLost(why) => write!(f, "* connection lost: {why}"),
+            Line::Retrying {
+                reconnect,
+                delay,
+                attempt,
+            } => write!(
+                f,
+                "* {} in {}ms (attempt {attempt})",
+                if *reconnect {
+                    "reconnecting"
+                } else {
+                    "connecting"
+                },
+                delay.as_millis()
+            ),
+            Line::Unreachable { attempts } => write!(
+                f,
+                "! unreachable: giving up after {attempts} attempt{}",
+                if *attempts == 1 { "" } else { "s" }
+            ),
+            Line::NotReconnecting { code } => {
+                write!(f, "* not reconnecting after {}", error_name(*code))
+            }
+            Line::Error { code, detail } if detail.is_empty() => {
+                write!(f, "! {}", error_name(*code))
+            }
+            Line::Error { code, detail } => {
+                write!(f, "! {}: {}", error_name(*code), clean(detail))
+            }
+            Line::RejoinRefused { code, room, detail } => write!(
+                f,
+                "! {}: cannot rejoin {}: {}",
+                error_name(*code),
+                clean(room),
+                clean(detail)
+            ),
+            Line::BadFrame { op, why } => write!(f, "! bad_frame: opcode {op:#04x}: {why}"),
+            Line::TooLong { payload, max } => write!(
+                f,
+                "! too_long: {payload} bytes, the server accepts at most {max}; not sent"
+            ),
+            Line::NotJoined(room) => {
+                write!(f, "! not_in_room: not in {} (/join it first)", clean(room))
+            }
+            Line::NoRoom { who: false } => {
+                f.write_str("! no_room: no current room; /join ROOM first")
+            }
+            Line::NoRoom { who: true } => f.write_str("! no_room: no current room; use /who ROOM"),
+            Line::Current(Some(room)) => write!(f, "* current room: {}", clean(room)),
+            Line::Current(None) => f.write_str("* no current room"),
+            Line::Message { room, from, text } => write!(
+                f,
+                "[{}] <{}> {}",
+                clean(room),
+                clean(server_if_empty(from)),
+                clean(text)
+            ),
+            Line::Whisper { from, text } => {
+                write!(f, "*{}* {}", clean(server_if_empty(from)), clean(text))
+            }
+            Line::WhisperSent { nick, text } => write!(f, "-> *{}* {}", clean(nick), clean(text)),
+            Line::Presence { kind, room, nick } => {
+                let verb = match kind {
+                    PresenceKind::Join => "joined",
+                    PresenceKind::Leave => "left",
+                    PresenceKind::Quit => "quit",
+                    PresenceKind::Gone => "gone from",
+                };
+                write!(f, "* {} {verb} {}", clean(nick), clean(room))
+            }
+            Line::Roster { room, nicks } => {
+                write!(f, "[{}] ", clean(room))?;
+                match nicks.len() {
+                    0 => return f.write_str("no members"),
+                    1 => f.write_str("1 member: ")?,
+                    n => write!(f, "{n} members: ")?,
+                }
+                for (i, n) in nicks.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(&clean(n))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An empty sender is the server itself (an embedding application's announcement).
+fn server_if_empty(from: &str) -> &str {
+    if from.is_empty() { "(server)" } else { from }
 }
 
 /// Makes text from the network safe to print on one terminal line: control characters
@@ -160,6 +293,69 @@ mod tests {
         assert_eq!(
             clean("a\nb\x1b[31mc\td\u{85}"),
             "a\u{FFFD}b\u{FFFD}[31mc d\u{FFFD}"
+        );
+    }
+
+    #[test]
+    fn lines_read_as_the_readme_says_and_network_text_is_cleaned() {
+        use std::time::Duration;
+        let s = |l: Line| l.to_string();
+        assert_eq!(
+            s(Line::Roster {
+                room: "a".into(),
+                nicks: vec!["bob".into()]
+            }),
+            "[a] 1 member: bob"
+        );
+        assert_eq!(
+            s(Line::Unreachable { attempts: 1 }),
+            "! unreachable: giving up after 1 attempt"
+        );
+        assert_eq!(
+            s(Line::Presence {
+                kind: PresenceKind::Quit,
+                room: "lobby".into(),
+                nick: "bob".into()
+            }),
+            "* bob quit lobby"
+        );
+        assert_eq!(
+            s(Line::Whisper {
+                from: String::new(),
+                text: "hi".into()
+            }),
+            "*(server)* hi"
+        );
+        assert_eq!(
+            s(Line::Retrying {
+                reconnect: false,
+                delay: Duration::from_millis(180),
+                attempt: 2
+            }),
+            "* connecting in 180ms (attempt 2)"
+        );
+        assert_eq!(
+            s(Line::Error {
+                code: 22,
+                detail: "no\nspam".into()
+            }),
+            "! refused: no\u{FFFD}spam"
+        );
+        assert_eq!(
+            s(Line::RejoinRefused {
+                code: 999,
+                room: "r\x1b".into(),
+                detail: String::new()
+            }),
+            "! error_999: cannot rejoin r\u{FFFD}: "
+        );
+        assert_eq!(
+            s(Line::Connected {
+                addr: "h:1".into(),
+                nick: "a\tb".into(),
+                conn_id: 255
+            }),
+            "* connected to h:1 as a b (conn 0xff)"
         );
     }
 

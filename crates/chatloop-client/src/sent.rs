@@ -75,28 +75,38 @@ pub(super) fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent>
     // ERROR is the answer of the whispers in front, or of the first other command, or of
     // none. Looking further would take a code that answers nothing (a newer server's, say)
     // as the refusal of a later command, and the command it skipped as answered.
-    let i = sent
-        .iter()
-        .position(|s| refuses(code, s) || !matches!(s, Sent::Whispers(_)))?;
-    if !refuses(code, &sent[i]) {
-        return None;
+    let other = sent.iter().position(|s| !matches!(s, Sent::Whispers(_)));
+    if let Some(i) = other.filter(|&i| refuses(code, &sent[i])) {
+        // The whispers in front were delivered. When they could have got this ERROR too
+        // (refused, which a policy gives a SAY or a WHISPER alike; bad_payload), this is the
+        // guess that leaves nothing stale. If wrong, the command's own answer is still to
+        // come and finds it gone: a MESSAGE is only shown, an ERROR may be taken once for a
+        // later command's. The other guess, if wrong, would leave the command waiting for
+        // an answer that never comes, taking the answers of the commands after it until a
+        // PONG clears the list.
+        sent.drain(..i);
+        return sent.pop_front();
     }
-    // The whispers in front were delivered.
-    sent.drain(..i);
     match sent.front_mut() {
-        Some(Sent::Whispers(n)) if *n > 1 => {
-            *n -= 1;
-            Some(Sent::Whispers(1))
+        Some(Sent::Whispers(n)) if refuses(code, &Sent::Whispers(1)) => {
+            if *n > 1 {
+                *n -= 1;
+                Some(Sent::Whispers(1))
+            } else {
+                sent.pop_front()
+            }
         }
-        _ => sent.pop_front(),
+        _ => None,
     }
 }
 
 /// Whether a non-fatal ERROR with `code` can be the answer to `s`: the errors PROTOCOL.md
-/// 5.3 lists for the command, and bad_payload (4.3), which every command but PING can get.
+/// 5.3 lists for the command, bad_payload (4.3), which every command but PING can get, and
+/// refused (5.8), which an embedding application's policy may give a SAY or a WHISPER.
 /// Not the others: unknown_opcode answers an opcode outside 0x01-0x09, which the client
 /// never sends; hello_required a command sent before WELCOME, which tracked ones never are;
-/// bad_nick, nick_taken and already_welcomed a HELLO, which is not tracked. An unknown code
+/// bad_nick, nick_taken and already_welcomed a HELLO, which is not tracked (nor is refused
+/// for a HELLO: the session takes an ERROR before WELCOME as the HELLO's). An unknown code
 /// answers none (PROTOCOL.md 6: a client goes by its fatal flag only).
 pub(super) fn refuses(code: u16, s: &Sent) -> bool {
     use ErrorCode as E;
@@ -108,14 +118,16 @@ pub(super) fn refuses(code: u16, s: &Sent) -> bool {
             code,
             E::BadPayload | E::BadRoom | E::AlreadyInRoom | E::TooManyRooms
         ),
-        Sent::Leave { .. } | Sent::Say(_) => {
-            matches!(code, E::BadPayload | E::BadRoom | E::NotInRoom)
-        }
+        Sent::Leave { .. } => matches!(code, E::BadPayload | E::BadRoom | E::NotInRoom),
+        // refused comes only after the checks of 5.3 passed.
+        Sent::Say(_) => matches!(code, E::BadPayload | E::BadRoom | E::NotInRoom | E::Refused),
         Sent::Who(_) => matches!(code, E::BadPayload | E::BadRoom),
         // A string that is not a valid nick matches no one: no_such_user, not bad_nick. With
-        // whispers in front of another command, bad_payload goes to the oldest whisper; the
-        // encoder never sends a malformed payload, so that guess is never made for real.
-        Sent::Whispers(_) => matches!(code, E::BadPayload | E::NoSuchUser),
+        // whispers in front of another command, bad_payload (or refused) goes to the oldest
+        // whisper: the encoder never sends a malformed payload, so that guess is never made
+        // for real; and a refused whisper is the oldest one not yet answered, since answers
+        // come in order.
+        Sent::Whispers(_) => matches!(code, E::BadPayload | E::NoSuchUser | E::Refused),
         // PING's data is opaque: nothing in it can fail to decode.
         Sent::Ping(_) => false,
     }
@@ -234,9 +246,9 @@ mod tests {
         let cases: [(&str, Made, &[u16]); 6] = [
             ("JOIN", || join("a"), &[5, 10, 12, 20]),
             ("LEAVE", leave, &[5, 10, 11]),
-            ("SAY", say, &[5, 10, 11]),
+            ("SAY", say, &[5, 10, 11, 22]),
             ("WHO", who, &[5, 10]),
-            ("WHISPER", whispers, &[5, 13]),
+            ("WHISPER", whispers, &[5, 13, 22]),
             ("PING", ping, &[]),
         ];
         for (name, made, codes) in cases {
@@ -248,6 +260,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn refused_goes_to_the_say_behind_the_whispers_and_else_to_the_oldest_whisper() {
+        let refused = ErrorCode::Refused.code();
+        // Whispers, then a SAY: either could be the one refused. Taken as the SAY's, the
+        // whispers delivered: nothing is left waiting for an answer that may never come.
+        let mut sent = VecDeque::from([Sent::Whispers(2), Sent::Say("a".into()), join("b")]);
+        assert_eq!(
+            take_refused(&mut sent, refused),
+            Some(Sent::Say("a".into()))
+        );
+        assert_eq!(sent, [join("b")]);
+        // A JOIN cannot be refused by a policy: the oldest whisper was.
+        let mut sent = VecDeque::from([Sent::Whispers(2), join("b"), Sent::Say("a".into())]);
+        assert_eq!(take_refused(&mut sent, refused), Some(Sent::Whispers(1)));
+        assert_eq!(sent, [Sent::Whispers(1), join("b"), Sent::Say("a".into())]);
+        assert_eq!(take_refused(&mut sent, refused), Some(Sent::Whispers(1)));
+        assert_eq!(sent, [join("b"), Sent::Say("a".into())]);
+        // Nor a WHO or a PING: refused then answers nothing waiting.
+        let mut sent = VecDeque::from([Sent::Who("a".into()), Sent::Ping(b"p".to_vec())]);
+        assert_eq!(take_refused(&mut sent, refused), None);
+        assert_eq!(sent.len(), 2);
+        // Whispers alone.
+        let mut sent = VecDeque::from([Sent::Whispers(1)]);
+        assert_eq!(take_refused(&mut sent, refused), Some(Sent::Whispers(1)));
+        assert!(sent.is_empty());
     }
 
     #[test]
