@@ -1,4 +1,5 @@
-//! Frame boundaries: header validation and splitting a byte stream into frames.
+//! Frame boundaries: header validation, and one whole frame off the front of a buffer
+//! (`split_frame`). Splitting a stream that arrives in pieces is the `Deframer`'s job.
 //!
 //! As in mini-redis, finding out whether a whole frame is buffered (`check_header`) is separate
 //! from parsing it (`ClientMsg::decode`), and "incomplete" is `Ok(None)`, an expected runtime
@@ -7,7 +8,6 @@
 //! before any of the payload (so a peer cannot make the server buffer a frame it will refuse).
 
 use byteorder::{BigEndian, ByteOrder};
-use std::io::{self, Read};
 
 use super::{HEADER_LEN, MAGIC, VERSION};
 
@@ -126,84 +126,6 @@ pub fn split_frame(buf: &[u8], max_payload: u32) -> Result<Option<RawFrame<'_>>,
     }
 }
 
-/// An owned read buffer that turns a byte stream into frames, for clients and runtimes that
-/// read into a buffer of their own (the terminal client, the load generator, a tokio server).
-///
-/// Bytes are appended at the end and frames are parsed in place at the front; the consumed
-/// prefix is dropped lazily (when more room is needed), so a frame is never copied more than
-/// once on its way in, and a steady stream allocates nothing.
-#[derive(Debug)]
-pub struct FrameBuf {
-    buf: Vec<u8>,
-    start: usize,
-    max_payload: u32,
-}
-
-impl FrameBuf {
-    /// A buffer that accepts payloads up to `max_payload` bytes.
-    pub fn new(max_payload: u32) -> Self {
-        FrameBuf {
-            buf: Vec::with_capacity(64 * 1024),
-            start: 0,
-            max_payload,
-        }
-    }
-
-    /// Buffered bytes not yet returned as frames.
-    pub fn len(&self) -> usize {
-        self.buf.len() - self.start
-    }
-
-    /// Whether no bytes are buffered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-    }
-
-    /// Appends bytes received from elsewhere.
-    pub fn extend(&mut self, data: &[u8]) {
-        self.compact();
-        self.buf.extend_from_slice(data);
-    }
-
-    /// One `read` call from `r` into the buffer's free space (at least `min_free` bytes of it).
-    /// Returns what `read` returned; `Ok(0)` is end of stream.
-    pub fn read_from<R: Read>(&mut self, r: &mut R, min_free: usize) -> io::Result<usize> {
-        self.compact();
-        let len = self.buf.len();
-        let want = min_free.max(4096);
-        if self.buf.capacity() - len < want {
-            self.buf.reserve(want);
-        }
-        let cap = self.buf.capacity();
-        self.buf.resize(cap, 0);
-        let res = r.read(&mut self.buf[len..]);
-        let n = *res.as_ref().unwrap_or(&0);
-        self.buf.truncate(len + n);
-        res
-    }
-
-    /// The next whole frame, `Ok(None)` if none is complete yet. The returned payload borrows
-    /// the buffer until the next call.
-    pub fn next_frame(&mut self) -> Result<Option<(u8, &[u8])>, FrameError> {
-        let avail = &self.buf[self.start..];
-        match split_frame(avail, self.max_payload)? {
-            Some(f) => {
-                let (op, from) = (f.opcode, self.start + HEADER_LEN);
-                self.start += f.frame_len();
-                Ok(Some((op, &self.buf[from..self.start])))
-            }
-            None => Ok(None),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,26 +173,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn framebuf_parses_in_place_across_reads() {
-        let mut stream = frame(7, b"one");
-        stream.extend(frame(8, b""));
-        stream.extend(frame(9, b"three"));
-        let mut fb = FrameBuf::new(100);
-        let mut got = Vec::new();
-        for chunk in stream.chunks(3) {
-            fb.extend(chunk);
-            while let Some((op, p)) = fb.next_frame().expect("valid stream") {
-                got.push((op, p.to_vec()));
-            }
-        }
-        assert_eq!(
-            got,
-            vec![(7, b"one".to_vec()), (8, vec![]), (9, b"three".to_vec())]
-        );
-        assert!(fb.is_empty());
-    }
-
     use proptest::prelude::*;
 
     fn frames_strategy() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
@@ -306,7 +208,6 @@ mod tests {
         fn decoding_is_independent_of_how_the_stream_is_split(
             frames in frames_strategy(),
             cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
-            chunk in 1usize..20,
         ) {
             let stream: Vec<u8> = frames.iter().flat_map(|(op, p)| frame(*op, p)).collect();
             let cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
@@ -321,17 +222,6 @@ mod tests {
             }
             let every: Vec<usize> = (0..stream.len()).collect();
             prop_assert_eq!(split_driver(&stream, &every, 48).0, frames.clone());
-            // FrameBuf, fed in chunks.
-            let mut fb = FrameBuf::new(48);
-            let mut got = Vec::new();
-            for c in stream.chunks(chunk) {
-                fb.extend(c);
-                while let Some((op, p)) = fb.next_frame().expect("valid stream") {
-                    got.push((op, p.to_vec()));
-                }
-            }
-            prop_assert!(fb.is_empty());
-            prop_assert_eq!(got, frames);
         }
 
         #[test]
@@ -339,7 +229,6 @@ mod tests {
             mut bytes in proptest::collection::vec(any::<u8>(), 0..600),
             header_ok in any::<bool>(),
             max in 0u32..80,
-            chunk in 1usize..32,
         ) {
             if header_ok {
                 // Give the garbage a valid start so lengths and payloads get exercised.
@@ -368,28 +257,6 @@ mod tests {
                 }
                 failed |= r.is_err();
             }
-            // FrameBuf fed in chunks.
-            let mut fb = FrameBuf::new(max);
-            'feed: for c in bytes.chunks(chunk) {
-                fb.extend(c);
-                loop {
-                    match fb.next_frame() {
-                        Ok(Some((_, p))) => prop_assert!(p.len() as u32 <= max),
-                        Ok(None) => break,
-                        Err(_) => break 'feed,
-                    }
-                }
-            }
         }
-    }
-
-    #[test]
-    fn framebuf_reads_from_a_reader() {
-        let bytes = frame(7, b"hi");
-        let mut r = &bytes[..];
-        let mut fb = FrameBuf::new(100);
-        assert_eq!(fb.read_from(&mut r, 16).expect("slice read"), 10);
-        assert_eq!(fb.next_frame(), Ok(Some((7, &b"hi"[..]))));
-        assert_eq!(fb.read_from(&mut r, 16).expect("slice read"), 0);
     }
 }

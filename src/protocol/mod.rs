@@ -20,7 +20,7 @@ mod message;
 mod wire;
 
 pub use deframer::Deframer;
-pub use frame::{FrameBuf, FrameError, Header, RawFrame, check_header, split_frame};
+pub use frame::{FrameError, Header, RawFrame, check_header, split_frame};
 pub use message::{ClientMsg, DecodeError, RosterNicks, ServerMsg, encode};
 
 /// The two magic bytes that open every frame: ASCII "CL".
