@@ -1057,7 +1057,6 @@ impl Actor {
             queued_output: queued,
             queued_output_max: largest,
             buffers_in_use: 0,
-            buffers_pooled: 0,
             partial_frames: partial as u64,
             partial_frame_bytes: partial_bytes as u64,
             shutting_down: self.shutdown.is_some(),

@@ -20,7 +20,6 @@
 //! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, hooks, counters |
 //! | [`server`] | listener, connections in a slab (token = base + 1 + slot), reads, `writev` flushing, closes, events |
 //! | [`net`] | the shell toolkit both shells share: listener bind, EMFILE reserve, error classification, drain before close |
-//! | [`buffer`] | pooled byte ring buffers |
 //! | [`timer`] | hashed timing wheel |
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | duration and size parsing; with `cli`, the command-line flags, their defaults and the stderr logger |
@@ -72,7 +71,6 @@
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![doc(test(attr(deny(warnings))))]
 
-pub mod buffer;
 pub mod config;
 pub mod core;
 pub mod id;

@@ -820,7 +820,6 @@ fn counters_move_with_the_chat() {
         ("chatloop_partial_frames", "gauge"),
         ("chatloop_partial_frame_bytes", "gauge"),
         ("chatloop_buffers_in_use", "gauge"),
-        ("chatloop_buffers_pooled", "gauge"),
         ("chatloop_loop_iterations_total", "counter"),
         ("chatloop_reads_total", "counter"),
         ("chatloop_writes_total", "counter"),

@@ -32,7 +32,7 @@ mod stats;
 
 pub use event::{Event, MAX_EVENTS};
 pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
-pub use outbox::{Chunks, Output};
+pub use outbox::{Chunks, Output, PAGE_SIZE, SharedBytes};
 pub use stats::{CloseCounts, Stats};
 
 use std::collections::{HashMap, VecDeque};

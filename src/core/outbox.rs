@@ -1,26 +1,45 @@
-//! The core's output: frames addressed to connections, encoded once.
+//! The core's output: frames addressed to connections, encoded once, in shared pages.
 //!
-//! Every frame the core produces is encoded once into `arena`. Sending it to a connection
-//! appends a (start, end) range to that connection's chain for this round; when a connection's
-//! last range ends exactly where the new one starts (the common case: one room's broadcasts in a
-//! row), the range is extended instead, so N messages to one subscriber in one round cost one
-//! range and reach the socket as one contiguous slice. A broadcast to M members costs M range
-//! operations and no copies.
+//! Every frame the core produces is encoded once into the round's current page. Sending it to
+//! a connection appends a (page, start, end) range to that connection's chain for this round;
+//! when a connection's last range ends exactly where the new one starts in the same page (the
+//! common case: one room's broadcasts in a row), the range is extended instead, so N messages
+//! to one subscriber in one round cost one range and reach the socket as one contiguous slice.
+//! A broadcast to M members costs M range operations and no copies.
 //!
-//! A round ends when the shell takes the output ([`Outbox::take`]); the next write starts a new
-//! round and clears the arena. Chains are keyed by slot and stamped with the full `ConnId` and
-//! the round, so a stale chain (a closed connection whose slot was reused) is never confused
-//! with a live one.
+//! Pages are reference counted ([`SharedBytes`]): a driver that cannot write a connection's
+//! bytes now (its socket is full) keeps a reference to them instead of a copy, so a frame
+//! waiting for a thousand blocked members exists once in memory, not a thousand times, and
+//! parking it costs each of them a counter increment, not a `memcpy`. A page is started once
+//! the current one holds [`PAGE_SIZE`] bytes, so a reference keeps at most one page (and at
+//! most one frame beyond its size) alive, not a whole round's output.
 //!
-//! Invariants (checked with `debug_assert!`): ranges lie inside the arena, `start <= end`, and
-//! a chain's ranges are in the order they were sent.
+//! A round ends when the driver takes the output ([`Outbox::take`]); the next write starts a
+//! new round. A page nobody references any more is cleared and reused; one still referenced is
+//! left to its holders (freed when the last lets go) and a fresh page takes its place. Chains
+//! are keyed by slot and stamped with the full `ConnId` and the round, so a stale chain (a
+//! closed connection whose slot was reused) is never confused with a live one.
+//!
+//! Invariants (checked with `debug_assert!`): ranges lie inside their page, `start <= end`, a
+//! chain's ranges are in the order they were sent, and every page of the current round is
+//! unshared while the round is being written.
+
+use std::sync::Arc;
 
 use crate::id::ConnId;
 
 const NIL: u32 = u32::MAX;
 
+/// Bytes a page holds before the next frame starts a new one (a page may exceed it by the
+/// one frame, or one WHO's ROSTER frames, that crossed the line).
+pub const PAGE_SIZE: usize = 64 * 1024;
+
+/// Spare pages kept for reuse between rounds.
+const SPARE_PAGES: usize = 4;
+
 #[derive(Debug, Clone, Copy)]
 struct Range {
+    page: u32,
     start: u32,
     end: u32,
     next: u32,
@@ -39,6 +58,7 @@ struct Chain {
     last: u32,
     /// The latest range, kept inline so that extending it, the common case, touches only this
     /// entry.
+    page: u32,
     start: u32,
     end: u32,
 }
@@ -49,6 +69,7 @@ const EMPTY_CHAIN: Chain = Chain {
     serial: 0,
     head: NIL,
     last: NIL,
+    page: 0,
     start: 0,
     end: 0,
 };
@@ -56,7 +77,10 @@ const EMPTY_CHAIN: Chain = Chain {
 /// Encoded frames and who they go to, for one round.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
-    arena: Vec<u8>,
+    /// The round's pages; the last one is written to.
+    pages: Vec<Arc<Vec<u8>>>,
+    /// Cleared pages from earlier rounds, nobody else holding them.
+    spare: Vec<Arc<Vec<u8>>>,
     ranges: Vec<Range>,
     chains: Vec<Chain>,
     dirty: Vec<(ConnId, u32)>,
@@ -64,7 +88,7 @@ pub(crate) struct Outbox {
     taken: bool,
     /// Frames addressed to connections, by opcode (one per recipient).
     pub(crate) frames_out: Vec<u64>,
-    /// Arena bytes of earlier rounds, so `produced` is monotonic.
+    /// Page bytes of earlier rounds, so `produced` is monotonic.
     earlier: u64,
 }
 
@@ -79,8 +103,16 @@ impl Outbox {
 
     fn start_round_if_taken(&mut self) {
         if self.taken {
-            self.earlier += self.arena.len() as u64;
-            self.arena.clear();
+            for mut page in self.pages.drain(..) {
+                self.earlier += page.len() as u64;
+                // A page a driver still references stays with it; the rest are reused.
+                if let Some(bytes) = Arc::get_mut(&mut page) {
+                    if self.spare.len() < SPARE_PAGES {
+                        bytes.clear();
+                        self.spare.push(page);
+                    }
+                }
+            }
             self.ranges.clear();
             self.dirty.clear();
             // Round 0 is never current, so a zeroed chain is never live.
@@ -89,26 +121,54 @@ impl Outbox {
         }
     }
 
-    /// The buffer to encode a frame into; returns it with the offset the frame will start at.
+    /// The page to encode a frame into (the current one, or a new one if it is full); returns
+    /// it with the offset the frame will start at. Send the frame with `send` or `send_all`
+    /// before the next call.
     pub(crate) fn buf(&mut self) -> (&mut Vec<u8>, usize) {
         self.start_round_if_taken();
-        let at = self.arena.len();
-        (&mut self.arena, at)
+        let full = self.pages.last().is_none_or(|p| p.len() >= PAGE_SIZE);
+        if full {
+            let page = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| Arc::new(Vec::with_capacity(PAGE_SIZE)));
+            self.pages.push(page);
+        }
+        let index = self.pages.len() - 1;
+        let page = &mut self.pages[index];
+        debug_assert!(
+            Arc::get_mut(page).is_some(),
+            "a page is written while shared"
+        );
+        // Never shared while its round is being written (a driver only gets references to a
+        // taken round's pages, and those pages are replaced above); `make_mut` would copy a
+        // shared page rather than let a reference see bytes change.
+        let bytes = Arc::make_mut(page);
+        let at = bytes.len();
+        (bytes, at)
     }
 
-    /// Bytes ever encoded into the arena (each frame once, however many recipients).
+    /// Bytes ever encoded (each frame once, however many recipients).
     pub(crate) fn produced(&self) -> u64 {
-        self.earlier + self.arena.len() as u64
+        self.earlier + self.pages.iter().map(|p| p.len() as u64).sum::<u64>()
     }
 
-    /// Sends `arena[start..end]` (one frame, already encoded) to `to`.
+    /// The index of the page `buf` last handed out.
+    fn current_page(&self) -> u32 {
+        debug_assert!(!self.pages.is_empty(), "send without buf() first");
+        self.pages.len().saturating_sub(1) as u32
+    }
+
+    /// Sends `page[start..end]` (one frame, already encoded into the page `buf` returned) to
+    /// `to`.
     pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
         self.count(start, 1);
-        self.push(to, start, end);
+        let page = self.current_page();
+        self.push(to, page, start, end);
     }
 
-    /// Sends `arena[start..end]` (one frame, already encoded) to every connection in `to` but
-    /// `except`.
+    /// Sends `page[start..end]` (one frame, already encoded into the page `buf` returned) to
+    /// every connection in `to` but `except`.
     pub(crate) fn send_all(
         &mut self,
         to: &[ConnId],
@@ -116,10 +176,11 @@ impl Outbox {
         start: usize,
         end: usize,
     ) {
+        let page = self.current_page();
         let mut n = 0;
         for &c in to {
             if Some(c) != except {
-                self.push(c, start, end);
+                self.push(c, page, start, end);
                 n += 1;
             }
         }
@@ -127,15 +188,16 @@ impl Outbox {
     }
 
     fn count(&mut self, start: usize, n: u64) {
-        if let Some(&op) = self.arena.get(start + 3) {
+        let op = self.pages.last().and_then(|p| p.get(start + 3)).copied();
+        if let Some(op) = op {
             self.frames_out[usize::from(op)] += n;
         }
     }
 
     #[inline]
-    fn push(&mut self, to: ConnId, start: usize, end: usize) {
+    fn push(&mut self, to: ConnId, page: u32, start: usize, end: usize) {
         debug_assert!(!self.taken, "send without buf() first");
-        debug_assert!(start <= end && end <= self.arena.len());
+        debug_assert!(start <= end && end <= self.pages[page as usize].len());
         let (start, end) = (start as u32, end as u32);
         let slot = to.slot();
         if slot >= self.chains.len() {
@@ -143,13 +205,14 @@ impl Outbox {
         }
         let chain = &mut self.chains[slot];
         if chain.id == to.to_u64() && chain.round == self.round {
-            if chain.end == start {
+            if chain.page == page && chain.end == start {
                 chain.end = end;
                 return;
             }
             // Not contiguous: the inline range joins the list, the new one takes its place.
             let idx = self.ranges.len() as u32;
             self.ranges.push(Range {
+                page: chain.page,
                 start: chain.start,
                 end: chain.end,
                 next: NIL,
@@ -160,6 +223,7 @@ impl Outbox {
                 self.ranges[chain.last as usize].next = idx;
             }
             chain.last = idx;
+            chain.page = page;
             chain.start = start;
             chain.end = end;
         } else {
@@ -170,6 +234,7 @@ impl Outbox {
                 serial,
                 head: NIL,
                 last: NIL,
+                page,
                 start,
                 end,
             };
@@ -196,7 +261,7 @@ impl Outbox {
         let round = if self.taken { 0 } else { self.round };
         self.taken = true;
         Output {
-            arena: &self.arena,
+            pages: &self.pages,
             ranges: &self.ranges,
             chains: &self.chains,
             dirty: &self.dirty,
@@ -206,14 +271,64 @@ impl Outbox {
     }
 }
 
+/// Bytes of the core's output held by reference: a range of a page that stays alive (and
+/// unchanged) as long as any `SharedBytes` points into it. Cloning one is a reference count
+/// increment; the bytes are never copied. See [`Chunks::share_from`].
+#[derive(Debug, Clone)]
+pub struct SharedBytes {
+    page: Arc<Vec<u8>>,
+    start: u32,
+    end: u32,
+}
+
+impl SharedBytes {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.page[self.start as usize..self.end as usize]
+    }
+
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Drops the first `n` bytes (all of them if `n >= len`), as a partial write does.
+    pub fn advance(&mut self, n: usize) {
+        self.start += n.min(self.len()) as u32;
+    }
+
+    /// Memory this reference keeps alive: the whole page it points into.
+    pub fn page_capacity(&self) -> usize {
+        self.page.capacity()
+    }
+
+    /// Whether `self` and `other` keep the same page alive.
+    pub fn same_page(&self, other: &SharedBytes) -> bool {
+        Arc::ptr_eq(&self.page, &other.page)
+    }
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 /// One round of output, connection by connection. See [`crate::core::Chat::poll_output`].
 ///
 /// Each connection appears once, with its bytes in the order the core produced them, as a few
-/// slices borrowed from the core's arena (write them with one `writev`). Whatever is not taken
+/// slices borrowed from the core's pages (write them with one `writev`). Whatever is not taken
 /// from it is dropped with it.
 #[derive(Debug)]
 pub struct Output<'a> {
-    arena: &'a [u8],
+    pages: &'a [Arc<Vec<u8>>],
     ranges: &'a [Range],
     chains: &'a [Chain],
     dirty: &'a [(ConnId, u32)],
@@ -243,10 +358,10 @@ impl<'a> Iterator for Output<'a> {
             return Some((
                 id,
                 Chunks {
-                    arena: self.arena,
+                    pages: self.pages,
                     ranges: self.ranges,
                     next: c.head,
-                    last: Some((c.start, c.end)),
+                    last: Some((c.page, c.start, c.end)),
                     len,
                 },
             ));
@@ -258,10 +373,10 @@ impl<'a> Iterator for Output<'a> {
 /// The byte slices queued for one connection, in order.
 #[derive(Debug, Clone)]
 pub struct Chunks<'a> {
-    arena: &'a [u8],
+    pages: &'a [Arc<Vec<u8>>],
     ranges: &'a [Range],
     next: u32,
-    last: Option<(u32, u32)>,
+    last: Option<(u32, u32, u32)>,
     len: usize,
 }
 
@@ -269,6 +384,42 @@ impl<'a> Chunks<'a> {
     /// Total bytes across all the slices.
     pub fn total_len(&self) -> usize {
         self.len
+    }
+
+    /// The bytes that follow the first `skip` (what a partial write did not take), as
+    /// references to the core's pages instead of copies: hold them across rounds as long as
+    /// the socket is full; each keeps its page alive, never more.
+    pub fn share_from(self, mut skip: usize) -> impl Iterator<Item = SharedBytes> + 'a {
+        let pages = self.pages;
+        self.ranges_iter().filter_map(move |(page, start, end)| {
+            let len = (end - start) as usize;
+            if skip >= len {
+                skip -= len;
+                return None;
+            }
+            let start = start + skip as u32;
+            skip = 0;
+            Some(SharedBytes {
+                page: Arc::clone(&pages[page as usize]),
+                start,
+                end,
+            })
+        })
+    }
+
+    /// The (page, start, end) ranges, in order.
+    fn ranges_iter(self) -> impl Iterator<Item = (u32, u32, u32)> + 'a {
+        let ranges = self.ranges;
+        let mut next = self.next;
+        let mut last = self.last;
+        std::iter::from_fn(move || {
+            if next != NIL {
+                let r = ranges[next as usize];
+                next = r.next;
+                return Some((r.page, r.start, r.end));
+            }
+            last.take()
+        })
     }
 }
 
@@ -279,9 +430,78 @@ impl<'a> Iterator for Chunks<'a> {
         if self.next != NIL {
             let r = self.ranges[self.next as usize];
             self.next = r.next;
-            return Some(&self.arena[r.start as usize..r.end as usize]);
+            return Some(&self.pages[r.page as usize][r.start as usize..r.end as usize]);
         }
-        let (start, end) = self.last.take()?;
-        Some(&self.arena[start as usize..end as usize])
+        let (page, start, end) = self.last.take()?;
+        Some(&self.pages[page as usize][start as usize..end as usize])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(out: &mut Outbox, byte: u8, len: usize) -> (usize, usize) {
+        let (buf, start) = out.buf();
+        buf.extend(std::iter::repeat_n(byte, len));
+        (start, buf.len())
+    }
+
+    #[test]
+    fn shared_bytes_outlive_their_round_and_pages_are_not_overwritten() {
+        let mut out = Outbox::new();
+        let a = ConnId::new(0, 1);
+        let b = ConnId::new(1, 1);
+        let (s, e) = frame(&mut out, b'x', 100);
+        out.send_all(&[a, b], None, s, e);
+        let held: Vec<SharedBytes> = {
+            let mut o = out.take();
+            let (id, chunks) = o.next().expect("a");
+            assert_eq!(id, a);
+            chunks.share_from(10).collect()
+        };
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].len(), 90);
+        // The next round writes elsewhere: the held bytes do not change.
+        let (s, e) = frame(&mut out, b'y', 100);
+        out.send(a, s, e);
+        assert!(held[0].iter().all(|&c| c == b'x'));
+        assert!(!Arc::ptr_eq(&out.pages[0], &held[0].page), "a fresh page");
+        let unshared = Arc::as_ptr(&out.pages[0]);
+        let got: Vec<u8> = out.take().flat_map(|(_, c)| c.flatten().copied()).collect();
+        assert_eq!(got, vec![b'y'; 100]);
+        // A page nobody holds is cleared and reused by the next round.
+        let (s, e) = frame(&mut out, b'z', 10);
+        out.send(a, s, e);
+        assert_eq!(Arc::as_ptr(&out.pages[0]), unshared);
+        assert_eq!(out.pages[0].len(), 10);
+        assert_eq!(out.produced(), 210);
+        drop(held);
+    }
+
+    #[test]
+    fn pages_roll_over_and_ranges_never_merge_across_them() {
+        let mut out = Outbox::new();
+        let a = ConnId::new(0, 1);
+        let mut sent = 0;
+        while out.pages.len() < 3 {
+            let (s, e) = frame(&mut out, (sent % 251) as u8, 10_000);
+            out.send(a, s, e);
+            sent += 1;
+        }
+        let mut o = out.take();
+        let (_, chunks) = o.next().expect("a");
+        let total = chunks.total_len();
+        let slices: Vec<&[u8]> = chunks.clone().collect();
+        assert_eq!(total, sent * 10_000);
+        assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), total);
+        // One slice per page: frames in a page merge, pages do not.
+        assert_eq!(slices.len(), 3);
+        let shared: Vec<SharedBytes> = chunks.share_from(0).collect();
+        assert_eq!(shared.len(), 3);
+        assert!(!shared[0].same_page(&shared[1]));
+        for s in &shared {
+            assert!(s.page_capacity() >= s.len());
+        }
     }
 }

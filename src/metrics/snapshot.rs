@@ -43,11 +43,9 @@ pub struct Snapshot {
     pub queued_output: u64,
     /// Output bytes accepted and not yet written for the most backlogged connection.
     pub queued_output_max: u64,
-    /// Write ring buffers held by connections (0 in the async version, which queues `Bytes`
-    /// in channels and has no rings).
+    /// Connections holding output their socket refused, a backlog (0 in the async version,
+    /// which queues `Bytes` in channels).
     pub buffers_in_use: u64,
-    /// Idle ring buffers kept by the pool (0 in the async version).
-    pub buffers_pooled: u64,
     /// Connections holding an incomplete frame ([`crate::core::Chat::partial_input`]).
     pub partial_frames: u64,
     /// Memory held for incomplete frames, in bytes.
@@ -72,7 +70,6 @@ impl Server {
     pub fn snapshot(&self) -> Snapshot {
         let chat = self.chat();
         let (queued, largest) = self.queued_output();
-        let (in_use, pooled) = self.buffers();
         let (partial, partial_bytes) = chat.partial_input();
         Snapshot {
             chat: chat.stats().clone(),
@@ -84,8 +81,7 @@ impl Server {
             max_connections: self.config().max_connections as u64,
             queued_output: queued as u64,
             queued_output_max: largest as u64,
-            buffers_in_use: in_use as u64,
-            buffers_pooled: pooled as u64,
+            buffers_in_use: self.backlogs() as u64,
             partial_frames: partial as u64,
             partial_frame_bytes: partial_bytes as u64,
             shutting_down: self.is_shutting_down(),

@@ -33,7 +33,7 @@ impl fmt::Display for StatsLine<'_> {
         let rate = |field: fn(&Snapshot) -> u64| field(c).saturating_sub(field(p)) as f64 / secs;
         write!(
             f,
-            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | in {:.0} B/s out {:.0} B/s | queued {} B (max {} B) | buffers {} in use, {} pooled | closed {}",
+            "stats: conns {} sessions {} rooms {} | msgs/s {:.0} deliveries/s {:.0} accepts/s {:.0} | in {:.0} B/s out {:.0} B/s | queued {} B (max {} B) in {} backlogs | closed {}",
             c.connections,
             c.sessions,
             c.rooms,
@@ -45,7 +45,6 @@ impl fmt::Display for StatsLine<'_> {
             c.queued_output,
             c.queued_output_max,
             c.buffers_in_use,
-            c.buffers_pooled,
             c.shell.closed,
         )
     }
@@ -67,7 +66,6 @@ mod tests {
             queued_output: 40,
             queued_output_max: 30,
             buffers_in_use: 1,
-            buffers_pooled: 5,
             ..Snapshot::default()
         };
         cur.chat.messages = 300;
@@ -84,7 +82,7 @@ mod tests {
         .to_string();
         assert_eq!(
             line,
-            "stats: conns 3 sessions 2 rooms 1 | msgs/s 100 deliveries/s 500 accepts/s 2 | in 2000 B/s out 4500 B/s | queued 40 B (max 30 B) | buffers 1 in use, 5 pooled | closed 7"
+            "stats: conns 3 sessions 2 rooms 1 | msgs/s 100 deliveries/s 500 accepts/s 2 | in 2000 B/s out 4500 B/s | queued 40 B (max 30 B) in 1 backlogs | closed 7"
         );
     }
 

@@ -272,14 +272,8 @@ pub static TABLE: &[Metric] = &[
     Metric {
         name: "chatloop_buffers_in_use",
         kind: Kind::Gauge,
-        help: "Write ring buffers held by connections (output a socket refused).",
+        help: "Connections holding output their socket refused (a backlog, mostly references to shared frames).",
         series: Series::Single(|s| s.buffers_in_use),
-    },
-    Metric {
-        name: "chatloop_buffers_pooled",
-        kind: Kind::Gauge,
-        help: "Idle ring buffers kept by the pool.",
-        series: Series::Single(|s| s.buffers_pooled),
     },
     Metric {
         name: "chatloop_loop_iterations_total",

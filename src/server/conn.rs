@@ -9,8 +9,8 @@
 //! above this file changing: the core never knows which transport a connection uses.
 //!
 //! Invariants (checked with `debug_assert!`):
-//! - `wbuf`, when present, is non-empty, and `write_blocked` is true exactly when it is present
-//!   (bytes are only parked in `wbuf` because the socket refused them);
+//! - `backlog`, when present, is non-empty, and `write_blocked` is true exactly when it is
+//!   present (bytes are only parked because the socket refused them);
 //! - WRITABLE interest is registered exactly while `write_blocked`.
 
 use std::io::{self, IoSlice, Write};
@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::buffer::{BufPool, RingBuf};
-use crate::core::CloseReason;
+use super::backlog::Backlog;
+use crate::core::{Chunks, CloseReason};
 use crate::id::ConnId;
 use crate::net::{MAX_IOV, classify};
 use crate::timer::TimerId;
@@ -41,7 +41,9 @@ pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
-    pub(crate) wbuf: Option<RingBuf>,
+    /// Output the socket refused, waiting for WRITABLE (boxed: most connections have none,
+    /// and an idle one should cost a pointer, not a queue).
+    pub(crate) backlog: Option<Box<Backlog>>,
     pub(crate) write_blocked: bool,
     pub(crate) phase: Phase,
     pub(crate) linger: Option<TimerId>,
@@ -79,65 +81,51 @@ impl Conn {
 
     /// Bytes parked for writing.
     pub(crate) fn pending(&self) -> usize {
-        self.wbuf.as_ref().map_or(0, RingBuf::len)
+        self.backlog.as_ref().map_or(0, |b| b.len())
     }
 
     fn check(&self) {
-        debug_assert_eq!(self.write_blocked, self.wbuf.is_some());
-        debug_assert!(self.wbuf.as_ref().is_none_or(|b| !b.is_empty()));
+        debug_assert_eq!(self.write_blocked, self.backlog.is_some());
+        debug_assert!(self.backlog.as_ref().is_none_or(|b| !b.is_empty()));
     }
 
     /// Queues `chunks` (this round's output) behind the backlog and writes as much as the
-    /// socket takes, in one `writev` when the socket is not known to be full. Bytes the socket
-    /// does not take are copied into `wbuf`; in the common case nothing is copied at all.
-    pub(crate) fn write_chunks<'a, I>(
+    /// socket takes, in one `writev` when the socket is not known to be full. What the socket
+    /// does not take is parked by reference to the core's pages (short pieces by copy): in the
+    /// common case nothing is parked at all, and a frame parked for many connections exists
+    /// once.
+    pub(crate) fn write_chunks(
         &mut self,
-        chunks: I,
-        total: usize,
-        pool: &mut BufPool,
+        chunks: Chunks<'_>,
         max_pending: usize,
         registry: &Registry,
         base: usize,
-    ) -> Result<usize, WriteError>
-    where
-        I: Iterator<Item = &'a [u8]>,
-    {
+    ) -> Result<usize, WriteError> {
         if matches!(self.phase, Phase::Dead(_)) {
             return Ok(0);
         }
+        let total = chunks.total_len();
         if self.write_blocked {
             if self.pending() + total > max_pending {
                 return Err(WriteError::Overflow);
             }
             // The socket is full: no system call until the poll says it is writable.
-            let wbuf = self.wbuf.get_or_insert_with(|| pool.get());
-            for c in chunks {
-                wbuf.extend_from_slice(c);
+            let backlog = self.backlog.get_or_insert_with(Box::default);
+            for piece in chunks.share_from(0) {
+                backlog.push(piece);
             }
             return Ok(0);
         }
-        let mut chunks = chunks.peekable();
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n_iov = 0;
-        let mut queued = 0;
-        if let Some(w) = &self.wbuf {
-            let (a, b) = w.as_slices();
-            for s in [a, b] {
-                if !s.is_empty() {
-                    iov[n_iov] = IoSlice::new(s);
-                    n_iov += 1;
-                    queued += s.len();
-                }
+        let mut n_iov = self.backlog.as_deref().map_or(0, |b| b.fill_iov(&mut iov));
+        let backlog_len = self.pending();
+        let mut queued = backlog_len;
+        for c in chunks.clone() {
+            if n_iov == MAX_IOV {
+                break;
             }
-        }
-        let mut in_iov: [&[u8]; MAX_IOV] = [&[]; MAX_IOV];
-        let mut n_new = 0;
-        while n_iov < MAX_IOV {
-            let Some(c) = chunks.next() else { break };
             iov[n_iov] = IoSlice::new(c);
-            in_iov[n_new] = c;
             n_iov += 1;
-            n_new += 1;
             queued += c.len();
         }
         let written = loop {
@@ -148,34 +136,21 @@ impl Conn {
                 Err(e) => return Err(WriteError::Io(classify(&e))),
             }
         };
-        // Park what the socket did not take: first drop the written part of the backlog,
-        // then copy the unwritten tail of the new chunks, then every chunk past MAX_IOV.
-        let backlog = self.pending();
-        let mut skip = written;
-        if backlog > 0 {
-            let from_backlog = skip.min(backlog);
-            if let Some(w) = &mut self.wbuf {
-                w.consume(from_backlog);
-            }
-            skip -= from_backlog;
-        }
-        for c in &in_iov[..n_new] {
-            if skip >= c.len() {
-                skip -= c.len();
-                continue;
-            }
-            self.wbuf
-                .get_or_insert_with(|| pool.get())
-                .extend_from_slice(&c[skip..]);
-            skip = 0;
-        }
-        for c in chunks {
-            self.wbuf
-                .get_or_insert_with(|| pool.get())
-                .extend_from_slice(c);
-        }
         debug_assert!(written <= queued);
-        self.settle(pool, registry, base);
+        // Park what the socket did not take: the written part of the backlog goes, then the
+        // unwritten rest of the new chunks (those past MAX_IOV included) joins it.
+        let from_backlog = written.min(backlog_len);
+        if let Some(b) = self.backlog.as_deref_mut() {
+            b.consume(from_backlog);
+        }
+        let from_new = written - from_backlog;
+        if from_new < total {
+            let backlog = self.backlog.get_or_insert_with(Box::default);
+            for piece in chunks.share_from(from_new) {
+                backlog.push(piece);
+            }
+        }
+        self.settle(registry, base);
         // What counts against max-pending is what the socket refused and we now hold.
         if self.pending() > max_pending {
             return Err(WriteError::Overflow);
@@ -186,25 +161,24 @@ impl Conn {
     /// Writes the backlog until it is empty or the socket is full (on a WRITABLE event).
     pub(crate) fn write_backlog(
         &mut self,
-        pool: &mut BufPool,
         registry: &Registry,
         base: usize,
     ) -> Result<usize, WriteError> {
         let mut total = 0;
-        while let Some(w) = &mut self.wbuf {
-            let (a, b) = w.as_slices();
-            let iov = [IoSlice::new(a), IoSlice::new(b)];
-            match self.stream.write_vectored(&iov) {
+        while let Some(b) = self.backlog.as_deref_mut() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n_iov = b.fill_iov(&mut iov);
+            let offered: usize = iov[..n_iov].iter().map(|s| s.len()).sum();
+            match self.stream.write_vectored(&iov[..n_iov]) {
                 Ok(0) => break,
                 Ok(n) => {
-                    w.consume(n);
+                    b.consume(n);
                     total += n;
-                    if !w.is_empty() {
+                    if b.is_empty() {
+                        self.backlog = None;
+                    } else if n < offered {
                         // A short write: the socket is full again; wait for the next event.
                         break;
-                    }
-                    if let Some(b) = self.wbuf.take() {
-                        pool.put(b);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -212,19 +186,17 @@ impl Conn {
                 Err(e) => return Err(WriteError::Io(classify(&e))),
             }
         }
-        self.settle(pool, registry, base);
+        self.settle(registry, base);
         Ok(total)
     }
 
-    /// Returns an empty write buffer to the pool and registers WRITABLE interest exactly while
-    /// bytes wait, re-registering only when that changes.
-    fn settle(&mut self, pool: &mut BufPool, registry: &Registry, base: usize) {
-        if self.wbuf.as_ref().is_some_and(RingBuf::is_empty) {
-            if let Some(b) = self.wbuf.take() {
-                pool.put(b);
-            }
+    /// Drops an empty backlog and registers WRITABLE interest exactly while bytes wait,
+    /// re-registering only when that changes.
+    fn settle(&mut self, registry: &Registry, base: usize) {
+        if self.backlog.as_deref().is_some_and(Backlog::is_empty) {
+            self.backlog = None;
         }
-        let blocked = self.wbuf.is_some();
+        let blocked = self.backlog.is_some();
         if blocked != self.write_blocked {
             let interest = if blocked {
                 Interest::READABLE | Interest::WRITABLE
@@ -241,11 +213,9 @@ impl Conn {
         self.check();
     }
 
-    /// Drops every buffered byte (a slow consumer's backlog, or a dead socket's).
-    pub(crate) fn discard_buffers(&mut self, pool: &mut BufPool) {
-        if let Some(b) = self.wbuf.take() {
-            pool.put(b);
-        }
+    /// Drops every parked byte (a slow consumer's backlog, or a dead socket's).
+    pub(crate) fn discard_backlog(&mut self) {
+        self.backlog = None;
         self.write_blocked = false;
     }
 }

@@ -25,9 +25,10 @@
 //!   `ConnId` is that slot with the slot's current generation;
 //! - the core knows a connection (`chat.is_open`) only while its phase is `Open`; a closing or
 //!   dead connection stays in `conns` only until its output is flushed or abandoned;
-//! - an idle connection holds no buffer: its write ring goes back to the pool when it empties,
+//! - an idle connection holds no buffer: its backlog is dropped when it empties,
 //!   and the core's deframer frees an incomplete frame's buffer once the frame is whole.
 
+mod backlog;
 mod conn;
 mod event;
 
@@ -42,7 +43,6 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::buffer::BufPool;
 use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
 use crate::id::{ConnId, Generations};
 use crate::net::{self, FdReserve};
@@ -76,10 +76,6 @@ pub struct ServerConfig {
     /// starve the others (the rest is read at the next `flush`) (default 256 KiB). Never more than
     /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
-    /// Size of a pooled write ring buffer, in bytes (default 16 KiB).
-    pub buf_size: usize,
-    /// Most idle buffers the pool keeps (default 1024).
-    pub pool_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -90,8 +86,6 @@ impl Default for ServerConfig {
             backlog: 4096,
             shutdown_grace: Duration::from_secs(5),
             read_budget: 256 * 1024,
-            buf_size: 16 * 1024,
-            pool_max: 1024,
         }
     }
 }
@@ -178,7 +172,6 @@ pub struct Server {
     conns: Slab<Conn>,
     gens: Generations,
     chat: Chat,
-    pool: BufPool,
     scratch: Box<[u8]>,
     read_again: Vec<ConnId>,
     closing: Vec<ConnId>,
@@ -232,7 +225,6 @@ impl Server {
         );
         let linger = TimerWheel::new(now, cfg.chat.tick, 256);
         Ok(Server {
-            pool: BufPool::new(cfg.buf_size, cfg.pool_max),
             cfg,
             registry,
             base: base.0,
@@ -306,9 +298,13 @@ impl Server {
         self.conns.len()
     }
 
-    /// Ring buffers currently held by connections, and idle in the pool.
-    pub fn buffers(&self) -> (usize, usize) {
-        (self.pool.in_use(), self.pool.pooled())
+    /// Connections holding parked output (their socket refused some; it waits, mostly by
+    /// reference to the core's pages, for WRITABLE).
+    pub fn backlogs(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.backlog.is_some())
+            .count()
     }
 
     /// Output bytes parked in connections' write buffers: the total and the largest.
@@ -448,7 +444,7 @@ impl Server {
             id,
             stream,
             peer,
-            wbuf: None,
+            backlog: None,
             write_blocked: false,
             phase: Phase::Open,
             linger: None,
@@ -553,7 +549,7 @@ impl Server {
             return;
         }
         self.stats.writes += 1;
-        let res = c.write_backlog(&mut self.pool, &self.registry, base);
+        let res = c.write_backlog(&self.registry, base);
         match (res, c.phase) {
             (Ok(_), Phase::Dead(reason)) | (Err(WriteError::Io(reason)), _) => {
                 log::debug!("conn {id}: write failed ({reason})");
@@ -563,7 +559,7 @@ impl Server {
             (Err(WriteError::Overflow), _) => unreachable_overflow(),
             (Ok(n), phase) => {
                 self.stats.bytes_written += n as u64;
-                if let (Phase::Closing(reason), None) = (phase, &c.wbuf) {
+                if let (Phase::Closing(reason), None) = (phase, &c.backlog) {
                     // A closing connection's last bytes are out.
                     self.close_now(id, reason);
                 }
@@ -581,7 +577,7 @@ impl Server {
         if c.is_open() {
             c.phase = Phase::Closing(reason);
             if reason == CloseReason::SlowConsumer {
-                c.discard_buffers(&mut self.pool);
+                c.discard_backlog();
             }
             self.closing.push(id);
         }
@@ -602,7 +598,7 @@ impl Server {
             // So the close is a FIN, not a reset that could destroy our last frames.
             net::drain_input(|b| c.read_into(b), &mut self.scratch);
         }
-        c.discard_buffers(&mut self.pool);
+        c.discard_backlog();
         self.stats.closed += 1;
         log::debug!("conn {id}: closed ({reason}), peer {}", c.peer);
         // Dropping the stream closes the descriptor, which also removes it from the epoll set
@@ -635,16 +631,8 @@ impl Server {
                 let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
                     continue;
                 };
-                let total = chunks.total_len();
                 let was_blocked = c.write_blocked;
-                match c.write_chunks(
-                    chunks,
-                    total,
-                    &mut self.pool,
-                    max_pending,
-                    &self.registry,
-                    base,
-                ) {
+                match c.write_chunks(chunks, max_pending, &self.registry, base) {
                     Ok(n) => {
                         if !was_blocked {
                             self.stats.writes += 1;
@@ -676,7 +664,7 @@ impl Server {
             match c.phase {
                 // A slow consumer had one chance at its ERROR; it does not linger.
                 Phase::Closing(reason @ CloseReason::SlowConsumer) => self.close_now(id, reason),
-                Phase::Closing(reason) if c.wbuf.is_none() => self.close_now(id, reason),
+                Phase::Closing(reason) if c.backlog.is_none() => self.close_now(id, reason),
                 Phase::Dead(reason) => self.close_now(id, reason),
                 _ if c.linger.is_none() => {
                     // Its output waits for the socket: give it until the grace period ends.

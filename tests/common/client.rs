@@ -46,6 +46,13 @@ impl Client {
             Ok(s) => s,
             Err(e) => panic!("connect to {addr}: {e}"),
         };
+        Client::from_stream(stream)
+    }
+
+    /// A client on a stream connected by other means (a socket with options set before its
+    /// connect, say).
+    #[track_caller]
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_nodelay(true).expect("set TCP_NODELAY");
         let label = match stream.local_addr() {
             Ok(a) => format!("client :{}", a.port()),
