@@ -60,6 +60,7 @@ use chatloop::config::Args;
 use chatloop::core::{Chat, CloseReason};
 use chatloop::id::{ConnId, Generations};
 use chatloop::limits;
+use chatloop::log_limit::Collapsed;
 use chatloop::metrics::http::{self, Verdict};
 use chatloop::metrics::{
     ACCEPT_RETRY, MAX_CLIENTS, MAX_DISCARD, REQUEST_TIMEOUT, Snapshot, StatsLine,
@@ -182,6 +183,8 @@ fn main() -> ExitCode {
 /// What every connection task needs to know.
 #[derive(Debug)]
 struct ConnConfig {
+    /// SO_SNDBUF of each connection (0: the kernel's autotuning), as the mio server sets it.
+    send_buffer: usize,
     /// Bytes asked of one read.
     read_size: usize,
     /// Input bytes a connection may have sent to the actor and not yet seen handled before its
@@ -230,6 +233,7 @@ async fn run(args: Args) -> Result<(), String> {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let read_size = args.chat_config().input_budget().clamp(256, READ_SIZE);
     let cfg = Arc::new(ConnConfig {
+        send_buffer: args.send_buffer,
         read_size,
         unhandled_limit: 2 * read_size,
         out_slots: (args.max_pending / 64).clamp(64, 16 * 1024),
@@ -308,17 +312,27 @@ async fn accept_loop(
     // backlog unanswered; freeing the reserve lets us take it off and refuse it.
     let mut reserve = FdReserve::new();
     let mut last_warning: Option<Instant> = None;
+    let mut warn_full = Collapsed::new("connections refused at the connection limit");
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    log::warn!("connection limit reached; refusing {peer}");
+                    if warn_full.should_log(Instant::now()) {
+                        log::warn!(
+                            "connection limit reached; refusing {peer} (and, for a while, others without a line each)"
+                        );
+                    }
                     refuse(&events, stream, peer).await;
                     continue;
                 };
                 // Frames are batched per round anyway; Nagle would only add delay.
                 if let Err(e) = stream.set_nodelay(true) {
                     log::debug!("{peer}: TCP_NODELAY failed: {e}");
+                }
+                if cfg.send_buffer > 0 {
+                    if let Err(e) = net::set_send_buffer(&stream, cfg.send_buffer) {
+                        log::debug!("{peer}: SO_SNDBUF failed: {e}");
+                    }
                 }
                 tokio::spawn(connection(
                     stream,
@@ -1130,7 +1144,7 @@ impl Actor {
             for id in std::mem::take(&mut self.slow) {
                 if let Some(h) = self.handle_of(id) {
                     let queued = h.shared.queued.load(Ordering::Relaxed);
-                    self.chat.handle_slow_consumer(id, queued);
+                    self.chat.handle_slow_consumer(now, id, queued);
                 }
             }
             if !self.chat.has_output() {

@@ -161,6 +161,13 @@ pub struct Args {
     /// Interval of the periodic stats log line (0 = off).
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     pub stats_interval: Duration,
+    /// Kernel send buffer per connection, SO_SNDBUF (0 = the kernel's autotuning).
+    #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
+    pub send_buffer: usize,
+    /// Most bytes written to sockets per loop iteration, and most fan-out one sender may
+    /// cause per iteration (the rest waits for the next one).
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    pub write_budget: usize,
 }
 
 #[cfg(feature = "cli")]
@@ -186,6 +193,8 @@ impl Args {
             max_connections,
             backlog: self.backlog,
             shutdown_grace: self.shutdown_grace,
+            send_buffer: self.send_buffer,
+            write_budget: self.write_budget,
             ..ServerConfig::default()
         }
     }

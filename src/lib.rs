@@ -23,6 +23,7 @@
 //! | [`timer`] | hashed timing wheel |
 //! | [`id`] | [`id::ConnId`]: slab slot plus generation |
 //! | [`config`] | duration and size parsing; with `cli`, the command-line flags, their defaults and the stderr logger |
+//! | [`log_limit`] | repeated warnings collapsed into one line and a summary per interval |
 //! | [`limits`] | RLIMIT_NOFILE and the connection limit derived from it |
 //! | [`untrusted`] | peer-supplied text escaped and cut for log lines |
 //! | [`metrics`] | Prometheus `/metrics`, `/healthz` and the stats line from a plain [`metrics::Snapshot`]; the endpoint in the same poll loop |
@@ -75,6 +76,7 @@ pub mod config;
 pub mod core;
 pub mod id;
 pub mod limits;
+pub mod log_limit;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

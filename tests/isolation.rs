@@ -38,3 +38,171 @@ fn peer_text_in_logs_cannot_forge_lines_or_escape_to_the_terminal() {
         assert!(line.contains(r"\u{9b}31m"), "C1 CSI shown escaped: {line}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fan-out amplification
+// ---------------------------------------------------------------------------------------------
+
+/// A connection to `addr` whose receive buffer is `rcvbuf` bytes, set before the connect (the
+/// window it advertises is then small from the first segment on).
+fn connect_with_rcvbuf(addr: std::net::SocketAddr, rcvbuf: usize) -> std::net::TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf).expect("SO_RCVBUF");
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
+
+/// The slowest loop iteration the server has seen, in microseconds.
+fn slowest_iteration_us(server: &Server) -> u64 {
+    server
+        .scrape()
+        .get("chatloop_loop_iteration_max_microseconds")
+}
+
+/// The attack of issue 13, scaled down: 200 members that joined a room and never read again,
+/// with 4 KB receive buffers, while one sender floods the room with 16 KB SAYs as fast as the
+/// server reads them. Meanwhile an honest pair in another room talks every 20 ms.
+///
+/// Before: every SAY was copied into each blocked member's write ring (200 x 16 KB per SAY),
+/// so one iteration copied megabytes and took tens of milliseconds, and the honest pair
+/// waited for it. Now a SAY waiting for blocked members exists once (they hold references to
+/// it), so parking it costs each member a counter increment: the honest pair's messages all
+/// arrive, in order, promptly; the non-readers are still cut as slow consumers once they hold
+/// max-pending; and the server copied almost nothing into backlogs.
+#[test]
+fn a_flood_to_members_that_never_read_does_not_stall_the_loop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    const SINKS: usize = 200;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.addr();
+    let mut sinks = Vec::new();
+    for i in 0..SINKS {
+        let mut c = Client::from_stream(connect_with_rcvbuf(addr, 4096));
+        c.hello(&format!("sink{i:03}"));
+        c.send_join("amp");
+        sinks.push(c);
+    }
+    let mut flooder = server.login("flooder");
+    flooder.join("amp");
+    let mut alice = server.login("alice");
+    alice.join("honest");
+    let mut bob = server.login("bob");
+    bob.join("honest");
+    alice.expect_presence(kind::JOIN, "honest", "bob");
+    let iteration_before = slowest_iteration_us(&server);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        let mut out = flooder.stream().try_clone().expect("clone");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let say = frame(op::SAY, &pstr_rest("amp", &[b'x'; 16 * 1024]));
+            let mut sent = 0u64;
+            // Bounded: 4 s of flooding at most, 2,000 SAYs at most (32 MB).
+            let deadline = Instant::now() + Duration::from_secs(4);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 2_000 {
+                if out.write_all(&say).is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // The honest pair: 100 messages, one every 20 ms, each timed from send to receipt.
+    let mut worst = Duration::ZERO;
+    for i in 0..100 {
+        let text = format!("honest {i}");
+        let t0 = Instant::now();
+        alice.send_say("honest", &text);
+        bob.expect_message("honest", "alice", &text);
+        worst = worst.max(t0.elapsed());
+        alice.expect_message("honest", "alice", &text);
+        std::thread::sleep(Duration::from_millis(20)); // the pair's pace, not a wait for an event
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().expect("flood thread");
+    let iteration_after = slowest_iteration_us(&server);
+    let m = server.scrape();
+    eprintln!(
+        "flood: {sent} SAYs of 16 KB; honest worst latency {worst:?}; slowest iteration {iteration_before} -> {iteration_after} us; slow consumers {}",
+        m.closed("slow_consumer")
+    );
+    assert!(sent >= 100, "the flood hardly ran: {sent} SAYs");
+    // The non-readers were cut: they cannot hold more than max-pending each.
+    assert!(
+        m.closed("slow_consumer") >= 1,
+        "no member was cut: {}",
+        m.state()
+    );
+    // Generous bounds: the copying server took 240-350 ms for both at this size (measured,
+    // and the reason this test exists); a loop that parks by reference and budgets its
+    // writes takes about 10 ms. A noisy machine does not make this flaky.
+    assert!(
+        worst < Duration::from_millis(150),
+        "the honest pair waited {worst:?} for a message"
+    );
+    assert!(
+        iteration_after < 100_000,
+        "one loop iteration took {iteration_after} us"
+    );
+    drop(sinks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log flooding
+// ---------------------------------------------------------------------------------------------
+
+/// A storm of connections against the connection limit: each is refused with `server_full`,
+/// but the log gets one warning (and later a summary with the count), not one line per
+/// refusal. (Before: one WARN line each; 3,000 refusals wrote 279 KB.)
+#[test]
+fn refusals_at_the_limit_are_one_warning_not_one_line_each() {
+    for kind in [ServerKind::Mio, ServerKind::Async] {
+        let server = Server::start_kind(kind, &["--max-connections", "1"]);
+        let _holder = server.login("holder");
+        let mut refused = 0;
+        for _ in 0..300 {
+            let mut c = server.connect();
+            if let Recv::Frame(f) = c.recv_or_close(Duration::from_secs(5)) {
+                if f.error().code == code::SERVER_FULL {
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(
+            refused,
+            300,
+            "{}: every storm connection refused",
+            kind.name()
+        );
+        // A barrier for the log: a connection the server refuses after all of those.
+        let mut last = server.connect();
+        let _ = last.recv_or_close(Duration::from_secs(5));
+        let lines: Vec<String> = server
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("connection limit"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{}: one warning for the storm: {lines:#?}",
+            kind.name()
+        );
+    }
+}

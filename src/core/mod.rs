@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::id::ConnId;
+use crate::log_limit::Collapsed;
 use crate::protocol::{
     self, ClientMsg, Deframer, ErrorCode, PresenceKind, SessionToken, encode, op,
 };
@@ -272,6 +273,8 @@ pub struct Chat {
     /// The last refusal encoded (see `refusal`), kept to reuse its allocation.
     refusal: Vec<u8>,
     events: EventQueue,
+    /// Slow-consumer warnings, collapsed (`log_limit`).
+    warn_slow: Collapsed,
 }
 
 impl std::fmt::Debug for Chat {
@@ -345,6 +348,7 @@ impl Chat {
             stats: Stats::default(),
             refusal: Vec::new(),
             events: EventQueue::default(),
+            warn_slow: Collapsed::new("slow consumers closed"),
         }
     }
 
@@ -389,6 +393,13 @@ impl Chat {
     /// to a room of 100 counts 100 MESSAGE frames).
     pub fn frames_out(&self) -> &[u64] {
         &self.outbox.frames_out
+    }
+
+    /// Bytes addressed to connections so far: each frame's length once per recipient, what
+    /// the drivers will have to write. A driver compares it before and after an input to
+    /// learn the fan-out that input caused (a SAY of 60 KB to 1,000 members: 60 MB).
+    pub fn fanout_bytes(&self) -> u64 {
+        self.outbox.addressed
     }
 
     /// Open connections (welcomed or not).
@@ -564,6 +575,7 @@ impl Chat {
                         // reads (a SAY becomes one MESSAGE, whatever the room size).
                         let max = self.cfg.max_pending;
                         self.slow_consumer(
+                            now,
                             conn,
                             format_args!("its requests produced more than {max} bytes of output"),
                         );
@@ -653,10 +665,11 @@ impl Chat {
     /// own backlog first, then writes that frame if the socket takes it at once), its rooms get
     /// PRESENCE gone, and its close comes out of [`poll_close`](Self::poll_close) with
     /// [`CloseReason::SlowConsumer`]. A no-op for a connection that is not open.
-    pub fn handle_slow_consumer(&mut self, conn: ConnId, queued: usize) {
+    pub fn handle_slow_consumer(&mut self, now: Instant, conn: ConnId, queued: usize) {
         if self.is_open(conn) {
             let max = self.cfg.max_pending;
             self.slow_consumer(
+                now,
                 conn,
                 format_args!("{queued} bytes queued (max-pending {max})"),
             );
@@ -666,6 +679,7 @@ impl Chat {
     /// Runs every timer due by `now`: hello timeouts, heartbeats, idle eviction. Calling it
     /// early or twice is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.warn_slow.poll_summary(now);
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.expire(now, &mut fired);
         let now_us = self.us_floor(now);

@@ -90,6 +90,9 @@ pub(crate) struct Outbox {
     pub(crate) frames_out: Vec<u64>,
     /// Page bytes of earlier rounds, so `produced` is monotonic.
     earlier: u64,
+    /// Bytes addressed to recipients: each frame's length once per recipient (the fan-out
+    /// a shell will have to write).
+    pub(crate) addressed: u64,
 }
 
 impl Outbox {
@@ -163,6 +166,7 @@ impl Outbox {
     /// `to`.
     pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
         self.count(start, 1);
+        self.addressed += (end - start) as u64;
         let page = self.current_page();
         self.push(to, page, start, end);
     }
@@ -185,6 +189,7 @@ impl Outbox {
             }
         }
         self.count(start, n);
+        self.addressed += (end - start) as u64 * n;
     }
 
     fn count(&mut self, start: usize, n: u64) {

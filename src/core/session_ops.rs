@@ -1,6 +1,8 @@
 //! Machinery shared by the commands, the timers and the application's commands: errors,
 //! fatal closes, presence delivery, and removing members and sessions.
 
+use std::time::Instant;
+
 use super::{Chat, CloseReason, Event, RoomId, fold, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
@@ -50,11 +52,21 @@ impl Chat {
     /// Ends `conn` as a slow consumer: what the core queued for it in this round is dropped,
     /// it gets the fatal ERROR, its rooms PRESENCE gone, and the close is asked for. The one
     /// place this is decided and logged, whether the core or the transport found it.
-    pub(super) fn slow_consumer(&mut self, conn: ConnId, why: std::fmt::Arguments<'_>) {
+    pub(super) fn slow_consumer(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        why: std::fmt::Arguments<'_>,
+    ) {
         let peer = self.state(conn).and_then(|s| s.peer);
-        match peer {
-            Some(peer) => log::warn!("conn {conn} ({peer}): slow consumer, {why}; closing"),
-            None => log::warn!("conn {conn}: slow consumer, {why}; closing"),
+        // A thousand members cut in one iteration are one line and a count, not a thousand.
+        if self.warn_slow.should_log(now) {
+            match peer {
+                Some(peer) => log::warn!("conn {conn} ({peer}): slow consumer, {why}; closing"),
+                None => log::warn!("conn {conn}: slow consumer, {why}; closing"),
+            }
+        } else {
+            log::debug!("conn {conn}: slow consumer, {why}; closing");
         }
         self.outbox.discard(conn);
         self.fatal(

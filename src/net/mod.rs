@@ -14,6 +14,7 @@
 //! | [`classify`] | an I/O error as the [`CloseReason`] the core counts |
 //! | [`is_fd_exhaustion`] | whether an accept failed for want of descriptors |
 //! | [`drain_input`] | read and drop what the peer already sent, so a close is a FIN, not a reset |
+//! | [`set_send_buffer`] | a socket's kernel send buffer, bounded (SO_SNDBUF) |
 //! | [`MAX_IOV`] | how many slices one `writev` carries |
 
 mod listener;
@@ -46,6 +47,13 @@ pub fn classify(e: &io::Error) -> CloseReason {
 /// the connection waiting in the backlog can only be taken with the [`FdReserve`].
 pub fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(c) if c == nix::libc::EMFILE || c == nix::libc::ENFILE)
+}
+
+/// Sets a socket's kernel send buffer (SO_SNDBUF) to `bytes` (the kernel doubles it for its
+/// own bookkeeping and turns its autotuning off for this socket).
+pub fn set_send_buffer(socket: &impl std::os::fd::AsFd, bytes: usize) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(socket, sockopt::SndBuf, &bytes).map_err(io::Error::from)
 }
 
 /// Reads and drops what the peer has already sent, with `read` (a non-blocking read of the

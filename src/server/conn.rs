@@ -9,8 +9,9 @@
 //! above this file changing: the core never knows which transport a connection uses.
 //!
 //! Invariants (checked with `debug_assert!`):
-//! - `backlog`, when present, is non-empty, and `write_blocked` is true exactly when it is
-//!   present (bytes are only parked because the socket refused them);
+//! - `backlog`, when present, is non-empty, and it is present exactly when `write_blocked`
+//!   (the socket refused bytes) or `deferred` (the iteration's write budget was spent before
+//!   this connection's turn), never both;
 //! - WRITABLE interest is registered exactly while `write_blocked`.
 
 use std::io::{self, IoSlice, Write};
@@ -45,6 +46,8 @@ pub(crate) struct Conn {
     /// and an idle one should cost a pointer, not a queue).
     pub(crate) backlog: Option<Box<Backlog>>,
     pub(crate) write_blocked: bool,
+    /// Its output waits in the server's write queue for the next iteration's write budget.
+    pub(crate) deferred: bool,
     pub(crate) phase: Phase,
     pub(crate) linger: Option<TimerId>,
     /// The loop iteration `read_left` belongs to.
@@ -53,6 +56,8 @@ pub(crate) struct Conn {
     pub(crate) read_left: u32,
     /// Listed in the server's `read_again`: it stopped reading at its budget, not at WouldBlock.
     pub(crate) read_again: bool,
+    /// Fan-out its input caused in iteration `read_epoch`, in bytes addressed to recipients.
+    pub(crate) fanout: u64,
 }
 
 /// What a write attempt found.
@@ -85,35 +90,44 @@ impl Conn {
     }
 
     fn check(&self) {
-        debug_assert_eq!(self.write_blocked, self.backlog.is_some());
+        debug_assert_eq!(self.write_blocked || self.deferred, self.backlog.is_some());
+        debug_assert!(!(self.write_blocked && self.deferred));
         debug_assert!(self.backlog.as_ref().is_none_or(|b| !b.is_empty()));
     }
 
-    /// Queues `chunks` (this round's output) behind the backlog and writes as much as the
-    /// socket takes, in one `writev` when the socket is not known to be full. What the socket
-    /// does not take is parked by reference to the core's pages (short pieces by copy): in the
-    /// common case nothing is parked at all, and a frame parked for many connections exists
-    /// once.
+    /// Queues `chunks` (this round's output) behind the backlog and, if `may_write` (the
+    /// iteration's write budget is not spent), writes as much as the socket takes, in one
+    /// `writev` when the socket is not known to be full. What is not written is parked by
+    /// reference to the core's pages (short pieces by copy): in the common case nothing is
+    /// parked at all, and a frame parked for many connections exists once. Parked without a
+    /// try because the budget is spent, the connection becomes `deferred` (the caller queues
+    /// it).
     pub(crate) fn write_chunks(
         &mut self,
         chunks: Chunks<'_>,
+        may_write: bool,
         max_pending: usize,
         registry: &Registry,
         base: usize,
     ) -> Result<usize, WriteError> {
-        if matches!(self.phase, Phase::Dead(_)) {
+        let total = chunks.total_len();
+        if matches!(self.phase, Phase::Dead(_)) || total == 0 {
             return Ok(0);
         }
-        let total = chunks.total_len();
-        if self.write_blocked {
+        if self.write_blocked || self.deferred || !may_write {
             if self.pending() + total > max_pending {
                 return Err(WriteError::Overflow);
             }
-            // The socket is full: no system call until the poll says it is writable.
+            // The socket is full (no system call until the poll says it is writable), or
+            // this connection's turn is the next iteration's.
             let backlog = self.backlog.get_or_insert_with(Box::default);
             for piece in chunks.share_from(0) {
                 backlog.push(piece);
             }
+            if !self.write_blocked {
+                self.deferred = true;
+            }
+            self.check();
             return Ok(0);
         }
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -158,12 +172,14 @@ impl Conn {
         Ok(written)
     }
 
-    /// Writes the backlog until it is empty or the socket is full (on a WRITABLE event).
+    /// Writes the backlog until it is empty or the socket is full (on a WRITABLE event, or at
+    /// a deferred connection's turn).
     pub(crate) fn write_backlog(
         &mut self,
         registry: &Registry,
         base: usize,
     ) -> Result<usize, WriteError> {
+        self.deferred = false;
         let mut total = 0;
         while let Some(b) = self.backlog.as_deref_mut() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -217,5 +233,6 @@ impl Conn {
     pub(crate) fn discard_backlog(&mut self) {
         self.backlog = None;
         self.write_blocked = false;
+        self.deferred = false;
     }
 }

@@ -34,6 +34,7 @@ mod event;
 
 pub use event::ServerEvent;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ use slab::Slab;
 
 use crate::core::{Chat, ChatConfig, CloseReason, Hooks, Stats};
 use crate::id::{ConnId, Generations};
+use crate::log_limit::Collapsed;
 use crate::net::{self, FdReserve};
 use crate::protocol::ErrorCode;
 use crate::timer::TimerWheel;
@@ -53,6 +55,10 @@ use event::ShellEvents;
 
 /// Bytes read per `read` call, into one scratch buffer shared by every connection.
 const SCRATCH: usize = 64 * 1024;
+
+/// A connection with at most this much to write is written even when the iteration's write
+/// budget is spent.
+const SMALL_WRITE: usize = 16 * 1024;
 
 /// Settings of the server shell (the core's are in `chat`). Each field says its default; the
 /// `chatloop` binary's flags set the same fields (`config::Args::server_config`).
@@ -76,6 +82,21 @@ pub struct ServerConfig {
     /// starve the others (the rest is read at the next `flush`) (default 256 KiB). Never more than
     /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
+    /// Most bytes written to sockets per loop iteration (default 16 MiB): output beyond it
+    /// waits (by reference, no copy) for the next iteration, oldest first, so one enormous
+    /// fan-out cannot make one iteration long and every other connection wait. Also the most
+    /// fan-out (bytes addressed to recipients) one connection's input may cause per
+    /// iteration: a sender past it reads no more until the next iteration, and none while
+    /// output is waiting for the budget, so a flood to a large room is slowed to what the
+    /// server can write. At least one read and one connection's write happen per iteration,
+    /// whatever this says.
+    pub write_budget: usize,
+    /// Kernel send buffer of each connection, SO_SNDBUF (default 256 KiB; 0 leaves the
+    /// kernel's autotuning, which grows it up to net.ipv4.tcp_wmem's maximum, 4 MiB here).
+    /// It bounds the kernel memory a member that never reads can hold, and the bytes the
+    /// server copies into its socket before it counts as blocked; a chat connection does
+    /// not need more (256 KiB per round trip is 2.5 MB/s at 100 ms).
+    pub send_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +107,8 @@ impl Default for ServerConfig {
             backlog: 4096,
             shutdown_grace: Duration::from_secs(5),
             read_budget: 256 * 1024,
+            write_budget: 16 << 20,
+            send_buffer: 256 * 1024,
         }
     }
 }
@@ -121,6 +144,12 @@ pub struct ServerStats {
     pub iteration_us_sum: u64,
     /// The slowest iteration so far, in microseconds: a single loop's worst latency.
     pub iteration_us_max: u64,
+    /// Times a connection's output waited for the next iteration because the iteration's
+    /// write budget was spent.
+    pub writes_deferred: u64,
+    /// Times a connection stopped reading for the rest of an iteration because its input had
+    /// caused a write budget's worth of fan-out.
+    pub fanout_paused: u64,
     /// Shell events lost because the event queue was full, as of the last `flush` (the
     /// core's are in its `Stats`).
     pub events_dropped: u64,
@@ -174,6 +203,9 @@ pub struct Server {
     chat: Chat,
     scratch: Box<[u8]>,
     read_again: Vec<ConnId>,
+    /// Connections whose output waits for the write budget, oldest first (an id whose
+    /// connection is no longer deferred is skipped).
+    write_queue: VecDeque<ConnId>,
     closing: Vec<ConnId>,
     linger: TimerWheel,
     expired: Vec<u64>,
@@ -183,6 +215,9 @@ pub struct Server {
     /// When the server was created: the instant `poll_timeout` returns for "now".
     origin: Instant,
     events: ShellEvents,
+    /// Refusals at the connection limit and descriptor exhaustion: one warning, then a count.
+    warn_full: Collapsed,
+    warn_emfile: Collapsed,
 }
 
 impl std::fmt::Debug for Server {
@@ -236,6 +271,7 @@ impl Server {
             chat,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             read_again: Vec::new(),
+            write_queue: VecDeque::new(),
             closing: Vec::new(),
             linger,
             expired: Vec::new(),
@@ -244,6 +280,8 @@ impl Server {
             stats: ServerStats::default(),
             origin: now,
             events: ShellEvents::default(),
+            warn_full: Collapsed::new("connections refused at the connection limit"),
+            warn_emfile: Collapsed::new("accepts out of file descriptors"),
         })
     }
 
@@ -361,15 +399,21 @@ impl Server {
                         self.events.push(|| ServerEvent::FdExhausted);
                     }
                     if !self.reserve.is_held() {
-                        log::warn!(
-                            "accept: out of file descriptors ({e}) and no reserve left; waiting for connections to close"
-                        );
+                        if self.warn_emfile.should_log(now) {
+                            log::warn!(
+                                "accept: out of file descriptors ({e}) and no reserve left; waiting for connections to close"
+                            );
+                        }
                         return;
                     }
                     // Free the reserve, take the pending connection off the backlog, refuse
                     // it, and take the reserve back, so the edge-triggered listener keeps
                     // getting events.
-                    log::warn!("accept: out of file descriptors ({e}); refusing one connection");
+                    if self.warn_emfile.should_log(now) {
+                        log::warn!(
+                            "accept: out of file descriptors ({e}); refusing connections until some close"
+                        );
+                    }
                     self.reserve.release();
                     let accepted = match listener.accept() {
                         Ok((stream, peer)) => {
@@ -414,10 +458,12 @@ impl Server {
     ) -> Result<ConnId, AdoptError> {
         if self.conns.len() >= self.cfg.max_connections {
             self.stats.refused_full += 1;
-            log::warn!(
-                "connection limit {} reached; refusing {peer}",
-                self.cfg.max_connections
-            );
+            if self.warn_full.should_log(now) {
+                log::warn!(
+                    "connection limit {} reached; refusing {peer} (and, for a while, others without a line each)",
+                    self.cfg.max_connections
+                );
+            }
             refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
             self.events.push(|| ServerEvent::Refused {
                 peer,
@@ -429,6 +475,11 @@ impl Server {
         // anyway, so Nagle would only add delay.
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("{peer}: TCP_NODELAY failed: {e}");
+        }
+        if self.cfg.send_buffer > 0 {
+            if let Err(e) = net::set_send_buffer(&stream, self.cfg.send_buffer) {
+                log::debug!("{peer}: SO_SNDBUF failed: {e}");
+            }
         }
         let entry = self.conns.vacant_entry();
         let id = self.gens.next(entry.key());
@@ -446,11 +497,13 @@ impl Server {
             peer,
             backlog: None,
             write_blocked: false,
+            deferred: false,
             phase: Phase::Open,
             linger: None,
             read_epoch: u32::MAX,
             read_left: 0,
             read_again: false,
+            fanout: 0,
         });
         self.stats.accepted += 1;
         log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
@@ -478,6 +531,7 @@ impl Server {
     fn read(&mut self, id: ConnId, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let budget = self.read_budget();
+        let write_budget = self.cfg.write_budget as u64;
         let epoch = self.stats.iterations as u32;
         while let Some(c) = self.conn(id) {
             if !c.is_open() {
@@ -486,6 +540,7 @@ impl Server {
             if c.read_epoch != epoch {
                 c.read_epoch = epoch;
                 c.read_left = budget as u32;
+                c.fanout = 0;
             }
             if c.read_left == 0 {
                 // More may be waiting, but others get their turn first; no new edge will come
@@ -512,7 +567,18 @@ impl Server {
                     self.stats.bytes_read += n as u64;
                     // Whole frames are handled straight from the scratch buffer; the core
                     // keeps only an incomplete frame at the end.
+                    let before = self.chat.fanout_bytes();
                     self.chat.handle_data(now, id, &scratch[..n]);
+                    let fanout = self.chat.fanout_bytes() - before;
+                    if let Some(c) = self.conn(id) {
+                        c.fanout += fanout;
+                        if c.fanout >= write_budget && c.read_left > 0 {
+                            // This sender's input alone fills an iteration's writes: the
+                            // rest of it waits, and others get their turn.
+                            c.read_left = 0;
+                            self.stats.fanout_paused += 1;
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -532,21 +598,30 @@ impl Server {
     /// moved the iteration count on just before).
     fn read_leftovers(&mut self, now: Instant) {
         let again = std::mem::take(&mut self.read_again);
+        let writes_waiting = !self.write_queue.is_empty();
+        let write_budget = self.cfg.write_budget as u64;
         for id in again {
-            if let Some(c) = self.conn(id) {
-                c.read_again = false;
-                self.read(id, now);
+            let Some(c) = self.conn(id) else { continue };
+            if writes_waiting && c.fanout >= write_budget {
+                // Its last reads filled the write budget and output is still waiting for it:
+                // this sender waits too, so it cannot produce faster than the server writes.
+                self.read_again.push(id);
+                continue;
             }
+            c.read_again = false;
+            self.read(id, now);
         }
     }
 
-    fn write_backlog(&mut self, id: ConnId) {
+    /// Writes a connection's backlog: on a WRITABLE event for a blocked connection, or at a
+    /// deferred connection's turn. Returns the bytes written.
+    fn write_backlog(&mut self, id: ConnId) -> usize {
         let base = self.base;
         let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
-            return;
+            return 0;
         };
-        if !c.write_blocked {
-            return;
+        if !c.write_blocked && !c.deferred {
+            return 0;
         }
         self.stats.writes += 1;
         let res = c.write_backlog(&self.registry, base);
@@ -555,15 +630,37 @@ impl Server {
                 log::debug!("conn {id}: write failed ({reason})");
                 self.chat.handle_close(id, reason);
                 self.close_now(id, reason);
+                0
             }
-            (Err(WriteError::Overflow), _) => unreachable_overflow(),
+            (Err(WriteError::Overflow), _) => {
+                unreachable_overflow();
+                0
+            }
             (Ok(n), phase) => {
                 self.stats.bytes_written += n as u64;
                 if let (Phase::Closing(reason), None) = (phase, &c.backlog) {
                     // A closing connection's last bytes are out.
                     self.close_now(id, reason);
                 }
+                n
             }
+        }
+    }
+
+    /// Writes the connections whose output waited for the write budget, oldest first, until
+    /// the budget is spent (at least one, so the queue always moves).
+    fn write_deferred(&mut self, budget: &mut usize) {
+        let mut first = true;
+        while first || *budget > 0 {
+            let Some(id) = self.write_queue.pop_front() else {
+                return;
+            };
+            if !self.conn(id).is_some_and(|c| c.deferred) {
+                continue; // closed, or written meanwhile
+            }
+            first = false;
+            let n = self.write_backlog(id);
+            *budget = budget.saturating_sub(n);
         }
     }
 
@@ -616,6 +713,9 @@ impl Server {
         self.iteration_start.get_or_insert(now);
         // A new read epoch first: the deferred reads spend the next iteration's budget.
         self.stats.iterations += 1;
+        let mut budget = self.cfg.write_budget;
+        // Output that waited for this iteration's budget goes first: it is the oldest.
+        self.write_deferred(&mut budget);
         self.read_leftovers(now);
         let base = self.base;
         let max_pending = self.cfg.chat.max_pending;
@@ -631,13 +731,23 @@ impl Server {
                 let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
                     continue;
                 };
-                let was_blocked = c.write_blocked;
-                match c.write_chunks(chunks, max_pending, &self.registry, base) {
+                let (was_blocked, was_deferred) = (c.write_blocked, c.deferred);
+                // Past the budget, only connections with little to write (an interactive
+                // chat's messages, not a flood's) are still written now: they cost a small
+                // system call each, and they are what the budget protects.
+                let small = c.pending() + chunks.total_len() <= SMALL_WRITE;
+                let may_write = budget > 0 || small;
+                match c.write_chunks(chunks, may_write, max_pending, &self.registry, base) {
                     Ok(n) => {
-                        if !was_blocked {
+                        if !was_blocked && !c.deferred {
                             self.stats.writes += 1;
                         }
+                        if c.deferred && !was_deferred {
+                            self.stats.writes_deferred += 1;
+                            self.write_queue.push_back(id);
+                        }
                         self.stats.bytes_written += n as u64;
+                        budget = budget.saturating_sub(n);
                         if let Phase::Dead(r) = c.phase {
                             failed.push((id, WriteError::Io(r)));
                         }
@@ -647,7 +757,7 @@ impl Server {
             }
             for (id, e) in failed.drain(..) {
                 match e {
-                    WriteError::Overflow => self.overflow(id),
+                    WriteError::Overflow => self.overflow(now, id),
                     WriteError::Io(reason) => {
                         log::debug!("conn {id}: write failed ({reason})");
                         self.chat.handle_close(id, reason);
@@ -683,12 +793,12 @@ impl Server {
     /// means (it ends the session as a slow consumer and produces the ERROR), and the next
     /// round of `flush` drops the backlog, offers the ERROR once and closes. A connection
     /// already closing (the core forgot it) is closed at once.
-    fn overflow(&mut self, id: ConnId) {
+    fn overflow(&mut self, now: Instant, id: ConnId) {
         let Some((queued, phase)) = self.conn(id).map(|c| (c.pending(), c.phase)) else {
             return;
         };
         if self.chat.is_open(id) {
-            self.chat.handle_slow_consumer(id, queued);
+            self.chat.handle_slow_consumer(now, id, queued);
         } else if let Phase::Closing(reason) = phase {
             log::debug!("conn {id}: closing with {queued} bytes unsent (over max-pending)");
             self.close_now(id, reason);
@@ -702,6 +812,8 @@ impl Server {
     /// is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.iteration_start.get_or_insert(now);
+        self.warn_full.poll_summary(now);
+        self.warn_emfile.poll_summary(now);
         self.chat.handle_timeout(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.linger.expire(now, &mut expired);
@@ -739,7 +851,11 @@ impl Server {
     /// own deadlines and block in `poll` for `deadline.saturating_duration_since(now)`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.read_again.is_empty() || self.chat.has_output() || !self.events.is_empty() {
+        if !self.read_again.is_empty()
+            || !self.write_queue.is_empty()
+            || self.chat.has_output()
+            || !self.events.is_empty()
+        {
             return Some(self.origin);
         }
         [
