@@ -37,6 +37,15 @@ pub const PAGE_SIZE: usize = 64 * 1024;
 /// Spare pages kept for reuse between rounds.
 const SPARE_PAGES: usize = 4;
 
+/// A chain's `tag` packs its `dirty` serial (low bits) and the page of its inline range (high
+/// bits), so a chain stays 32 bytes: it is touched once per recipient per broadcast, and a
+/// room of 10,000 walks 10,000 of them.
+const SERIAL_BITS: u32 = 20;
+const SERIAL_MASK: u32 = (1 << SERIAL_BITS) - 1;
+/// Pages one round may use; past them, the last page grows instead (references then pin a
+/// larger page, nothing breaks).
+const MAX_PAGES: usize = 1 << (32 - SERIAL_BITS);
+
 #[derive(Debug, Clone, Copy)]
 struct Range {
     page: u32,
@@ -51,25 +60,34 @@ struct Chain {
     id: u64,
     round: u32,
     /// Which entry of `dirty` lists this chain (a chain discarded and started again in the
-    /// same round is listed twice; only its latest entry is live).
-    serial: u32,
+    /// same round is listed twice; only its latest entry is live), and (high bits) the page of
+    /// the inline range. See `SERIAL_BITS`.
+    tag: u32,
     /// Earlier ranges, a linked list in `ranges` (NIL: none); `last` is its tail.
     head: u32,
     last: u32,
     /// The latest range, kept inline so that extending it, the common case, touches only this
     /// entry.
-    page: u32,
     start: u32,
     end: u32,
+}
+
+impl Chain {
+    fn serial(&self) -> u32 {
+        self.tag & SERIAL_MASK
+    }
+
+    fn page(&self) -> u32 {
+        self.tag >> SERIAL_BITS
+    }
 }
 
 const EMPTY_CHAIN: Chain = Chain {
     id: 0,
     round: 0,
-    serial: 0,
+    tag: 0,
     head: NIL,
     last: NIL,
-    page: 0,
     start: 0,
     end: 0,
 };
@@ -88,7 +106,8 @@ pub(crate) struct Outbox {
     taken: bool,
     /// Frames addressed to connections, by opcode (one per recipient).
     pub(crate) frames_out: Vec<u64>,
-    /// Page bytes of earlier rounds, so `produced` is monotonic.
+    /// Page bytes of earlier rounds and of this round's full pages, so `produced` is
+    /// monotonic and O(1).
     earlier: u64,
     /// Bytes addressed to recipients: each frame's length once per recipient (the fan-out
     /// a shell will have to write).
@@ -106,8 +125,10 @@ impl Outbox {
 
     fn start_round_if_taken(&mut self) {
         if self.taken {
+            if let Some(last) = self.pages.last() {
+                self.earlier += last.len() as u64;
+            }
             for mut page in self.pages.drain(..) {
-                self.earlier += page.len() as u64;
                 // A page a driver still references stays with it; the rest are reused.
                 if let Some(bytes) = Arc::get_mut(&mut page) {
                     if self.spare.len() < SPARE_PAGES {
@@ -129,8 +150,14 @@ impl Outbox {
     /// before the next call.
     pub(crate) fn buf(&mut self) -> (&mut Vec<u8>, usize) {
         self.start_round_if_taken();
-        let full = self.pages.last().is_none_or(|p| p.len() >= PAGE_SIZE);
+        let full = match self.pages.last() {
+            None => true,
+            Some(p) => p.len() >= PAGE_SIZE && self.pages.len() < MAX_PAGES,
+        };
         if full {
+            if let Some(p) = self.pages.last() {
+                self.earlier += p.len() as u64;
+            }
             let page = self
                 .spare
                 .pop()
@@ -153,7 +180,7 @@ impl Outbox {
 
     /// Bytes ever encoded (each frame once, however many recipients).
     pub(crate) fn produced(&self) -> u64 {
-        self.earlier + self.pages.iter().map(|p| p.len() as u64).sum::<u64>()
+        self.earlier + self.pages.last().map_or(0, |p| p.len() as u64)
     }
 
     /// The index of the page `buf` last handed out.
@@ -210,14 +237,14 @@ impl Outbox {
         }
         let chain = &mut self.chains[slot];
         if chain.id == to.to_u64() && chain.round == self.round {
-            if chain.page == page && chain.end == start {
+            if chain.page() == page && chain.end == start {
                 chain.end = end;
                 return;
             }
             // Not contiguous: the inline range joins the list, the new one takes its place.
             let idx = self.ranges.len() as u32;
             self.ranges.push(Range {
-                page: chain.page,
+                page: chain.page(),
                 start: chain.start,
                 end: chain.end,
                 next: NIL,
@@ -228,18 +255,20 @@ impl Outbox {
                 self.ranges[chain.last as usize].next = idx;
             }
             chain.last = idx;
-            chain.page = page;
+            chain.tag = (page << SERIAL_BITS) | chain.serial();
             chain.start = start;
             chain.end = end;
         } else {
-            let serial = self.dirty.len() as u32;
+            // More connections in one round than serials would only happen past a million
+            // descriptors, which the fd limit does not allow.
+            debug_assert!(self.dirty.len() <= SERIAL_MASK as usize);
+            let serial = self.dirty.len() as u32 & SERIAL_MASK;
             *chain = Chain {
                 id: to.to_u64(),
                 round: self.round,
-                serial,
+                tag: (page << SERIAL_BITS) | serial,
                 head: NIL,
                 last: NIL,
-                page,
                 start,
                 end,
             };
@@ -350,7 +379,7 @@ impl<'a> Iterator for Output<'a> {
             let c = &self.chains[id.slot()];
             // A connection discarded (or whose slot was reused) mid-round is listed once per
             // chain it had; only the entry that started the live chain yields it.
-            if c.id != id.to_u64() || c.round != self.round || c.serial != serial {
+            if c.id != id.to_u64() || c.round != self.round || c.serial() != serial {
                 continue;
             }
             let mut len = (c.end - c.start) as usize;
@@ -366,7 +395,7 @@ impl<'a> Iterator for Output<'a> {
                     pages: self.pages,
                     ranges: self.ranges,
                     next: c.head,
-                    last: Some((c.page, c.start, c.end)),
+                    last: Some((c.page(), c.start, c.end)),
                     len,
                 },
             ));
