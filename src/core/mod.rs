@@ -591,8 +591,12 @@ impl Chat {
                 }
             }
         }
-        if let Some(s) = self.state_mut(conn) {
-            s.deframer = deframer;
+        // Between frames (the common case) there is nothing to put back: the session's own
+        // deframer is already the empty one `take` left.
+        if deframer.capacity() > 0 {
+            if let Some(s) = self.state_mut(conn) {
+                s.deframer = deframer;
+            }
         }
     }
 
