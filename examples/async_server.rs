@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -252,7 +252,7 @@ async fn run(args: Args) -> Result<(), String> {
     ));
     if let Some(a) = args.metrics {
         let cannot = |e: io::Error| format!("cannot listen for metrics on {a}: {e}");
-        let metrics = TcpListener::bind(a).await.map_err(cannot)?;
+        let metrics = bind(a, args.backlog).map_err(cannot)?;
         let local = metrics.local_addr().map_err(cannot)?;
         log::info!("metrics on http://{local}/metrics");
         // It keeps serving through a shutdown (/healthz says 503 then), until the process ends.
@@ -384,28 +384,57 @@ async fn refuse(events: &mpsc::Sender<Event>, stream: TcpStream, peer: SocketAdd
 // ---------------------------------------------------------------------------------------------
 
 /// Serves `/metrics` and `/healthz` on `listener`: one task per scraper, at most
-/// [`MAX_CLIENTS`] at once (more are closed at accept, as the mio endpoint does), each with
-/// [`REQUEST_TIMEOUT`] for its whole exchange.
+/// [`MAX_CLIENTS`] at once, each with [`REQUEST_TIMEOUT`] for its whole exchange. At the
+/// limit, as in the mio endpoint, a newcomer takes the place of the oldest client that has not
+/// sent its whole request (idle or trickling), so slow clients cannot lock a scraper out.
 async fn metrics_loop(listener: TcpListener, events: mpsc::Sender<Event>) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    // Each client's task, its place in the order of accepts, and whether it is still sending
+    // its request.
+    let mut clients: Vec<(JoinHandle<()>, u64, Arc<AtomicBool>)> = Vec::new();
+    let mut accepted = 0u64;
+    let mut warn_full = Collapsed::new("metrics connections dropped at the limit");
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    log::warn!("metrics: {MAX_CLIENTS} scrapers already connected; closing {peer}");
-                    continue;
-                };
+                clients.retain(|(task, _, _)| !task.is_finished());
+                if clients.len() >= MAX_CLIENTS {
+                    let oldest_idle = clients
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, _, idle))| idle.load(Ordering::Acquire))
+                        .min_by_key(|(_, (_, since, _))| *since)
+                        .map(|(i, _)| i);
+                    match oldest_idle {
+                        Some(i) => {
+                            log::debug!(
+                                "metrics: the slots are full; dropping the oldest idle client"
+                            );
+                            clients.swap_remove(i).0.abort();
+                        }
+                        None => {
+                            if warn_full.should_log(Instant::now()) {
+                                log::warn!(
+                                    "metrics: {MAX_CLIENTS} scrapers already being answered; closing {peer}"
+                                );
+                            }
+                            continue;
+                        }
+                    }
+                }
                 let events = events.clone();
-                tokio::spawn(async move {
-                    let exchange = scrape(stream, &events);
+                let idle = Arc::new(AtomicBool::new(true));
+                let still_sending = Arc::clone(&idle);
+                let task = tokio::spawn(async move {
+                    let exchange = scrape(stream, &events, &still_sending);
                     if tokio::time::timeout(REQUEST_TIMEOUT, exchange)
                         .await
                         .is_err()
                     {
                         log::debug!("metrics client timed out");
                     }
-                    drop(slot);
                 });
+                accepted += 1;
+                clients.push((task, accepted, idle));
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
@@ -421,7 +450,11 @@ async fn metrics_loop(listener: TcpListener, events: mpsc::Sender<Event>) {
 /// the actor only if the answer needs one); then, if the client may still be sending, a
 /// half-close and input discarded until it closes (see `chatloop::metrics::http`). Errors
 /// just end the exchange: the stream is dropped, which closes it.
-async fn scrape(mut stream: TcpStream, events: &mpsc::Sender<Event>) -> io::Result<()> {
+async fn scrape(
+    mut stream: TcpStream,
+    events: &mpsc::Sender<Event>,
+    still_sending: &AtomicBool,
+) -> io::Result<()> {
     let mut req = Vec::new();
     let mut buf = [0u8; 2048];
     // `judge` answers once the head is whole or past MAX_REQUEST, so this reads at most a
@@ -435,6 +468,8 @@ async fn scrape(mut stream: TcpStream, events: &mpsc::Sender<Event>) -> io::Resu
             Verdict::Answer { reply, linger } => break (reply, linger),
         }
     };
+    // Being answered: no longer a candidate to make room for a newcomer.
+    still_sending.store(false, Ordering::Release);
     let snapshot = if reply.needs_snapshot() {
         ask_snapshot(events).await
     } else {

@@ -206,3 +206,74 @@ fn refusals_at_the_limit_are_one_warning_not_one_line_each() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Monitoring lockout
+// ---------------------------------------------------------------------------------------------
+
+/// 16 connections to the metrics port send request headers one byte at a time and reconnect
+/// whenever they are dropped, so every slot is taken all the time; meanwhile a well-behaved
+/// scraper asks for `/healthz` every 50 ms. It must be answered: a newcomer takes the place of
+/// the oldest client that has not sent a whole request. (Before: 0 of 24 scrapes succeeded,
+/// the scraper being the one closed at accept.)
+#[test]
+fn slow_header_clients_cannot_lock_monitoring_out() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    for kind in [ServerKind::Mio, ServerKind::Async] {
+        let server = Server::start_kind(kind, &["--metrics", "127.0.0.1:0"]);
+        let maddr = server.metrics_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let attackers: Vec<_> = (0..16)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let header = b"GET /metrics HTTP/1.1\r\nX-Slow: ";
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut s) = TcpStream::connect(maddr) else {
+                            continue;
+                        };
+                        // One byte every 20 ms until the server drops us, then again.
+                        for &b in header.iter().cycle() {
+                            if stop.load(Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20)); // the attack's pace
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Let the attackers take every slot first.
+        std::thread::sleep(Duration::from_millis(300)); // the attack's head start
+        let mut ok = 0;
+        let attempts = 40;
+        for _ in 0..attempts {
+            let t0 = Instant::now();
+            let answered = TcpStream::connect(maddr).ok().and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+                let mut resp = Vec::new();
+                s.read_to_end(&mut resp).ok()?;
+                resp.starts_with(b"HTTP/1.1 200").then_some(())
+            });
+            if answered.is_some() && t0.elapsed() < Duration::from_secs(2) {
+                ok += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // the scraper's pace
+        }
+        stop.store(true, Ordering::Relaxed);
+        for a in attackers {
+            let _ = a.join();
+        }
+        assert!(
+            ok >= attempts - 1,
+            "{}: {ok} of {attempts} scrapes answered while 16 clients dribbled headers",
+            kind.name()
+        );
+    }
+}

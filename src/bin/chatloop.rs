@@ -105,7 +105,7 @@ fn run(args: &Args) -> Result<(), String> {
     log::info!("listening on {addr}");
     let mut metrics = match args.metrics {
         Some(a) => {
-            let m = MetricsEndpoint::bind(a, poll.registry(), METRICS_BASE)
+            let m = MetricsEndpoint::bind(a, args.backlog, poll.registry(), METRICS_BASE)
                 .map_err(|e| format!("cannot listen for metrics on {a}: {e}"))?;
             log::info!("metrics on http://{}/metrics", m.local_addr());
             Some(m)

@@ -2,9 +2,14 @@
 //! poll loop. It only moves bytes; what to answer is [`super::http`]'s.
 //!
 //! A scraper can never stall the chat: its socket is non-blocking like every other, at most
-//! [`MAX_CLIENTS`] are served at once (more are closed at accept), each has
-//! [`REQUEST_TIMEOUT`] for its whole exchange, and every answer is built in one go and written
-//! without waiting.
+//! [`MAX_CLIENTS`] are served at once, each has [`REQUEST_TIMEOUT`] for its whole exchange,
+//! and every answer is built in one go and written without waiting.
+//!
+//! Nor can a few slow clients lock monitoring out: at the limit, a new connection takes the
+//! place of the oldest one that has not finished sending its request (an idle or trickling
+//! client), so a scraper that sends its request at once is served even while others dribble
+//! headers and reconnect; only when every slot is busy answering is the newcomer closed. The
+//! listener has the chat port's backlog, not the platform's 128.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -19,10 +24,14 @@ use super::Snapshot;
 use super::http::{
     self, ACCEPT_RETRY, MAX_CLIENTS, MAX_DISCARD, MAX_REQUEST, REQUEST_TIMEOUT, Verdict,
 };
+use crate::log_limit::Collapsed;
 
 #[derive(Debug)]
 struct Client {
     stream: TcpStream,
+    /// Its place in the order of accepts (instants tie within one accept batch): the oldest
+    /// idle client makes room for a new one.
+    seq: u64,
     req: Vec<u8>,
     resp: Vec<u8>,
     sent: usize,
@@ -43,12 +52,19 @@ pub struct MetricsEndpoint {
     clients: Slab<Client>,
     local: SocketAddr,
     retry_accept: Option<Instant>,
+    warn_full: Collapsed,
+    accepted: u64,
 }
 
 impl MetricsEndpoint {
-    /// Binds `addr` and registers it under `base`.
-    pub fn bind(addr: SocketAddr, registry: &Registry, base: Token) -> io::Result<Self> {
-        let mut listener = TcpListener::bind(addr)?;
+    /// Binds `addr` with a listen backlog of `backlog` and registers it under `base`.
+    pub fn bind(
+        addr: SocketAddr,
+        backlog: u32,
+        registry: &Registry,
+        base: Token,
+    ) -> io::Result<Self> {
+        let mut listener = TcpListener::from_std(crate::net::bind_listener(addr, backlog)?);
         registry.register(&mut listener, base, Interest::READABLE)?;
         Ok(MetricsEndpoint {
             local: listener.local_addr()?,
@@ -57,6 +73,8 @@ impl MetricsEndpoint {
             base: base.0,
             clients: Slab::with_capacity(MAX_CLIENTS),
             retry_accept: None,
+            warn_full: Collapsed::new("metrics connections dropped at the limit"),
+            accepted: 0,
         })
     }
 
@@ -81,6 +99,7 @@ impl MetricsEndpoint {
 
     /// Closes clients whose time is up.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.warn_full.poll_summary(now);
         if self.retry_accept.is_some_and(|t| now >= t) {
             self.retry_accept = None;
             self.accept(now);
@@ -119,22 +138,45 @@ impl MetricsEndpoint {
         }
     }
 
+    /// Makes room for a new client by closing the oldest one that has not sent its whole
+    /// request (it is idle, or trickling). False if every client is being answered.
+    fn evict_oldest_idle(&mut self) -> bool {
+        let oldest = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.resp.is_empty())
+            .min_by_key(|(_, c)| c.seq)
+            .map(|(k, _)| k);
+        match oldest {
+            Some(k) => {
+                log::debug!("metrics: the slots are full; dropping the oldest idle client");
+                self.clients.remove(k);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn accept(&mut self, now: Instant) {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
-                    if self.clients.len() >= MAX_CLIENTS {
-                        log::warn!(
-                            "metrics: {MAX_CLIENTS} scrapers already connected; closing {peer}"
-                        );
+                    if self.clients.len() >= MAX_CLIENTS && !self.evict_oldest_idle() {
+                        if self.warn_full.should_log(now) {
+                            log::warn!(
+                                "metrics: {MAX_CLIENTS} scrapers already being answered; closing {peer}"
+                            );
+                        }
                         continue;
                     }
+                    self.accepted += 1;
                     let entry = self.clients.vacant_entry();
                     let token = Token(self.base + 1 + entry.key());
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     if self.registry.register(&mut stream, token, interest).is_ok() {
                         entry.insert(Client {
                             stream,
+                            seq: self.accepted,
                             req: Vec::new(),
                             resp: Vec::new(),
                             sent: 0,
