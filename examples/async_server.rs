@@ -575,22 +575,43 @@ async fn read_loop(
     let mut buf = BytesMut::new();
     let mut ended = None;
     let transport_end = loop {
+        // Flood control: the core said not to read this connection for a while.
+        let pause = shared
+            .paused_until
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .filter(|&t| t > Instant::now());
+        let resume = tokio::time::Instant::from_std(pause.unwrap_or_else(Instant::now));
         tokio::select! {
             biased;
             end = &mut writer => {
                 ended = Some(end);
                 break None;
             }
-            // Input backpressure: a peer cannot get more than `limit` bytes ahead of the
-            // actor; the rest waits in its socket (and TCP slows it down).
-            () = shared.handled.notified(), if shared.unhandled.load(Ordering::Acquire) >= limit => {
+            () = tokio::time::sleep_until(resume), if pause.is_some() => {
                 continue;
             }
-            res = rd.readable(), if shared.unhandled.load(Ordering::Acquire) < limit => {
+            // Input backpressure: a peer cannot get more than `limit` bytes ahead of the
+            // actor; the rest waits in its socket (and TCP slows it down).
+            () = shared.handled.notified(), if pause.is_none() && shared.unhandled.load(Ordering::Acquire) >= limit => {
+                continue;
+            }
+            res = rd.readable(), if pause.is_none() && shared.unhandled.load(Ordering::Acquire) < limit => {
                 if let Err(e) = res {
                     break Some(classify(&e));
                 }
             }
+        }
+        // A pause may have begun while this task waited for readiness.
+        if shared
+            .paused_until
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .is_some_and(|t| t > Instant::now())
+        {
+            continue;
         }
         buf.reserve(cfg.read_size);
         match rd.try_read_buf(&mut buf) {
@@ -781,6 +802,9 @@ struct Shared {
     written: AtomicU64,
     /// `writev` calls completed (the writer adds; for `chatloop_writes_total`).
     writes: AtomicU64,
+    /// Flood control: the reader reads nothing before this instant (the actor sets it from
+    /// the core's `paused_until`).
+    paused_until: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Counters of rare events, shared by every connection's tasks (per-write counters live in
@@ -1002,6 +1026,13 @@ impl Actor {
                     self.stats.reads += 1;
                     self.stats.bytes_read += bytes.len() as u64;
                     self.chat.handle_data(now, id, &bytes);
+                    if let Some(until) = self.chat.paused_until(id, now) {
+                        if let Some(h) = self.handle_of(id) {
+                            if let Ok(mut p) = h.shared.paused_until.lock() {
+                                *p = Some(until);
+                            }
+                        }
+                    }
                 }
             }
             Event::Closed { id, reason } => {

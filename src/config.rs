@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 
 #[cfg(feature = "cli")]
-use crate::core::ChatConfig;
+use crate::core::{ChatConfig, Limit};
 #[cfg(feature = "cli")]
 use crate::server::ServerConfig;
 
@@ -65,6 +65,12 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     };
     v.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is out of range"))
+}
+
+#[cfg(feature = "cli")]
+fn parse_u32_bytes(s: &str) -> Result<u32, String> {
+    let v = parse_bytes(s)?;
+    u32::try_from(v).map_err(|_| format!("{s:?} is over 4 GiB"))
 }
 
 #[cfg(feature = "cli")]
@@ -168,6 +174,19 @@ pub struct Args {
     /// cause per iteration (the rest waits for the next one).
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub write_budget: usize,
+    /// Flood control: commands per second one connection may send on average (0 = off);
+    /// beyond it, the connection is not read until it is back within the rate.
+    #[arg(long, default_value_t = 1_000)]
+    pub cmd_rate: u32,
+    /// Flood control: commands one connection may send in a burst above the rate.
+    #[arg(long, default_value_t = 2_000)]
+    pub cmd_burst: u32,
+    /// Flood control: input bytes per second one connection may send on average (0 = off).
+    #[arg(long, default_value = "4MiB", value_parser = parse_u32_bytes)]
+    pub input_rate: u32,
+    /// Flood control: input bytes one connection may send in a burst above the rate.
+    #[arg(long, default_value = "8MiB", value_parser = parse_u32_bytes)]
+    pub input_burst: u32,
 }
 
 #[cfg(feature = "cli")]
@@ -183,6 +202,14 @@ impl Args {
             hello_timeout: self.hello_timeout,
             max_pending: self.max_pending,
             tick: self.tick,
+            cmd_limit: Limit {
+                rate: self.cmd_rate,
+                burst: self.cmd_burst,
+            },
+            input_limit: Limit {
+                rate: self.input_rate,
+                burst: self.input_burst,
+            },
         }
     }
 

@@ -277,3 +277,70 @@ fn slow_header_clients_cannot_lock_monitoring_out() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flood control
+// ---------------------------------------------------------------------------------------------
+
+/// A client that sends commands as fast as TCP allows is slowed to `--cmd-rate`, never cut:
+/// 600 PINGs in one write (one read for the server: all answered) put it 500 commands in debt
+/// at 300 a second with bursts of 100, so its next PING waits about 1.7 s, while another
+/// client's PING is answered at once. Nothing is lost; it is counted in
+/// `chatloop_flood_pauses_total`. (Before: no limit; a flood was served as fast as it came.)
+#[test]
+fn a_command_flood_is_slowed_to_the_rate_and_loses_nothing() {
+    use std::time::Instant;
+    for kind in [ServerKind::Mio, ServerKind::Async] {
+        let server = Server::start_kind(
+            kind,
+            &[
+                "--metrics",
+                "127.0.0.1:0",
+                "--cmd-rate",
+                "300",
+                "--cmd-burst",
+                "100",
+            ],
+        );
+        let mut flooder = server.login("flooder");
+        let mut other = server.login("other");
+        let mut wire = Vec::new();
+        for i in 0..600u32 {
+            wire.extend(frame(op::PING, &i.to_be_bytes()));
+        }
+        flooder.send_raw(&wire);
+        for i in 0..600u32 {
+            assert_eq!(
+                flooder.recv_what("PONG").pong(),
+                i.to_be_bytes(),
+                "{}: PONG {i}",
+                kind.name()
+            );
+        }
+        // In debt now: the next command waits until the debt is paid.
+        let t0 = Instant::now();
+        flooder.send_ping(b"next");
+        // Meanwhile the other client is not slowed.
+        let t1 = Instant::now();
+        other.send_ping(b"me");
+        assert_eq!(other.recv_what("PONG").pong(), b"me");
+        let other_rtt = t1.elapsed();
+        flooder.set_timeout(Duration::from_secs(10));
+        assert_eq!(flooder.recv_what("PONG").pong(), b"next");
+        let waited = t0.elapsed();
+        // (600 - 100) commands of debt at 300 a second: 1.67 s, less what elapsed since.
+        assert!(
+            waited >= Duration::from_millis(1000),
+            "{}: the flooder's next PING was answered after {waited:?}, too soon for the rate",
+            kind.name()
+        );
+        assert!(
+            other_rtt < Duration::from_millis(500),
+            "{}: the other client waited {other_rtt:?}",
+            kind.name()
+        );
+        let m = server.scrape();
+        assert!(m.get("chatloop_flood_pauses_total") >= 1, "{}", kind.name());
+        assert_eq!(m.get("chatloop_connections"), 2, "nobody was cut");
+    }
+}

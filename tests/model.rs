@@ -500,6 +500,10 @@ fn chat_config(cfg: &Config) -> ChatConfig {
         hello_timeout: ms(cfg.hello_ms),
         max_pending: cfg.max_pending,
         tick: ms(cfg.tick_ms),
+        // Flood control only advises the driver when to read next; the model drives reads
+        // itself.
+        cmd_limit: chatloop::core::Limit::OFF,
+        input_limit: chatloop::core::Limit::OFF,
     }
 }
 

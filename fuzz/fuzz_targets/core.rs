@@ -317,6 +317,8 @@ fuzz_target!(|input: Input| {
         hello_timeout: ms(u64::from(l.hello_ms % 5000) + 1),
         max_pending: 256 + usize::from(l.max_pending),
         tick: ms(u64::from(l.tick_ms % 100) + 1),
+        cmd_limit: chatloop::core::Limit { rate: 50, burst: 20 },
+        input_limit: chatloop::core::Limit { rate: 4096, burst: 2048 },
     };
     let t0 = Instant::now();
     let mut n: u128 = 0;

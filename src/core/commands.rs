@@ -49,6 +49,10 @@ impl Chat {
             self.resume(now, conn, old);
             return;
         }
+        if token.is_some() {
+            self.stats.resume_failures += 1;
+            log::debug!("conn {conn}: HELLO with a token that matches no live session");
+        }
         if !protocol::valid_nick(nick) {
             self.send_error(
                 conn,

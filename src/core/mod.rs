@@ -25,12 +25,14 @@
 
 mod commands;
 mod event;
+mod flood;
 mod hooks;
 mod outbox;
 mod session_ops;
 mod stats;
 
 pub use event::{Event, MAX_EVENTS};
+pub use flood::Limit;
 pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
 pub use outbox::{Chunks, Output, PAGE_SIZE, SharedBytes};
 pub use stats::{CloseCounts, Stats};
@@ -75,6 +77,13 @@ pub struct ChatConfig {
     pub max_pending: usize,
     /// Timer wheel tick: timeouts fire up to one tick late (default 100 ms).
     pub tick: Duration,
+    /// Flood control on commands, per connection (default 1,000 a second, bursts of 2,000):
+    /// a connection past it is not read until its bucket refills (see `core::flood`).
+    /// `Limit::OFF` turns it off.
+    pub cmd_limit: Limit,
+    /// Flood control on input bytes, per connection (default 4 MiB a second, bursts of
+    /// 8 MiB). `Limit::OFF` turns it off.
+    pub input_limit: Limit,
 }
 
 impl ChatConfig {
@@ -99,6 +108,14 @@ impl Default for ChatConfig {
             hello_timeout: Duration::from_secs(10),
             max_pending: 1 << 20,
             tick: Duration::from_millis(100),
+            cmd_limit: Limit {
+                rate: 1_000,
+                burst: 2_000,
+            },
+            input_limit: Limit {
+                rate: 4 << 20,
+                burst: 8 << 20,
+            },
         }
     }
 }
@@ -212,6 +229,11 @@ struct ConnState {
     peer: Option<SocketAddr>,
     /// An incomplete frame from earlier reads (empty, with no allocation, between frames).
     deframer: Deframer,
+    /// Flood control: commands and input bytes, and (ms since the epoch, wrapping; 0 for
+    /// none) until when the connection is not to be read.
+    cmd_bucket: flood::Bucket,
+    input_bucket: flood::Bucket,
+    paused_until_ms: u32,
 }
 
 /// The chat state machine. See the [module documentation](self).
@@ -490,6 +512,12 @@ impl Chat {
         d.as_micros() as u64 + u64::from(d.subsec_nanos() % 1000 != 0)
     }
 
+    /// `now` in milliseconds since the epoch, wrapping (for the flood buckets, which only
+    /// take differences).
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
     fn at(&self, us: u64) -> Instant {
         self.epoch + Duration::from_micros(us)
     }
@@ -518,6 +546,7 @@ impl Chat {
             self.remove_session(stale, Some(PresenceKind::Gone), CloseReason::IoError);
         }
         let now_us = self.us_ceil(now);
+        let now_ms = self.ms(now);
         let timer = self
             .timers
             .schedule(self.at(now_us) + self.cfg.hello_timeout, conn.to_u64());
@@ -533,6 +562,9 @@ impl Chat {
             timer,
             peer,
             deframer: Deframer::new(),
+            cmd_bucket: flood::Bucket::full(self.cfg.cmd_limit, now_ms),
+            input_bucket: flood::Bucket::full(self.cfg.input_limit, now_ms),
+            paused_until_ms: 0,
         });
         self.open += 1;
         self.stats.accepted += 1;
@@ -557,12 +589,15 @@ impl Chat {
         // Taken out for the duration, so frames borrowed from it can be handled with `self`.
         let mut deframer = std::mem::take(&mut s.deframer);
         self.stats.bytes_in += data.len() as u64;
+        let bytes = data.len();
         let produced_before = self.outbox.produced();
         let mut handled = 0u64;
+        let mut frames = 0u32;
         loop {
             match deframer.next(&mut data, self.cfg.max_frame) {
                 Ok(Some(f)) => {
                     handled += f.frame_len() as u64;
+                    frames += 1;
                     self.handle_frame(now, conn, f.opcode, f.payload);
                     if !self.is_open(conn) {
                         return;
@@ -591,13 +626,41 @@ impl Chat {
                 }
             }
         }
+        let (cmd_limit, input_limit) = (self.cfg.cmd_limit, self.cfg.input_limit);
+        let now_ms = self.ms(now);
+        let Some(s) = self.state_mut(conn) else {
+            return;
+        };
         // Between frames (the common case) there is nothing to put back: the session's own
         // deframer is already the empty one `take` left.
         if deframer.capacity() > 0 {
-            if let Some(s) = self.state_mut(conn) {
-                s.deframer = deframer;
-            }
+            s.deframer = deframer;
         }
+        let wait_ms = s
+            .cmd_bucket
+            .spend(cmd_limit, now_ms, frames)
+            .max(s.input_bucket.spend(input_limit, now_ms, bytes as u32));
+        if wait_ms > 0 {
+            // 0 means "not paused", so a pause that would end exactly there ends 1 ms later.
+            s.paused_until_ms = now_ms.wrapping_add(wait_ms).max(1);
+            self.stats.flood_pauses += 1;
+            log::debug!("conn {conn}: flooding; not read for {wait_ms} ms");
+        }
+    }
+
+    /// Until when the driver should not read `conn` (flood control: it sent more commands or
+    /// bytes than its buckets allow, `ChatConfig::cmd_limit` and `input_limit`). Its bytes
+    /// wait in the kernel meanwhile, and TCP slows the client down. `None`: read as usual.
+    /// Checked after each `handle_data`.
+    pub fn paused_until(&self, conn: ConnId, now: Instant) -> Option<Instant> {
+        let s = self.state(conn)?;
+        if s.paused_until_ms == 0 {
+            return None;
+        }
+        let now_ms = self.ms(now);
+        // Wrapping arithmetic: a pause is at most a few seconds ahead.
+        let left = s.paused_until_ms.wrapping_sub(now_ms);
+        (left > 0 && left < u32::MAX / 2).then(|| now + Duration::from_millis(u64::from(left)))
     }
 
     /// One whole frame from `conn` (for drivers that split frames themselves).

@@ -103,6 +103,11 @@ pub struct Stats {
     pub vetoed: u64,
     /// Events lost because the event queue was full (see `Chat::set_events`).
     pub events_dropped: u64,
+    /// Times a connection's reads were paused by flood control.
+    pub flood_pauses: u64,
+    /// HELLOs with a 16-byte token that matched no live session (a guess, or a session
+    /// that has ended): each starts a new session, but an attacker guessing tokens shows here.
+    pub resume_failures: u64,
     /// Server PINGs sent.
     pub pings_sent: u64,
     /// Connections closed for not saying HELLO in time.
@@ -130,6 +135,8 @@ impl Default for Stats {
             deliveries: 0,
             vetoed: 0,
             events_dropped: 0,
+            flood_pauses: 0,
+            resume_failures: 0,
             pings_sent: 0,
             hello_timeouts: 0,
             idle_timeouts: 0,

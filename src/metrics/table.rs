@@ -300,6 +300,30 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.iteration_us_max),
     },
     Metric {
+        name: "chatloop_flood_pauses_total",
+        kind: Kind::Counter,
+        help: "Times flood control paused a connection's reads (it sent commands or bytes faster than --cmd-rate or --input-rate allow).",
+        series: Series::Single(|s| s.chat.flood_pauses),
+    },
+    Metric {
+        name: "chatloop_resume_failures_total",
+        kind: Kind::Counter,
+        help: "HELLOs with a resume token that matched no live session (a session that ended, or a guess).",
+        series: Series::Single(|s| s.chat.resume_failures),
+    },
+    Metric {
+        name: "chatloop_writes_deferred_total",
+        kind: Kind::Counter,
+        help: "Times a connection's output waited for the next loop iteration because the iteration's write budget was spent.",
+        series: Series::Single(|s| s.shell.writes_deferred),
+    },
+    Metric {
+        name: "chatloop_fanout_pauses_total",
+        kind: Kind::Counter,
+        help: "Times a sender stopped being read for the rest of an iteration because its input had caused a write budget's worth of fan-out.",
+        series: Series::Single(|s| s.shell.fanout_paused),
+    },
+    Metric {
         name: "chatloop_events_dropped_total",
         kind: Kind::Counter,
         help: "Events lost because an application that turned events on did not drain them.",

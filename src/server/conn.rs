@@ -58,6 +58,8 @@ pub(crate) struct Conn {
     pub(crate) read_again: bool,
     /// Fan-out its input caused in iteration `read_epoch`, in bytes addressed to recipients.
     pub(crate) fanout: u64,
+    /// Flood control: not to be read until the server's pause heap says so.
+    pub(crate) paused: bool,
 }
 
 /// What a write attempt found.

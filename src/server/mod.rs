@@ -34,7 +34,8 @@ mod event;
 
 pub use event::ServerEvent;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -206,6 +207,9 @@ pub struct Server {
     /// Connections whose output waits for the write budget, oldest first (an id whose
     /// connection is no longer deferred is skipped).
     write_queue: VecDeque<ConnId>,
+    /// Connections paused by flood control, by the instant they may be read again (few: only
+    /// flooders; exact, where the timer wheel would round a 1 ms pause up to a tick).
+    paused: BinaryHeap<Reverse<(Instant, ConnId)>>,
     closing: Vec<ConnId>,
     linger: TimerWheel,
     expired: Vec<u64>,
@@ -272,6 +276,7 @@ impl Server {
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             read_again: Vec::new(),
             write_queue: VecDeque::new(),
+            paused: BinaryHeap::new(),
             closing: Vec::new(),
             linger,
             expired: Vec::new(),
@@ -504,6 +509,7 @@ impl Server {
             read_left: 0,
             read_again: false,
             fanout: 0,
+            paused: false,
         });
         self.stats.accepted += 1;
         log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
@@ -534,7 +540,7 @@ impl Server {
         let write_budget = self.cfg.write_budget as u64;
         let epoch = self.stats.iterations as u32;
         while let Some(c) = self.conn(id) {
-            if !c.is_open() {
+            if !c.is_open() || c.paused {
                 break;
             }
             if c.read_epoch != epoch {
@@ -570,6 +576,13 @@ impl Server {
                     let before = self.chat.fanout_bytes();
                     self.chat.handle_data(now, id, &scratch[..n]);
                     let fanout = self.chat.fanout_bytes() - before;
+                    if let Some(until) = self.chat.paused_until(id, now) {
+                        // Flood control: its bytes wait in the kernel until then.
+                        if let Some(c) = self.conn(id) {
+                            c.paused = true;
+                        }
+                        self.paused.push(Reverse((until, id)));
+                    }
                     if let Some(c) = self.conn(id) {
                         c.fanout += fanout;
                         if c.fanout >= write_budget && c.read_left > 0 {
@@ -812,6 +825,21 @@ impl Server {
     /// is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.iteration_start.get_or_insert(now);
+        // Paused connections whose time has come read on at this iteration's flush (no new
+        // edge will announce what waits in their sockets).
+        while let Some(&Reverse((until, id))) = self.paused.peek() {
+            if until > now {
+                break;
+            }
+            self.paused.pop();
+            if let Some(c) = self.conn(id) {
+                c.paused = false;
+                if !c.read_again {
+                    c.read_again = true;
+                    self.read_again.push(id);
+                }
+            }
+        }
         self.warn_full.poll_summary(now);
         self.warn_emfile.poll_summary(now);
         self.chat.handle_timeout(now);
@@ -862,6 +890,7 @@ impl Server {
             self.chat.poll_timeout(),
             self.linger.next_deadline(),
             self.shutdown_deadline,
+            self.paused.peek().map(|Reverse((until, _))| *until),
         ]
         .into_iter()
         .flatten()
