@@ -45,7 +45,8 @@ pub struct Pool {
     prefix: String,
     room: String,
     dirty: Vec<usize>,
-    ready: Vec<(usize, bool, bool)>,
+    /// Per event of the last poll: token, readable, writable, peer's FIN seen.
+    ready: Vec<(usize, bool, bool, bool)>,
     in_flight: usize,
     /// No slot below this index is pending.
     dial_from: usize,
@@ -242,16 +243,17 @@ impl Pool {
                 ev.token().0,
                 ev.is_readable() || ev.is_read_closed() || ev.is_error(),
                 ev.is_writable() || ev.is_error(),
+                ev.is_read_closed() || ev.is_error(),
             ));
         }
         for k in 0..self.ready.len() {
-            let (i, readable, writable) = self.ready[k];
-            self.event(i, readable, writable, handler);
+            let (i, readable, writable, fin) = self.ready[k];
+            self.event(i, readable, writable, fin, handler);
         }
         self.flush();
     }
 
-    fn event<H>(&mut self, i: usize, readable: bool, writable: bool, handler: &mut H)
+    fn event<H>(&mut self, i: usize, readable: bool, writable: bool, fin: bool, handler: &mut H)
     where
         H: FnMut(usize, &mut Conn, u8, &[u8], Instant),
     {
@@ -277,7 +279,7 @@ impl Pool {
             in_flight,
             ..
         } = self;
-        let end = conns[i].read_frames(rbuf, |c, opcode, payload, now| {
+        let end = conns[i].read_frames(rbuf, fin, |c, opcode, payload, now| {
             // MESSAGE is nearly every frame of a fanout and needs nothing from the pool.
             if opcode != op::S_MESSAGE {
                 builtin(c, opcode, payload, counters, in_flight);
