@@ -44,6 +44,9 @@ pub enum Handshake {
     /// HELLO, JOIN, PING; ready at the PONG (which the server sends after handling the JOIN,
     /// so no PRESENCE is needed to know the JOIN is done).
     HelloJoin,
+    /// Nothing: ready as soon as the TCP connection is established (the caller writes what it
+    /// wants, such as the first bytes of a header).
+    Raw,
 }
 
 /// How a read pass ended.

@@ -13,6 +13,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, Handshake, ReadEnd, State};
 use super::report::Progress;
+use super::sys::connect_with_rcvbuf;
 
 /// PING data that marks the end of a HelloJoin handshake.
 const READY_TAG: &[u8] = b"ready";
@@ -63,6 +64,9 @@ pub struct Pool {
     /// Time spent inside `epoll_wait` (mostly waiting): wall time minus this is the time the
     /// loop was busy (or descheduled), the generator's saturation.
     pub in_poll: Duration,
+    /// SO_RCVBUF for new sockets, set before `connect` (so the window scale the connection
+    /// negotiates matches it); `None` leaves the kernel's default and its autotuning.
+    pub rcvbuf: Option<usize>,
 }
 
 impl Pool {
@@ -86,6 +90,7 @@ impl Pool {
             failed_slots: Vec::new(),
             progress: false,
             in_poll: Duration::ZERO,
+            rcvbuf: None,
         })
     }
 
@@ -128,7 +133,11 @@ impl Pool {
                 continue;
             }
             let now = Instant::now();
-            match TcpStream::connect(self.addr) {
+            let dialed = match self.rcvbuf {
+                Some(bytes) => connect_with_rcvbuf(self.addr, bytes),
+                None => TcpStream::connect(self.addr),
+            };
+            match dialed {
                 Ok(mut sock) => {
                     let reg = self.poll.registry().register(
                         &mut sock,
@@ -213,12 +222,17 @@ impl Pool {
     /// Closes every connection.
     pub fn close_all(&mut self) {
         for i in 0..self.conns.len() {
-            if let Some(mut s) = self.conns[i].sock.take() {
-                let _ = self.poll.registry().deregister(&mut s);
-            }
-            self.conns[i].state = State::Dead;
+            self.drop_conn(i);
         }
         self.in_flight = 0;
+    }
+
+    /// Closes connection `i` (a ready or dead one: it is not counted anywhere).
+    pub fn drop_conn(&mut self, i: usize) {
+        if let Some(mut s) = self.conns[i].sock.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        self.conns[i].state = State::Dead;
     }
 
     /// One poll (bounded by `timeout`) and the handling of what it reported; `handler` sees
@@ -321,6 +335,12 @@ impl Pool {
             }
         }
         let _ = sock.set_nodelay(true);
+        if c.handshake == Handshake::Raw {
+            c.state = State::Ready;
+            c.since = Instant::now();
+            self.in_flight -= 1;
+            return true;
+        }
         let nick = if c.generation == 0 {
             format!("{}{i}", self.prefix)
         } else {
