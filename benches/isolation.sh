@@ -78,6 +78,7 @@ trap stop_server EXIT
 start_server() {
   local log="$OUT/$1-$2.log"
   local common=(--listen 127.0.0.1:0 --metrics 127.0.0.1:0)
+  : > "$log" # exists before the server opens it, for the reads below
   case "$1" in
     chatloop) taskset -c 0 "$BIN/chatloop" "${common[@]}" 2>"$log" & ;;
     async-mt) taskset -c 0 "$BIN/examples/async_server" --runtime multi-thread "${common[@]}" 2>"$log" & ;;
@@ -86,8 +87,8 @@ start_server() {
   SERVER_ADDR=""
   METRICS_ADDR=""
   for _ in $(seq 1 100); do
-    SERVER_ADDR=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$log" | head -n 1)
-    METRICS_ADDR=$(sed -n 's|.*metrics on http://\([0-9.]*:[0-9]*\)/.*|\1|p' "$log" | head -n 1)
+    SERVER_ADDR=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$log" | head -n 1) || true
+    METRICS_ADDR=$(sed -n 's|.*metrics on http://\([0-9.]*:[0-9]*\)/.*|\1|p' "$log" | head -n 1) || true
     if [ -n "$SERVER_ADDR" ] && [ -n "$METRICS_ADDR" ]; then break; fi
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
