@@ -166,8 +166,8 @@ cell() { # cell SERVER TAG KIND: one table cell
   local f="$OUT/$1-$2.json"
   if [ ! -s "$f" ] || grep -q '"failed":true' "$f"; then echo "failed"; return; fi
   case "$3" in
-    honest) echo "$(fmt "$(jget "$f" honest_p99_ms)" 1 1) / $(fmt "$(jget "$f" honest_max_ms)" 1 1)" ;;
-    honest_after) echo "$(fmt "$(jget "$f" honest_after_p99_ms)" 1 1) / $(fmt "$(jget "$f" honest_after_max_ms)" 1 1)" ;;
+    honest) echo "$(fmt "$(jget "$f" honest_p99_ms)" 1 1) / $(fmt "$(jget "$f" honest_max_ms)" 1 1) (generator late <= $(fmt "$(jget "$f" honest_late_attack_ms)" 1 1))" ;;
+    honest_after) echo "$(fmt "$(jget "$f" honest_after_p99_ms)" 1 1) / $(fmt "$(jget "$f" honest_after_max_ms)" 1 1) (generator late <= $(fmt "$(jget "$f" honest_late_after_ms)" 1 1))" ;;
     lost) echo "$(jget "$f" honest_lost) of $(jget "$f" honest_sent)" ;;
     iter)
       if [ "$1" = chatloop ]; then echo "$(fmt "$(jget "$f" iteration_max_after_us)" 1000 1)"; else echo "n/a (reports 0)"; fi ;;
@@ -198,6 +198,7 @@ echo
 echo "Isolation under hostile load (issue 13): benches/isolation.sh$([ "$QUICK" = 1 ] && echo " --quick"), ${ELAPSED} s"
 echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r); CPUs ${BUSY_BEFORE}% busy before the run, ${BUSY_AFTER}% after (other work on the machine competes with the server and the generator)."
 echo "Servers: default flags plus --metrics; the async version on tokio's multi-thread runtime. Server on CPU 0, generator on CPU 1."
+echo "Honest latencies include the generator's own delay; \"generator late\" is the most its measuring thread was behind schedule."
 echo
 echo "$header bound (issue 13) |"
 echo "$sep---|"

@@ -269,6 +269,8 @@ fn attack_amp_reports_the_honest_pair_the_members_and_the_server() {
         "honest_p50_ms",
         "honest_p99_ms",
         "honest_after_max_ms",
+        "honest_late_attack_ms",
+        "honest_late_after_ms",
         "reckon_s",
     ] {
         assert!(field(json, k) >= 0.0, "{k}: {json}");

@@ -66,8 +66,9 @@ const CUT_POLL: Duration = Duration::from_millis(200);
 const CUT_STABLE: Duration = Duration::from_millis(1000);
 /// ... or this long has passed.
 const RECKON_MAX: Duration = Duration::from_secs(5);
-/// Members closed at once at the end of the attack.
-const CLOSE_BATCH: usize = 50;
+/// Members closed at once at the end of the attack (then a pause of [`CLOSE_PAUSE`]).
+const CLOSE_BATCH: usize = 10;
+const CLOSE_PAUSE: Duration = Duration::from_millis(2);
 /// The flooder writes at most this much before it reads what the server sent it.
 const WRITE_BURST: usize = 256 * 1024;
 
@@ -322,13 +323,14 @@ impl Members {
 
     /// Closes every member (with unread data: a reset, which also frees what the server's
     /// kernel still held for it), [`CLOSE_BATCH`] at a time with a short pause between
-    /// batches: the kernel frees those buffers in the closing thread's softirq work, and
-    /// thousands at once kept the generator's CPU from the honest pair for tens of ms.
+    /// batches: the kernel frees those buffers (up to gigabytes) in softirq work on the
+    /// generator's CPU, and thousands of closes at once kept the honest pair's thread from
+    /// running for up to 100 ms.
     fn close(mut self) {
         for i in 0..self.pool.conns.len() {
             self.pool.drop_conn(i);
             if i % CLOSE_BATCH == CLOSE_BATCH - 1 {
-                thread::sleep(Duration::from_millis(2));
+                thread::sleep(CLOSE_PAUSE);
             }
         }
     }
@@ -742,6 +744,16 @@ pub fn amp(a: &AmpArgs, progress: bool) -> Result<Report, Fail> {
         .num("honest_after_p99_ms", after_lat.p99, 3)
         .num("honest_after_max_ms", after_lat.max, 3)
         .num("honest_late_max_ms", hr.late_max_ms, 3)
+        .num(
+            "honest_late_attack_ms",
+            attack.late_max.as_secs_f64() * 1000.0,
+            3,
+        )
+        .num(
+            "honest_late_after_ms",
+            hr.phases[AFTER].late_max.as_secs_f64() * 1000.0,
+            3,
+        )
         .int("honest_skipped", hr.skipped);
     let mut phases = Json::new();
     for p in &hr.phases {
