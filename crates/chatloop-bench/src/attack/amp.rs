@@ -3,23 +3,29 @@
 //! N members join room `amp` with a tiny receive buffer (SO_RCVBUF set before connect) and
 //! then never read; one more connection, the flooder, joins `amp` and sends SAYs of B bytes as
 //! fast as its socket takes them for D (it reads and discards what the server sends it,
-//! its own messages included, so it is not itself cut as a slow consumer). Every SAY asks the
-//! server to deliver B bytes to N members that take nothing.
+//! its own messages included, so it is not itself cut as a slow consumer; if it is cut anyway
+//! it joins again under a new nick while D lasts). Every SAY asks the server to deliver B
+//! bytes to N members that take nothing.
 //!
 //! Meanwhile the honest pair (honest.rs) chats in a room of its own, receiving none of it.
 //!
 //! The run, in the pair's phases:
 //! - `before`: the pair alone (the baseline); the server's RSS is read at its end;
 //! - `joining`: the members connect, HELLO and JOIN (bounded batches);
-//! - `flood`: the flooder's D;
-//! - `ending`: the members are read to learn which the server cut (EOF or reset, with or
-//!   without the `slow_consumer` ERROR, after what the kernel still held for them) and which
-//!   it still serves (quiet for [`QUIET`]), then closed: the attack is over;
+//! - `flood`: the flooder's D; once a second, how many members the server has cut;
+//! - `ending`: the cut members are counted until the count holds still (the server may still
+//!   be working through SAYs it had read), then every member is closed: the attack is over;
 //! - `after`: --after more of the pair alone while the RSS is watched.
 //!
+//! A member is cut when the server has closed its connection. The member cannot tell soon:
+//! it would see the FIN only after everything queued before it has come through its tiny
+//! window, which takes seconds per member; the kernel knows at once, and on loopback both
+//! ends are in /proc/net/tcp (the server's end in FIN_WAIT1 or gone, or ours in CLOSE_WAIT).
+//! The server's own count of slow-consumer closes comes from /metrics, with --metrics.
+//!
 //! The flooder's thread runs at a lower priority than the pair's, so when both want the
-//! generator's CPU the measuring thread gets it first (`late_max_ms` reports how late it was
-//! anyway).
+//! generator's CPU the measuring thread gets it first (`late_max_ms` per phase reports how
+//! late it was anyway).
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
