@@ -179,7 +179,7 @@ cell() { # cell SERVER TAG KIND: one table cell
       local r; r=$(jget "$f" server_rss_recovered_s)
       echo "$(fmt "$(jget "$f" server_rss_after_kib)" 1024 1) ($(fmt "$(jget "$f" server_rss_before_kib)" 1024 1) before; $( [ "$r" = null ] && echo "not back within the limit" || echo "back within it after $(fmt "$r" 1 1) s"))" ;;
     cut) echo "$(jget "$f" members_cut) of $(jget "$f" members) (flood: $(jget "$f" flood_says) SAYs, $(fmt "$(jget "$f" flood_bytes)" 1048576 0) MiB)" ;;
-    cpu) echo "$(fmt "$(jget "$f" server_cpu_flood_pct)" 1 0)%" ;;
+    cpu) echo "$(fmt "$(jget "$f" server_cpu_flood_pct)" 1 0)% (waiting for a CPU $(fmt "$(jget "$f" server_cpu_wait_flood_pct)" 1 0)%)" ;;
     per_conn) echo "$(fmt "$(jget "$f" bytes_per_conn)" 1 0) B (held $(jget "$f" held) of $(jget "$f" conns))" ;;
     held) echo "$(fmt "$(jget "$f" server_rss_held_kib)" 1024 1)" ;;
     ratio) echo "$(jget "$f" scrapes_ok) of $(jget "$f" scrapes) = $(fmt "$(jget "$f" scrape_ok_ratio)" 0.01 1)%" ;;
@@ -212,7 +212,7 @@ for n in $AMP_SIZES; do
   row "amp $n: kernel TCP buffers at their peak (whole machine, in no RSS), MiB" "" "$t" tcp
   row "amp $n: server RSS ${AFTER} after the attack, MiB" "<= 2x before + 16 MiB" "$t" after
   row "amp $n: members cut as slow consumers" "all" "$t" cut
-  row "amp $n: server CPU during the flood" "" "$t" cpu
+  row "amp $n: server CPU during the flood (and runnable but waiting: other load)" "" "$t" cpu
   row "amp $n: honest p99 / max after the attack, ms" "" "$t" honest_after
 done
 row "partial header, $PARTIAL_CONNS conns: cost per connection" "<= 1 KB" partial-header per_conn

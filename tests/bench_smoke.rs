@@ -302,6 +302,7 @@ fn attack_amp_reports_the_honest_pair_the_members_and_the_server() {
     assert!(it0 >= 0.0 && it1 >= it0, "{json}");
     assert!(field(json, "metrics_samples") >= 1.0, "{json}");
     assert!(field(json, "server_cpu_flood_pct") >= 0.0, "{json}");
+    assert!(field(json, "server_cpu_wait_flood_pct") >= 0.0, "{json}");
 }
 
 #[test]

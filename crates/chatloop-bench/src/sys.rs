@@ -224,6 +224,10 @@ pub struct ProcCpu {
     pub user_s: f64,
     /// Seconds in the kernel (system calls, and the softirq work they trigger), sampled.
     pub sys_s: f64,
+    /// Seconds its threads were runnable but waiting for a CPU (schedstat's run delay,
+    /// exact): time taken by other work on the same CPUs, which a wall-clock figure of the
+    /// process includes.
+    pub wait_s: f64,
 }
 
 impl ProcCpu {
@@ -233,6 +237,7 @@ impl ProcCpu {
             total_s: (self.total_s - earlier.total_s).max(0.0),
             user_s: (self.user_s - earlier.user_s).max(0.0),
             sys_s: (self.sys_s - earlier.sys_s).max(0.0),
+            wait_s: (self.wait_s - earlier.wait_s).max(0.0),
         }
     }
 }
@@ -243,19 +248,18 @@ impl ProcCpu {
 pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
     let (user_s, sys_s) = proc_ticks(pid)?;
     let dir = format!("/proc/{pid}/task");
-    let mut total_ns = 0u64;
+    let (mut total_ns, mut wait_ns) = (0u64, 0u64);
     let mut read_any = false;
     for task in std::fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))? {
         let Ok(task) = task else { continue };
         let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
             continue;
         };
-        if let Some(ns) = text
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        // On-CPU time, run-queue wait (both ns), timeslices.
+        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+        if let Some(Some(ns)) = f.next() {
             total_ns += ns;
+            wait_ns += f.next().flatten().unwrap_or(0);
             read_any = true;
         }
     }
@@ -267,6 +271,7 @@ pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
         total_s: total_ns as f64 / 1e9,
         user_s,
         sys_s,
+        wait_s: wait_ns as f64 / 1e9,
     })
 }
 

@@ -798,6 +798,11 @@ pub fn amp(a: &AmpArgs, progress: bool) -> Result<Report, Fail> {
             100.0 * c.total_s / flood_s.max(1e-9),
             1,
         )
+        .num(
+            "server_cpu_wait_flood_pct",
+            100.0 * c.wait_s / flood_s.max(1e-9),
+            1,
+        )
         .num("server_user_s_sampled", c.user_s, 2)
         .num("server_sys_s_sampled", c.sys_s, 2);
     }
@@ -877,10 +882,11 @@ pub fn amp(a: &AmpArgs, progress: bool) -> Result<Report, Fail> {
     ));
     if let Some(c) = server_cpu {
         human.push_str(&format!(
-            "  server CPU   {:.0}% of the flood (ticks: user {:.2} s, kernel {:.2} s)\n",
+            "  server CPU   {:.0}% of the flood (ticks: user {:.2} s, kernel {:.2} s); runnable but waiting for a CPU {:.0}% of it\n",
             100.0 * c.total_s / flood_s.max(1e-9),
             c.user_s,
-            c.sys_s
+            c.sys_s,
+            100.0 * c.wait_s / flood_s.max(1e-9)
         ));
     }
     if let Some(r) = &rss {
