@@ -3,13 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chatloop::config::parse_duration;
+use chatloop::config::{parse_bytes, parse_duration};
 use clap::{Args, Parser, Subcommand};
 
 use super::stamp::STAMP_LEN;
 
 /// Load generator for chatloop (loopback only): fan-out throughput and latency, rate sweeps,
-/// idle memory per connection, connection rate, and round trips under load.
+/// idle memory per connection, connection rate, round trips under load, and attacks.
 #[derive(Debug, Parser)]
 #[command(name = "chatloop-bench", version)]
 pub struct Cli {
@@ -38,6 +38,119 @@ pub enum Cmd {
     Connect(ConnectArgs),
     /// Sequential PING/PONG round trips, optionally under a background fanout.
     Rtt(RttArgs),
+    /// Hostile clients (issue 13): fan-out amplification, partial frames, slow HTTP headers.
+    /// Reports what the server did, never judges it.
+    #[command(subcommand)]
+    Attack(AttackCmd),
+}
+
+/// The attacks.
+#[derive(Debug, Subcommand)]
+pub enum AttackCmd {
+    /// N members join room `amp` with a tiny receive buffer and never read; one more floods
+    /// `amp` with large SAYs, as fast as its socket takes them; an honest pair in a room of its
+    /// own measures its latency throughout, and for --after once the attack is over.
+    Amp(AmpArgs),
+    /// N connections each send the first bytes of a frame and hold: the server's memory per
+    /// connection, and after they close.
+    Partial(PartialArgs),
+    /// Connections to the metrics port that send their request header one byte at a time,
+    /// while a well-behaved scraper GETs /healthz.
+    Slowheaders(SlowHeadersArgs),
+}
+
+/// `attack amp` flags.
+#[derive(Debug, Clone, Args)]
+pub struct AmpArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+    /// Non-reading members of room `amp`.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// SO_RCVBUF of each member, set before connect (the kernel doubles it).
+    #[arg(long, default_value = "4KiB", value_parser = parse_bytes)]
+    pub rcvbuf: usize,
+    /// SAY text size of the flood, in bytes.
+    #[arg(long, default_value = "60KiB", value_parser = parse_bytes)]
+    pub say_bytes: usize,
+    /// How long the flood lasts.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// The server's process id (same machine): its RSS before, during and after the attack,
+    /// and its CPU time during the flood.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The server's metrics address: its slowest loop iteration before and after, and its
+    /// gauges sampled every second.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// How long to go on measuring once the attack is over (the attackers closed).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub after: Duration,
+    /// The honest pair alone before the attack (the baseline).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub baseline: Duration,
+    /// Period of the honest pair's SAYs (each of the two sends one).
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub honest_interval: Duration,
+    /// Members being set up at once.
+    #[arg(long, default_value_t = 500)]
+    pub max_in_flight: usize,
+}
+
+/// `attack partial` flags.
+#[derive(Debug, Clone, Args)]
+pub struct PartialArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+    /// Connections.
+    #[arg(long, default_value_t = 15_000)]
+    pub conns: usize,
+    /// Bytes of the frame each sends: 1 to 8 are the start of a HELLO header, before HELLO;
+    /// more is, after a HELLO, a SAY declaring the server's max-frame and this many bytes of it
+    /// (header included; at most one byte short of the whole frame).
+    #[arg(long, default_value_t = 1)]
+    pub bytes: usize,
+    /// The server's process id (its VmRSS is read from /proc/PID/status).
+    #[arg(long)]
+    pub server_pid: u32,
+    /// The server's metrics address: its partial-frame gauges while the connections hold.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Wait after the last byte is written before reading the RSS.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// How long to watch the RSS once the connections are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub after: Duration,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 500)]
+    pub max_in_flight: usize,
+}
+
+/// `attack slowheaders` flags.
+#[derive(Debug, Clone, Args)]
+pub struct SlowHeadersArgs {
+    /// The server's metrics address (HOST:PORT).
+    #[arg(long)]
+    pub metrics: SocketAddr,
+    /// Slow connections.
+    #[arg(long, default_value_t = 16)]
+    pub attackers: usize,
+    /// How long the scraper runs (the attackers start just before it).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// One request-header byte per attacker this often.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub byte_interval: Duration,
+    /// The scraper starts a GET /healthz this often (one at a time).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub scrape_interval: Duration,
+    /// A scrape fails unless its whole exchange takes less than this.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
 }
 
 /// The connections of a fanout.

@@ -44,6 +44,9 @@ pub enum Handshake {
     /// HELLO, JOIN, PING; ready at the PONG (which the server sends after handling the JOIN,
     /// so no PRESENCE is needed to know the JOIN is done).
     HelloJoin,
+    /// Nothing: ready as soon as the TCP connection is established (the caller writes what it
+    /// wants, such as the first bytes of a header).
+    Raw,
 }
 
 /// How a read pass ended.
@@ -141,8 +144,10 @@ impl Conn {
     /// whole, and only an incomplete frame at the end of a read is kept (by the deframer, in
     /// memory sized to what arrived). A read shorter than asked means the socket was emptied
     /// (edge-triggered epoll reports any later arrival), which saves the extra `read` that
-    /// would only return WouldBlock.
-    pub fn read_frames<F>(&mut self, buf: &mut Vec<u8>, mut f: F) -> ReadEnd
+    /// would only return WouldBlock; except with `to_end`, for an event that reported the
+    /// peer's FIN: a FIN that came with the last data raises no later event, so only reading
+    /// on until end of stream sees it.
+    pub fn read_frames<F>(&mut self, buf: &mut Vec<u8>, to_end: bool, mut f: F) -> ReadEnd
     where
         F: FnMut(&mut Conn, u8, &[u8], Instant),
     {
@@ -173,7 +178,7 @@ impl Conn {
                 }
             }
             self.deframer = deframer;
-            if n < READ_CHUNK || self.state == State::Dead {
+            if (n < READ_CHUNK && !to_end) || self.state == State::Dead {
                 return ReadEnd::Drained;
             }
         }

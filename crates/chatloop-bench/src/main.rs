@@ -2,8 +2,9 @@
 //!
 //! One thread, one `mio::Poll`, every connection nonblocking; reads of 64 KiB into a shared
 //! buffer parsed in place (no allocation per message); writes batched per loop iteration.
-//! Scenarios: `fanout`, `sweep`, `idle`, `connect`, `rtt` (see `--help` of each). Loopback
-//! use only: every loop is bounded in time and stops by itself.
+//! Scenarios: `fanout`, `sweep`, `idle`, `connect`, `rtt`, and the attacks of issue 13
+//! (`attack amp`, `attack partial`, `attack slowheaders`; see `--help` of each). Loopback use
+//! only: every loop is bounded in time and stops by itself.
 //!
 //! # Layout
 //!
@@ -25,13 +26,15 @@
 //! | `idle` | the `idle` command: the server's memory per idle connection |
 //! | `dialers` | the `connect` command: connection + HELLO/WELCOME rate |
 //! | `rtt` | the `rtt` command: PING/PONG round trips, optionally under load |
+//! | `attack` | the `attack` commands: hostile clients and what the server did (its own table) |
 //! | `report` | JSON and human output, latency summaries, progress |
-//! | `sys` | what it asks of the OS: CPU time, RSS, fd limit, delayed ACKs |
+//! | `sys` | what it asks of the OS: CPU time, RSS, fd limit, delayed ACKs, small receive buffers |
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod attack;
 mod cli;
 mod conn;
 mod dialers;
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Cmd::Idle(a) => idle::idle(a, progress),
         Cmd::Connect(a) => dialers::connect(a, progress),
         Cmd::Rtt(a) => rtt::rtt(a, progress),
+        Cmd::Attack(a) => attack::run(a, progress),
     };
     match outcome {
         Ok(rep) => {

@@ -13,6 +13,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, Handshake, ReadEnd, State};
 use super::report::Progress;
+use super::sys::connect_with_rcvbuf;
 
 /// PING data that marks the end of a HelloJoin handshake.
 const READY_TAG: &[u8] = b"ready";
@@ -45,7 +46,8 @@ pub struct Pool {
     prefix: String,
     room: String,
     dirty: Vec<usize>,
-    ready: Vec<(usize, bool, bool)>,
+    /// Per event of the last poll: token, readable, writable, peer's FIN seen.
+    ready: Vec<(usize, bool, bool, bool)>,
     in_flight: usize,
     /// No slot below this index is pending.
     dial_from: usize,
@@ -62,6 +64,9 @@ pub struct Pool {
     /// Time spent inside `epoll_wait` (mostly waiting): wall time minus this is the time the
     /// loop was busy (or descheduled), the generator's saturation.
     pub in_poll: Duration,
+    /// SO_RCVBUF for new sockets, set before `connect` (so the window scale the connection
+    /// negotiates matches it); `None` leaves the kernel's default and its autotuning.
+    pub rcvbuf: Option<usize>,
 }
 
 impl Pool {
@@ -85,6 +90,7 @@ impl Pool {
             failed_slots: Vec::new(),
             progress: false,
             in_poll: Duration::ZERO,
+            rcvbuf: None,
         })
     }
 
@@ -127,7 +133,11 @@ impl Pool {
                 continue;
             }
             let now = Instant::now();
-            match TcpStream::connect(self.addr) {
+            let dialed = match self.rcvbuf {
+                Some(bytes) => connect_with_rcvbuf(self.addr, bytes),
+                None => TcpStream::connect(self.addr),
+            };
+            match dialed {
                 Ok(mut sock) => {
                     let reg = self.poll.registry().register(
                         &mut sock,
@@ -212,12 +222,17 @@ impl Pool {
     /// Closes every connection.
     pub fn close_all(&mut self) {
         for i in 0..self.conns.len() {
-            if let Some(mut s) = self.conns[i].sock.take() {
-                let _ = self.poll.registry().deregister(&mut s);
-            }
-            self.conns[i].state = State::Dead;
+            self.drop_conn(i);
         }
         self.in_flight = 0;
+    }
+
+    /// Closes connection `i` (a ready or dead one: it is not counted anywhere).
+    pub fn drop_conn(&mut self, i: usize) {
+        if let Some(mut s) = self.conns[i].sock.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        self.conns[i].state = State::Dead;
     }
 
     /// One poll (bounded by `timeout`) and the handling of what it reported; `handler` sees
@@ -242,16 +257,17 @@ impl Pool {
                 ev.token().0,
                 ev.is_readable() || ev.is_read_closed() || ev.is_error(),
                 ev.is_writable() || ev.is_error(),
+                ev.is_read_closed() || ev.is_error(),
             ));
         }
         for k in 0..self.ready.len() {
-            let (i, readable, writable) = self.ready[k];
-            self.event(i, readable, writable, handler);
+            let (i, readable, writable, fin) = self.ready[k];
+            self.event(i, readable, writable, fin, handler);
         }
         self.flush();
     }
 
-    fn event<H>(&mut self, i: usize, readable: bool, writable: bool, handler: &mut H)
+    fn event<H>(&mut self, i: usize, readable: bool, writable: bool, fin: bool, handler: &mut H)
     where
         H: FnMut(usize, &mut Conn, u8, &[u8], Instant),
     {
@@ -277,7 +293,7 @@ impl Pool {
             in_flight,
             ..
         } = self;
-        let end = conns[i].read_frames(rbuf, |c, opcode, payload, now| {
+        let end = conns[i].read_frames(rbuf, fin, |c, opcode, payload, now| {
             // MESSAGE is nearly every frame of a fanout and needs nothing from the pool.
             if opcode != op::S_MESSAGE {
                 builtin(c, opcode, payload, counters, in_flight);
@@ -319,6 +335,12 @@ impl Pool {
             }
         }
         let _ = sock.set_nodelay(true);
+        if c.handshake == Handshake::Raw {
+            c.state = State::Ready;
+            c.since = Instant::now();
+            self.in_flight -= 1;
+            return true;
+        }
         let nick = if c.generation == 0 {
             format!("{}{i}", self.prefix)
         } else {

@@ -1,9 +1,14 @@
 //! What the generator asks of the operating system: its own CPU time, another process's RSS
-//! and CPU time, the descriptor limit, delayed ACKs on its sockets, and a run prefix for unique
-//! nicks.
+//! and CPU time, the descriptor limit, delayed ACKs and small receive buffers on its sockets,
+//! thread priority, and a run prefix for unique nicks.
 
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpStream;
 
 use chatloop::limits::raise_nofile;
 use nix::sys::resource::{UsageWho, getrusage};
@@ -62,12 +67,150 @@ impl CpuMark {
 
 /// VmRSS of process `pid`, in KiB, from /proc/PID/status.
 pub fn vm_rss_kib(pid: u32) -> Result<u64, String> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `kB` line of /proc/PID/status (`VmRSS`, `VmHWM`: the peak RSS since the process
+/// started), in KiB.
+pub fn status_kib(pid: u32, key: &str) -> Result<u64, String> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS line in {path}"))
+        .ok_or_else(|| format!("no {key} line in {path}"))
+}
+
+/// Memory held by every TCP socket's buffers on this machine (/proc/net/sockstat, `TCP: ...
+/// mem PAGES`), in KiB: kernel memory no process's RSS shows, such as what a server has
+/// written to sockets whose peers do not read.
+pub fn tcp_mem_kib() -> Result<u64, String> {
+    let path = "/proc/net/sockstat";
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let pages: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let mut it = l.split_whitespace();
+            it.by_ref().find(|&w| w == "mem")?;
+            it.next()?.parse().ok()
+        })
+        .ok_or_else(|| format!("no TCP mem figure in {path}"))?;
+    let page = match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(p)) if p > 0 => p as u64,
+        _ => 4096,
+    };
+    Ok(pages * page / 1024)
+}
+
+/// A nonblocking TCP connection to `addr` whose receive buffer is set to `rcvbuf` bytes
+/// before `connect` (SO_RCVBUF; Linux doubles the value for its bookkeeping and turns off
+/// receive-buffer autotuning on the socket). Set before the handshake, it also fixes the
+/// window scale the connection negotiates, so the window the peer sees stays that small.
+pub fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> io::Result<TcpStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf)?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
+}
+
+/// The receive buffer the kernel gave a socket (SO_RCVBUF as read back).
+pub fn rcvbuf_of(sock: &TcpStream) -> Option<usize> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    getsockopt(sock, sockopt::RcvBuf).ok()
+}
+
+/// TCP states as /proc/net/tcp numbers them.
+pub mod tcp_state {
+    /// Open both ways. (Every other state means one end has closed or is closing: FIN_WAIT1
+    /// for an end that closed while its FIN still waits behind unsent data, CLOSE_WAIT for
+    /// an end that received the other's FIN, ...)
+    pub const ESTABLISHED: u8 = 0x01;
+    /// The other end sent its FIN; this end has not closed.
+    #[cfg(test)]
+    pub const CLOSE_WAIT: u8 = 0x08;
+}
+
+/// The state of every TCP connection of this network namespace, by (local, remote) address,
+/// from /proc/net/tcp and /proc/net/tcp6. On loopback both ends of a connection are listed:
+/// the other process's end tells whether it has closed even when its FIN is still stuck
+/// behind data this end's small window has not let through.
+pub fn tcp_states() -> Result<HashMap<(SocketAddr, SocketAddr), u8>, String> {
+    let mut map = HashMap::new();
+    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(_) if v6 => continue,
+            Err(e) => return Err(format!("cannot read {path}: {e}")),
+        };
+        for line in text.lines().skip(1) {
+            let mut f = line.split_whitespace().skip(1);
+            let (Some(l), Some(r), Some(st)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (Some(l), Some(r), Ok(st)) = (
+                proc_net_addr(l, v6),
+                proc_net_addr(r, v6),
+                u8::from_str_radix(st, 16),
+            ) else {
+                continue;
+            };
+            map.insert((l, r), st);
+        }
+    }
+    Ok(map)
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as /proc/net/tcp* write them:
+/// the address as native-endian 32-bit words of its network-order bytes, the port in hex.
+fn proc_net_addr(s: &str, v6: bool) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        addr.get(8 * i..8 * i + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(u32::to_ne_bytes)
+    };
+    let ip: std::net::IpAddr = if v6 {
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            b[4 * i..4 * i + 4].copy_from_slice(&word(i)?);
+        }
+        let v6 = std::net::Ipv6Addr::from(b);
+        // A v4-mapped address compares equal to what the socket API reports for it.
+        v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+    } else {
+        std::net::Ipv4Addr::from(word(0)?).into()
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Lowers the scheduling priority of the calling thread (Linux: nice values are per thread)
+/// by `nice` steps. Errors are ignored: it only keeps a busy thread of the generator from
+/// delaying a measuring one on the same CPU.
+pub fn lower_thread_priority(nice: i32) {
+    // SAFETY: plain system calls on the calling thread, with no pointers.
+    unsafe {
+        let tid = nix::libc::gettid();
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, nice);
+    }
 }
 
 /// CPU time a process has used (all its threads).
@@ -81,6 +224,10 @@ pub struct ProcCpu {
     pub user_s: f64,
     /// Seconds in the kernel (system calls, and the softirq work they trigger), sampled.
     pub sys_s: f64,
+    /// Seconds its threads were runnable but waiting for a CPU (schedstat's run delay,
+    /// exact): time taken by other work on the same CPUs, which a wall-clock figure of the
+    /// process includes.
+    pub wait_s: f64,
 }
 
 impl ProcCpu {
@@ -90,6 +237,7 @@ impl ProcCpu {
             total_s: (self.total_s - earlier.total_s).max(0.0),
             user_s: (self.user_s - earlier.user_s).max(0.0),
             sys_s: (self.sys_s - earlier.sys_s).max(0.0),
+            wait_s: (self.wait_s - earlier.wait_s).max(0.0),
         }
     }
 }
@@ -100,19 +248,18 @@ impl ProcCpu {
 pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
     let (user_s, sys_s) = proc_ticks(pid)?;
     let dir = format!("/proc/{pid}/task");
-    let mut total_ns = 0u64;
+    let (mut total_ns, mut wait_ns) = (0u64, 0u64);
     let mut read_any = false;
     for task in std::fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))? {
         let Ok(task) = task else { continue };
         let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
             continue;
         };
-        if let Some(ns) = text
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        // On-CPU time, run-queue wait (both ns), timeslices.
+        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+        if let Some(Some(ns)) = f.next() {
             total_ns += ns;
+            wait_ns += f.next().flatten().unwrap_or(0);
             read_any = true;
         }
     }
@@ -124,6 +271,7 @@ pub fn proc_cpu(pid: u32) -> Result<ProcCpu, String> {
         total_s: total_ns as f64 / 1e9,
         user_s,
         sys_s,
+        wait_s: wait_ns as f64 / 1e9,
     })
 }
 
@@ -216,6 +364,12 @@ mod tests {
     #[test]
     fn reads_own_rss_and_cpu() {
         assert!(vm_rss_kib(std::process::id()).unwrap() > 0);
+        assert!(
+            status_kib(std::process::id(), "VmHWM").unwrap()
+                >= vm_rss_kib(std::process::id()).unwrap() / 2
+        );
+        assert!(status_kib(std::process::id(), "NoSuchKey").is_err());
+        assert!(tcp_mem_kib().is_ok());
         let mark = CpuMark::now();
         let mut x = 0u64;
         for i in 0..1_000_000u64 {
@@ -229,6 +383,21 @@ mod tests {
                 .contains("RLIMIT_NOFILE allows")
         );
         assert!(run_prefix().len() == 7);
+        // Both ends of a loopback connection are listed.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let (a, b) = (c.local_addr().unwrap(), s.local_addr().unwrap());
+        let states = tcp_states().unwrap();
+        assert_eq!(states.get(&(a, b)), Some(&tcp_state::ESTABLISHED));
+        assert_eq!(states.get(&(b, a)), Some(&tcp_state::ESTABLISHED));
+        drop(s);
+        let t = Instant::now();
+        while tcp_states().unwrap().get(&(a, b)) != Some(&tcp_state::CLOSE_WAIT) {
+            assert!(t.elapsed() < Duration::from_secs(2), "no CLOSE_WAIT seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(c);
         let me = proc_cpu(std::process::id()).unwrap();
         assert!(me.total_s > 0.0, "{me:?}");
         assert!(proc_cpu(u32::MAX).is_err());
