@@ -54,7 +54,10 @@ trap stop_server EXIT
 # start_server NAME: starts the named server pinned to CPU 0 on a free port.
 start_server() {
   local log="$OUT/$1.log"
-  local common=(--listen 127.0.0.1:0 --presence-limit 0 --log-level warn --max-pending 4MiB)
+  # Flood control off: one publisher connection sends up to hundreds of thousands of SAYs a
+  # second here on purpose, and the benchmark measures what the loop can deliver.
+  local common=(--listen 127.0.0.1:0 --presence-limit 0 --log-level warn --max-pending 4MiB
+    --cmd-rate 0 --input-rate 0)
   case "$1" in
     chatloop) taskset -c 0 "$BIN/chatloop" "${common[@]}" 2>"$log" & ;;
     async-ct) taskset -c 0 "$BIN/examples/async_server" "${common[@]}" --runtime current-thread 2>"$log" & ;;
