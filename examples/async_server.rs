@@ -783,6 +783,9 @@ fn abort(wr: &OwnedWriteHalf, err: Option<Bytes>, mid_frame: bool) {
     if let (Some(frame), false) = (err, mid_frame) {
         let _ = wr.try_write(&frame);
     }
+    // Its output is thrown away: the kernel drops what it still holds at the close, as the
+    // mio server does.
+    let _ = net::abort_on_close(wr.as_ref());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ fn attack_amp_reports_the_honest_pair_the_members_and_the_server() {
         20.0,
         "{json}"
     );
-    assert_eq!(field(json, "members_unknown"), 0.0);
+    // (A member whose end a reset removed from the kernel's table is both cut and unknown.)
+    assert!(field(json, "members_unknown") <= field(json, "members_cut"));
     assert!(field(json, "flood_says") > 0.0, "{json}");
     assert!(field(json, "flood_bytes") >= field(json, "flood_says") * 8192.0);
     // The pair sent every 10 ms through the whole run (about 2.7 s here, 100 a second each).

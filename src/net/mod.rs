@@ -14,6 +14,7 @@
 //! | [`classify`] | an I/O error as the [`CloseReason`] the core counts |
 //! | [`is_fd_exhaustion`] | whether an accept failed for want of descriptors |
 //! | [`drain_input`] | read and drop what the peer already sent, so a close is a FIN, not a reset |
+//! | [`abort_on_close`] | a close that drops what the kernel holds for a peer that does not read |
 //! | [`set_send_buffer`] | a socket's kernel send buffer, bounded (SO_SNDBUF) |
 //! | [`MAX_IOV`] | how many slices one `writev` carries |
 
@@ -54,6 +55,19 @@ pub fn is_fd_exhaustion(e: &io::Error) -> bool {
 pub fn set_send_buffer(socket: &impl std::os::fd::AsFd, bytes: usize) -> io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     setsockopt(socket, sockopt::SndBuf, &bytes).map_err(io::Error::from)
+}
+
+/// Makes the socket's close abortive (SO_LINGER 0: a reset, not a FIN): what the kernel still
+/// holds for the peer is dropped at once instead of being retried, behind a closed window,
+/// for minutes. For connections whose output is being thrown away anyway (a slow consumer,
+/// a close whose grace period ran out).
+pub fn abort_on_close(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(socket, sockopt::Linger, &linger).map_err(io::Error::from)
 }
 
 /// Reads and drops what the peer has already sent, with `read` (a non-blocking read of the

@@ -704,7 +704,15 @@ impl Server {
         if let Some(t) = c.linger.take() {
             self.linger.cancel(t);
         }
-        if !matches!(c.phase, Phase::Dead(_)) {
+        let abandoned = reason == CloseReason::SlowConsumer || c.pending() > 0;
+        if abandoned {
+            // Its output is thrown away (a slow consumer, or a close whose grace period ran
+            // out): let the kernel drop what it still holds for the peer now, rather than
+            // keep it (up to --send-buffer each) behind a closed window for minutes.
+            if let Err(e) = net::abort_on_close(&c.stream) {
+                log::debug!("conn {id}: SO_LINGER failed: {e}");
+            }
+        } else if !matches!(c.phase, Phase::Dead(_)) {
             // So the close is a FIN, not a reset that could destroy our last frames.
             net::drain_input(|b| c.read_into(b), &mut self.scratch);
         }

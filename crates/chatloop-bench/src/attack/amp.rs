@@ -288,7 +288,8 @@ struct Members {
 struct Cut {
     cut: u64,
     served: u64,
-    /// Members whose own end the kernel did not list (never expected).
+    /// Members whose own end the kernel did not list: a reset took it out of the table (the
+    /// server closes slow consumers abortively), counted as cut too.
     unknown: u64,
 }
 
@@ -309,14 +310,18 @@ impl Members {
     /// reads would see the server's FIN only after everything queued before it, through its
     /// tiny window, which takes seconds. The kernel knows at once: the server's end of a
     /// closed connection is in FIN_WAIT1 (or later, or gone after a reset), and ours in
-    /// CLOSE_WAIT once the FIN got through.
+    /// CLOSE_WAIT once the FIN got through, or out of the table altogether once a reset
+    /// arrived (the server resets slow consumers, dropping what it still held for them).
     fn count_cut(&self) -> Result<Cut, String> {
         let states = tcp_states()?;
         let mut c = Cut::default();
         for &(ours, theirs) in self.addrs.iter().flatten() {
             let server_end = states.get(&(theirs, ours)).copied();
             match states.get(&(ours, theirs)).copied() {
-                None => c.unknown += 1,
+                None => {
+                    c.unknown += 1;
+                    c.cut += 1;
+                }
                 Some(tcp_state::ESTABLISHED) if server_end == Some(tcp_state::ESTABLISHED) => {
                     c.served += 1
                 }
