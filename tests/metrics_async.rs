@@ -416,9 +416,8 @@ fn async_http_answers() {
 fn async_http_clients_are_bounded() {
     let (_server, maddr) = start(ServerKind::Async, &[]);
     let t0 = Instant::now();
+    // Accepted in the order they connect (the listen backlog is a queue).
     let oldest = TcpStream::connect(maddr).expect("connect the oldest");
-    // Accepted in order (a scrape after it proves the endpoint has taken it).
-    assert_eq!(get(maddr, "/healthz").status, 200);
     let idle: Vec<TcpStream> = (0..15)
         .map(|i| TcpStream::connect(maddr).unwrap_or_else(|e| panic!("idle #{i}: {e}")))
         .collect();

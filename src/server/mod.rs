@@ -59,7 +59,15 @@ const SCRATCH: usize = 64 * 1024;
 
 /// A connection with at most this much to write is written even when the iteration's write
 /// budget is spent.
-const SMALL_WRITE: usize = 16 * 1024;
+const SMALL_WRITE: usize = 4 * 1024;
+
+/// Write budgets of fan-out one sender's input may cause per iteration (see
+/// `Server::fanout_budget`).
+const FANOUT_BUDGETS: usize = 16;
+
+/// Slow consumers closed per iteration at most (each close frees what the kernel held for
+/// the peer, up to a send buffer; the rest are closed in the next iterations).
+const RESETS_PER_ITERATION: usize = 32;
 
 /// Settings of the server shell (the core's are in `chat`). Each field says its default; the
 /// `chatloop` binary's flags set the same fields (`config::Args::server_config`).
@@ -83,14 +91,14 @@ pub struct ServerConfig {
     /// starve the others (the rest is read at the next `flush`) (default 256 KiB). Never more than
     /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
-    /// Most bytes written to sockets per loop iteration (default 16 MiB): output beyond it
+    /// Most bytes written to sockets per loop iteration (default 4 MiB): output beyond it
     /// waits (by reference, no copy) for the next iteration, oldest first, so one enormous
-    /// fan-out cannot make one iteration long and every other connection wait. Also the most
-    /// fan-out (bytes addressed to recipients) one connection's input may cause per
-    /// iteration: a sender past it reads no more until the next iteration, and none while
-    /// output is waiting for the budget, so a flood to a large room is slowed to what the
-    /// server can write. At least one read and one connection's write happen per iteration,
-    /// whatever this says.
+    /// fan-out cannot make one iteration long and every other connection wait. Connections
+    /// with little to write (4 KiB: an interactive chat's messages) are written anyway, first
+    /// in line. A sender whose input caused 16 budgets of fan-out (bytes addressed to
+    /// recipients) in one iteration reads no more in it, nor while output waits for the
+    /// budget, so a flood to a large room is slowed to what the server can write. At least one
+    /// read and one connection's write happen per iteration, whatever this says.
     pub write_budget: usize,
     /// Kernel send buffer of each connection, SO_SNDBUF (default 256 KiB; 0 leaves the
     /// kernel's autotuning, which grows it up to net.ipv4.tcp_wmem's maximum, 4 MiB here).
@@ -108,7 +116,7 @@ impl Default for ServerConfig {
             backlog: 4096,
             shutdown_grace: Duration::from_secs(5),
             read_budget: 256 * 1024,
-            write_budget: 16 << 20,
+            write_budget: 4 << 20,
             send_buffer: 256 * 1024,
         }
     }
@@ -523,6 +531,15 @@ impl Server {
         self.conns.get_mut(id.slot()).filter(|c| c.id == id)
     }
 
+    /// The fan-out one connection's input may cause per iteration before it reads no more in
+    /// that iteration: `FANOUT_BUDGETS` write budgets. Much more than one iteration writes,
+    /// because batching is what makes a busy loop cheap (an iteration that carries more
+    /// messages per `writev` costs fewer system calls per message); enough to pace a sender
+    /// whose every SAY is megabytes of fan-out.
+    fn fanout_budget(&self) -> u64 {
+        (FANOUT_BUDGETS * self.cfg.write_budget) as u64
+    }
+
     /// The bytes one connection may read per loop iteration: the configured budget, but no
     /// more than the core's input budget per round ([`ChatConfig::input_budget`]), and at
     /// least one 16 KiB read so a tiny max-pending still makes progress.
@@ -537,7 +554,7 @@ impl Server {
     fn read(&mut self, id: ConnId, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let budget = self.read_budget();
-        let write_budget = self.cfg.write_budget as u64;
+        let fanout_budget = self.fanout_budget();
         let epoch = self.stats.iterations as u32;
         while let Some(c) = self.conn(id) {
             if !c.is_open() || c.paused {
@@ -585,7 +602,7 @@ impl Server {
                     }
                     if let Some(c) = self.conn(id) {
                         c.fanout += fanout;
-                        if c.fanout >= write_budget && c.read_left > 0 {
+                        if c.fanout >= fanout_budget && c.read_left > 0 {
                             // This sender's input alone fills an iteration's writes: the
                             // rest of it waits, and others get their turn.
                             c.read_left = 0;
@@ -612,10 +629,10 @@ impl Server {
     fn read_leftovers(&mut self, now: Instant) {
         let again = std::mem::take(&mut self.read_again);
         let writes_waiting = !self.write_queue.is_empty();
-        let write_budget = self.cfg.write_budget as u64;
+        let fanout_budget = self.fanout_budget();
         for id in again {
             let Some(c) = self.conn(id) else { continue };
-            if writes_waiting && c.fanout >= write_budget {
+            if writes_waiting && c.fanout >= fanout_budget {
                 // Its last reads filled the write budget and output is still waiting for it:
                 // this sender waits too, so it cannot produce faster than the server writes.
                 self.read_again.push(id);
@@ -787,14 +804,24 @@ impl Server {
                 }
             }
         }
+        let mut resets_left = RESETS_PER_ITERATION;
         for id in std::mem::take(&mut self.closing) {
             let grace = self.cfg.shutdown_grace;
             let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
                 continue;
             };
             match c.phase {
-                // A slow consumer had one chance at its ERROR; it does not linger.
-                Phase::Closing(reason @ CloseReason::SlowConsumer) => self.close_now(id, reason),
+                // A slow consumer had one chance at its ERROR; it does not linger. Its close
+                // drops what the kernel held for it (up to a send buffer), which costs the
+                // kernel time: a thousand cut in one round are closed over several
+                // iterations, not in one long one.
+                Phase::Closing(CloseReason::SlowConsumer) if resets_left == 0 => {
+                    self.closing.push(id);
+                }
+                Phase::Closing(reason @ CloseReason::SlowConsumer) => {
+                    resets_left -= 1;
+                    self.close_now(id, reason);
+                }
                 Phase::Closing(reason) if c.backlog.is_none() => self.close_now(id, reason),
                 Phase::Dead(reason) => self.close_now(id, reason),
                 _ if c.linger.is_none() => {
@@ -889,6 +916,7 @@ impl Server {
     pub fn poll_timeout(&self) -> Option<Instant> {
         if !self.read_again.is_empty()
             || !self.write_queue.is_empty()
+            || !self.closing.is_empty()
             || self.chat.has_output()
             || !self.events.is_empty()
         {
