@@ -172,7 +172,7 @@ pub struct Args {
     pub send_buffer: usize,
     /// Most bytes written to sockets per loop iteration, and most fan-out one sender may
     /// cause per iteration (the rest waits for the next one).
-    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub write_budget: usize,
     /// Flood control: commands per second one connection may send on average (0 = off);
     /// beyond it, the connection is not read until it is back within the rate.

@@ -579,7 +579,7 @@ impl Chat {
     /// A fatal framing error (bad magic, version, or a length over max_frame, all decided from
     /// the header alone, byte by byte) queues the ERROR and asks for the close; nothing after
     /// it is read. Bytes for a connection that is not open are ignored.
-    pub fn handle_data(&mut self, now: Instant, conn: ConnId, mut data: &[u8]) {
+    pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
         let now_us = self.us_ceil(now);
         let Some(s) = self.state_mut(conn) else {
             return;
@@ -588,44 +588,15 @@ impl Chat {
         s.pinged = false;
         // Taken out for the duration, so frames borrowed from it can be handled with `self`.
         let mut deframer = std::mem::take(&mut s.deframer);
-        self.stats.bytes_in += data.len() as u64;
+        // What this connection's own input produces for it (a PONG, a ROSTER, an ERROR, its
+        // echo) is listed ahead of fan-out in this round's output.
+        self.outbox.replying = conn.to_u64();
+        let handled = self.handle_chunk(now, conn, &mut deframer, data);
+        self.outbox.replying = 0;
+        let Some(frames) = handled else {
+            return;
+        };
         let bytes = data.len();
-        let produced_before = self.outbox.produced();
-        let mut handled = 0u64;
-        let mut frames = 0u32;
-        loop {
-            match deframer.next(&mut data, self.cfg.max_frame) {
-                Ok(Some(f)) => {
-                    handled += f.frame_len() as u64;
-                    frames += 1;
-                    self.handle_frame(now, conn, f.opcode, f.payload);
-                    if !self.is_open(conn) {
-                        return;
-                    }
-                    let grown = self.outbox.produced() - produced_before;
-                    if grown > 2 * handled + self.cfg.max_pending as u64 {
-                        // Requests whose answers dwarf them (WHO on a big room, over and over)
-                        // would make the core buffer without bound before the shell could see
-                        // a slow socket. Ordinary traffic grows the arena about as much as it
-                        // reads (a SAY becomes one MESSAGE, whatever the room size).
-                        let max = self.cfg.max_pending;
-                        self.slow_consumer(
-                            now,
-                            conn,
-                            format_args!("its requests produced more than {max} bytes of output"),
-                        );
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::debug!("conn {conn}: {e}");
-                    let code = e.code();
-                    self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
-                    return;
-                }
-            }
-        }
         let (cmd_limit, input_limit) = (self.cfg.cmd_limit, self.cfg.input_limit);
         let now_ms = self.ms(now);
         let Some(s) = self.state_mut(conn) else {
@@ -646,6 +617,56 @@ impl Chat {
             self.stats.flood_pauses += 1;
             log::debug!("conn {conn}: flooding; not read for {wait_ms} ms");
         }
+    }
+
+    /// Decodes and handles the whole frames of `data` (through `deframer`); returns how many
+    /// (for flood control), or `None` if `conn` was closed on the way (a fatal error, a slow
+    /// consumer).
+    fn handle_chunk(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        deframer: &mut Deframer,
+        mut data: &[u8],
+    ) -> Option<u32> {
+        self.stats.bytes_in += data.len() as u64;
+        let produced_before = self.outbox.produced();
+        let mut handled = 0u64;
+        let mut frames = 0u32;
+        loop {
+            match deframer.next(&mut data, self.cfg.max_frame) {
+                Ok(Some(f)) => {
+                    handled += f.frame_len() as u64;
+                    frames += 1;
+                    self.handle_frame(now, conn, f.opcode, f.payload);
+                    if !self.is_open(conn) {
+                        return None;
+                    }
+                    let grown = self.outbox.produced() - produced_before;
+                    if grown > 2 * handled + self.cfg.max_pending as u64 {
+                        // Requests whose answers dwarf them (WHO on a big room, over and over)
+                        // would make the core buffer without bound before the shell could see
+                        // a slow socket. Ordinary traffic grows the arena about as much as it
+                        // reads (a SAY becomes one MESSAGE, whatever the room size).
+                        let max = self.cfg.max_pending;
+                        self.slow_consumer(
+                            now,
+                            conn,
+                            format_args!("its requests produced more than {max} bytes of output"),
+                        );
+                        return None;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("conn {conn}: {e}");
+                    let code = e.code();
+                    self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
+                    return None;
+                }
+            }
+        }
+        Some(frames)
     }
 
     /// Until when the driver should not read `conn` (flood control: it sent more commands or

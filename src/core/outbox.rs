@@ -37,14 +37,17 @@ pub const PAGE_SIZE: usize = 64 * 1024;
 /// Spare pages kept for reuse between rounds.
 const SPARE_PAGES: usize = 4;
 
-/// A chain's `tag` packs its `dirty` serial (low bits) and the page of its inline range (high
+/// A chain's `tag` packs its serial (low bits: which entry of `first` or `dirty` lists it),
+/// whether that entry is in `first` (the next bit), and the page of its inline range (high
 /// bits), so a chain stays 32 bytes: it is touched once per recipient per broadcast, and a
 /// room of 10,000 walks 10,000 of them.
-const SERIAL_BITS: u32 = 20;
+const SERIAL_BITS: u32 = 19;
 const SERIAL_MASK: u32 = (1 << SERIAL_BITS) - 1;
+const FIRST: u32 = 1 << SERIAL_BITS;
+const PAGE_SHIFT: u32 = SERIAL_BITS + 1;
 /// Pages one round may use; past them, the last page grows instead (references then pin a
 /// larger page, nothing breaks).
-const MAX_PAGES: usize = 1 << (32 - SERIAL_BITS);
+const MAX_PAGES: usize = 1 << (32 - PAGE_SHIFT);
 
 #[derive(Debug, Clone, Copy)]
 struct Range {
@@ -77,8 +80,12 @@ impl Chain {
         self.tag & SERIAL_MASK
     }
 
+    fn is_first(&self) -> bool {
+        self.tag & FIRST != 0
+    }
+
     fn page(&self) -> u32 {
-        self.tag >> SERIAL_BITS
+        self.tag >> PAGE_SHIFT
     }
 }
 
@@ -102,6 +109,14 @@ pub(crate) struct Outbox {
     ranges: Vec<Range>,
     chains: Vec<Chain>,
     dirty: Vec<(ConnId, u32)>,
+    /// Chains of connections that got a reply to their own input this round: yielded before
+    /// `dirty`, so a driver that writes in order (and may stop at a budget) answers the
+    /// connection that asked before the fan-out it did not ask for.
+    first: Vec<(ConnId, u32)>,
+    /// Entries of `dirty` and `first` so far this round (the serial of the next one).
+    serials: u32,
+    /// The connection whose input is being handled (`ConnId::to_u64`, 0 for none).
+    pub(crate) replying: u64,
     round: u32,
     taken: bool,
     /// Frames addressed to connections, by opcode (one per recipient).
@@ -139,6 +154,8 @@ impl Outbox {
             }
             self.ranges.clear();
             self.dirty.clear();
+            self.first.clear();
+            self.serials = 0;
             // Round 0 is never current, so a zeroed chain is never live.
             self.round = self.round.wrapping_add(1).max(1);
             self.taken = false;
@@ -255,23 +272,43 @@ impl Outbox {
                 self.ranges[chain.last as usize].next = idx;
             }
             chain.last = idx;
-            chain.tag = (page << SERIAL_BITS) | chain.serial();
+            chain.tag = (page << PAGE_SHIFT) | (chain.tag & (FIRST | SERIAL_MASK));
             chain.start = start;
             chain.end = end;
         } else {
-            // More connections in one round than serials would only happen past a million
-            // descriptors, which the fd limit does not allow.
-            debug_assert!(self.dirty.len() <= SERIAL_MASK as usize);
-            let serial = self.dirty.len() as u32 & SERIAL_MASK;
             *chain = Chain {
                 id: to.to_u64(),
                 round: self.round,
-                tag: (page << SERIAL_BITS) | serial,
+                tag: page << PAGE_SHIFT,
                 head: NIL,
                 last: NIL,
                 start,
                 end,
             };
+            let first = to.to_u64() == self.replying;
+            self.list(to, first);
+            return;
+        }
+        if to.to_u64() == self.replying && !self.chains[slot].is_first() {
+            // A recipient of earlier fan-out, now answered: its whole chain moves ahead.
+            self.list(to, true);
+        }
+    }
+
+    /// Lists `to`'s chain (already this round's) in `first` or `dirty`, under a new serial;
+    /// an earlier entry for it is stale from now on.
+    #[inline]
+    fn list(&mut self, to: ConnId, first: bool) {
+        // More entries in one round than serials would only happen past half a million
+        // connections touched in one iteration, which the fd limit does not allow.
+        debug_assert!(self.serials <= SERIAL_MASK);
+        let serial = self.serials & SERIAL_MASK;
+        self.serials += 1;
+        let chain = &mut self.chains[to.slot()];
+        chain.tag = (chain.tag & !(FIRST | SERIAL_MASK)) | serial | if first { FIRST } else { 0 };
+        if first {
+            self.first.push((to, serial));
+        } else {
             self.dirty.push((to, serial));
         }
     }
@@ -287,7 +324,7 @@ impl Outbox {
 
     /// Whether anything is waiting to be taken.
     pub(crate) fn is_empty(&self) -> bool {
-        self.taken || self.dirty.is_empty()
+        self.taken || (self.dirty.is_empty() && self.first.is_empty())
     }
 
     /// Ends the round and hands everything queued in it to the caller.
@@ -298,6 +335,7 @@ impl Outbox {
             pages: &self.pages,
             ranges: &self.ranges,
             chains: &self.chains,
+            first: &self.first,
             dirty: &self.dirty,
             round,
             pos: 0,
@@ -365,8 +403,10 @@ pub struct Output<'a> {
     pages: &'a [Arc<Vec<u8>>],
     ranges: &'a [Range],
     chains: &'a [Chain],
+    first: &'a [(ConnId, u32)],
     dirty: &'a [(ConnId, u32)],
     round: u32,
+    /// Position in `first`, then (from `first.len()` on) in `dirty`.
     pos: usize,
 }
 
@@ -374,7 +414,12 @@ impl<'a> Iterator for Output<'a> {
     type Item = (ConnId, Chunks<'a>);
 
     fn next(&mut self) -> Option<(ConnId, Chunks<'a>)> {
-        while let Some(&(id, serial)) = self.dirty.get(self.pos) {
+        loop {
+            let entry = match self.pos.checked_sub(self.first.len()) {
+                None => self.first.get(self.pos),
+                Some(i) => self.dirty.get(i),
+            };
+            let &(id, serial) = entry?;
             self.pos += 1;
             let c = &self.chains[id.slot()];
             // A connection discarded (or whose slot was reused) mid-round is listed once per
@@ -397,10 +442,10 @@ impl<'a> Iterator for Output<'a> {
                     next: c.head,
                     last: Some((c.page(), c.start, c.end)),
                     len,
+                    reply: c.is_first(),
                 },
             ));
         }
-        None
     }
 }
 
@@ -412,12 +457,21 @@ pub struct Chunks<'a> {
     next: u32,
     last: Option<(u32, u32, u32)>,
     len: usize,
+    reply: bool,
 }
 
 impl<'a> Chunks<'a> {
     /// Total bytes across all the slices.
     pub fn total_len(&self) -> usize {
         self.len
+    }
+
+    /// Whether this connection's output answers its own input of this round (a PONG, a
+    /// ROSTER, an ERROR, its echo): such output comes first in [`Output`], before fan-out
+    /// the connection did not ask for, so a driver that writes in order, and may stop at a
+    /// budget, answers whoever is waiting for an answer first.
+    pub fn is_reply(&self) -> bool {
+        self.reply
     }
 
     /// The bytes that follow the first `skip` (what a partial write did not take), as
