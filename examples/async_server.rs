@@ -219,6 +219,9 @@ async fn run(args: Args) -> Result<(), String> {
             limits::FD_RESERVE
         );
     }
+    if args.max_conns_per_ip > 0 {
+        log::warn!("--max-conns-per-ip is the mio server's; the async version ignores it");
+    }
     log::info!("serving at most {max_conns} connections");
 
     let listener = bind(args.listen, args.backlog)

@@ -184,6 +184,10 @@ pub struct Args {
     /// Flood control: input bytes per second one connection may send on average (0 = off).
     #[arg(long, default_value = "4MiB", value_parser = parse_u32_bytes)]
     pub input_rate: u32,
+    /// Most connections served at once from one IP address (0 = no limit): clients behind
+    /// one NAT share an address, so this is off by default.
+    #[arg(long, default_value_t = 0)]
+    pub max_conns_per_ip: usize,
     /// Flood control: input bytes one connection may send in a burst above the rate.
     #[arg(long, default_value = "8MiB", value_parser = parse_u32_bytes)]
     pub input_burst: u32,
@@ -222,6 +226,7 @@ impl Args {
             shutdown_grace: self.shutdown_grace,
             send_buffer: self.send_buffer,
             write_budget: self.write_budget,
+            max_conns_per_ip: self.max_conns_per_ip,
             ..ServerConfig::default()
         }
     }

@@ -344,3 +344,29 @@ fn a_command_flood_is_slowed_to_the_rate_and_loses_nothing() {
         assert_eq!(m.get("chatloop_connections"), 2, "nobody was cut");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connections per address
+// ---------------------------------------------------------------------------------------------
+
+/// `--max-conns-per-ip 3`: a fourth connection from 127.0.0.1 is refused with `server_full`
+/// ("too many connections from your address") while three are open; once one closes, there
+/// is room again. Counted in `chatloop_refused_per_ip_total`.
+#[test]
+fn connections_per_address_are_limited_when_asked() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0", "--max-conns-per-ip", "3"]);
+    let a = server.login("a");
+    let _b = server.login("b");
+    let _c = server.login("c");
+    let mut d = server.connect();
+    let e = d.expect_fatal(code::SERVER_FULL);
+    assert!(e.detail.contains("address"), "{e:?}");
+    a.close_with_reset();
+    let m = server.wait_metrics("the closed connection gone", Duration::from_secs(5), |m| {
+        m.get("chatloop_connections") == 2
+    });
+    assert_eq!(m.get("chatloop_refused_per_ip_total"), 1);
+    let mut again = server.login_retrying("d");
+    again.quit("bye");
+    again.expect_closed();
+}

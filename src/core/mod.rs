@@ -923,12 +923,19 @@ impl Chat {
     /// driver writes these bytes once, best effort, and closes the socket; the core never
     /// hears of that connection again.
     pub fn refusal(&mut self, code: ErrorCode) -> &[u8] {
-        debug_assert!(code.is_fatal(), "a refusal ends the connection");
         let detail = match code {
             ErrorCode::ServerFull => "server is at its connection limit",
             ErrorCode::ShuttingDown => "server is shutting down",
             other => other.name(),
         };
+        self.refusal_because(code, detail)
+    }
+
+    /// As [`refusal`](Self::refusal), with `detail` (cut to 120 bytes) for the ERROR's text:
+    /// `server_full` because of a per-address limit, say.
+    pub fn refusal_because(&mut self, code: ErrorCode, detail: &str) -> &[u8] {
+        debug_assert!(code.is_fatal(), "a refusal ends the connection");
+        let detail = session_ops::truncate(detail, session_ops::MAX_DETAIL);
         self.refusal.clear();
         encode::error(&mut self.refusal, code, detail);
         self.stats.errors_sent[code.code() as usize] += 1;

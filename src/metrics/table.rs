@@ -300,6 +300,12 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.iteration_us_max),
     },
     Metric {
+        name: "chatloop_refused_per_ip_total",
+        kind: Kind::Counter,
+        help: "Connections refused with server_full at the per-address limit (--max-conns-per-ip).",
+        series: Series::Single(|s| s.shell.refused_per_ip),
+    },
+    Metric {
         name: "chatloop_flood_pauses_total",
         kind: Kind::Counter,
         help: "Times flood control paused a connection's reads (it sent commands or bytes faster than --cmd-rate or --input-rate allow).",

@@ -35,9 +35,9 @@ mod event;
 pub use event::ServerEvent;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -106,6 +106,10 @@ pub struct ServerConfig {
     /// server copies into its socket before it counts as blocked; a chat connection does
     /// not need more (256 KiB per round trip is 2.5 MB/s at 100 ms).
     pub send_buffer: usize,
+    /// Most connections served at once from one IP address (default 0: no limit, since
+    /// clients behind one NAT share an address, and benchmarks and tests connect thousands
+    /// of times from 127.0.0.1). More are refused with `server_full`.
+    pub max_conns_per_ip: usize,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             read_budget: 256 * 1024,
             write_budget: 16 << 20,
             send_buffer: 256 * 1024,
+            max_conns_per_ip: 0,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct ServerStats {
     pub accepted: u64,
     /// Connections refused at the connection limit.
     pub refused_full: u64,
+    /// Connections refused at the per-address limit (`max_conns_per_ip`).
+    pub refused_per_ip: u64,
     /// accept() calls that failed with EMFILE or ENFILE.
     pub accept_emfile: u64,
     /// Connections closed (all reasons).
@@ -230,6 +237,9 @@ pub struct Server {
     /// Refusals at the connection limit and descriptor exhaustion: one warning, then a count.
     warn_full: Collapsed,
     warn_emfile: Collapsed,
+    warn_per_ip: Collapsed,
+    /// Open connections by address, while `max_conns_per_ip` is set.
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl std::fmt::Debug for Server {
@@ -295,6 +305,8 @@ impl Server {
             events: ShellEvents::default(),
             warn_full: Collapsed::new("connections refused at the connection limit"),
             warn_emfile: Collapsed::new("accepts out of file descriptors"),
+            warn_per_ip: Collapsed::new("connections refused at the per-address limit"),
+            per_ip: HashMap::new(),
         })
     }
 
@@ -469,6 +481,26 @@ impl Server {
         peer: SocketAddr,
         now: Instant,
     ) -> Result<ConnId, AdoptError> {
+        let per_ip = self.cfg.max_conns_per_ip;
+        if per_ip > 0 && self.per_ip.get(&peer.ip()).is_some_and(|&n| n >= per_ip) {
+            self.stats.refused_per_ip += 1;
+            if self.warn_per_ip.should_log(now) {
+                log::warn!(
+                    "{per_ip} connections from {} already; refusing {peer} (and, for a while, others without a line each)",
+                    peer.ip()
+                );
+            }
+            let frame = self.chat.refusal_because(
+                ErrorCode::ServerFull,
+                "too many connections from your address",
+            );
+            refuse(stream, peer, frame);
+            self.events.push(|| ServerEvent::Refused {
+                peer,
+                code: ErrorCode::ServerFull,
+            });
+            return Err(AdoptError::Full);
+        }
         if self.conns.len() >= self.cfg.max_connections {
             self.stats.refused_full += 1;
             if self.warn_full.should_log(now) {
@@ -519,6 +551,9 @@ impl Server {
             fanout: 0,
             paused: false,
         });
+        if self.cfg.max_conns_per_ip > 0 {
+            *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
+        }
         self.stats.accepted += 1;
         log::debug!("conn {id}: accepted from {peer} (token {})", token.0);
         self.events
@@ -694,6 +729,14 @@ impl Server {
         // The core must never know a connection the shell has dropped.
         self.chat.handle_close(id, reason);
         let mut c = self.conns.remove(id.slot());
+        if self.cfg.max_conns_per_ip > 0 {
+            if let Some(n) = self.per_ip.get_mut(&c.peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&c.peer.ip());
+                }
+            }
+        }
         if let Some(t) = c.linger.take() {
             self.linger.cancel(t);
         }
@@ -888,6 +931,7 @@ impl Server {
         }
         self.warn_full.poll_summary(now);
         self.warn_emfile.poll_summary(now);
+        self.warn_per_ip.poll_summary(now);
         self.chat.handle_timeout(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.linger.expire(now, &mut expired);
