@@ -804,7 +804,7 @@ async def resume_storms(ctx, rng):
 # Sampling
 # ------------------------------------------------------------------------------------------
 
-GAUGES = ["connections", "sessions", "rooms", "buffers_in_use", "buffers_pooled",
+GAUGES = ["connections", "sessions", "rooms", "buffers_in_use",
           "queued_output_bytes"]
 COUNTERS = ["connections_accepted_total", "messages_total", "deliveries_total",
             "resumes_total", "pings_sent_total"]

@@ -1108,7 +1108,7 @@ impl Actor {
     }
 
     /// The counters as the metrics and the stats line describe them (`chatloop::metrics`).
-    /// This server has no ring buffers and no event loop of its own, so the buffer gauges
+    /// This server parks no output in its shell and has no event loop of its own, so the backlog gauge
     /// and the loop-iteration counters are 0; see `Snapshot`.
     fn snapshot(&mut self) -> Snapshot {
         self.prune_retired();

@@ -299,7 +299,7 @@ fn async_counters_move_with_the_chat() {
         m.closed("quit") == 1 && m.get("chatloop_connections") == 1
     });
     assert_eq!(m3.get("chatloop_sessions"), 1);
-    // The async version has no ring buffers and no loop of its own: 0, documented.
+    // The async version parks no output in its shell and has no loop of its own: 0, documented.
     for s in [
         "chatloop_buffers_in_use",
         "chatloop_loop_iterations_total",

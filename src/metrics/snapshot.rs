@@ -14,7 +14,7 @@ use crate::server::{Server, ServerStats};
 ///
 /// Every field is a plain number, so a snapshot can be cloned, sent to another task and
 /// compared with an earlier one. A shell that has no such thing as a field describes (the
-/// async version has no ring buffers and no event loop of its own) leaves it 0; the metric is
+/// async version parks no output in its shell and has no event loop of its own) leaves it 0; the metric is
 /// still served, under the same name, so dashboards and tests need no second set of names.
 /// Which fields those are is said on each field and in docs/OPERATIONS.md ("Metrics").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -373,7 +373,6 @@ const PEAK_GAUGES: &[(&str, &str)] = &[
         "queued_output_max_bytes",
     ),
     ("chatloop_buffers_in_use", "buffers_in_use"),
-    ("chatloop_buffers_pooled", "buffers_pooled"),
     ("chatloop_connections", "connections"),
 ];
 const SLOW_CLOSES: &str = "chatloop_connections_closed_total{reason=\"slow_consumer\"}";
