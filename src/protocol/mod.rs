@@ -213,7 +213,7 @@ fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.chars()
-            .all(|c| !(c < '\u{20}' || c == '\u{7F}' || c.is_whitespace() || is_format(c)))
+            .all(|c| !(c.is_control() || c.is_whitespace() || is_format(c)))
 }
 
 /// Unicode's format characters (General_Category Cf, Unicode 15.1): invisible code points
@@ -326,6 +326,11 @@ mod tests {
             assert!(!is_format(c), "{:04X}", c as u32);
         }
         assert!(!valid_nick("a\u{7f}"));
+        // C1 controls: U+009B is CSI to a terminal that honours 8-bit controls.
+        assert!(!valid_nick("a\u{9b}31m"));
+        assert!(!valid_room("r\u{80}"));
+        assert!(!valid_room("r\u{9f}"));
+        assert!(valid_nick("a\u{a1}"));
         assert!(!valid_nick("a\tb"));
         assert!(valid_room(&"r".repeat(64)));
         assert!(!valid_room(&"r".repeat(65)));

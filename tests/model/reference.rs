@@ -174,7 +174,7 @@ fn is_space(c: char) -> bool {
 }
 
 fn is_control(c: char) -> bool {
-    (c as u32) < 0x20 || c as u32 == 0x7F
+    matches!(c as u32, 0..=0x1F | 0x7F..=0x9F)
 }
 
 /// Unicode General_Category Cf (format characters), from the Unicode 15.1 tables.

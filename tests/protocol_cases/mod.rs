@@ -1016,6 +1016,24 @@ fn bad_nick_format_characters_that_hide_or_reorder_text() {
 }
 
 #[test]
+fn bad_nick_and_room_c1_controls() {
+    let server = start_server(&[]);
+    let mut c = server.connect();
+    for nick in [
+        "hon\u{9B}31m", // CSI to a terminal that honours 8-bit controls
+        "a\u{80}",
+        "a\u{9F}",
+    ] {
+        c.send_hello(nick, &[]);
+        c.expect_error(code::BAD_NICK);
+    }
+    c.hello("hon_\u{A1}"); // the first code point after the C1 block is fine
+    c.send_join("lobby\u{90}");
+    c.expect_error(code::BAD_ROOM);
+    c.join("lobby");
+}
+
+#[test]
 fn valid_nicks_are_accepted() {
     let server = start_server(&[]);
     for nick in [
