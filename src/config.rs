@@ -174,6 +174,11 @@ pub struct Args {
     /// cause per iteration (the rest waits for the next one).
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub write_budget: usize,
+    /// Most frames (one per recipient) one loop iteration's inputs may address before it
+    /// reads no more; the rest is read in the next. Also bounds the slow consumers cut per
+    /// iteration beyond 16.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub iteration_frames: u64,
     /// Flood control: commands per second one connection may send on average (0 = off);
     /// beyond it, the connection is not read until it is back within the rate.
     #[arg(long, default_value_t = 1_000)]
@@ -226,6 +231,7 @@ impl Args {
             shutdown_grace: self.shutdown_grace,
             send_buffer: self.send_buffer,
             write_budget: self.write_budget,
+            iteration_frames: self.iteration_frames,
             max_conns_per_ip: self.max_conns_per_ip,
             ..ServerConfig::default()
         }
@@ -235,6 +241,9 @@ impl Args {
     pub fn validate(&self) -> Result<(), String> {
         if self.tick.is_zero() {
             return Err("--tick must be above 0".into());
+        }
+        if self.iteration_frames == 0 {
+            return Err("--iteration-frames must be above 0".into());
         }
         if self.heartbeat.is_zero() || self.idle_timeout.is_zero() || self.hello_timeout.is_zero() {
             return Err("--heartbeat, --idle-timeout and --hello-timeout must be above 0".into());

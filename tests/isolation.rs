@@ -163,6 +163,141 @@ fn a_flood_to_members_that_never_read_does_not_stall_the_loop() {
     drop(sinks);
 }
 
+/// A mass cut (issue 13): a flood into a room whose members never read makes them slow
+/// consumers at about the same moment, and each cut sends PRESENCE `gone` to the room. Cut
+/// together, 2,000 of them were half a million frames and 51 ms in one iteration. Now an
+/// iteration cuts 16, and more only while its share of frames (`--iteration-frames`) lasts;
+/// the others wait their turn, and get nothing meanwhile. With a share this small, the cuts
+/// spread over many iterations, and a member that reads is owed the
+/// same as ever: every MESSAGE of the flood, in order, one PRESENCE `gone` per cut member,
+/// and a room with nobody else left in it.
+#[test]
+fn a_mass_cut_is_spread_over_iterations_and_loses_nothing() {
+    use std::collections::BTreeSet;
+    use std::io::Read;
+    use std::time::Instant;
+
+    const SINKS: usize = 120;
+    const SAYS: usize = 400;
+    let server = Server::start(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--iteration-frames",
+        "200",
+        "--send-buffer",
+        "64KiB",
+        "--cmd-rate",
+        "0",
+        "--input-rate",
+        "0",
+    ]);
+    let addr = server.addr();
+    let mut watcher = server.login("watcher");
+    watcher.join("amp");
+    let mut sinks = Vec::new();
+    for i in 0..SINKS {
+        let mut c = Client::from_stream(connect_with_rcvbuf(addr, 4096));
+        c.hello(&format!("sink{i:03}"));
+        c.send_join("amp");
+        sinks.push(c);
+    }
+    let mut flooder = server.login("flooder");
+    flooder.join("amp");
+    // Everyone is in before the flood starts.
+    let mut joined = BTreeSet::new();
+    while joined.len() < SINKS + 1 {
+        let f = watcher.recv_what("PRESENCE join");
+        let p = f.presence();
+        assert_eq!(p.kind, kind::JOIN, "{p:?}");
+        joined.insert(p.nick);
+    }
+
+    // The flooder reads its own copies (it is not the one to be cut), on a thread of its own.
+    let mut echo = flooder.stream().try_clone().expect("clone");
+    echo.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        while let Ok(n @ 1..) = echo.read(&mut buf) {
+            total += n;
+        }
+        total
+    });
+    let flood = {
+        let mut out = flooder.stream().try_clone().expect("clone");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for i in 0..SAYS {
+                // The flood's pace, not a wait for an event: one the watcher can read at, so
+                // only the members that never read are cut.
+                std::thread::sleep(Duration::from_millis(2));
+                let mut text = format!("{i:05} ").into_bytes();
+                text.resize(16 * 1024, b'x');
+                out.write_all(&frame(op::SAY, &pstr_rest("amp", &text)))
+                    .expect("the flooder is not cut");
+            }
+        })
+    };
+
+    // What the watcher is owed, read as it comes (it must keep up, or be cut too).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 0usize;
+    let mut gone = BTreeSet::new();
+    while next < SAYS || gone.len() < SINKS {
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s: {next} of {SAYS} messages, {} of {SINKS} gone",
+            gone.len()
+        );
+        let f = watcher.recv_what("the flood's MESSAGEs and PRESENCE gone");
+        if f.op == sop::PRESENCE {
+            let p = f.presence();
+            assert_eq!(p.kind, kind::GONE, "{p:?}");
+            assert!(p.nick.starts_with("sink"), "{p:?}");
+            assert!(gone.insert(p.nick.clone()), "{} gone twice", p.nick);
+        } else {
+            let m = f.message();
+            assert_eq!(m.from, "flooder");
+            assert_eq!(
+                m.text.get(..5),
+                Some(format!("{next:05}").as_str()),
+                "message {next} missing or out of order"
+            );
+            next += 1;
+        }
+    }
+    flood.join().expect("flood thread");
+    let mut left = watcher.who_nicks("amp");
+    left.sort();
+    assert_eq!(
+        left,
+        nicks(&["flooder", "watcher"]),
+        "every sink left the room"
+    );
+
+    let m = server.scrape();
+    eprintln!(
+        "mass cut: cuts deferred {}, reads deferred {}, slow consumers {}",
+        m.get("chatloop_cuts_deferred_total"),
+        m.get("chatloop_reads_deferred_total"),
+        m.closed("slow_consumer")
+    );
+    assert_eq!(m.closed("slow_consumer"), SINKS as u64, "{}", m.state());
+    assert!(
+        m.get("chatloop_cuts_deferred_total") > 0,
+        "the cuts all happened at once: {}",
+        m.state()
+    );
+    flooder.quit("done");
+    let echoed = drain.join().expect("drain thread");
+    assert!(
+        echoed >= SAYS * 16 * 1024,
+        "the flooder got {echoed} bytes of its own"
+    );
+    drop(sinks);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Log flooding
 // ---------------------------------------------------------------------------------------------

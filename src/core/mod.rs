@@ -424,6 +424,14 @@ impl Chat {
         self.outbox.addressed
     }
 
+    /// Frames addressed to connections so far, all kinds together (the sum of
+    /// [`frames_out`](Self::frames_out)): a measure of the work an iteration's inputs made,
+    /// since most of a delivery's cost is per frame, whatever its size. A PRESENCE to 1,000
+    /// members is 1,000.
+    pub fn frames_addressed(&self) -> u64 {
+        self.outbox.addressed_frames
+    }
+
     /// Open connections (welcomed or not).
     pub fn connections(&self) -> usize {
         self.open

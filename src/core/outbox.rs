@@ -127,6 +127,8 @@ pub(crate) struct Outbox {
     /// Bytes addressed to recipients: each frame's length once per recipient (the fan-out
     /// a shell will have to write).
     pub(crate) addressed: u64,
+    /// Frames addressed to recipients, all opcodes together (the sum of `frames_out`).
+    pub(crate) addressed_frames: u64,
 }
 
 impl Outbox {
@@ -237,6 +239,7 @@ impl Outbox {
     }
 
     fn count(&mut self, start: usize, n: u64) {
+        self.addressed_frames += n;
         let op = self.pages.last().and_then(|p| p.get(start + 3)).copied();
         if let Some(op) = op {
             self.frames_out[usize::from(op)] += n;

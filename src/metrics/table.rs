@@ -330,6 +330,18 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.fanout_paused),
     },
     Metric {
+        name: "chatloop_reads_deferred_total",
+        kind: Kind::Counter,
+        help: "Times a connection was read in the next loop iteration because this iteration's inputs had already addressed its share of frames (a burst of fan-out sliced over iterations).",
+        series: Series::Single(|s| s.shell.reads_deferred),
+    },
+    Metric {
+        name: "chatloop_cuts_deferred_total",
+        kind: Kind::Counter,
+        help: "Slow consumers whose cut (and the PRESENCE it sends) waited for a later loop iteration, because this one had cut its share and spent its frames.",
+        series: Series::Single(|s| s.shell.cuts_deferred),
+    },
+    Metric {
         name: "chatloop_events_dropped_total",
         kind: Kind::Counter,
         help: "Events lost because an application that turned events on did not drain them.",
@@ -421,6 +433,18 @@ mod tests {
         let mut cs = s.chars();
         matches!(cs.next(), Some(c) if c.is_ascii_lowercase())
             && cs.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    /// An operator reads docs/OPERATIONS.md, not this table: every metric is described there.
+    #[test]
+    fn every_metric_is_in_the_operations_guide() {
+        let guide = include_str!("../../docs/OPERATIONS.md");
+        let missing: Vec<&str> = TABLE
+            .iter()
+            .map(|m| m.name)
+            .filter(|n| !guide.contains(&format!("`{n}`")) && !guide.contains(&format!("`{n}{{")))
+            .collect();
+        assert!(missing.is_empty(), "not in docs/OPERATIONS.md: {missing:?}");
     }
 
     #[test]

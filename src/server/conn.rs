@@ -60,6 +60,9 @@ pub(crate) struct Conn {
     pub(crate) fanout: u64,
     /// Flood control: not to be read until the server's pause heap says so.
     pub(crate) paused: bool,
+    /// A slow consumer waiting in the server's `cuts` for its turn to be cut: it has missed
+    /// output already, so it gets none until then (what it holds is still an in-order prefix).
+    pub(crate) cut_pending: bool,
 }
 
 /// What a write attempt found.

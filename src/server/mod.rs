@@ -65,6 +65,11 @@ const SMALL_WRITE: usize = 32 * 1024;
 /// `Server::fanout_budget`).
 const FANOUT_BUDGETS: usize = 16;
 
+/// Slow consumers cut per iteration whatever `iteration_frames` says, so cuts move on even
+/// while reads fill every iteration. A cut sends PRESENCE gone to the member's rooms: a
+/// thousand members of one room cut at once would be half a million frames in one iteration.
+const CUTS_PER_ITERATION: usize = 16;
+
 /// Slow consumers closed per iteration at most (each close frees what the kernel held for
 /// the peer, up to a send buffer; the rest are closed in the next iterations).
 const RESETS_PER_ITERATION: usize = 32;
@@ -91,8 +96,9 @@ pub struct ServerConfig {
     /// starve the others (the rest is read at the next `flush`) (default 256 KiB). Never more than
     /// the core's input budget (`chat.max_pending / 4`) is used, whatever this says.
     pub read_budget: usize,
-    /// Most bytes written to sockets per loop iteration (default 16 MiB): output beyond it
-    /// waits (by reference, no copy) for the next iteration, oldest first, so one enormous
+    /// Most bytes written to sockets per loop iteration (default 16 MiB), and no big writes
+    /// past 20 ms into the iteration: output beyond either waits (by reference, no copy) for
+    /// the next iteration, oldest first, so one enormous
     /// fan-out cannot make one iteration long and every other connection wait. Connections
     /// with little to write (4 KiB: an interactive chat's messages) are written anyway, first
     /// in line. A sender whose input caused 16 budgets of fan-out (bytes addressed to
@@ -100,6 +106,14 @@ pub struct ServerConfig {
     /// budget, so a flood to a large room is slowed to what the server can write. At least one
     /// read and one connection's write happen per iteration, whatever this says.
     pub write_budget: usize,
+    /// Frames (one per recipient: a PRESENCE to 1,000 members is 1,000) the inputs of one
+    /// loop iteration may address before it reads no more; the rest is read in the next
+    /// (default 262,144). Cost per delivery hardly depends on its size, so many senders' small
+    /// fan-outs (a thousand JOINs into a thousand-member room: a million PRESENCE frames) make
+    /// a long iteration as surely as one flood. It also bounds the slow consumers one
+    /// iteration cuts (each cut sends PRESENCE `gone`): 16, and more only while frames are
+    /// left. Far above what interactive chat makes in an iteration, so it only slices bursts.
+    pub iteration_frames: u64,
     /// Kernel send buffer of each connection, SO_SNDBUF (default 256 KiB; 0 leaves the
     /// kernel's autotuning, which grows it up to net.ipv4.tcp_wmem's maximum, 4 MiB here).
     /// It bounds the kernel memory a member that never reads can hold, and the bytes the
@@ -121,6 +135,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             read_budget: 256 * 1024,
             write_budget: 16 << 20,
+            iteration_frames: 256 * 1024,
             send_buffer: 256 * 1024,
             max_conns_per_ip: 0,
         }
@@ -166,6 +181,12 @@ pub struct ServerStats {
     /// Times a connection stopped reading for the rest of an iteration because its input had
     /// caused a write budget's worth of fan-out.
     pub fanout_paused: u64,
+    /// Times a connection's read waited for the next iteration because the iteration's
+    /// inputs had already addressed its share of frames.
+    pub reads_deferred: u64,
+    /// Slow consumers whose cut waited for a later iteration (the iteration had cut its
+    /// share and spent its frames).
+    pub cuts_deferred: u64,
     /// Shell events lost because the event queue was full, as of the last `flush` (the
     /// core's are in its `Stats`).
     pub events_dropped: u64,
@@ -219,6 +240,13 @@ pub struct Server {
     chat: Chat,
     scratch: Box<[u8]>,
     read_again: Vec<ConnId>,
+    /// `Chat::frames_addressed` when this iteration began (for `iteration_frames`).
+    frames_at_start: u64,
+    /// Slow consumers found while the iteration's frame budget was spent, oldest first,
+    /// cut in the next iterations (`Conn::cut_pending`).
+    cuts: VecDeque<ConnId>,
+    /// Slow consumers cut in this iteration.
+    cuts_made: usize,
     /// Connections whose output waits for the write budget, oldest first (an id whose
     /// connection is no longer deferred is skipped).
     write_queue: VecDeque<ConnId>,
@@ -293,6 +321,9 @@ impl Server {
             chat,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             read_again: Vec::new(),
+            frames_at_start: 0,
+            cuts: VecDeque::new(),
+            cuts_made: 0,
             write_queue: VecDeque::new(),
             paused: BinaryHeap::new(),
             closing: Vec::new(),
@@ -550,6 +581,7 @@ impl Server {
             read_again: false,
             fanout: 0,
             paused: false,
+            cut_pending: false,
         });
         if self.cfg.max_conns_per_ip > 0 {
             *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
@@ -591,7 +623,10 @@ impl Server {
         let budget = self.read_budget();
         let fanout_budget = self.fanout_budget();
         let epoch = self.stats.iterations as u32;
-        while let Some(c) = self.conn(id) {
+        loop {
+            let iteration_full = self.chat.frames_addressed() - self.frames_at_start
+                >= self.cfg.iteration_frames.max(1);
+            let Some(c) = self.conn(id) else { break };
             if !c.is_open() || c.paused {
                 break;
             }
@@ -600,12 +635,16 @@ impl Server {
                 c.read_left = budget as u32;
                 c.fanout = 0;
             }
-            if c.read_left == 0 {
+            if c.read_left == 0 || iteration_full {
                 // More may be waiting, but others get their turn first; no new edge will come
                 // for what is already buffered, so come back next iteration.
+                let deferred = iteration_full && c.read_left > 0;
                 if !c.read_again {
                     c.read_again = true;
                     self.read_again.push(id);
+                }
+                if deferred {
+                    self.stats.reads_deferred += 1;
                 }
                 break;
             }
@@ -767,13 +806,20 @@ impl Server {
     /// last call goes out (one `writev` per connection) and the closes it asked for happen.
     /// Call once per loop iteration, every iteration, after the events and `handle_timeout`.
     pub fn flush(&mut self, now: Instant) {
-        self.iteration_start.get_or_insert(now);
         // A new read epoch first: the deferred reads spend the next iteration's budget.
         self.stats.iterations += 1;
-        let mut budget = Budget {
-            bytes: self.cfg.write_budget,
-        };
+        let start = *self.iteration_start.get_or_insert(now);
+        let mut budget = Budget::new(self.cfg.write_budget, start);
         self.read_leftovers(now);
+        while self.may_cut() {
+            let Some(id) = self.cuts.pop_front() else {
+                break;
+            };
+            if let Some(c) = self.conn(id).filter(|c| c.cut_pending) {
+                c.cut_pending = false;
+                self.overflow(now, id);
+            }
+        }
         let base = self.base;
         let max_pending = self.cfg.chat.max_pending;
         let mut failed: Vec<(ConnId, WriteError)> = Vec::new();
@@ -807,6 +853,9 @@ impl Server {
                 let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
                     continue;
                 };
+                if c.cut_pending {
+                    continue; // its output is dropped until its cut
+                }
                 let (was_blocked, was_deferred) = (c.write_blocked, c.deferred);
                 // Past the byte budget, connections with little to write (an interactive
                 // chat's messages, not a flood's) are still written; replies always are.
@@ -889,6 +938,8 @@ impl Server {
         if let Some(start) = self.iteration_start.take() {
             self.stats.record_iteration(start.elapsed());
         }
+        self.frames_at_start = self.chat.frames_addressed();
+        self.cuts_made = 0;
     }
 
     /// A connection whose parked output would exceed max-pending. The core decides what that
@@ -900,11 +951,30 @@ impl Server {
             return;
         };
         if self.chat.is_open(id) {
+            if !self.may_cut() {
+                // This iteration has done its share: the cut (and the PRESENCE it sends)
+                // waits for the next, and the member gets nothing meanwhile.
+                if let Some(c) = self.conn(id).filter(|c| !c.cut_pending) {
+                    c.cut_pending = true;
+                    self.cuts.push_back(id);
+                    self.stats.cuts_deferred += 1;
+                }
+                return;
+            }
+            self.cuts_made += 1;
             self.chat.handle_slow_consumer(now, id, queued);
         } else if let Phase::Closing(reason) = phase {
             log::debug!("conn {id}: closing with {queued} bytes unsent (over max-pending)");
             self.close_now(id, reason);
         }
+    }
+
+    /// Whether this iteration may cut another slow consumer: a few always, more while the
+    /// iteration's frame budget lasts.
+    fn may_cut(&self) -> bool {
+        self.cuts_made < CUTS_PER_ITERATION
+            || self.chat.frames_addressed() - self.frames_at_start
+                < self.cfg.iteration_frames.max(1)
     }
 
     // ----- time -----
@@ -970,6 +1040,7 @@ impl Server {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         if !self.read_again.is_empty()
+            || !self.cuts.is_empty()
             || !self.write_queue.is_empty()
             || !self.closing.is_empty()
             || self.chat.has_output()
@@ -1072,12 +1143,37 @@ impl Server {
 /// 22 to 6 M deliveries/s. Small writes (an interactive chat's, batched or not) are not
 /// budgeted at all: that is the design's throughput; big ones (megabytes of fan-out to
 /// members that do not read) are.
+///
+/// And time: what the kernel makes of a megabyte written varies (copied into a socket whose
+/// peer does not read, it is queued skb by skb; measured from 0.2 to 0.6 GB/s on this
+/// machine under the same attack), so a byte budget alone let an iteration run 30 to 80 ms.
+/// The clock is read once per `CLOCK_EVERY` bytes, a syscall-free vDSO read next to a
+/// megabyte of `writev`.
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     bytes: usize,
+    /// Past it, big writes wait for the next iteration.
+    deadline: Instant,
+    /// Bytes written since the clock was last read.
+    unchecked: usize,
 }
 
+/// Bytes written between two looks at the clock (`Budget`).
+const CLOCK_EVERY: usize = 1 << 20;
+
+/// Time an iteration may spend before big writes wait for the next one (`Budget`): half of
+/// the iteration length the isolation bound allows, the rest being reads and closes.
+const WRITE_TIME: Duration = Duration::from_millis(20);
+
 impl Budget {
+    fn new(bytes: usize, iteration_start: Instant) -> Self {
+        Budget {
+            bytes,
+            deadline: iteration_start + WRITE_TIME,
+            unchecked: 0,
+        }
+    }
+
     /// Whether a write may happen now (`small`: up to `SMALL_WRITE`, never held back).
     fn allows(&self, small: bool) -> bool {
         self.bytes > 0 || small
@@ -1085,6 +1181,13 @@ impl Budget {
 
     fn spend(&mut self, bytes: usize) {
         self.bytes = self.bytes.saturating_sub(bytes);
+        self.unchecked += bytes;
+        if self.unchecked >= CLOCK_EVERY && self.bytes > 0 {
+            self.unchecked = 0;
+            if Instant::now() >= self.deadline {
+                self.bytes = 0;
+            }
+        }
     }
 }
 
