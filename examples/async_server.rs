@@ -222,6 +222,10 @@ async fn run(args: Args) -> Result<(), String> {
     if args.max_conns_per_ip > 0 {
         log::warn!("--max-conns-per-ip is the mio server's; the async version ignores it");
     }
+    if args.cluster.is_some() {
+        // Its chat would hand SAYs to a backbone nobody drives: refuse rather than lose them.
+        return Err("--cluster is the mio server's; the async version has no backbone yet".into());
+    }
     log::info!("serving at most {max_conns} connections");
 
     let listener = bind(args.listen, args.backlog)
@@ -1132,6 +1136,8 @@ impl Actor {
         let (partial, partial_bytes) = self.chat.partial_input();
         Snapshot {
             chat: self.chat.stats().clone(),
+            // Not clustered (docs/CLUSTER.md: the async version has no backbone yet).
+            backbone: None,
             frames_out: self.chat.frames_out().to_vec(),
             shell,
             connections: self

@@ -164,6 +164,13 @@ pub struct Args {
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address [default: off].
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Join a cluster through this Redis: redis://HOST:PORT[/DB] [default: off, one process
+    /// is the whole chat]. See docs/CLUSTER.md.
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<String>,
+    /// This node's name in a cluster's logs and metrics [default: HOST-PID].
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
     /// Interval of the periodic stats log line (0 = off).
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     pub stats_interval: Duration,
@@ -219,6 +226,7 @@ impl Args {
                 rate: self.input_rate,
                 burst: self.input_burst,
             },
+            relay: self.cluster.is_some(),
         }
     }
 

@@ -72,6 +72,7 @@
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod id;

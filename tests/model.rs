@@ -504,6 +504,8 @@ fn chat_config(cfg: &Config) -> ChatConfig {
         // itself.
         cmd_limit: chatloop::core::Limit::OFF,
         input_limit: chatloop::core::Limit::OFF,
+        // One process: the model has no cluster mode yet (issue 12).
+        relay: false,
     }
 }
 

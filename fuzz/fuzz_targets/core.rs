@@ -319,6 +319,7 @@ fuzz_target!(|input: Input| {
         tick: ms(u64::from(l.tick_ms % 100) + 1),
         cmd_limit: chatloop::core::Limit { rate: 50, burst: 20 },
         input_limit: chatloop::core::Limit { rate: 4096, burst: 2048 },
+        relay: false,
     };
     let t0 = Instant::now();
     let mut n: u128 = 0;

@@ -12,15 +12,18 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use chatloop::cluster::{BackboneSource, RedisUrl, default_node_id};
 use chatloop::config::{Args, init_logging};
 use chatloop::limits;
 use chatloop::metrics::{MetricsEndpoint, StatsLine};
 use chatloop::server::Server;
 
-/// Tokens: the signal fd, then the metrics endpoint's range, then the chat server's range.
+/// Tokens: the signal fd, then the metrics endpoint's range, the cluster backbone's two, then
+/// the chat server's range.
 const SIGNALS: Token = Token(0);
 const METRICS_BASE: Token = Token(1);
-const SERVER_BASE: Token = Token(1 + chatloop::metrics::MAX_CLIENTS + 1);
+const CLUSTER_BASE: Token = Token(1 + chatloop::metrics::MAX_CLIENTS + 1);
+const SERVER_BASE: Token = Token(CLUSTER_BASE.0 + 2);
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -113,6 +116,23 @@ fn run(args: &Args) -> Result<(), String> {
         None => None,
     };
 
+    let mut cluster = match &args.cluster {
+        Some(url) => {
+            let url: RedisUrl = url.parse()?;
+            let node = args.node_id.clone().unwrap_or_else(default_node_id);
+            log::info!(
+                "cluster: node {node}, Redis at {}:{} (db {})",
+                url.host,
+                url.port,
+                url.db
+            );
+            let b = BackboneSource::new(url, &node, poll.registry(), CLUSTER_BASE, now)
+                .map_err(|e| format!("cannot set up the cluster backbone: {e}"))?;
+            Some(b)
+        }
+        None => None,
+    };
+
     let mut events = Events::with_capacity(1024);
     let mut next_stats = (!args.stats_interval.is_zero()).then(|| now + args.stats_interval);
     // The previous stats line's snapshot and when it was taken, for the rates.
@@ -122,6 +142,7 @@ fn run(args: &Args) -> Result<(), String> {
             server.poll_timeout(),
             next_stats,
             metrics.as_ref().and_then(|m| m.poll_timeout()),
+            cluster.as_ref().and_then(|c| c.poll_timeout()),
         ]
         .into_iter()
         .flatten()
@@ -148,15 +169,25 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             } else if server.owns(event.token()) {
                 server.handle_event(event, now);
+            } else if let Some(c) = cluster.as_mut().filter(|c| c.owns(event.token())) {
+                c.handle_event(event, now);
             } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
-                m.handle_event(event, now, || server.snapshot());
+                let backbone = cluster.as_ref().map(|c| c.stats());
+                m.handle_event(event, now, || snapshot(&server, backbone));
             }
         }
         server.handle_timeout(now);
         if let Some(m) = metrics.as_mut() {
             m.handle_timeout(now);
         }
+        if let Some(c) = cluster.as_mut() {
+            c.handle_timeout(now);
+            c.exchange(&mut server, now);
+        }
         server.flush(now);
+        if let Some(c) = cluster.as_mut() {
+            c.flush(now);
+        }
         if server.is_shut_down() {
             log::info!("shutdown complete");
             return Ok(());
@@ -176,4 +207,14 @@ fn run(args: &Args) -> Result<(), String> {
             next_stats = Some(t + args.stats_interval);
         }
     }
+}
+
+/// The server's snapshot, with the backbone's counters when clustered.
+fn snapshot(
+    server: &Server,
+    backbone: Option<chatloop::cluster::BackboneStats>,
+) -> chatloop::metrics::Snapshot {
+    let mut s = server.snapshot();
+    s.backbone = backbone;
+    s
 }

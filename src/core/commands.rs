@@ -7,7 +7,8 @@
 use std::time::Instant;
 
 use super::{
-    Chat, CloseReason, Event, HelloInfo, Room, RoomId, Verdict, ct_eq, fold, os_token, token_key,
+    Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold, os_token,
+    token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -214,6 +215,9 @@ impl Chat {
                 members: Vec::new(),
             }));
             self.room_index.insert(room.into(), id);
+            if self.cfg.relay {
+                self.relay.push_back(Relay::Opened { room: room.into() });
+            }
             id
         });
         let members = &mut self.rooms[rid.0].members;
@@ -272,6 +276,14 @@ impl Chat {
         if self.vetoed(conn, verdict) {
             return;
         }
+        if self.cfg.relay {
+            self.relay.push_back(Relay::Say {
+                room: room.into(),
+                from: nick,
+                text: text.into(),
+            });
+            return;
+        }
         self.broadcast_message(rid, Some(conn), &nick, text);
     }
 
@@ -285,6 +297,18 @@ impl Chat {
     ) {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
+        self.broadcast_message_with(rid, sender, from, text, msg_id);
+    }
+
+    /// [`broadcast_message`](Self::broadcast_message) with a given msg_id.
+    pub(super) fn broadcast_message_with(
+        &mut self,
+        rid: RoomId,
+        sender: Option<ConnId>,
+        from: &str,
+        text: &str,
+        msg_id: u64,
+    ) {
         let room = &self.rooms[rid.0];
         let (buf, start) = self.outbox.buf();
         encode::message(buf, msg_id, &room.name, from, text);

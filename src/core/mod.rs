@@ -28,6 +28,7 @@ mod event;
 mod flood;
 mod hooks;
 mod outbox;
+mod relay;
 mod session_ops;
 mod stats;
 
@@ -35,6 +36,7 @@ pub use event::{Event, MAX_EVENTS};
 pub use flood::Limit;
 pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
 pub use outbox::{Chunks, Output, PAGE_SIZE, SharedBytes};
+pub use relay::Relay;
 pub use stats::{CloseCounts, Stats};
 
 use std::collections::{HashMap, VecDeque};
@@ -84,6 +86,9 @@ pub struct ChatConfig {
     /// Flood control on input bytes, per connection (default 4 MiB a second, bursts of
     /// 8 MiB). `Limit::OFF` turns it off.
     pub input_limit: Limit,
+    /// Rooms span nodes (default false): SAYs go out through [`Chat::poll_relay`] and come
+    /// back through [`Chat::handle_remote_message`] (see [`Relay`]).
+    pub relay: bool,
 }
 
 impl ChatConfig {
@@ -116,6 +121,7 @@ impl Default for ChatConfig {
                 rate: 4 << 20,
                 burst: 8 << 20,
             },
+            relay: false,
         }
     }
 }
@@ -297,6 +303,8 @@ pub struct Chat {
     events: EventQueue,
     /// Slow-consumer warnings, collapsed (`log_limit`).
     warn_slow: Collapsed,
+    /// For the backbone, with `cfg.relay` (drained every iteration by the shell).
+    relay: VecDeque<Relay>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -371,6 +379,7 @@ impl Chat {
             refusal: Vec::new(),
             events: EventQueue::default(),
             warn_slow: Collapsed::new("slow consumers closed"),
+            relay: VecDeque::new(),
         }
     }
 
@@ -891,6 +900,39 @@ impl Chat {
     }
 
     // ----- commands -----
+
+    /// The next item for the backbone, with [`ChatConfig::relay`] on (see [`Relay`]). A
+    /// shell drains it every iteration, before [`poll_output`](Self::poll_output).
+    #[must_use]
+    pub fn poll_relay(&mut self) -> Option<Relay> {
+        self.relay.pop_front()
+    }
+
+    /// The highest msg_id this core has given or delivered (0 before the first). A cluster
+    /// backbone keeps the cluster's counter above it across a Redis restart.
+    pub fn last_msg_id(&self) -> u64 {
+        self.next_msg_id - 1
+    }
+
+    /// A room message the backbone delivered (a SAY of any node, this one's included): a
+    /// MESSAGE with `msg_id` to this node's members of `room`. Returns false if the room
+    /// has no member here (it closed while the message crossed). Later local ids (whispers,
+    /// posts) are above `msg_id`, so ids stay increasing on every connection.
+    pub fn handle_remote_message(
+        &mut self,
+        room: &str,
+        msg_id: u64,
+        from: &str,
+        text: &str,
+    ) -> bool {
+        self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
+        let Some(&rid) = self.room_index.get(room) else {
+            return false;
+        };
+        let text = session_ops::truncate(text, self.cfg.max_frame as usize);
+        self.broadcast_message_with(rid, None, from, text, msg_id);
+        true
+    }
 
     /// Posts a system message (`from` is empty, which no nick can be) to every member of
     /// `room`. Returns false if the room does not exist. Text longer than max_frame is cut (at

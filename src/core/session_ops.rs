@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{Chat, CloseReason, Event, RoomId, fold, token_key};
+use super::{Chat, CloseReason, Event, Relay, RoomId, fold, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
 
@@ -114,6 +114,9 @@ impl Chat {
         if self.rooms[rid.0].members.is_empty() {
             let room = self.rooms.remove(rid.0);
             self.room_index.remove(&room.name);
+            if self.cfg.relay {
+                self.relay.push_back(Relay::Closed { room: room.name });
+            }
         }
     }
 

@@ -14,9 +14,17 @@ pub fn render(snapshot: &Snapshot, out: &mut String) {
     }
 }
 
-/// One metric. Writing to a `String` cannot fail, hence the ignored results.
+/// One metric. Writing to a `String` cannot fail, hence the ignored results. A labelled
+/// metric without samples (the cluster's, outside a cluster) is left out, HELP and TYPE too.
 fn render_metric(m: &Metric, s: &Snapshot, out: &mut String) {
     let name = m.name;
+    if let Series::Labelled { values, .. } = m.series {
+        let mut any = false;
+        values(s, &mut |_| any = true);
+        if !any {
+            return;
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP {name} {}\n# TYPE {name} {}",
@@ -60,7 +68,11 @@ mod tests {
     #[test]
     fn every_row_renders_in_order() {
         let mut out = String::new();
-        render(&Snapshot::default(), &mut out);
+        let clustered = Snapshot {
+            backbone: Some(Default::default()),
+            ..Snapshot::default()
+        };
+        render(&clustered, &mut out);
         assert!(out.ends_with('\n'));
         let mut at = 0;
         for m in TABLE {
@@ -81,6 +93,13 @@ mod tests {
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn cluster_metrics_only_in_a_cluster() {
+        let mut out = String::new();
+        render(&Snapshot::default(), &mut out);
+        assert!(!out.contains("chatloop_cluster_"), "{out}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::server::{Server, ServerStats};
 pub struct Snapshot {
     /// The chat core's counters (frames received, messages, deliveries, errors, closes...).
     pub chat: Stats,
+    /// The cluster backbone's counters, when the server is in a cluster (`None` otherwise:
+    /// no cluster series are exported).
+    pub backbone: Option<crate::cluster::BackboneStats>,
     /// Frames addressed to connections, indexed by opcode, one per recipient
     /// ([`crate::core::Chat::frames_out`]). Opcodes past the end count 0 (a default snapshot
     /// has none).
@@ -73,6 +76,7 @@ impl Server {
         let (partial, partial_bytes) = chat.partial_input();
         Snapshot {
             chat: chat.stats().clone(),
+            backbone: None,
             frames_out: chat.frames_out().to_vec(),
             shell: self.stats().clone(),
             connections: self.connections() as u64,

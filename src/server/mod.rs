@@ -1129,6 +1129,25 @@ impl Server {
         self.chat.whisper(nick, text)
     }
 
+    /// The next item for a cluster backbone ([`Chat::poll_relay`]); `None` unless the chat
+    /// config's `relay` is on.
+    #[must_use]
+    pub fn poll_relay(&mut self) -> Option<crate::core::Relay> {
+        self.chat.poll_relay()
+    }
+
+    /// A room message from a cluster backbone ([`Chat::handle_remote_message`]); false if
+    /// the room has no member here.
+    pub fn handle_remote_message(
+        &mut self,
+        room: &str,
+        msg_id: u64,
+        from: &str,
+        text: &str,
+    ) -> bool {
+        self.chat.handle_remote_message(room, msg_id, from, text)
+    }
+
     /// Closes a connection with `kicked` and `detail`; false if it is not open.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
         self.chat.kick(conn, detail)

@@ -24,6 +24,7 @@
 //! - `process.rs`: a server process: start, log lines, signals, exit (`Server`).
 //! - `client.rs`: the blocking protocol `Client`, logging in, resets and half-closes.
 //! - `metrics.rs`: scraping `/metrics` and waiting for a state (`Metrics`, `wait_state`).
+//! - `redis.rs`: a real `redis-server` for the cluster tests (`common::redis::Redis`).
 //! - `flood.rs`: the SAY flood with a slow consumer shared by faults, lifecycle and metrics.
 //!
 //! Each test binary compiles this module on its own and uses part of it, hence the
@@ -35,6 +36,7 @@ mod exe;
 pub mod flood;
 mod metrics;
 mod process;
+pub mod redis;
 mod wire;
 
 // A test binary that uses nothing of one of them would warn of an unused import.

@@ -1,0 +1,595 @@
+//! The cluster's rules over Redis, sans-IO: link events, bytes and `Instant`s in; bytes to
+//! write, deliveries for the core and deadlines out. No socket, no clock.
+//!
+//! Two links to one Redis: `Cmd` carries commands (each SAY is one `FCALL`, a server-side
+//! function that takes the next msg_id with `INCR` and `PUBLISH`es, atomically), `Sub`
+//! carries the subscriptions to the rooms this node has members in, and what is published
+//! there. Redis delivers a subscriber the messages of all its channels in the order it
+//! executed the publishes, so every node sees a room's messages in one order, with ids
+//! that increase in it.
+//!
+//! A SAY for a room whose subscription Redis has not confirmed yet is held (its sender
+//! would not receive it otherwise) and sent on confirmation; so are SAYs while Redis is
+//! unreachable, up to [`HELD_PER_ROOM`]; beyond, they are dropped and counted.
+//!
+//! Invariants: `Sub`'s pending (un)subscriptions per room are counted in `awaiting`; a room
+//! is `ready` (its SAYs go out) only when it is wanted, Redis confirmed every command about
+//! it, and both links are connected. Held SAYs exist only for rooms not ready.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::encode::encode;
+use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
+
+use crate::core::Relay;
+
+/// One of the two connections to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Commands: setup, `FCALL chatloop_say`, `PING`.
+    Cmd,
+    /// Subscriptions, and what arrives on them.
+    Sub,
+}
+
+impl Link {
+    /// Both, in token order.
+    pub const ALL: [Link; 2] = [Link::Cmd, Link::Sub];
+
+    fn index(self) -> usize {
+        match self {
+            Link::Cmd => 0,
+            Link::Sub => 1,
+        }
+    }
+}
+
+/// SAYs held per room while its subscription is not confirmed or Redis is unreachable.
+pub const HELD_PER_ROOM: usize = 256;
+
+/// Most bytes buffered from one link without a whole RESP frame (a reply larger than this
+/// is not one Redis sends us): the link is reset.
+const MAX_INPUT: usize = 64 << 20;
+
+/// Interval of the `PING` that measures the round trip and notices a stalled Redis.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// A reply older than this means Redis is stalled (stopped, or its host gone): the links are
+/// reset and reconnected, as after a failure.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// First reconnect delay; it doubles per failure up to `BACKOFF_MAX`, with ±25 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The channel prefix of rooms, and the msg_id counter's key.
+const ROOM_CHANNEL: &str = "chatloop:room:";
+const MSG_ID_KEY: &str = "chatloop:msg_id";
+
+/// The server-side functions (Redis 7 functions). `chatloop_say`: the msg_id and the publish
+/// in one atomic step, so ids increase in publish order; its payload is
+/// `<id>:<from length byte><from><text>`. `chatloop_floor`: raises the counter to at least a
+/// node's highest id, sent first on every connection, so a Redis that lost its data (a
+/// restart without persistence) does not hand out ids this node's members have seen.
+const LIBRARY: &str = "#!lua name=chatloop\n\
+redis.register_function('chatloop_say', function(keys, args)\n\
+  local id = redis.call('INCR', keys[1])\n\
+  redis.call('PUBLISH', keys[2], id .. ':' .. args[1])\n\
+  return id\n\
+end)\n\
+redis.register_function('chatloop_floor', function(keys, args)\n\
+  local cur = tonumber(redis.call('GET', keys[1]) or '0')\n\
+  local want = tonumber(args[1])\n\
+  if cur < want then redis.call('SET', keys[1], want) end\n\
+  return cur\n\
+end)\n";
+
+/// A room message that came over the backbone, for [`Chat::handle_remote_message`].
+///
+/// [`Chat::handle_remote_message`]: crate::core::Chat::handle_remote_message
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The room.
+    pub room: String,
+    /// The id Redis assigned.
+    pub msg_id: u64,
+    /// The sender's nick.
+    pub from: String,
+    /// The text.
+    pub text: String,
+}
+
+/// The backbone's counters, for /metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackboneStats {
+    /// Both links connected.
+    pub up: bool,
+    /// SAYs sent to Redis (`FCALL`).
+    pub published: u64,
+    /// Room messages received from Redis (every node's, this one's included).
+    pub received: u64,
+    /// SAYs that did not cross: held past [`HELD_PER_ROOM`], refused by Redis, or sent
+    /// without a reply before a link failed (those may have crossed).
+    pub dropped: u64,
+    /// Connections made to Redis (pairs of links).
+    pub connects: u64,
+    /// Link failures (refused, reset, stalled past `REPLY_TIMEOUT`, bad replies).
+    pub failures: u64,
+    /// The last `PING` round trip, in microseconds.
+    pub rtt_us: u64,
+}
+
+/// What a reply on `Cmd` answers, in the order the commands were sent.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Setup,
+    Say,
+    Ping(Instant),
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    connected: bool,
+    out: Vec<u8>,
+    input: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct RoomSub {
+    /// This node has members in the room.
+    wanted: bool,
+    /// SUBSCRIBE and UNSUBSCRIBE commands about it that Redis has not confirmed.
+    awaiting: u32,
+    /// SAYs waiting for the room to be ready: (from, text).
+    held: Vec<(Box<str>, Box<str>)>,
+}
+
+/// The sans-IO backbone (see the module documentation).
+#[derive(Debug)]
+pub struct Backbone {
+    node: Box<str>,
+    db: u32,
+    links: [LinkState; 2],
+    pending: VecDeque<(Pending, Instant)>,
+    rooms: HashMap<Box<str>, RoomSub>,
+    deliveries: VecDeque<Delivery>,
+    /// When to connect (None: connected or connecting).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    rng: u64,
+    next_ping: Option<Instant>,
+    /// The highest msg_id the core has seen (`set_floor`).
+    floor: u64,
+    stats: BackboneStats,
+}
+
+impl Backbone {
+    /// A backbone for node `node` using Redis database `db`; it asks to connect at once.
+    pub fn new(node: &str, db: u32, seed: u64, now: Instant) -> Self {
+        Backbone {
+            node: node.into(),
+            db,
+            links: Default::default(),
+            pending: VecDeque::new(),
+            rooms: HashMap::new(),
+            deliveries: VecDeque::new(),
+            retry_at: Some(now),
+            backoff: BACKOFF_MIN,
+            rng: seed | 1,
+            next_ping: None,
+            floor: 0,
+            stats: BackboneStats::default(),
+        }
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> BackboneStats {
+        self.stats
+    }
+
+    /// Whether both links are connected.
+    pub fn is_up(&self) -> bool {
+        self.links.iter().all(|l| l.connected)
+    }
+
+    /// True when the shell should open both links now (once per attempt).
+    #[must_use]
+    pub fn poll_connect(&mut self, now: Instant) -> bool {
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            return true;
+        }
+        false
+    }
+
+    /// `link` finished connecting.
+    pub fn handle_connected(&mut self, link: Link, now: Instant) {
+        let name = format!("chatloop-{}", self.node);
+        match link {
+            Link::Cmd => {
+                if self.db != 0 {
+                    self.command(
+                        now,
+                        Pending::Setup,
+                        &[b"SELECT", self.db.to_string().as_bytes()],
+                    );
+                }
+                self.command(
+                    now,
+                    Pending::Setup,
+                    &[b"CLIENT", b"SETNAME", name.as_bytes()],
+                );
+                self.command(
+                    now,
+                    Pending::Setup,
+                    &[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
+                );
+                let floor = self.floor.to_string();
+                self.command(
+                    now,
+                    Pending::Setup,
+                    &[
+                        b"FCALL",
+                        b"chatloop_floor",
+                        b"1",
+                        MSG_ID_KEY.as_bytes(),
+                        floor.as_bytes(),
+                    ],
+                );
+            }
+            Link::Sub => {
+                // Before SUBSCRIBE: a subscribed RESP2 connection takes no other command.
+                push_command(
+                    &mut self.links[1].out,
+                    &[b"CLIENT", b"SETNAME", name.as_bytes()],
+                );
+                let rooms: Vec<Box<str>> = self
+                    .rooms
+                    .iter()
+                    .filter(|(_, r)| r.wanted)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for room in rooms {
+                    self.subscribe(&room, true);
+                }
+            }
+        }
+        self.links[link.index()].connected = true;
+        if self.is_up() {
+            self.stats.up = true;
+            self.stats.connects += 1;
+            self.backoff = BACKOFF_MIN;
+            self.next_ping = Some(now + PING_EVERY);
+            log::info!("cluster: connected to Redis as node {}", self.node);
+        }
+        self.release_ready(now);
+    }
+
+    /// A link failed (refused, reset, closed, or the shell found its replies bad): the shell
+    /// has closed both; they are reopened after a backoff.
+    pub fn handle_disconnected(&mut self, now: Instant, why: &str) {
+        let was_up = self.stats.up;
+        self.stats.failures += 1;
+        self.stats.up = false;
+        let in_flight = self
+            .pending
+            .iter()
+            .filter(|(p, _)| matches!(p, Pending::Say))
+            .count();
+        self.stats.dropped += in_flight as u64;
+        self.pending.clear();
+        for l in &mut self.links {
+            *l = LinkState::default();
+        }
+        for r in self.rooms.values_mut() {
+            r.awaiting = 0;
+        }
+        self.rooms.retain(|_, r| r.wanted);
+        self.next_ping = None;
+        // Jitter, so nodes that lost Redis together do not return in step.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let spread = self.backoff.as_micros() as u64 / 2;
+        let delay =
+            self.backoff - self.backoff / 4 + Duration::from_micros(self.rng % spread.max(1));
+        self.retry_at = Some(now + delay);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        if was_up {
+            log::warn!(
+                "cluster: lost Redis ({why}); {in_flight} SAYs in flight; retrying in {delay:?}"
+            );
+        } else {
+            log::debug!("cluster: Redis unreachable ({why}); retrying in {delay:?}");
+        }
+    }
+
+    /// Bytes read from `link`. An `Err` means the link is unusable (a reply we cannot parse,
+    /// or a setup command refused): the shell closes both links and calls
+    /// [`handle_disconnected`](Self::handle_disconnected).
+    pub fn handle_data(&mut self, link: Link, bytes: &[u8], now: Instant) -> Result<(), String> {
+        let i = link.index();
+        self.links[i].input.extend_from_slice(bytes);
+        let mut at = 0;
+        let result = loop {
+            match decode(&self.links[i].input[at..]) {
+                Ok(Some((frame, used))) => {
+                    at += used;
+                    let r = match link {
+                        Link::Cmd => self.handle_reply(frame, now),
+                        Link::Sub => self.handle_push(frame, now),
+                    };
+                    if let Err(e) = r {
+                        break Err(e);
+                    }
+                }
+                Ok(None) if self.links[i].input.len() - at > MAX_INPUT => {
+                    break Err("a reply over 64 MiB".into());
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("bad RESP: {e:?}")),
+            }
+        };
+        self.links[i].input.drain(..at);
+        result
+    }
+
+    /// The highest msg_id the core has given or delivered
+    /// ([`Chat::last_msg_id`](crate::core::Chat::last_msg_id)): on every (re)connection the
+    /// cluster's counter is raised to at least this.
+    pub fn set_floor(&mut self, msg_id: u64) {
+        self.floor = self.floor.max(msg_id);
+    }
+
+    /// What the core handed out for the backbone.
+    pub fn handle_relay(&mut self, relay: Relay, now: Instant) {
+        match relay {
+            Relay::Opened { room } => {
+                let r = self.rooms.entry(room.clone()).or_default();
+                debug_assert!(!r.wanted, "Opened twice: {room}");
+                r.wanted = true;
+                if self.links[1].connected {
+                    self.subscribe(&room, true);
+                }
+            }
+            Relay::Closed { room } => {
+                let Some(r) = self.rooms.get_mut(&room) else {
+                    return;
+                };
+                r.wanted = false;
+                self.stats.dropped += r.held.len() as u64;
+                r.held.clear();
+                if self.links[1].connected {
+                    self.subscribe(&room, false);
+                } else {
+                    self.rooms.remove(&room);
+                }
+            }
+            Relay::Say { room, from, text } => {
+                if self.is_ready(&room) {
+                    self.publish(now, &room, &from, &text);
+                } else if let Some(r) = self.rooms.get_mut(&room) {
+                    if r.held.len() < HELD_PER_ROOM {
+                        r.held.push((from, text));
+                    } else {
+                        self.stats.dropped += 1;
+                    }
+                } else {
+                    debug_assert!(false, "Say for a room never opened: {room}");
+                    self.stats.dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// The next room message for the core.
+    #[must_use]
+    pub fn poll_delivery(&mut self) -> Option<Delivery> {
+        self.deliveries.pop_front()
+    }
+
+    /// Bytes waiting to be written on `link`.
+    pub fn transmit(&self, link: Link) -> &[u8] {
+        &self.links[link.index()].out
+    }
+
+    /// `n` bytes of [`transmit`](Self::transmit) were written.
+    pub fn consume(&mut self, link: Link, n: usize) {
+        self.links[link.index()].out.drain(..n);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next run: a reconnect, the next
+    /// `PING`, or the deadline of the oldest reply.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let stall = self.pending.front().map(|&(_, t)| t + REPLY_TIMEOUT);
+        [self.retry_at, self.next_ping, stall]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs what is due: a `PING`. Returns `Err` when a reply is overdue (Redis stalled): the
+    /// shell resets the links as after a failure. A spurious call does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), String> {
+        if let Some(&(_, sent)) = self.pending.front() {
+            if now >= sent + REPLY_TIMEOUT {
+                return Err(format!("no reply from Redis in {REPLY_TIMEOUT:?}"));
+            }
+        }
+        if self.next_ping.is_some_and(|t| now >= t) {
+            self.next_ping = Some(now + PING_EVERY);
+            self.command(now, Pending::Ping(now), &[b"PING"]);
+        }
+        Ok(())
+    }
+
+    // ----- inside -----
+
+    fn is_ready(&self, room: &str) -> bool {
+        self.is_up()
+            && self
+                .rooms
+                .get(room)
+                .is_some_and(|r| r.wanted && r.awaiting == 0)
+    }
+
+    fn command(&mut self, now: Instant, what: Pending, args: &[&[u8]]) {
+        push_command(&mut self.links[0].out, args);
+        self.pending.push_back((what, now));
+    }
+
+    fn subscribe(&mut self, room: &str, on: bool) {
+        let channel = format!("{ROOM_CHANNEL}{room}");
+        let verb: &[u8] = if on { b"SUBSCRIBE" } else { b"UNSUBSCRIBE" };
+        push_command(&mut self.links[1].out, &[verb, channel.as_bytes()]);
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.awaiting += 1;
+        }
+    }
+
+    fn publish(&mut self, now: Instant, room: &str, from: &str, text: &str) {
+        let channel = format!("{ROOM_CHANNEL}{room}");
+        let mut payload = Vec::with_capacity(1 + from.len() + text.len());
+        // Nicks are at most 32 bytes (PROTOCOL.md 1.4), so one byte holds the length.
+        payload.push(from.len().min(255) as u8);
+        payload.extend_from_slice(from.as_bytes());
+        payload.extend_from_slice(text.as_bytes());
+        self.command(
+            now,
+            Pending::Say,
+            &[
+                b"FCALL",
+                b"chatloop_say",
+                b"2",
+                MSG_ID_KEY.as_bytes(),
+                channel.as_bytes(),
+                &payload,
+            ],
+        );
+        self.stats.published += 1;
+    }
+
+    /// Sends the held SAYs of every room that became ready.
+    fn release_ready(&mut self, now: Instant) {
+        if !self.is_up() {
+            return;
+        }
+        let ready: Vec<Box<str>> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.wanted && r.awaiting == 0 && !r.held.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for room in ready {
+            let held = self
+                .rooms
+                .get_mut(&room)
+                .map(|r| std::mem::take(&mut r.held))
+                .unwrap_or_default();
+            for (from, text) in held {
+                self.publish(now, &room, &from, &text);
+            }
+        }
+    }
+
+    fn handle_reply(&mut self, frame: OwnedFrame, now: Instant) -> Result<(), String> {
+        let Some((what, _)) = self.pending.pop_front() else {
+            return Err(format!("a reply nobody asked for: {frame:?}"));
+        };
+        match (what, &frame) {
+            (Pending::Setup, OwnedFrame::Error(e)) => {
+                return Err(format!("setup refused: {e} (Redis 7 or later is needed)"));
+            }
+            (Pending::Say, OwnedFrame::Error(e)) => {
+                self.stats.dropped += 1;
+                log::warn!("cluster: a SAY was refused by Redis: {e}");
+            }
+            (Pending::Ping(sent), _) => {
+                self.stats.rtt_us = now.saturating_duration_since(sent).as_micros() as u64;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn handle_push(&mut self, frame: OwnedFrame, now: Instant) -> Result<(), String> {
+        let OwnedFrame::Array(parts) = frame else {
+            // The reply to CLIENT SETNAME, before the first SUBSCRIBE.
+            return match frame {
+                OwnedFrame::Error(e) => Err(format!("subscriber setup refused: {e}")),
+                _ => Ok(()),
+            };
+        };
+        let kind = parts.first().and_then(|p| p.as_bytes()).unwrap_or_default();
+        let channel = parts.get(1).and_then(|p| p.as_bytes()).unwrap_or_default();
+        let room = channel
+            .strip_prefix(ROOM_CHANNEL.as_bytes())
+            .and_then(|r| std::str::from_utf8(r).ok());
+        match kind {
+            b"message" => {
+                let Some(room) = room else {
+                    return Ok(());
+                };
+                let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
+                match parse_payload(payload) {
+                    Some((msg_id, from, text)) => {
+                        self.stats.received += 1;
+                        self.deliveries.push_back(Delivery {
+                            room: room.to_string(),
+                            msg_id,
+                            from: from.to_string(),
+                            text: text.to_string(),
+                        });
+                    }
+                    None => log::warn!("cluster: a malformed message on {room:?} ignored"),
+                }
+            }
+            b"subscribe" | b"unsubscribe" => {
+                if let Some(room) = room {
+                    if let Some(r) = self.rooms.get_mut(room) {
+                        r.awaiting = r.awaiting.saturating_sub(1);
+                        if !r.wanted && r.awaiting == 0 {
+                            self.rooms.remove(room);
+                        }
+                    }
+                    self.release_ready(now);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Appends one command, as a RESP array of bulk strings.
+fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let frame = OwnedFrame::Array(
+        args.iter()
+            .map(|a| OwnedFrame::BulkString(a.to_vec()))
+            .collect(),
+    );
+    let start = out.len();
+    out.resize(start + frame.encode_len(false), 0);
+    // The buffer was sized by the encoder itself, so this cannot fail.
+    let n = encode(&mut out[start..], &frame, false).unwrap_or(0);
+    out.truncate(start + n);
+}
+
+/// `<id>:<from length byte><from><text>`, as the function publishes it.
+fn parse_payload(p: &[u8]) -> Option<(u64, &str, &str)> {
+    let colon = p.iter().position(|&b| b == b':')?;
+    let msg_id = std::str::from_utf8(&p[..colon]).ok()?.parse().ok()?;
+    let rest = &p[colon + 1..];
+    let n = usize::from(*rest.first()?);
+    let from = std::str::from_utf8(rest.get(1..1 + n)?).ok()?;
+    let text = std::str::from_utf8(rest.get(1 + n..)?).ok()?;
+    Some((msg_id, from, text))
+}

@@ -1,0 +1,236 @@
+//! The backbone's mio shell: two non-blocking TCP connections to Redis in the caller's
+//! `Poll`, under the tokens `base` (`Link::Cmd`) and `base + 1` (`Link::Sub`).
+//!
+//! Invariant: both links are open or both are closed; any failure of one closes both and
+//! tells the backbone, which decides when to reconnect.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::RedisUrl;
+use super::backbone::{Backbone, BackboneStats, Link};
+use crate::server::Server;
+
+/// Most bytes read from one link per event, so a burst from Redis cannot starve clients.
+const READ_PER_EVENT: usize = 1 << 20;
+
+/// A stream being connected, or connected.
+#[derive(Debug)]
+struct Stream {
+    tcp: TcpStream,
+    connected: bool,
+}
+
+/// The backbone in a mio loop (see the module documentation).
+#[derive(Debug)]
+pub struct BackboneSource {
+    backbone: Backbone,
+    url: RedisUrl,
+    streams: [Option<Stream>; 2],
+    registry: Registry,
+    base: Token,
+    scratch: Box<[u8]>,
+}
+
+impl BackboneSource {
+    /// A backbone for node `node`, connecting to `url` from the first
+    /// [`handle_timeout`](Self::handle_timeout) on. Uses the tokens `base` and `base + 1`.
+    pub fn new(
+        url: RedisUrl,
+        node: &str,
+        registry: &Registry,
+        base: Token,
+        now: Instant,
+    ) -> std::io::Result<Self> {
+        let seed =
+            u64::from(std::process::id()) ^ now.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        Ok(BackboneSource {
+            backbone: Backbone::new(node, url.db, seed, now),
+            url,
+            streams: [None, None],
+            registry: registry.try_clone()?,
+            base,
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// Whether `token` is one of this source's.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 == self.base.0 || token.0 == self.base.0 + 1
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> BackboneStats {
+        self.backbone.stats()
+    }
+
+    /// The sans-IO part.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// A readiness event for one of this source's tokens.
+    pub fn handle_event(&mut self, event: &Event, now: Instant) {
+        let link = if event.token() == self.base {
+            Link::Cmd
+        } else {
+            Link::Sub
+        };
+        if let Err(e) = self.drive(link, now) {
+            self.reset(now, &e);
+        }
+    }
+
+    /// Moves the core's relay items to the backbone and the backbone's deliveries to the
+    /// core. Call once per iteration, after the events and before `flush`.
+    pub fn exchange(&mut self, server: &mut Server, now: Instant) {
+        while let Some(r) = server.poll_relay() {
+            self.backbone.handle_relay(r, now);
+        }
+        while let Some(d) = self.backbone.poll_delivery() {
+            server.handle_remote_message(&d.room, d.msg_id, &d.from, &d.text);
+        }
+        self.backbone.set_floor(server.chat().last_msg_id());
+    }
+
+    /// Reconnects when due, sends `PING`s, notices a stalled Redis.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Err(e) = self.backbone.handle_timeout(now) {
+            self.reset(now, &e);
+        }
+        if self.backbone.poll_connect(now) {
+            if let Err(e) = self.connect() {
+                self.reset(
+                    now,
+                    &format!("connect to {}:{}: {e}", self.url.host, self.url.port),
+                );
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next run.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.backbone.poll_timeout()
+    }
+
+    /// Writes what the backbone queued, on both links, until `WouldBlock` (once per
+    /// iteration: everything one iteration publishes goes out in one write).
+    pub fn flush(&mut self, now: Instant) {
+        for link in Link::ALL {
+            if let Err(e) = self.write(link) {
+                self.reset(now, &e);
+                return;
+            }
+        }
+    }
+
+    // ----- inside -----
+
+    fn connect(&mut self) -> std::io::Result<()> {
+        // Resolved at each attempt: a Redis that moved (a failover behind a name) is found.
+        // This blocks for a name lookup; an address or `localhost` does not.
+        let addr: SocketAddr =
+            std::net::ToSocketAddrs::to_socket_addrs(&(self.url.host.as_str(), self.url.port))?
+                .next()
+                .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no address"))?;
+        for link in Link::ALL {
+            let mut tcp = TcpStream::connect(addr)?;
+            let token = self.token(link);
+            self.registry
+                .register(&mut tcp, token, Interest::READABLE | Interest::WRITABLE)?;
+            self.streams[index(link)] = Some(Stream {
+                tcp,
+                connected: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn token(&self, link: Link) -> Token {
+        Token(self.base.0 + index(link))
+    }
+
+    fn drive(&mut self, link: Link, now: Instant) -> Result<(), String> {
+        let Some(s) = self.streams[index(link)].as_mut() else {
+            return Ok(()); // an event for a stream closed earlier in this iteration
+        };
+        if !s.connected {
+            // mio: a connect has finished when the stream is writable; it succeeded if there
+            // is no error and a peer.
+            if let Ok(Some(e)) | Err(e) = s.tcp.take_error() {
+                return Err(format!("connect: {e}"));
+            }
+            match s.tcp.peer_addr() {
+                Ok(_) => {
+                    s.connected = true;
+                    let _ = s.tcp.set_nodelay(true);
+                    self.backbone.handle_connected(link, now);
+                }
+                Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+        }
+        let mut total = 0;
+        loop {
+            let Some(s) = self.streams[index(link)].as_mut() else {
+                return Ok(());
+            };
+            match s.tcp.read(&mut self.scratch) {
+                Ok(0) => return Err("Redis closed the connection".into()),
+                Ok(n) => {
+                    total += n;
+                    self.backbone.handle_data(link, &self.scratch[..n], now)?;
+                    if total >= READ_PER_EVENT {
+                        // Edge-triggered: come back for the rest at once.
+                        return self.write(link);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        self.write(link)
+    }
+
+    fn write(&mut self, link: Link) -> Result<(), String> {
+        let Some(s) = self.streams[index(link)].as_mut().filter(|s| s.connected) else {
+            return Ok(());
+        };
+        loop {
+            let out = self.backbone.transmit(link);
+            if out.is_empty() {
+                return Ok(());
+            }
+            match s.tcp.write(out) {
+                Ok(0) => return Err("Redis accepts no more bytes".into()),
+                Ok(n) => self.backbone.consume(link, n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        }
+    }
+
+    fn reset(&mut self, now: Instant, why: &str) {
+        for s in self.streams.iter_mut() {
+            if let Some(mut s) = s.take() {
+                let _ = self.registry.deregister(&mut s.tcp);
+            }
+        }
+        self.backbone.handle_disconnected(now, why);
+    }
+}
+
+fn index(link: Link) -> usize {
+    match link {
+        Link::Cmd => 0,
+        Link::Sub => 1,
+    }
+}

@@ -1,0 +1,247 @@
+//! The backbone without Redis: its commands are decoded from what it would write, and
+//! Redis's answers are fed to it as bytes.
+
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::types::OwnedFrame;
+
+use super::*;
+use crate::core::Relay;
+
+/// Takes and decodes the commands queued on `link`.
+fn commands(b: &mut Backbone, link: Link) -> Vec<Vec<String>> {
+    let bytes = b.transmit(link).to_vec();
+    b.consume(link, bytes.len());
+    let mut at = 0;
+    let mut out = Vec::new();
+    while let Ok(Some((OwnedFrame::Array(parts), n))) = decode(&bytes[at..]) {
+        at += n;
+        out.push(
+            parts
+                .into_iter()
+                .map(|p| match p {
+                    OwnedFrame::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+        );
+    }
+    assert_eq!(at, bytes.len(), "only whole commands");
+    out
+}
+
+fn up(now: Instant) -> Backbone {
+    let mut b = Backbone::new("n1", 0, 7, now);
+    assert!(b.poll_connect(now));
+    assert!(!b.poll_connect(now), "once per attempt");
+    b.handle_connected(Link::Cmd, now);
+    b.handle_connected(Link::Sub, now);
+    assert!(b.is_up());
+    let setup = commands(&mut b, Link::Cmd);
+    assert_eq!(setup[0][..2], ["CLIENT", "SETNAME"]);
+    assert_eq!(setup[1][..3], ["FUNCTION", "LOAD", "REPLACE"]);
+    assert_eq!(
+        setup[2],
+        ["FCALL", "chatloop_floor", "1", "chatloop:msg_id", "0"]
+    );
+    b.handle_data(Link::Cmd, b"+OK\r\n$8\r\nchatloop\r\n:0\r\n", now)
+        .expect("setup accepted");
+    assert_eq!(
+        commands(&mut b, Link::Sub),
+        [["CLIENT", "SETNAME", "chatloop-n1"]]
+    );
+    b.handle_data(Link::Sub, b"+OK\r\n", now).expect("setname");
+    b
+}
+
+fn say(room: &str, text: &str) -> Relay {
+    Relay::Say {
+        room: room.into(),
+        from: "alice".into(),
+        text: text.into(),
+    }
+}
+
+#[test]
+fn a_say_waits_for_its_room_subscription_then_crosses_and_comes_back() {
+    let now = Instant::now();
+    let mut b = up(now);
+    b.handle_relay(
+        Relay::Opened {
+            room: "lobby".into(),
+        },
+        now,
+    );
+    assert_eq!(
+        commands(&mut b, Link::Sub),
+        [["SUBSCRIBE", "chatloop:room:lobby"]]
+    );
+    b.handle_relay(say("lobby", "hi"), now);
+    assert!(
+        commands(&mut b, Link::Cmd).is_empty(),
+        "held until subscribed"
+    );
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$9\r\nsubscribe\r\n$19\r\nchatloop:room:lobby\r\n:1\r\n",
+        now,
+    )
+    .expect("confirmation");
+    assert_eq!(
+        commands(&mut b, Link::Cmd),
+        [[
+            "FCALL",
+            "chatloop_say",
+            "2",
+            "chatloop:msg_id",
+            "chatloop:room:lobby",
+            "\u{5}alicehi"
+        ]]
+    );
+    // What Redis publishes, in two pieces (a frame may arrive in any number of reads).
+    let push = b"*3\r\n$7\r\nmessage\r\n$19\r\nchatloop:room:lobby\r\n$11\r\n42:\x05alicehi\r\n";
+    b.handle_data(Link::Sub, &push[..20], now).expect("part");
+    assert_eq!(b.poll_delivery(), None);
+    b.handle_data(Link::Sub, &push[20..], now).expect("rest");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery {
+            room: "lobby".into(),
+            msg_id: 42,
+            from: "alice".into(),
+            text: "hi".into()
+        })
+    );
+    b.handle_data(Link::Cmd, b":42\r\n", now)
+        .expect("the FCALL's reply");
+    let s = b.stats();
+    assert_eq!((s.published, s.received, s.dropped), (1, 1, 0));
+}
+
+#[test]
+fn a_room_reopened_before_its_unsubscribe_is_confirmed_waits_for_both() {
+    let now = Instant::now();
+    let mut b = up(now);
+    let opened = || Relay::Opened { room: "r".into() };
+    b.handle_relay(opened(), now);
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$9\r\nsubscribe\r\n$15\r\nchatloop:room:r\r\n:1\r\n",
+        now,
+    )
+    .expect("sub");
+    b.handle_relay(Relay::Closed { room: "r".into() }, now);
+    b.handle_relay(opened(), now);
+    let _ = commands(&mut b, Link::Sub);
+    b.handle_relay(say("r", "x"), now);
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$11\r\nunsubscribe\r\n$15\r\nchatloop:room:r\r\n:0\r\n",
+        now,
+    )
+    .expect("unsub");
+    assert!(
+        commands(&mut b, Link::Cmd).is_empty(),
+        "the new SUBSCRIBE is not confirmed yet"
+    );
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$9\r\nsubscribe\r\n$15\r\nchatloop:room:r\r\n:1\r\n",
+        now,
+    )
+    .expect("sub again");
+    assert_eq!(commands(&mut b, Link::Cmd).len(), 1, "now it goes");
+}
+
+#[test]
+fn a_failure_counts_what_was_in_flight_and_backs_off_with_a_cap() {
+    let mut now = Instant::now();
+    let mut b = up(now);
+    b.handle_relay(Relay::Opened { room: "r".into() }, now);
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$9\r\nsubscribe\r\n$15\r\nchatloop:room:r\r\n:1\r\n",
+        now,
+    )
+    .expect("sub");
+    b.handle_relay(say("r", "1"), now);
+    b.handle_relay(say("r", "2"), now);
+    b.handle_disconnected(now, "reset");
+    assert_eq!(b.stats().dropped, 2, "two SAYs without a reply");
+    assert!(!b.stats().up);
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let at = b.poll_timeout().expect("a retry is scheduled");
+        delays.push(at - now);
+        now = at;
+        assert!(b.poll_connect(now));
+        b.handle_disconnected(now, "refused");
+    }
+    assert!(
+        delays[0] >= Duration::from_millis(75) && delays[0] <= Duration::from_millis(150),
+        "{delays:?}"
+    );
+    assert!(
+        delays.windows(2).take(4).all(|w| w[1] > w[0]),
+        "it grows: {delays:?}"
+    );
+    assert!(
+        delays.iter().all(|d| *d <= Duration::from_millis(6250)),
+        "capped: {delays:?}"
+    );
+    // Back: the room is subscribed again, and what is said meanwhile is held.
+    b.handle_relay(say("r", "3"), now);
+    assert!(b.poll_connect(now + Duration::from_secs(10)));
+    b.handle_connected(Link::Cmd, now);
+    b.handle_connected(Link::Sub, now);
+    let sub = commands(&mut b, Link::Sub);
+    assert_eq!(sub[1], ["SUBSCRIBE", "chatloop:room:r"]);
+}
+
+#[test]
+fn a_stalled_redis_is_noticed_and_held_says_are_bounded() {
+    let now = Instant::now();
+    let mut b = up(now);
+    b.handle_timeout(now + Duration::from_secs(1))
+        .expect("a PING");
+    assert!(
+        b.handle_timeout(now + Duration::from_secs(1) + REPLY_TIMEOUT)
+            .is_err(),
+        "no PONG in time"
+    );
+    b.handle_relay(Relay::Opened { room: "r".into() }, now);
+    for i in 0..HELD_PER_ROOM + 10 {
+        b.handle_relay(say("r", &i.to_string()), now);
+    }
+    assert_eq!(b.stats().dropped, 10);
+}
+
+#[test]
+fn garbage_from_redis_is_an_error_not_a_panic() {
+    let now = Instant::now();
+    let mut b = up(now);
+    assert!(b.handle_data(Link::Sub, b"!!not resp\r\n", now).is_err());
+    let mut b = up(now);
+    assert!(
+        b.handle_data(Link::Cmd, b"+OK\r\n", now).is_err(),
+        "a reply nobody asked for"
+    );
+}
+
+#[test]
+fn urls() {
+    let u: RedisUrl = "redis://10.0.0.1:6380/2".parse().expect("full");
+    assert_eq!((u.host.as_str(), u.port, u.db), ("10.0.0.1", 6380, 2));
+    let u: RedisUrl = "redis://localhost".parse().expect("defaults");
+    assert_eq!((u.host.as_str(), u.port, u.db), ("localhost", 6379, 0));
+    for bad in [
+        "localhost:6379",
+        "redis://",
+        "redis://h:x",
+        "redis://h/x",
+        "redis://u:p@h",
+    ] {
+        assert!(bad.parse::<RedisUrl>().is_err(), "{bad}");
+    }
+}

@@ -1,0 +1,37 @@
+//! What a clustered core hands to its backbone, and takes from it.
+//!
+//! With [`ChatConfig::relay`](super::ChatConfig::relay) on, a room spans nodes: a member's SAY
+//! is not delivered here at once but handed out as [`Relay::Say`], published by the backbone,
+//! and delivered on receipt, this node included ([`Chat::handle_remote_message`]). Every node
+//! then delivers a room's messages in the order the backbone received them, with the msg_id
+//! it assigned, and a sender sees its own message where everyone else does. The backbone
+//! learns which rooms this node needs from [`Relay::Opened`] and [`Relay::Closed`].
+//!
+//! Invariant: `Opened` and `Closed` for one room alternate, starting with `Opened`, and a
+//! `Say` for a room comes between its `Opened` and its `Closed`.
+//!
+//! [`Chat::handle_remote_message`]: super::Chat::handle_remote_message
+
+/// One item for the backbone (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relay {
+    /// The room got its first member on this node: its traffic must reach this node.
+    Opened {
+        /// The room.
+        room: Box<str>,
+    },
+    /// The room's last member on this node left.
+    Closed {
+        /// The room.
+        room: Box<str>,
+    },
+    /// A member's SAY, to publish; it is delivered when it comes back.
+    Say {
+        /// The room.
+        room: Box<str>,
+        /// The sender's nick.
+        from: Box<str>,
+        /// The text.
+        text: Box<str>,
+    },
+}

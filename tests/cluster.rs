@@ -1,0 +1,203 @@
+//! The cluster (issue 12, docs/CLUSTER.md), against a real `redis-server` started by each
+//! test: rooms span nodes, with one order and one msg_id per message on every node; a node
+//! that starts before Redis serves its clients and catches up; a Redis restart is survived.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::{Redis, free_port};
+use common::*;
+
+/// Bound for a node to connect to Redis (its first attempt is at once; retries back off up
+/// to 5 s).
+const CONNECT: Duration = Duration::from_secs(15);
+
+fn start_node(url: &str, name: &str) -> Server {
+    Server::start(&[
+        "--cluster",
+        url,
+        "--node-id",
+        name,
+        "--metrics",
+        "127.0.0.1:0",
+        "--log-level",
+        "debug",
+    ])
+}
+
+fn connected_times(server: &Server) -> usize {
+    server
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("cluster: connected to Redis"))
+        .count()
+}
+
+/// Waits (bounded) until `server` has connected to Redis `n` times in all.
+#[track_caller]
+fn wait_connected(server: &Server, n: usize) {
+    let deadline = Instant::now() + CONNECT;
+    while connected_times(server) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not connect to Redis ({n} times) in {CONNECT:?}: {:?}",
+            server.log_lines()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn node(redis: &Redis, name: &str) -> Server {
+    let s = start_node(&redis.url(), name);
+    wait_connected(&s, 1);
+    s
+}
+
+fn cluster_metric(server: &Server, name: &str) -> u64 {
+    server
+        .scrape()
+        .get(&format!("chatloop_cluster_{name}{{backbone=\"redis\"}}"))
+}
+
+/// Joins `room` and proves the node receives the room's traffic: a SAY's echo comes back
+/// through Redis, so once it arrives the node's subscription is in place.
+fn join_across(c: &mut Client, room: &str) -> Message {
+    c.join(room);
+    let text = format!("{} is here", c.nick());
+    c.say(room, &text)
+}
+
+#[test]
+fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_message("lobby", "bob", "bob is here");
+
+    // Both send at once, without waiting: Redis orders them, and both nodes deliver in that
+    // order, with the ids Redis gave.
+    const N: usize = 50;
+    for i in 0..N {
+        alice.send_say("lobby", &format!("a{i}"));
+        bob.send_say("lobby", &format!("b{i}"));
+    }
+    let seen = |c: &mut Client| -> Vec<(u64, String, String)> {
+        (0..2 * N)
+            .map(|_| {
+                let m = c.recv_what("the 100 MESSAGEs").message();
+                (m.msg_id, m.from, m.text)
+            })
+            .collect()
+    };
+    let at_alice = seen(&mut alice);
+    let at_bob = seen(&mut bob);
+    assert_eq!(at_alice, at_bob, "one order and one id on both nodes");
+    assert!(
+        at_alice.windows(2).all(|w| w[0].0 < w[1].0),
+        "ids increase: {at_alice:?}"
+    );
+    for (who, prefix) in [("alice", 'a'), ("bob", 'b')] {
+        let texts: Vec<String> = at_alice
+            .iter()
+            .filter(|m| m.1 == who)
+            .map(|m| m.2.clone())
+            .collect();
+        let want: Vec<String> = (0..N).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(
+            texts, want,
+            "{who}'s messages, each once, in the order sent"
+        );
+    }
+    alice.assert_no_pending();
+    bob.assert_no_pending();
+
+    // Each node received only what it serves: a node joins a room's channel when it gets
+    // its first member there (alice's "is here" went out before bob's node subscribed).
+    assert_eq!(cluster_metric(&a, "published_total"), 1 + N as u64);
+    assert_eq!(cluster_metric(&b, "published_total"), 1 + N as u64);
+    assert_eq!(cluster_metric(&a, "received_total"), 2 + 2 * N as u64);
+    assert_eq!(cluster_metric(&b, "received_total"), 1 + 2 * N as u64);
+    assert_eq!(cluster_metric(&a, "up"), 1);
+    assert_eq!(cluster_metric(&a, "dropped_total"), 0);
+
+    // A room with no member on a node: that node stops receiving it.
+    bob.leave("lobby");
+    alice.say("lobby", "bob's node is not subscribed now");
+    let received = cluster_metric(&b, "received_total");
+    alice.say("lobby", "still not");
+    // alice's echo proves Redis published it; b's count did not move.
+    assert_eq!(cluster_metric(&b, "received_total"), received);
+}
+
+/// A node whose Redis is not there yet starts anyway and serves its clients; a SAY waits
+/// for Redis (held, up to 256 per room) and is delivered when Redis comes.
+#[test]
+fn a_node_starts_without_redis_and_catches_up_when_it_comes() {
+    let port = free_port();
+    let a = start_node(&format!("redis://127.0.0.1:{port}"), "a");
+    let mut alice = a.login("alice");
+    alice.join("lobby");
+    alice.send_say("lobby", "said before Redis was there");
+    alice.assert_no_frame(Duration::from_millis(300));
+    a.wait_log(CONNECT, |l| l.contains("Redis unreachable"))
+        .expect("the node says why it waits");
+    let _redis = Redis::start_on(port);
+    wait_connected(&a, 1);
+    let m = alice.expect_message("lobby", "alice", "said before Redis was there");
+    assert!(m.msg_id >= 1);
+    assert_eq!(cluster_metric(&a, "dropped_total"), 0);
+    assert!(cluster_metric(&a, "failures_total") >= 1);
+}
+
+/// Redis dies and comes back on the same address: sessions stay, the node reconnects,
+/// re-subscribes its rooms, and room messages cross again.
+#[test]
+fn a_redis_restart_is_survived() {
+    let redis = Redis::start();
+    let port = redis.port();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_message("lobby", "bob", "bob is here");
+    let before_restart = alice.say("lobby", "before the restart");
+    bob.expect_message("lobby", "alice", "before the restart");
+
+    redis.kill();
+    a.wait_log(CONNECT, |l| l.contains("cluster: lost Redis"))
+        .expect("a notices");
+    b.wait_log(CONNECT, |l| l.contains("cluster: lost Redis"))
+        .expect("b notices");
+    let _redis = Redis::start_on(port);
+    wait_connected(&a, 2);
+    wait_connected(&b, 2);
+    // The sessions survived. A SAY is held until its node's subscription is confirmed, so
+    // each one's echo proves its node is back; after both, everything crosses.
+    alice.say("lobby", "a is back");
+    bob.send_say("lobby", "b is back");
+    let (before, _) = bob.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "b is back");
+    assert!(
+        before.iter().all(|f| f.message().text == "a is back"),
+        "{before:?}"
+    );
+    let (before, _) = alice.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "b is back");
+    assert!(before.is_empty(), "{before:?}");
+    let m = alice.say("lobby", "both back");
+    let at_bob = bob.expect_message("lobby", "alice", "both back");
+    assert_eq!(m.msg_id, at_bob.msg_id);
+    // This Redis started empty: its counter was raised to what the nodes had seen, so ids
+    // still increase on every connection.
+    assert!(
+        m.msg_id > before_restart.msg_id,
+        "{m:?} after {before_restart:?}"
+    );
+    assert!(cluster_metric(&a, "failures_total") >= 1);
+    assert_eq!(cluster_metric(&a, "up"), 1);
+}
