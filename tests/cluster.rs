@@ -1,6 +1,7 @@
 //! The cluster (issue 12, docs/CLUSTER.md), against a real `redis-server` started by each
-//! test: rooms span nodes, with one order and one msg_id per message on every node; a node
-//! that starts before Redis serves its clients and catches up; a Redis restart is survived.
+//! test: rooms span nodes, with one order and one msg_id per message on every node; PRESENCE
+//! reaches members on every node; a node that starts before Redis serves its clients and
+//! catches up; a Redis restart is survived.
 
 mod common;
 
@@ -77,6 +78,7 @@ fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
     let mut bob = b.login("bob");
     join_across(&mut alice, "lobby");
     join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
     alice.expect_message("lobby", "bob", "bob is here");
 
     // Both send at once, without waiting: Redis orders them, and both nodes deliver in that
@@ -127,6 +129,7 @@ fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
 
     // A room with no member on a node: that node stops receiving it.
     bob.leave("lobby");
+    alice.expect_presence(kind::LEAVE, "lobby", "bob");
     alice.say("lobby", "bob's node is not subscribed now");
     let received = cluster_metric(&b, "received_total");
     alice.say("lobby", "still not");
@@ -166,6 +169,7 @@ fn a_redis_restart_is_survived() {
     let mut bob = b.login("bob");
     join_across(&mut alice, "lobby");
     join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
     alice.expect_message("lobby", "bob", "bob is here");
     let before_restart = alice.say("lobby", "before the restart");
     bob.expect_message("lobby", "alice", "before the restart");
@@ -200,4 +204,36 @@ fn a_redis_restart_is_survived() {
     );
     assert!(cluster_metric(&a, "failures_total") >= 1);
     assert_eq!(cluster_metric(&a, "up"), 1);
+}
+
+/// PRESENCE reaches the room's members on every node, and the member concerned exactly once
+/// (JOIN and LEAVE answer at once; the copy that comes back through Redis is not for it).
+#[test]
+fn presence_reaches_members_on_every_node() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let mut carol = b.login("carol");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+
+    // carol, on bob's node: alice (other node) and bob (same node) are told, carol once.
+    carol.join("lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "carol");
+    bob.expect_presence(kind::JOIN, "lobby", "carol");
+    carol.quit("bye");
+    carol.expect_closed();
+    alice.expect_presence(kind::QUIT, "lobby", "carol");
+    bob.expect_presence(kind::QUIT, "lobby", "carol");
+
+    // bob's connection dies: alice, on the other node, hears he is gone.
+    bob.close_with_reset();
+    alice.expect_presence(kind::GONE, "lobby", "bob");
+
+    // And nobody got a copy twice.
+    alice.assert_no_pending();
 }

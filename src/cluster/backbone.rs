@@ -24,6 +24,7 @@ use redis_protocol::resp2::encode::encode;
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
 use crate::core::Relay;
+use crate::protocol::PresenceKind;
 
 /// One of the two connections to Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,19 +87,40 @@ redis.register_function('chatloop_floor', function(keys, args)\n\
   return cur\n\
 end)\n";
 
-/// A room message that came over the backbone, for [`Chat::handle_remote_message`].
-///
-/// [`Chat::handle_remote_message`]: crate::core::Chat::handle_remote_message
+/// What came over the backbone for this node's core.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// The room.
-    pub room: String,
-    /// The id Redis assigned.
-    pub msg_id: u64,
-    /// The sender's nick.
-    pub from: String,
-    /// The text.
-    pub text: String,
+pub enum Delivery {
+    /// A room message, for [`Chat::handle_remote_message`].
+    ///
+    /// [`Chat::handle_remote_message`]: crate::core::Chat::handle_remote_message
+    Message {
+        /// The room.
+        room: String,
+        /// The id Redis assigned.
+        msg_id: u64,
+        /// The sender's nick.
+        from: String,
+        /// The text.
+        text: String,
+    },
+    /// A PRESENCE, for [`Chat::handle_remote_presence`].
+    ///
+    /// [`Chat::handle_remote_presence`]: crate::core::Chat::handle_remote_presence
+    Presence {
+        /// The room.
+        room: String,
+        /// What happened.
+        kind: PresenceKind,
+        /// Whom it concerns.
+        nick: String,
+    },
+}
+
+/// What waits for a room to be ready: what the core handed out, in its order.
+#[derive(Debug)]
+enum Outgoing {
+    Say { from: Box<str>, text: Box<str> },
+    Presence { kind: PresenceKind, nick: Box<str> },
 }
 
 /// The backbone's counters, for /metrics.
@@ -126,6 +148,7 @@ pub struct BackboneStats {
 enum Pending {
     Setup,
     Say,
+    Presence,
     Ping(Instant),
 }
 
@@ -142,8 +165,8 @@ struct RoomSub {
     wanted: bool,
     /// SUBSCRIBE and UNSUBSCRIBE commands about it that Redis has not confirmed.
     awaiting: u32,
-    /// SAYs waiting for the room to be ready: (from, text).
-    held: Vec<(Box<str>, Box<str>)>,
+    /// SAYs and PRESENCEs waiting for the room to be ready, in order.
+    held: Vec<Outgoing>,
 }
 
 /// The sans-IO backbone (see the module documentation).
@@ -364,8 +387,15 @@ impl Backbone {
                     return;
                 };
                 r.wanted = false;
-                self.stats.dropped += r.held.len() as u64;
-                r.held.clear();
+                let held = std::mem::take(&mut r.held);
+                // This node needs no copy of them now: they go out if Redis is there.
+                if self.is_up() {
+                    for o in held {
+                        self.publish(now, &room, o);
+                    }
+                } else {
+                    self.stats.dropped += held.len() as u64;
+                }
                 if self.links[1].connected {
                     self.subscribe(&room, false);
                 } else {
@@ -373,18 +403,10 @@ impl Backbone {
                 }
             }
             Relay::Say { room, from, text } => {
-                if self.is_ready(&room) {
-                    self.publish(now, &room, &from, &text);
-                } else if let Some(r) = self.rooms.get_mut(&room) {
-                    if r.held.len() < HELD_PER_ROOM {
-                        r.held.push((from, text));
-                    } else {
-                        self.stats.dropped += 1;
-                    }
-                } else {
-                    debug_assert!(false, "Say for a room never opened: {room}");
-                    self.stats.dropped += 1;
-                }
+                self.send_or_hold(now, &room, Outgoing::Say { from, text })
+            }
+            Relay::Presence { room, kind, nick } => {
+                self.send_or_hold(now, &room, Outgoing::Presence { kind, nick })
             }
         }
     }
@@ -455,7 +477,42 @@ impl Backbone {
         }
     }
 
-    fn publish(&mut self, now: Instant, room: &str, from: &str, text: &str) {
+    fn send_or_hold(&mut self, now: Instant, room: &str, o: Outgoing) {
+        if self.is_ready(room) {
+            self.publish(now, room, o);
+        } else if let Some(r) = self.rooms.get_mut(room) {
+            if r.held.len() < HELD_PER_ROOM {
+                r.held.push(o);
+            } else {
+                self.stats.dropped += 1;
+            }
+        } else {
+            debug_assert!(false, "an item for a room never opened: {room}");
+            self.stats.dropped += 1;
+        }
+    }
+
+    fn publish(&mut self, now: Instant, room: &str, o: Outgoing) {
+        match o {
+            Outgoing::Say { from, text } => self.publish_say(now, room, &from, &text),
+            Outgoing::Presence { kind, nick } => {
+                // `P<kind><nick>`: no id (a PRESENCE has none), and never a digit first, as
+                // a message's payload always is.
+                let channel = format!("{ROOM_CHANNEL}{room}");
+                let mut payload = Vec::with_capacity(2 + nick.len());
+                payload.push(b'P');
+                payload.push(kind as u8);
+                payload.extend_from_slice(nick.as_bytes());
+                self.command(
+                    now,
+                    Pending::Presence,
+                    &[b"PUBLISH", channel.as_bytes(), &payload],
+                );
+            }
+        }
+    }
+
+    fn publish_say(&mut self, now: Instant, room: &str, from: &str, text: &str) {
         let channel = format!("{ROOM_CHANNEL}{room}");
         let mut payload = Vec::with_capacity(1 + from.len() + text.len());
         // Nicks are at most 32 bytes (PROTOCOL.md 1.4), so one byte holds the length.
@@ -494,8 +551,8 @@ impl Backbone {
                 .get_mut(&room)
                 .map(|r| std::mem::take(&mut r.held))
                 .unwrap_or_default();
-            for (from, text) in held {
-                self.publish(now, &room, &from, &text);
+            for o in held {
+                self.publish(now, &room, o);
             }
         }
     }
@@ -508,7 +565,7 @@ impl Backbone {
             (Pending::Setup, OwnedFrame::Error(e)) => {
                 return Err(format!("setup refused: {e} (Redis 7 or later is needed)"));
             }
-            (Pending::Say, OwnedFrame::Error(e)) => {
+            (Pending::Say | Pending::Presence, OwnedFrame::Error(e)) => {
                 self.stats.dropped += 1;
                 log::warn!("cluster: a SAY was refused by Redis: {e}");
             }
@@ -539,17 +596,17 @@ impl Backbone {
                     return Ok(());
                 };
                 let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
-                match parse_payload(payload) {
-                    Some((msg_id, from, text)) => {
-                        self.stats.received += 1;
-                        self.deliveries.push_back(Delivery {
-                            room: room.to_string(),
-                            msg_id,
-                            from: from.to_string(),
-                            text: text.to_string(),
-                        });
+                match parse_payload(room, payload) {
+                    Some(d) => {
+                        if matches!(d, Delivery::Message { .. }) {
+                            self.stats.received += 1;
+                        }
+                        self.deliveries.push_back(d);
                     }
-                    None => log::warn!("cluster: a malformed message on {room:?} ignored"),
+                    None => log::warn!(
+                        "cluster: a malformed message on {} ignored",
+                        crate::untrusted::Untrusted(room)
+                    ),
                 }
             }
             b"subscribe" | b"unsubscribe" => {
@@ -583,13 +640,26 @@ fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.truncate(start + n);
 }
 
-/// `<id>:<from length byte><from><text>`, as the function publishes it.
-fn parse_payload(p: &[u8]) -> Option<(u64, &str, &str)> {
+/// A message, `<id>:<from length byte><from><text>` as the function publishes it, or a
+/// PRESENCE, `P<kind><nick>`.
+fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
+    if let [b'P', kind, nick @ ..] = p {
+        return Some(Delivery::Presence {
+            room: room.to_string(),
+            kind: PresenceKind::from_u8(*kind)?,
+            nick: std::str::from_utf8(nick).ok()?.to_string(),
+        });
+    }
     let colon = p.iter().position(|&b| b == b':')?;
     let msg_id = std::str::from_utf8(&p[..colon]).ok()?.parse().ok()?;
     let rest = &p[colon + 1..];
     let n = usize::from(*rest.first()?);
     let from = std::str::from_utf8(rest.get(1..1 + n)?).ok()?;
     let text = std::str::from_utf8(rest.get(1 + n..)?).ok()?;
-    Some((msg_id, from, text))
+    Some(Delivery::Message {
+        room: room.to_string(),
+        msg_id,
+        from: from.to_string(),
+        text: text.to_string(),
+    })
 }

@@ -13,7 +13,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::RedisUrl;
-use super::backbone::{Backbone, BackboneStats, Link};
+use super::backbone::{Backbone, BackboneStats, Delivery, Link};
 use crate::server::Server;
 
 /// Most bytes read from one link per event, so a burst from Redis cannot starve clients.
@@ -93,7 +93,17 @@ impl BackboneSource {
             self.backbone.handle_relay(r, now);
         }
         while let Some(d) = self.backbone.poll_delivery() {
-            server.handle_remote_message(&d.room, d.msg_id, &d.from, &d.text);
+            match d {
+                Delivery::Message {
+                    room,
+                    msg_id,
+                    from,
+                    text,
+                } => server.handle_remote_message(&room, msg_id, &from, &text),
+                Delivery::Presence { room, kind, nick } => {
+                    server.handle_remote_presence(&room, kind, &nick)
+                }
+            };
         }
         self.backbone.set_floor(server.chat().last_msg_id());
     }

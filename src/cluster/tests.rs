@@ -8,6 +8,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 
 use super::*;
 use crate::core::Relay;
+use crate::protocol::PresenceKind;
 
 /// Takes and decodes the commands queued on `link`.
 fn commands(b: &mut Backbone, link: Link) -> Vec<Vec<String>> {
@@ -106,7 +107,7 @@ fn a_say_waits_for_its_room_subscription_then_crosses_and_comes_back() {
     b.handle_data(Link::Sub, &push[20..], now).expect("rest");
     assert_eq!(
         b.poll_delivery(),
-        Some(Delivery {
+        Some(Delivery::Message {
             room: "lobby".into(),
             msg_id: 42,
             from: "alice".into(),
@@ -244,4 +245,50 @@ fn urls() {
     ] {
         assert!(bad.parse::<RedisUrl>().is_err(), "{bad}");
     }
+}
+
+#[test]
+fn presence_crosses_in_the_room_order_and_a_closing_room_sends_what_it_held() {
+    let now = Instant::now();
+    let mut b = up(now);
+    b.handle_relay(Relay::Opened { room: "r".into() }, now);
+    let presence = |kind| Relay::Presence {
+        room: "r".into(),
+        kind,
+        nick: "alice".into(),
+    };
+    b.handle_relay(presence(PresenceKind::Join), now);
+    b.handle_relay(say("r", "hi"), now);
+    b.handle_relay(presence(PresenceKind::Leave), now);
+    // The last member left before the subscription was confirmed: this node needs no copy,
+    // so what it held goes out now, in order, and nothing is dropped.
+    b.handle_relay(Relay::Closed { room: "r".into() }, now);
+    let cmds = commands(&mut b, Link::Cmd);
+    let verbs: Vec<&str> = cmds.iter().map(|c| c[0].as_str()).collect();
+    assert_eq!(verbs, ["PUBLISH", "FCALL", "PUBLISH"]);
+    assert_eq!(cmds[0][1..], ["chatloop:room:r", "P\u{1}alice"]);
+    assert_eq!(cmds[2][2], "P\u{2}alice");
+    assert_eq!(b.stats().dropped, 0);
+    // What arrives for a room: a PRESENCE is told from a message by its first byte.
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$5\r\nP\x04bob\r\n",
+        now,
+    )
+    .expect("push");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::Presence {
+            room: "r".into(),
+            kind: PresenceKind::Gone,
+            nick: "bob".into()
+        })
+    );
+    b.handle_data(
+        Link::Sub,
+        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$5\r\nP\x09bob\r\n",
+        now,
+    )
+    .expect("an unknown kind is ignored, not fatal");
+    assert_eq!(b.poll_delivery(), None);
 }

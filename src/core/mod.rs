@@ -934,6 +934,25 @@ impl Chat {
         true
     }
 
+    /// A PRESENCE the backbone delivered (any node's, this one's included): to this node's
+    /// members of `room` but the one it concerns (who had it as its answer), within
+    /// `presence_limit` as counted here. Returns false if the room has no member here.
+    pub fn handle_remote_presence(&mut self, room: &str, kind: PresenceKind, nick: &str) -> bool {
+        let Some(&rid) = self.room_index.get(room) else {
+            return false;
+        };
+        let room = &self.rooms[rid.0];
+        if room.members.len() > self.cfg.presence_limit {
+            return true;
+        }
+        let concerned = self.conn_of(nick).filter(|c| room.members.contains(c));
+        let (buf, start) = self.outbox.buf();
+        encode::presence(buf, kind, &room.name, nick);
+        let end = buf.len();
+        self.outbox.send_all(&room.members, concerned, start, end);
+        true
+    }
+
     /// Posts a system message (`from` is empty, which no nick can be) to every member of
     /// `room`. Returns false if the room does not exist. Text longer than max_frame is cut (at
     /// a character boundary), as a client's could not be longer.

@@ -8,9 +8,11 @@
 //! learns which rooms this node needs from [`Relay::Opened`] and [`Relay::Closed`].
 //!
 //! Invariant: `Opened` and `Closed` for one room alternate, starting with `Opened`, and a
-//! `Say` for a room comes between its `Opened` and its `Closed`.
+//! `Say` or `Presence` for a room comes between its `Opened` and its `Closed`.
 //!
 //! [`Chat::handle_remote_message`]: super::Chat::handle_remote_message
+
+use crate::protocol::PresenceKind;
 
 /// One item for the backbone (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,19 @@ pub enum Relay {
     Closed {
         /// The room.
         room: Box<str>,
+    },
+    /// A PRESENCE for the room's members on every node. The member it concerns had its copy
+    /// already (JOIN and LEAVE answer at once, as on one server), so nodes deliver it to
+    /// their members but that one ([`Chat::handle_remote_presence`]).
+    ///
+    /// [`Chat::handle_remote_presence`]: super::Chat::handle_remote_presence
+    Presence {
+        /// The room.
+        room: Box<str>,
+        /// What happened.
+        kind: PresenceKind,
+        /// Whom it concerns.
+        nick: Box<str>,
     },
     /// A member's SAY, to publish; it is delivered when it comes back.
     Say {

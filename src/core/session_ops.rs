@@ -80,6 +80,23 @@ impl Chat {
     /// Sends a PRESENCE about `who` in `rid` to the room, or only to `who` when the room has
     /// more than presence_limit members (the count includes `who`, who must still be a member).
     pub(super) fn presence(&mut self, rid: RoomId, kind: PresenceKind, who: ConnId, nick: &str) {
+        if self.cfg.relay {
+            // The room spans nodes: the member concerned has its answer now, the others
+            // (here too) when the backbone brings it back, in the room's one order.
+            let room = &self.rooms[rid.0];
+            if matches!(kind, PresenceKind::Join | PresenceKind::Leave) {
+                let (buf, start) = self.outbox.buf();
+                encode::presence(buf, kind, &room.name, nick);
+                let end = buf.len();
+                self.outbox.send(who, start, end);
+            }
+            self.relay.push_back(Relay::Presence {
+                room: room.name.clone(),
+                kind,
+                nick: nick.into(),
+            });
+            return;
+        }
         let room = &self.rooms[rid.0];
         let (buf, start) = self.outbox.buf();
         encode::presence(buf, kind, &room.name, nick);

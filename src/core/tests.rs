@@ -2456,3 +2456,77 @@ fn a_resume_is_a_close_of_the_old_connection_and_a_welcome_of_the_new() {
     );
     assert_eq!(sim.chat.poll_event(), None);
 }
+
+// ----- relay (a room spanning nodes, issue 12) -----
+
+fn relayed(sim: &mut Sim) -> Vec<Relay> {
+    std::iter::from_fn(|| sim.chat.poll_relay()).collect()
+}
+
+#[test]
+fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
+    let mut sim = Sim::with(ChatConfig {
+        relay: true,
+        ..ChatConfig::default()
+    });
+    let alice = sim.hello("alice");
+    let bob = sim.hello("bob");
+    sim.join(alice, "lobby");
+    // The joiner has its answer at once; the others get the copy that comes back.
+    assert_eq!(sim.take(alice), [presence(Join, "lobby", "alice")]);
+    let r = relayed(&mut sim);
+    assert_eq!(
+        r,
+        [
+            Relay::Opened {
+                room: "lobby".into()
+            },
+            Relay::Presence {
+                room: "lobby".into(),
+                kind: Join,
+                nick: "alice".into()
+            }
+        ]
+    );
+    sim.join(bob, "lobby");
+    sim.clear();
+    let _ = relayed(&mut sim);
+    assert!(sim.chat.handle_remote_presence("lobby", Join, "bob"));
+    assert_eq!(sim.take(alice), [presence(Join, "lobby", "bob")]);
+    assert_eq!(sim.take(bob), [], "bob had his as the JOIN's answer");
+
+    // A SAY is not delivered here: it goes out, and is delivered with the id it comes back with.
+    sim.say(alice, "lobby", "hi");
+    assert_eq!(sim.take(alice), []);
+    assert_eq!(
+        relayed(&mut sim),
+        [Relay::Say {
+            room: "lobby".into(),
+            from: "alice".into(),
+            text: "hi".into()
+        }]
+    );
+    assert!(sim.chat.handle_remote_message("lobby", 40, "alice", "hi"));
+    assert_eq!(sim.take(alice), [message(40, "lobby", "alice", "hi")]);
+    assert_eq!(sim.take(bob), [message(40, "lobby", "alice", "hi")]);
+    // Local ids continue above the cluster's.
+    assert_eq!(sim.chat.last_msg_id(), 40);
+    assert!(
+        !sim.chat.handle_remote_message("elsewhere", 41, "x", "y"),
+        "no member here"
+    );
+
+    // The last member here leaves: its answer at once, the rest relayed, then Closed.
+    sim.send(bob, ClientMsg::Leave { room: "lobby" });
+    sim.send(alice, ClientMsg::Leave { room: "lobby" });
+    assert_eq!(sim.take(alice), [presence(Leave, "lobby", "alice")]);
+    assert_eq!(sim.take(bob), [presence(Leave, "lobby", "bob")]);
+    let r = relayed(&mut sim);
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(
+        r[2],
+        Relay::Closed {
+            room: "lobby".into()
+        }
+    );
+}

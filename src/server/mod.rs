@@ -1148,6 +1148,17 @@ impl Server {
         self.chat.handle_remote_message(room, msg_id, from, text)
     }
 
+    /// A PRESENCE from a cluster backbone ([`Chat::handle_remote_presence`]); false if the
+    /// room has no member here.
+    pub fn handle_remote_presence(
+        &mut self,
+        room: &str,
+        kind: crate::protocol::PresenceKind,
+        nick: &str,
+    ) -> bool {
+        self.chat.handle_remote_presence(room, kind, nick)
+    }
+
     /// Closes a connection with `kicked` and `detail`; false if it is not open.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
         self.chat.kick(conn, detail)
