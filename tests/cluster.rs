@@ -137,22 +137,21 @@ fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
     assert_eq!(cluster_metric(&b, "received_total"), received);
 }
 
-/// A node whose Redis is not there yet starts anyway and serves its clients; a SAY waits
-/// for Redis (held, up to 256 per room) and is delivered when Redis comes.
+/// A node whose Redis is not there yet starts anyway and retries; a new session waits for
+/// it (its nick must be checked cluster-wide), and is welcomed when Redis comes.
 #[test]
 fn a_node_starts_without_redis_and_catches_up_when_it_comes() {
     let port = free_port();
     let a = start_node(&format!("redis://127.0.0.1:{port}"), "a");
-    let mut alice = a.login("alice");
-    alice.join("lobby");
-    alice.send_say("lobby", "said before Redis was there");
+    let mut alice = a.connect();
+    alice.send_hello("alice", &[]);
     alice.assert_no_frame(Duration::from_millis(300));
     a.wait_log(CONNECT, |l| l.contains("Redis unreachable"))
         .expect("the node says why it waits");
     let _redis = Redis::start_on(port);
     wait_connected(&a, 1);
-    let m = alice.expect_message("lobby", "alice", "said before Redis was there");
-    assert!(m.msg_id >= 1);
+    alice.expect_welcome();
+    join_across(&mut alice, "lobby");
     assert_eq!(cluster_metric(&a, "dropped_total"), 0);
     assert!(cluster_metric(&a, "failures_total") >= 1);
 }
@@ -179,16 +178,22 @@ fn a_redis_restart_is_survived() {
         .expect("a notices");
     b.wait_log(CONNECT, |l| l.contains("cluster: lost Redis"))
         .expect("b notices");
+    // Existing sessions keep going; a SAY waits for Redis.
+    alice.send_say("lobby", "said during the outage");
+    alice.assert_no_frame(Duration::from_millis(200));
     let _redis = Redis::start_on(port);
     wait_connected(&a, 2);
     wait_connected(&b, 2);
+    alice.expect_message("lobby", "alice", "said during the outage");
     // The sessions survived. A SAY is held until its node's subscription is confirmed, so
     // each one's echo proves its node is back; after both, everything crosses.
     alice.say("lobby", "a is back");
     bob.send_say("lobby", "b is back");
     let (before, _) = bob.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "b is back");
     assert!(
-        before.iter().all(|f| f.message().text == "a is back"),
+        before
+            .iter()
+            .all(|f| ["a is back", "said during the outage"].contains(&&*f.message().text)),
         "{before:?}"
     );
     let (before, _) = alice.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "b is back");
@@ -236,4 +241,111 @@ fn presence_reaches_members_on_every_node() {
 
     // And nobody got a copy twice.
     alice.assert_no_pending();
+}
+
+/// Nicks are unique across the cluster (ASCII case folded): a HELLO on one node for a nick a
+/// session on another holds gets `nick_taken`, as on one server, and may try another; the
+/// nick is free everywhere once its session ends.
+#[test]
+fn nicks_are_unique_across_nodes() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut other = b.connect();
+    other.send_hello("ALICE", &[]);
+    other.expect_error(code::NICK_TAKEN);
+    other.hello("alice2");
+    // Taken on its own node too, while the first is welcomed.
+    let mut again = a.connect();
+    again.send_hello("Alice", &[]);
+    again.expect_error(code::NICK_TAKEN);
+
+    alice.quit("bye");
+    alice.expect_closed();
+    // The release reaches Redis after the QUIT: a bounded retry, not a sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut third = b.connect();
+    loop {
+        third.send_hello("alice", &[]);
+        let f = third.recv_what("WELCOME or nick_taken");
+        if f.op == sop::WELCOME {
+            break;
+        }
+        assert_eq!(f.error().code, code::NICK_TAKEN);
+        assert!(Instant::now() < deadline, "alice was never released");
+        std::thread::sleep(Duration::from_millis(20)); // the retry's pace
+    }
+    // b asked Redis twice for alice (refused, then granted) and once for alice2.
+    assert_eq!(cluster_metric(&b, "claims_granted_total"), 2);
+    assert!(cluster_metric(&b, "claims_refused_total") >= 1);
+}
+
+/// Two HELLOs for one nick on two nodes at once: exactly one is welcomed, every time.
+#[test]
+fn a_nick_raced_on_two_nodes_goes_to_exactly_one() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    for i in 0..20 {
+        let nick = format!("racer{i}");
+        let mut x = a.connect();
+        let mut y = b.connect();
+        x.send_hello(&nick, &[]);
+        y.send_hello(&nick, &[]);
+        let won = [&mut x, &mut y].map(|c| {
+            let f = c.recv_what("WELCOME or nick_taken");
+            if f.op == sop::ERROR {
+                assert_eq!(f.error().code, code::NICK_TAKEN);
+            }
+            f.op == sop::WELCOME
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{nick}: {won:?}");
+    }
+}
+
+/// What a client sends right after its HELLO waits for the cluster's answer and is then
+/// handled in order (a client may pipeline HELLO, JOIN and SAY in one write).
+#[test]
+fn commands_pipelined_after_hello_wait_for_the_claim() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let mut c = a.connect();
+    let mut bytes = frame(op::HELLO, &pstr_rest("pipe", &[]));
+    bytes.extend(frame(op::JOIN, &pstr("lobby")));
+    bytes.extend(frame(op::SAY, &pstr_rest("lobby", b"first")));
+    c.send_raw(&bytes);
+    c.expect_welcome();
+    c.expect_presence(kind::JOIN, "lobby", "pipe");
+    c.expect_message("lobby", "pipe", "first");
+}
+
+/// A node killed with SIGKILL: its nicks are free for others once its lease (5 s) ends.
+#[test]
+fn a_killed_nodes_nicks_are_free_after_its_lease() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let mut doomed = node(&redis, "doomed");
+    let _zed = doomed.login("zed");
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(5)).expect("killed");
+    let killed = Instant::now();
+    let mut c = a.connect();
+    c.send_hello("zed", &[]);
+    c.expect_error(code::NICK_TAKEN); // its lease is still running
+    let deadline = killed + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(Duration::from_millis(250)); // the retry's pace
+        c.send_hello("zed", &[]);
+        let f = c.recv_what("WELCOME or nick_taken");
+        if f.op == sop::WELCOME {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zed still taken 15 s after its node died"
+        );
+    }
+    let waited = killed.elapsed();
+    eprintln!("zed free {waited:?} after its node was killed (lease 5 s)");
 }

@@ -24,6 +24,7 @@ use redis_protocol::resp2::encode::encode;
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
 use crate::core::Relay;
+use crate::id::ConnId;
 use crate::protocol::PresenceKind;
 
 /// One of the two connections to Redis.
@@ -54,8 +55,13 @@ pub const HELD_PER_ROOM: usize = 256;
 /// is not one Redis sends us): the link is reset.
 const MAX_INPUT: usize = 64 << 20;
 
-/// Interval of the `PING` that measures the round trip and notices a stalled Redis.
+/// Interval of the lease renewal (one `SET ... PX` per node, whatever its sessions), which
+/// also measures the round trip and notices a stalled Redis.
 const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a node's lease lasts unrenewed: a node that stops (killed, frozen, cut off) has
+/// its nicks free for others this long after its last renewal.
+pub const LEASE: Duration = Duration::from_secs(5);
 
 /// A reply older than this means Redis is stalled (stopped, or its host gone): the links are
 /// reset and reconnected, as after a failure.
@@ -68,12 +74,18 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The channel prefix of rooms, and the msg_id counter's key.
 const ROOM_CHANNEL: &str = "chatloop:room:";
 const MSG_ID_KEY: &str = "chatloop:msg_id";
+/// Nick keys (the value is the holder's `ident`) and node leases (`chatloop:node:<ident>`).
+const NICK_KEY: &str = "chatloop:nick:";
+const NODE_KEY: &str = "chatloop:node:";
 
 /// The server-side functions (Redis 7 functions). `chatloop_say`: the msg_id and the publish
 /// in one atomic step, so ids increase in publish order; its payload is
 /// `<id>:<from length byte><from><text>`. `chatloop_floor`: raises the counter to at least a
 /// node's highest id, sent first on every connection, so a Redis that lost its data (a
 /// restart without persistence) does not hand out ids this node's members have seen.
+/// `chatloop_claim`: a nick key is set to the claiming node's ident unless another node whose
+/// lease is alive holds it (a dead node's nicks are free without anyone deleting them).
+/// `chatloop_release`: deletes a nick key if this node holds it.
 const LIBRARY: &str = "#!lua name=chatloop\n\
 redis.register_function('chatloop_say', function(keys, args)\n\
   local id = redis.call('INCR', keys[1])\n\
@@ -85,6 +97,18 @@ redis.register_function('chatloop_floor', function(keys, args)\n\
   local want = tonumber(args[1])\n\
   if cur < want then redis.call('SET', keys[1], want) end\n\
   return cur\n\
+end)\n\
+redis.register_function('chatloop_claim', function(keys, args)\n\
+  local holder = redis.call('GET', keys[1])\n\
+  if holder and holder ~= args[1] and redis.call('EXISTS', args[2] .. holder) == 1 then\n\
+    return 0\n\
+  end\n\
+  redis.call('SET', keys[1], args[1])\n\
+  return 1\n\
+end)\n\
+redis.register_function('chatloop_release', function(keys, args)\n\
+  if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end\n\
+  return 0\n\
 end)\n";
 
 /// What came over the backbone for this node's core.
@@ -102,6 +126,25 @@ pub enum Delivery {
         from: String,
         /// The text.
         text: String,
+    },
+    /// The answer to a [`Relay::Claim`], for [`Chat::handle_claim`].
+    ///
+    /// [`Chat::handle_claim`]: crate::core::Chat::handle_claim
+    Claim {
+        /// The connection whose HELLO asked.
+        conn: ConnId,
+        /// The nick.
+        nick: String,
+        /// Free on every node, now this node's.
+        granted: bool,
+    },
+    /// A nick this node held was found held by another node when registered again, for
+    /// [`Chat::handle_claim_lost`].
+    ///
+    /// [`Chat::handle_claim_lost`]: crate::core::Chat::handle_claim_lost
+    ClaimLost {
+        /// The nick.
+        nick: String,
     },
     /// A PRESENCE, for [`Chat::handle_remote_presence`].
     ///
@@ -128,6 +171,12 @@ enum Outgoing {
 pub struct BackboneStats {
     /// Both links connected.
     pub up: bool,
+    /// Nick claims answered: granted.
+    pub claims_granted: u64,
+    /// Nick claims answered: refused (held on another node).
+    pub claims_refused: u64,
+    /// Lease renewals lost with a failed or stalled link.
+    pub lease_failures: u64,
     /// SAYs sent to Redis (`FCALL`).
     pub published: u64,
     /// Room messages received from Redis (every node's, this one's included).
@@ -139,17 +188,31 @@ pub struct BackboneStats {
     pub connects: u64,
     /// Link failures (refused, reset, stalled past `REPLY_TIMEOUT`, bad replies).
     pub failures: u64,
-    /// The last `PING` round trip, in microseconds.
+    /// The last lease renewal's round trip, in microseconds.
     pub rtt_us: u64,
 }
 
 /// What a reply on `Cmd` answers, in the order the commands were sent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Pending {
     Setup,
     Say,
     Presence,
-    Ping(Instant),
+    /// A claim for a HELLO; put back in `waiting` if its link fails.
+    Claim {
+        conn: ConnId,
+        nick: Box<str>,
+    },
+    /// A nick this node holds, registered again on a new connection.
+    Reclaim {
+        nick: Box<str>,
+    },
+    /// Put back in `waiting` if its link fails.
+    Release {
+        nick: Box<str>,
+    },
+    /// A lease renewal, sent at that instant.
+    Lease(Instant),
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +248,14 @@ pub struct Backbone {
     next_ping: Option<Instant>,
     /// The highest msg_id the core has seen (`set_floor`).
     floor: u64,
+    /// This process in Redis: `<node>/<random>`, so a restarted node with the same name is
+    /// not mistaken for the old one (whose nicks are free once its lease ends).
+    ident: Box<str>,
+    /// Nicks this node holds (folded → as written), registered again on every connection.
+    registered: HashMap<Box<str>, Box<str>>,
+    /// Claims and releases waiting for `Cmd`, in order (those in flight when a link failed
+    /// come first).
+    waiting: VecDeque<Pending>,
     stats: BackboneStats,
 }
 
@@ -203,6 +274,9 @@ impl Backbone {
             rng: seed | 1,
             next_ping: None,
             floor: 0,
+            ident: format!("{node}/{:016x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).into(),
+            registered: HashMap::new(),
+            waiting: VecDeque::new(),
             stats: BackboneStats::default(),
         }
     }
@@ -210,6 +284,11 @@ impl Backbone {
     /// The node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// This process's name in Redis: `<node>/<random>` (its lease key, its nicks' value).
+    pub fn ident(&self) -> &str {
+        &self.ident
     }
 
     /// The counters.
@@ -234,6 +313,7 @@ impl Backbone {
 
     /// `link` finished connecting.
     pub fn handle_connected(&mut self, link: Link, now: Instant) {
+        self.links[link.index()].connected = true;
         let name = format!("chatloop-{}", self.node);
         match link {
             Link::Cmd => {
@@ -266,6 +346,16 @@ impl Backbone {
                         floor.as_bytes(),
                     ],
                 );
+                // The lease before any claim: a claim is judged by who holds a live lease.
+                self.renew_lease(now, Pending::Setup);
+                // Its own sessions are the truth about themselves: registered again.
+                let mine: Vec<Box<str>> = self.registered.values().cloned().collect();
+                for nick in mine {
+                    self.nick_op(now, Pending::Reclaim { nick });
+                }
+                for w in std::mem::take(&mut self.waiting) {
+                    self.nick_op(now, w);
+                }
             }
             Link::Sub => {
                 // Before SUBSCRIBE: a subscribed RESP2 connection takes no other command.
@@ -284,7 +374,6 @@ impl Backbone {
                 }
             }
         }
-        self.links[link.index()].connected = true;
         if self.is_up() {
             self.stats.up = true;
             self.stats.connects += 1;
@@ -307,7 +396,17 @@ impl Backbone {
             .filter(|(p, _)| matches!(p, Pending::Say))
             .count();
         self.stats.dropped += in_flight as u64;
-        self.pending.clear();
+        // Claims and releases not answered go again, first, after the reconnection.
+        let mut again = VecDeque::new();
+        for (p, _) in self.pending.drain(..) {
+            match p {
+                Pending::Claim { .. } | Pending::Release { .. } => again.push_back(p),
+                Pending::Lease(_) => self.stats.lease_failures += 1,
+                _ => {}
+            }
+        }
+        again.extend(self.waiting.drain(..));
+        self.waiting = again;
         for l in &mut self.links {
             *l = LinkState::default();
         }
@@ -402,6 +501,11 @@ impl Backbone {
                     self.rooms.remove(&room);
                 }
             }
+            Relay::Claim { conn, nick } => self.nick_op(now, Pending::Claim { conn, nick }),
+            Relay::Release { nick } => {
+                self.registered.remove(&*fold(&nick));
+                self.nick_op(now, Pending::Release { nick });
+            }
             Relay::Say { room, from, text } => {
                 self.send_or_hold(now, &room, Outgoing::Say { from, text })
             }
@@ -448,7 +552,7 @@ impl Backbone {
         }
         if self.next_ping.is_some_and(|t| now >= t) {
             self.next_ping = Some(now + PING_EVERY);
-            self.command(now, Pending::Ping(now), &[b"PING"]);
+            self.renew_lease(now, Pending::Lease(now));
         }
         Ok(())
     }
@@ -475,6 +579,47 @@ impl Backbone {
         if let Some(r) = self.rooms.get_mut(room) {
             r.awaiting += 1;
         }
+    }
+
+    /// `SET chatloop:node:<ident> <node> PX <lease>`: this node is alive.
+    fn renew_lease(&mut self, now: Instant, what: Pending) {
+        let key = format!("{NODE_KEY}{}", self.ident);
+        let px = LEASE.as_millis().to_string();
+        let node = self.node.clone();
+        self.command(
+            now,
+            what,
+            &[
+                b"SET",
+                key.as_bytes(),
+                node.as_bytes(),
+                b"PX",
+                px.as_bytes(),
+            ],
+        );
+    }
+
+    /// A claim, reclaim or release on `Cmd`, or in `waiting` while `Cmd` is down.
+    fn nick_op(&mut self, now: Instant, what: Pending) {
+        if !self.links[0].connected {
+            if !matches!(what, Pending::Reclaim { .. }) {
+                self.waiting.push_back(what);
+            }
+            return;
+        }
+        let (function, nick): (&[u8], &str) = match &what {
+            Pending::Release { nick } => (b"chatloop_release", nick),
+            Pending::Claim { nick, .. } | Pending::Reclaim { nick } => (b"chatloop_claim", nick),
+            _ => return,
+        };
+        let key = format!("{NICK_KEY}{}", fold(nick));
+        let ident = self.ident.clone();
+        let mut cmd: Vec<&[u8]> = vec![b"FCALL", function, b"1", key.as_bytes(), ident.as_bytes()];
+        if !matches!(what, Pending::Release { .. }) {
+            cmd.push(NODE_KEY.as_bytes());
+        }
+        push_command(&mut self.links[0].out, &cmd);
+        self.pending.push_back((what, now));
     }
 
     fn send_or_hold(&mut self, now: Instant, room: &str, o: Outgoing) {
@@ -569,8 +714,32 @@ impl Backbone {
                 self.stats.dropped += 1;
                 log::warn!("cluster: a SAY was refused by Redis: {e}");
             }
-            (Pending::Ping(sent), _) => {
+            (Pending::Lease(sent), _) => {
                 self.stats.rtt_us = now.saturating_duration_since(sent).as_micros() as u64;
+            }
+            (Pending::Claim { conn, nick }, reply) => {
+                let granted = matches!(reply, OwnedFrame::Integer(1));
+                if let OwnedFrame::Error(e) = reply {
+                    log::warn!("cluster: a nick claim was refused by Redis: {e}");
+                }
+                if granted {
+                    self.stats.claims_granted += 1;
+                    self.registered.insert(fold(&nick), nick.clone());
+                } else {
+                    self.stats.claims_refused += 1;
+                }
+                self.deliveries.push_back(Delivery::Claim {
+                    conn,
+                    nick: nick.into(),
+                    granted,
+                });
+            }
+            (Pending::Reclaim { nick }, reply) => {
+                if matches!(reply, OwnedFrame::Integer(0)) {
+                    self.registered.remove(&*fold(&nick));
+                    self.deliveries
+                        .push_back(Delivery::ClaimLost { nick: nick.into() });
+                }
             }
             _ => {}
         }
@@ -662,4 +831,9 @@ fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
         from: from.to_string(),
         text: text.to_string(),
     })
+}
+
+/// Nicks compare ASCII case folded (PROTOCOL.md 5.1), in Redis as in the core.
+fn fold(nick: &str) -> Box<str> {
+    nick.to_ascii_lowercase().into_boxed_str()
 }

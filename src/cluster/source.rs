@@ -103,6 +103,18 @@ impl BackboneSource {
                 Delivery::Presence { room, kind, nick } => {
                     server.handle_remote_presence(&room, kind, &nick)
                 }
+                Delivery::Claim {
+                    conn,
+                    nick,
+                    granted,
+                } => {
+                    server.handle_claim(now, conn, &nick, granted);
+                    true
+                }
+                Delivery::ClaimLost { nick } => {
+                    server.handle_claim_lost(&nick);
+                    true
+                }
             };
         }
         self.backbone.set_floor(server.chat().last_msg_id());

@@ -46,7 +46,12 @@ fn up(now: Instant) -> Backbone {
         setup[2],
         ["FCALL", "chatloop_floor", "1", "chatloop:msg_id", "0"]
     );
-    b.handle_data(Link::Cmd, b"+OK\r\n$8\r\nchatloop\r\n:0\r\n", now)
+    assert_eq!(
+        setup[3][..2],
+        ["SET", &format!("chatloop:node:{}", ident(&b))]
+    );
+    assert_eq!(setup[3][3..], ["PX", "5000"]);
+    b.handle_data(Link::Cmd, b"+OK\r\n$8\r\nchatloop\r\n:0\r\n+OK\r\n", now)
         .expect("setup accepted");
     assert_eq!(
         commands(&mut b, Link::Sub),
@@ -54,6 +59,11 @@ fn up(now: Instant) -> Backbone {
     );
     b.handle_data(Link::Sub, b"+OK\r\n", now).expect("setname");
     b
+}
+
+/// The node's ident in Redis, as its lease key shows it.
+fn ident(b: &Backbone) -> String {
+    b.ident().to_string()
 }
 
 fn say(room: &str, text: &str) -> Relay {
@@ -291,4 +301,118 @@ fn presence_crosses_in_the_room_order_and_a_closing_room_sends_what_it_held() {
     )
     .expect("an unknown kind is ignored, not fatal");
     assert_eq!(b.poll_delivery(), None);
+}
+
+#[test]
+fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again() {
+    let now = Instant::now();
+    let mut b = up(now);
+    let conn = |slot| crate::id::Generations::new().next(slot);
+    let (c1, c2) = (conn(1), conn(2));
+    b.handle_relay(
+        Relay::Claim {
+            conn: c1,
+            nick: "Alice".into(),
+        },
+        now,
+    );
+    b.handle_relay(
+        Relay::Claim {
+            conn: c2,
+            nick: "bob".into(),
+        },
+        now,
+    );
+    let cmds = commands(&mut b, Link::Cmd);
+    let me = ident(&b);
+    assert_eq!(
+        cmds[0],
+        [
+            "FCALL",
+            "chatloop_claim",
+            "1",
+            "chatloop:nick:alice",
+            me.as_str(),
+            "chatloop:node:"
+        ]
+    );
+    // Redis grants the first and refuses the second.
+    b.handle_data(Link::Cmd, b":1\r\n:0\r\n", now)
+        .expect("answers");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::Claim {
+            conn: c1,
+            nick: "Alice".into(),
+            granted: true
+        })
+    );
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::Claim {
+            conn: c2,
+            nick: "bob".into(),
+            granted: false
+        })
+    );
+    // A claim in flight when the link fails is made again after the reconnection, after
+    // the lease and the nicks this node holds.
+    b.handle_relay(
+        Relay::Claim {
+            conn: c2,
+            nick: "carol".into(),
+        },
+        now,
+    );
+    let _ = commands(&mut b, Link::Cmd);
+    b.handle_disconnected(now, "reset");
+    b.handle_relay(
+        Relay::Release {
+            nick: "nobody".into(),
+        },
+        now,
+    );
+    assert!(b.poll_connect(now + Duration::from_secs(10)));
+    b.handle_connected(Link::Cmd, now);
+    let cmds = commands(&mut b, Link::Cmd);
+    let what: Vec<(&str, &str)> = cmds
+        .iter()
+        .map(|c| (c[0].as_str(), c.get(1).map_or("", |s| s.as_str())))
+        .collect();
+    let lease = format!("chatloop:node:{me}");
+    assert_eq!(
+        what[3..],
+        [
+            ("SET", lease.as_str()),
+            ("FCALL", "chatloop_claim"),
+            ("FCALL", "chatloop_claim"),
+            ("FCALL", "chatloop_release"),
+        ]
+    );
+    assert_eq!(cmds[4][3], "chatloop:nick:alice", "the held nick first");
+    assert_eq!(
+        cmds[5][3], "chatloop:nick:carol",
+        "then the claim that was in flight"
+    );
+    // Alice's nick was taken meanwhile (Redis lost it, another node claimed it first).
+    b.handle_data(
+        Link::Cmd,
+        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n+OK\r\n:0\r\n:1\r\n:0\r\n",
+        now,
+    )
+    .expect("answers");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::ClaimLost {
+            nick: "Alice".into()
+        })
+    );
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::Claim {
+            conn: c2,
+            nick: "carol".into(),
+            granted: true
+        })
+    );
 }

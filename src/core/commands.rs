@@ -63,10 +63,26 @@ impl Chat {
             return;
         }
         let folded = fold(nick);
-        if self.nicks.contains_key(&folded) {
+        if self.nicks.contains_key(&folded) || self.claimed.contains_key(&folded) {
             self.send_error(conn, ErrorCode::NickTaken, "nick is taken");
             return;
         }
+        if self.cfg.relay {
+            // Free here; the cluster decides (`handle_claim`).
+            self.claimed.insert(folded, conn);
+            self.claiming.insert(conn, (nick.into(), Vec::new()));
+            self.relay.push_back(Relay::Claim {
+                conn,
+                nick: nick.into(),
+            });
+            return;
+        }
+        self.start_session(now, conn, nick);
+    }
+
+    /// Welcomes `conn` as a new session named `nick` (free, and valid).
+    pub(super) fn start_session(&mut self, now: Instant, conn: ConnId, nick: &str) {
+        let folded = fold(nick);
         let token = self.fresh_token();
         self.nicks.insert(folded, conn);
         self.tokens.insert(token_key(&token), conn);

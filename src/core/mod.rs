@@ -305,6 +305,12 @@ pub struct Chat {
     warn_slow: Collapsed,
     /// For the backbone, with `cfg.relay` (drained every iteration by the shell).
     relay: VecDeque<Relay>,
+    /// With `cfg.relay`: HELLOs waiting for the cluster to grant their nick, by connection:
+    /// the nick, and what the connection sent after its HELLO (handled after the answer).
+    /// Kept here, not in `ConnState`, so that an idle connection pays nothing for it.
+    claiming: HashMap<ConnId, (Box<str>, Vec<u8>)>,
+    /// The folded nicks of `claiming`, so a second local HELLO for one finds it taken.
+    claimed: HashMap<Box<str>, ConnId>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -380,6 +386,8 @@ impl Chat {
             events: EventQueue::default(),
             warn_slow: Collapsed::new("slow consumers closed"),
             relay: VecDeque::new(),
+            claiming: HashMap::new(),
+            claimed: HashMap::new(),
         }
     }
 
@@ -598,6 +606,23 @@ impl Chat {
     /// it is read. Bytes for a connection that is not open are ignored.
     pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
         let now_us = self.us_ceil(now);
+        if self.cfg.relay {
+            if let Some((_, held)) = self.claiming.get_mut(&conn) {
+                // Its HELLO waits for the cluster; what follows it waits too, within bounds.
+                held.extend_from_slice(data);
+                let max = self.cfg.input_budget();
+                if held.len() > max {
+                    self.slow_consumer(
+                        now,
+                        conn,
+                        format_args!(
+                            "sent more than {max} bytes while its HELLO waited for the cluster"
+                        ),
+                    );
+                }
+                return;
+            }
+        }
         let Some(s) = self.state_mut(conn) else {
             return;
         };
@@ -658,6 +683,15 @@ impl Chat {
                     self.handle_frame(now, conn, f.opcode, f.payload);
                     if !self.is_open(conn) {
                         return None;
+                    }
+                    if self.cfg.relay {
+                        if let Some((_, held)) = self.claiming.get_mut(&conn) {
+                            // A HELLO now waits for the cluster: the rest of the chunk waits
+                            // with it (whole frames: the deframer is between frames).
+                            debug_assert_eq!(deframer.buffered(), 0);
+                            held.extend_from_slice(data);
+                            break;
+                        }
                     }
                     let grown = self.outbox.produced() - produced_before;
                     if grown > 2 * handled + self.cfg.max_pending as u64 {
@@ -934,6 +968,53 @@ impl Chat {
         true
     }
 
+    /// The cluster's answer to a [`Relay::Claim`]: `granted`, the connection is welcomed as
+    /// `nick` (a new session, as on one server) and what it sent after its HELLO is handled;
+    /// otherwise it gets `nick_taken`, as on one server, and then the rest. An answer for a
+    /// connection that closed meanwhile is ignored (a granted nick is handed back with
+    /// [`Relay::Release`]).
+    pub fn handle_claim(&mut self, now: Instant, conn: ConnId, nick: &str, granted: bool) {
+        let folded = fold(nick);
+        let current = self
+            .claiming
+            .get(&conn)
+            .is_some_and(|(n, _)| fold(n) == folded);
+        if !current || !self.is_open(conn) {
+            if granted && self.conn_of(nick).is_none() {
+                self.relay.push_back(Relay::Release { nick: nick.into() });
+            }
+            return;
+        }
+        let Some((nick, held)) = self.claiming.remove(&conn) else {
+            return;
+        };
+        self.claimed.remove(&folded);
+        self.outbox.replying = conn.to_u64();
+        if granted {
+            self.start_session(now, conn, &nick);
+        } else {
+            log::debug!("conn {conn}: {} is taken on another node", Untrusted(&nick));
+            self.send_error(conn, ErrorCode::NickTaken, "nick is taken");
+        }
+        self.outbox.replying = 0;
+        if !held.is_empty() {
+            self.handle_data(now, conn, &held);
+        }
+    }
+
+    /// The cluster found `nick` held by another node's session when this node registered
+    /// it again (after Redis lost its data): the session here ends with `kicked`, so that no
+    /// nick is held by two live sessions.
+    pub fn handle_claim_lost(&mut self, nick: &str) {
+        if let Some(conn) = self.conn_of(nick) {
+            log::warn!(
+                "conn {conn}: {} is held on another node; this session ends",
+                Untrusted(nick)
+            );
+            self.kick(conn, "your nick is held on another node");
+        }
+    }
+
     /// A PRESENCE the backbone delivered (any node's, this one's included): to this node's
     /// members of `room` but the one it concerns (who had it as its answer), within
     /// `presence_limit` as counted here. Returns false if the room has no member here.
@@ -1033,6 +1114,13 @@ impl Chat {
     /// Checks the cross-structure invariants listed in the module docs. O(everything): for
     /// tests and debug builds of drivers, not for the hot path.
     pub fn check_invariants(&self) {
+        // A claim is a connection open, not welcomed, whose nick nobody here holds.
+        assert_eq!(self.claiming.len(), self.claimed.len());
+        for (conn, (nick, _)) in &self.claiming {
+            assert_eq!(self.claimed.get(&fold(nick)), Some(conn));
+            assert!(self.state(*conn).is_some_and(|s| !s.welcomed), "{conn}");
+            assert!(!self.nicks.contains_key(&fold(nick)), "{nick}");
+        }
         let mut open = 0;
         let mut welcomed = 0;
         for (slot, s) in self.conns.iter().enumerate() {

@@ -12,6 +12,7 @@
 //!
 //! [`Chat::handle_remote_message`]: super::Chat::handle_remote_message
 
+use crate::id::ConnId;
 use crate::protocol::PresenceKind;
 
 /// One item for the backbone (see the module documentation).
@@ -38,6 +39,23 @@ pub enum Relay {
         /// What happened.
         kind: PresenceKind,
         /// Whom it concerns.
+        nick: Box<str>,
+    },
+    /// A HELLO for a new session whose nick is free here: the nick must be free on every
+    /// node. The answer comes back through [`Chat::handle_claim`]; until then the connection
+    /// is not welcomed and what it sends after the HELLO waits.
+    ///
+    /// [`Chat::handle_claim`]: super::Chat::handle_claim
+    Claim {
+        /// The connection that sent the HELLO.
+        conn: ConnId,
+        /// The nick it asked for, as it wrote it.
+        nick: Box<str>,
+    },
+    /// A session that held `nick` ended (or a claim was granted to a connection gone since):
+    /// the nick is free again.
+    Release {
+        /// The nick.
         nick: Box<str>,
     },
     /// A member's SAY, to publish; it is delivered when it comes back.

@@ -169,6 +169,15 @@ impl Chat {
         if welcomed {
             self.nicks.remove(&fold(&s.nick));
             self.tokens.remove(&token_key(&s.token));
+            if self.cfg.relay {
+                self.relay.push_back(Relay::Release {
+                    nick: s.nick.clone(),
+                });
+            }
+        }
+        if let Some((nick, _)) = self.claiming.remove(&conn) {
+            // Its answer will find no one (`handle_claim` hands a granted nick back).
+            self.claimed.remove(&fold(&nick));
         }
         self.open -= 1;
         self.stats.closed.count(reason);

@@ -2463,14 +2463,31 @@ fn relayed(sim: &mut Sim) -> Vec<Relay> {
     std::iter::from_fn(|| sim.chat.poll_relay()).collect()
 }
 
+/// A HELLO in relay mode, the cluster granting the nick.
+fn hello_granted(sim: &mut Sim, nick: &str) -> ConnId {
+    let c = sim.open();
+    sim.send(c, ClientMsg::Hello { nick, token: None });
+    assert_eq!(
+        relayed(sim),
+        [Relay::Claim {
+            conn: c,
+            nick: nick.into()
+        }]
+    );
+    sim.chat.handle_claim(sim.now, c, nick, true);
+    let got = sim.take(c);
+    assert!(matches!(&got[..], [Msg::Welcome { .. }]), "{got:?}");
+    c
+}
+
 #[test]
 fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
     let mut sim = Sim::with(ChatConfig {
         relay: true,
         ..ChatConfig::default()
     });
-    let alice = sim.hello("alice");
-    let bob = sim.hello("bob");
+    let alice = hello_granted(&mut sim, "alice");
+    let bob = hello_granted(&mut sim, "bob");
     sim.join(alice, "lobby");
     // The joiner has its answer at once; the others get the copy that comes back.
     assert_eq!(sim.take(alice), [presence(Join, "lobby", "alice")]);
@@ -2529,4 +2546,85 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
             room: "lobby".into()
         }
     );
+}
+
+#[test]
+fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_the_hello() {
+    let mut sim = Sim::with(ChatConfig {
+        relay: true,
+        ..ChatConfig::default()
+    });
+    let c = sim.open();
+    let mut bytes = encode(ClientMsg::Hello {
+        nick: "Alice",
+        token: None,
+    });
+    bytes.extend(encode(ClientMsg::Join { room: "lobby" }));
+    sim.feed(c, &bytes);
+    assert_eq!(sim.take(c), [], "no WELCOME before the cluster answers");
+    assert_eq!(
+        relayed(&mut sim),
+        [Relay::Claim {
+            conn: c,
+            nick: "Alice".into()
+        }]
+    );
+    // Taken here while the claim is out, whatever the case.
+    let d = sim.open();
+    sim.send(
+        d,
+        ClientMsg::Hello {
+            nick: "alice",
+            token: None,
+        },
+    );
+    assert!(matches!(&sim.take(d)[..], [Msg::Error { code: 9, .. }]));
+    let _ = relayed(&mut sim);
+
+    sim.chat.handle_claim(sim.now, c, "Alice", true);
+    sim.check();
+    let got = sim.take(c);
+    assert!(
+        matches!(&got[0], Msg::Welcome { nick, .. } if nick == "Alice"),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[1..],
+        [presence(Join, "lobby", "Alice")],
+        "the JOIN after it, then"
+    );
+
+    // Refused: nick_taken, as on one server, and the connection may try again.
+    sim.send(
+        d,
+        ClientMsg::Hello {
+            nick: "bob",
+            token: None,
+        },
+    );
+    let _ = relayed(&mut sim);
+    sim.chat.handle_claim(sim.now, d, "bob", false);
+    assert!(matches!(&sim.take(d)[..], [Msg::Error { code: 9, .. }]));
+
+    // A connection that closed while its claim was out: a granted nick is handed back.
+    let e = sim.open();
+    sim.send(
+        e,
+        ClientMsg::Hello {
+            nick: "carol",
+            token: None,
+        },
+    );
+    let _ = relayed(&mut sim);
+    sim.chat.handle_close(e, CloseReason::Eof);
+    sim.chat.handle_claim(sim.now, e, "carol", true);
+    assert!(relayed(&mut sim).contains(&Relay::Release {
+        nick: "carol".into()
+    }));
+    // And a session that ends hands its nick back too.
+    sim.chat.handle_close(c, CloseReason::Eof);
+    assert!(relayed(&mut sim).contains(&Relay::Release {
+        nick: "Alice".into()
+    }));
+    sim.check();
 }

@@ -420,9 +420,48 @@ pub static TABLE: &[Metric] = &[
         },
     },
     Metric {
+        name: "chatloop_cluster_claims_granted_total",
+        kind: Kind::Counter,
+        help: "HELLOs for new sessions whose nick the cluster granted (free on every node).",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.claims_granted))
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_cluster_claims_refused_total",
+        kind: Kind::Counter,
+        help: "HELLOs for new sessions whose nick another node's live session holds (answered nick_taken).",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.claims_refused))
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_cluster_lease_failures_total",
+        kind: Kind::Counter,
+        help: "Renewals of this node's lease lost with a failed or stalled connection to Redis (its nicks are free for others once the lease ends).",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.lease_failures))
+                }
+            },
+        },
+    },
+    Metric {
         name: "chatloop_cluster_rtt_microseconds",
         kind: Kind::Gauge,
-        help: "The last PING round trip to Redis, once a second.",
+        help: "The round trip of the last lease renewal to Redis (one a second).",
         series: Series::Labelled {
             label: "backbone",
             values: |s, f| {

@@ -1159,6 +1159,16 @@ impl Server {
         self.chat.handle_remote_presence(room, kind, nick)
     }
 
+    /// A cluster backbone's answer to a nick claim ([`Chat::handle_claim`]).
+    pub fn handle_claim(&mut self, now: Instant, conn: ConnId, nick: &str, granted: bool) {
+        self.chat.handle_claim(now, conn, nick, granted);
+    }
+
+    /// A nick this node held is held elsewhere ([`Chat::handle_claim_lost`]).
+    pub fn handle_claim_lost(&mut self, nick: &str) {
+        self.chat.handle_claim_lost(nick);
+    }
+
     /// Closes a connection with `kicked` and `detail`; false if it is not open.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
         self.chat.kick(conn, detail)
