@@ -349,3 +349,42 @@ fn a_killed_nodes_nicks_are_free_after_its_lease() {
     let waited = killed.elapsed();
     eprintln!("zed free {waited:?} after its node was killed (lease 5 s)");
 }
+
+/// A WHISPER reaches its nick on whatever node holds it; `no_such_user` only when no node
+/// does; the sender's later answers stay in order; and every connection's msg_ids increase,
+/// whispers and room messages together.
+#[test]
+fn whispers_reach_a_nick_on_any_node() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+
+    alice.whisper("Bob", "psst");
+    let w = bob.expect_whisper("alice", "psst");
+    alice.send_whisper("nobody", "hello?");
+    alice.expect_error(code::NO_SUCH_USER);
+    // Answers in order: the barrier's PONG comes after the ERROR, and nothing else came.
+    alice.assert_no_pending();
+
+    // Ids increase on bob's connection across room messages and whispers.
+    let m1 = alice.say("lobby", "one");
+    assert_eq!(
+        bob.expect_message("lobby", "alice", "one").msg_id,
+        m1.msg_id
+    );
+    alice.whisper("bob", "two");
+    let w2 = bob.expect_whisper("alice", "two");
+    let m3 = alice.say("lobby", "three");
+    bob.expect_message("lobby", "alice", "three");
+    assert!(w.msg_id < m1.msg_id && m1.msg_id < w2.msg_id && w2.msg_id < m3.msg_id);
+    // A whisper to oneself, and to a nick on one's own node, take the same road.
+    alice.whisper("alice", "me");
+    alice.expect_whisper("alice", "me");
+    bob.assert_no_pending();
+}

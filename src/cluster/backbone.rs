@@ -2,7 +2,7 @@
 //! write, deliveries for the core and deadlines out. No socket, no clock.
 //!
 //! Two links to one Redis: `Cmd` carries commands (each SAY is one `FCALL`, a server-side
-//! function that takes the next msg_id with `INCR` and `PUBLISH`es, atomically), `Sub`
+//! function that takes the next msg_id with `INCRBY` and `PUBLISH`es, atomically), `Sub`
 //! carries the subscriptions to the rooms this node has members in, and what is published
 //! there. Redis delivers a subscriber the messages of all its channels in the order it
 //! executed the publishes, so every node sees a room's messages in one order, with ids
@@ -77,6 +77,8 @@ const MSG_ID_KEY: &str = "chatloop:msg_id";
 /// Nick keys (the value is the holder's `ident`) and node leases (`chatloop:node:<ident>`).
 const NICK_KEY: &str = "chatloop:nick:";
 const NODE_KEY: &str = "chatloop:node:";
+/// Each process's whisper channel: `chatloop:whisper:<ident>`.
+const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 
 /// The server-side functions (Redis 7 functions). `chatloop_say`: the msg_id and the publish
 /// in one atomic step, so ids increase in publish order; its payload is
@@ -85,10 +87,13 @@ const NODE_KEY: &str = "chatloop:node:";
 /// restart without persistence) does not hand out ids this node's members have seen.
 /// `chatloop_claim`: a nick key is set to the claiming node's ident unless another node whose
 /// lease is alive holds it (a dead node's nicks are free without anyone deleting them).
-/// `chatloop_release`: deletes a nick key if this node holds it.
+/// `chatloop_release`: deletes a nick key if this node holds it. `chatloop_whisper`: finds
+/// the process holding a nick (with a live lease), numbers the whisper and publishes it on
+/// that process's channel; 0 if nobody holds the nick. Cluster ids are even (`INCRBY 2`):
+/// a node's own ids are odd (`Chat::local_msg_id`), so the two never meet.
 const LIBRARY: &str = "#!lua name=chatloop\n\
 redis.register_function('chatloop_say', function(keys, args)\n\
-  local id = redis.call('INCR', keys[1])\n\
+  local id = redis.call('INCRBY', keys[1], 2)\n\
   redis.call('PUBLISH', keys[2], id .. ':' .. args[1])\n\
   return id\n\
 end)\n\
@@ -105,6 +110,13 @@ redis.register_function('chatloop_claim', function(keys, args)\n\
   end\n\
   redis.call('SET', keys[1], args[1])\n\
   return 1\n\
+end)\n\
+redis.register_function('chatloop_whisper', function(keys, args)\n\
+  local holder = redis.call('GET', keys[1])\n\
+  if not holder or redis.call('EXISTS', args[1] .. holder) == 0 then return 0 end\n\
+  local id = redis.call('INCRBY', keys[2], 2)\n\
+  redis.call('PUBLISH', args[2] .. holder, id .. ':' .. args[3])\n\
+  return id\n\
 end)\n\
 redis.register_function('chatloop_release', function(keys, args)\n\
   if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end\n\
@@ -145,6 +157,28 @@ pub enum Delivery {
     ClaimLost {
         /// The nick.
         nick: String,
+    },
+    /// The answer to a [`Relay::Whisper`], for [`Chat::handle_whisper_result`].
+    ///
+    /// [`Chat::handle_whisper_result`]: crate::core::Chat::handle_whisper_result
+    WhisperResult {
+        /// The sender's connection.
+        conn: ConnId,
+        /// Some node holds the nick (or the outcome is unknown: a link failed meanwhile).
+        delivered: bool,
+    },
+    /// A WHISPER for a session here, for [`Chat::handle_remote_whisper`].
+    ///
+    /// [`Chat::handle_remote_whisper`]: crate::core::Chat::handle_remote_whisper
+    Whisper {
+        /// The id the cluster gave it.
+        msg_id: u64,
+        /// The sender's nick.
+        from: String,
+        /// The target's nick.
+        to: String,
+        /// The text.
+        text: String,
     },
     /// A PRESENCE, for [`Chat::handle_remote_presence`].
     ///
@@ -213,6 +247,8 @@ enum Pending {
     },
     /// A lease renewal, sent at that instant.
     Lease(Instant),
+    /// A whisper from this connection.
+    Whisper(ConnId),
 }
 
 #[derive(Debug, Default)]
@@ -363,6 +399,8 @@ impl Backbone {
                     &mut self.links[1].out,
                     &[b"CLIENT", b"SETNAME", name.as_bytes()],
                 );
+                let whispers = format!("{WHISPER_CHANNEL}{}", self.ident);
+                push_command(&mut self.links[1].out, &[b"SUBSCRIBE", whispers.as_bytes()]);
                 let rooms: Vec<Box<str>> = self
                     .rooms
                     .iter()
@@ -402,6 +440,14 @@ impl Backbone {
             match p {
                 Pending::Claim { .. } | Pending::Release { .. } => again.push_back(p),
                 Pending::Lease(_) => self.stats.lease_failures += 1,
+                Pending::Whisper(conn) => {
+                    // It may have been delivered: the sender is not told otherwise.
+                    self.stats.dropped += 1;
+                    self.deliveries.push_back(Delivery::WhisperResult {
+                        conn,
+                        delivered: true,
+                    });
+                }
                 _ => {}
             }
         }
@@ -467,7 +513,8 @@ impl Backbone {
     /// ([`Chat::last_msg_id`](crate::core::Chat::last_msg_id)): on every (re)connection the
     /// cluster's counter is raised to at least this.
     pub fn set_floor(&mut self, msg_id: u64) {
-        self.floor = self.floor.max(msg_id);
+        // Rounded up to even: the next cluster id (counting in twos) stays even.
+        self.floor = self.floor.max(msg_id + msg_id % 2);
     }
 
     /// What the core handed out for the backbone.
@@ -505,6 +552,41 @@ impl Backbone {
             Relay::Release { nick } => {
                 self.registered.remove(&*fold(&nick));
                 self.nick_op(now, Pending::Release { nick });
+            }
+            Relay::Whisper {
+                conn,
+                from,
+                to,
+                text,
+            } => {
+                if !self.links[0].connected {
+                    self.deliveries.push_back(Delivery::WhisperResult {
+                        conn,
+                        delivered: false,
+                    });
+                    return;
+                }
+                let key = format!("{NICK_KEY}{}", fold(&to));
+                let mut payload = Vec::with_capacity(2 + to.len() + from.len() + text.len());
+                for part in [&*to, &*from] {
+                    payload.push(part.len().min(255) as u8);
+                    payload.extend_from_slice(part.as_bytes());
+                }
+                payload.extend_from_slice(text.as_bytes());
+                self.command(
+                    now,
+                    Pending::Whisper(conn),
+                    &[
+                        b"FCALL",
+                        b"chatloop_whisper",
+                        b"2",
+                        key.as_bytes(),
+                        MSG_ID_KEY.as_bytes(),
+                        NODE_KEY.as_bytes(),
+                        WHISPER_CHANNEL.as_bytes(),
+                        &payload,
+                    ],
+                );
             }
             Relay::Say { room, from, text } => {
                 self.send_or_hold(now, &room, Outgoing::Say { from, text })
@@ -734,6 +816,14 @@ impl Backbone {
                     granted,
                 });
             }
+            (Pending::Whisper(conn), reply) => {
+                if let OwnedFrame::Error(e) = reply {
+                    log::warn!("cluster: a whisper was refused by Redis: {e}");
+                }
+                let delivered = matches!(reply, OwnedFrame::Integer(n) if *n > 0);
+                self.deliveries
+                    .push_back(Delivery::WhisperResult { conn, delivered });
+            }
             (Pending::Reclaim { nick }, reply) => {
                 if matches!(reply, OwnedFrame::Integer(0)) {
                     self.registered.remove(&*fold(&nick));
@@ -759,6 +849,14 @@ impl Backbone {
         let room = channel
             .strip_prefix(ROOM_CHANNEL.as_bytes())
             .and_then(|r| std::str::from_utf8(r).ok());
+        if kind == b"message" && channel.starts_with(WHISPER_CHANNEL.as_bytes()) {
+            let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
+            match parse_whisper(payload) {
+                Some(d) => self.deliveries.push_back(d),
+                None => log::warn!("cluster: a malformed whisper ignored"),
+            }
+            return Ok(());
+        }
         match kind {
             b"message" => {
                 let Some(room) = room else {
@@ -836,4 +934,26 @@ fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
 /// Nicks compare ASCII case folded (PROTOCOL.md 5.1), in Redis as in the core.
 fn fold(nick: &str) -> Box<str> {
     nick.to_ascii_lowercase().into_boxed_str()
+}
+
+/// `<id>:<to length><to><from length><from><text>`, as `chatloop_whisper` publishes it.
+fn parse_whisper(p: &[u8]) -> Option<Delivery> {
+    let colon = p.iter().position(|&b| b == b':')?;
+    let msg_id = std::str::from_utf8(&p[..colon]).ok()?.parse().ok()?;
+    let mut rest = &p[colon + 1..];
+    let mut field = || -> Option<String> {
+        let n = usize::from(*rest.first()?);
+        let s = std::str::from_utf8(rest.get(1..1 + n)?).ok()?.to_string();
+        rest = &rest[1 + n..];
+        Some(s)
+    };
+    let to = field()?;
+    let from = field()?;
+    let text = std::str::from_utf8(rest).ok()?.to_string();
+    Some(Delivery::Whisper {
+        msg_id,
+        from,
+        to,
+        text,
+    })
 }

@@ -115,8 +115,19 @@ impl BackboneSource {
                     server.handle_claim_lost(&nick);
                     true
                 }
+                Delivery::WhisperResult { conn, delivered } => {
+                    server.handle_whisper_result(now, conn, delivered);
+                    true
+                }
+                Delivery::Whisper {
+                    msg_id,
+                    from,
+                    to,
+                    text,
+                } => server.handle_remote_whisper(msg_id, &from, &to, &text),
             };
         }
+        server.handle_backbone_state(self.backbone.is_up());
         self.backbone.set_floor(server.chat().last_msg_id());
     }
 

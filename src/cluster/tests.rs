@@ -53,9 +53,13 @@ fn up(now: Instant) -> Backbone {
     assert_eq!(setup[3][3..], ["PX", "5000"]);
     b.handle_data(Link::Cmd, b"+OK\r\n$8\r\nchatloop\r\n:0\r\n+OK\r\n", now)
         .expect("setup accepted");
+    let whispers = format!("chatloop:whisper:{}", ident(&b));
     assert_eq!(
         commands(&mut b, Link::Sub),
-        [["CLIENT", "SETNAME", "chatloop-n1"]]
+        [
+            vec!["CLIENT", "SETNAME", "chatloop-n1"],
+            vec!["SUBSCRIBE", whispers.as_str()]
+        ]
     );
     b.handle_data(Link::Sub, b"+OK\r\n", now).expect("setname");
     b
@@ -207,7 +211,7 @@ fn a_failure_counts_what_was_in_flight_and_backs_off_with_a_cap() {
     b.handle_connected(Link::Cmd, now);
     b.handle_connected(Link::Sub, now);
     let sub = commands(&mut b, Link::Sub);
-    assert_eq!(sub[1], ["SUBSCRIBE", "chatloop:room:r"]);
+    assert_eq!(sub[2], ["SUBSCRIBE", "chatloop:room:r"]);
 }
 
 #[test]
@@ -415,4 +419,83 @@ fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again(
             granted: true
         })
     );
+}
+
+#[test]
+fn whispers_go_to_the_holders_channel_and_their_answers_come_back() {
+    let now = Instant::now();
+    let mut b = up(now);
+    let c = crate::id::Generations::new().next(3);
+    b.handle_relay(
+        Relay::Whisper {
+            conn: c,
+            from: "alice".into(),
+            to: "Bob".into(),
+            text: "psst".into(),
+        },
+        now,
+    );
+    let cmds = commands(&mut b, Link::Cmd);
+    assert_eq!(
+        cmds[0][..7],
+        [
+            "FCALL",
+            "chatloop_whisper",
+            "2",
+            "chatloop:nick:bob",
+            "chatloop:msg_id",
+            "chatloop:node:",
+            "chatloop:whisper:"
+        ]
+    );
+    assert_eq!(cmds[0][7], "\u{3}Bob\u{5}alicepsst");
+    b.handle_data(Link::Cmd, b":0\r\n", now)
+        .expect("nobody holds bob");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::WhisperResult {
+            conn: c,
+            delivered: false
+        })
+    );
+    // One for a session here, on this process's channel.
+    let channel = format!("chatloop:whisper:{}", ident(&b));
+    let payload = b"8:\x03Bob\x05alicepsst";
+    let push = format!(
+        "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n",
+        channel.len(),
+        payload.len()
+    );
+    let mut bytes = push.into_bytes();
+    bytes.extend_from_slice(payload);
+    bytes.extend_from_slice(b"\r\n");
+    b.handle_data(Link::Sub, &bytes, now).expect("push");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::Whisper {
+            msg_id: 8,
+            from: "alice".into(),
+            to: "Bob".into(),
+            text: "psst".into()
+        })
+    );
+    // In flight when the link fails: the sender is not told it failed (it may not have).
+    b.handle_relay(
+        Relay::Whisper {
+            conn: c,
+            from: "alice".into(),
+            to: "bob".into(),
+            text: "again".into(),
+        },
+        now,
+    );
+    b.handle_disconnected(now, "reset");
+    assert_eq!(
+        b.poll_delivery(),
+        Some(Delivery::WhisperResult {
+            conn: c,
+            delivered: true
+        })
+    );
+    assert_eq!(b.stats().dropped, 1);
 }

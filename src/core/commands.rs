@@ -7,8 +7,8 @@
 use std::time::Instant;
 
 use super::{
-    Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold, os_token,
-    token_key,
+    Awaiting, Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold,
+    os_token, token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -70,7 +70,8 @@ impl Chat {
         if self.cfg.relay {
             // Free here; the cluster decides (`handle_claim`).
             self.claimed.insert(folded, conn);
-            self.claiming.insert(conn, (nick.into(), Vec::new()));
+            self.awaiting
+                .insert(conn, (Awaiting::Claim(nick.into()), Vec::new()));
             self.relay.push_back(Relay::Claim {
                 conn,
                 nick: nick.into(),
@@ -311,8 +312,7 @@ impl Chat {
         from: &str,
         text: &str,
     ) {
-        let msg_id = self.next_msg_id;
-        self.next_msg_id += 1;
+        let msg_id = self.local_msg_id();
         self.broadcast_message_with(rid, sender, from, text, msg_id);
     }
 
@@ -345,6 +345,24 @@ impl Chat {
     }
 
     pub(super) fn whisper_from(&mut self, conn: ConnId, target: &str, text: &str) {
+        if self.cfg.relay && self.relay_up {
+            // The holder may be on any node: the cluster finds it, and numbers the whisper.
+            let Some(nick) = self.nick(conn).map(Box::<str>::from) else {
+                return;
+            };
+            let verdict = self.hooks.on_whisper(conn, &nick, target, text);
+            if self.vetoed(conn, verdict) {
+                return;
+            }
+            self.awaiting.insert(conn, (Awaiting::Whisper, Vec::new()));
+            self.relay.push_back(Relay::Whisper {
+                conn,
+                from: nick,
+                to: target.into(),
+                text: text.into(),
+            });
+            return;
+        }
         let Some(to) = self.conn_of(target) else {
             self.send_error(conn, ErrorCode::NoSuchUser, "no such user");
             return;
@@ -394,8 +412,31 @@ impl Chat {
         from: &str,
         text: &str,
     ) {
-        let msg_id = self.next_msg_id;
-        self.next_msg_id += 1;
+        let msg_id = self.local_msg_id();
+        self.deliver_whisper_with(sender, to, from, text, msg_id);
+    }
+
+    /// The next msg_id this node assigns itself. In a cluster the cluster's ids are even
+    /// (the backbone counts in twos) and a node's own are odd, above every id it has seen:
+    /// strictly increasing on every connection, and never equal to a cluster id.
+    pub(super) fn local_msg_id(&mut self) -> u64 {
+        let mut id = self.next_msg_id;
+        if self.cfg.relay && id % 2 == 0 {
+            id += 1;
+        }
+        self.next_msg_id = id + 1;
+        id
+    }
+
+    /// [`deliver_whisper`](Self::deliver_whisper) with a given msg_id.
+    pub(super) fn deliver_whisper_with(
+        &mut self,
+        sender: Option<ConnId>,
+        to: ConnId,
+        from: &str,
+        text: &str,
+        msg_id: u64,
+    ) {
         let (buf, start) = self.outbox.buf();
         encode::whisper(buf, msg_id, from, text);
         let end = buf.len();

@@ -305,11 +305,14 @@ pub struct Chat {
     warn_slow: Collapsed,
     /// For the backbone, with `cfg.relay` (drained every iteration by the shell).
     relay: VecDeque<Relay>,
-    /// With `cfg.relay`: HELLOs waiting for the cluster to grant their nick, by connection:
-    /// the nick, and what the connection sent after its HELLO (handled after the answer).
-    /// Kept here, not in `ConnState`, so that an idle connection pays nothing for it.
-    claiming: HashMap<ConnId, (Box<str>, Vec<u8>)>,
-    /// The folded nicks of `claiming`, so a second local HELLO for one finds it taken.
+    /// With `cfg.relay`: connections waiting for the cluster's answer (a HELLO's nick claim,
+    /// a WHISPER's delivery), and what they sent after that command (handled after the
+    /// answer, so answers stay in order). Kept here, not in `ConnState`, so that an idle
+    /// connection pays nothing for it.
+    awaiting: HashMap<ConnId, (Awaiting, Vec<u8>)>,
+    /// Whether the backbone is up (`handle_backbone_state`): whispers cross nodes only then.
+    relay_up: bool,
+    /// The folded nicks of `awaiting` claims, so a second local HELLO for one finds it taken.
     claimed: HashMap<Box<str>, ConnId>,
 }
 
@@ -324,6 +327,15 @@ impl std::fmt::Debug for Chat {
             .field("shutting_down", &self.shutting_down)
             .finish_non_exhaustive()
     }
+}
+
+/// What a connection waits for from the cluster (`Chat::awaiting`).
+#[derive(Debug)]
+enum Awaiting {
+    /// Its HELLO's nick (as written).
+    Claim(Box<str>),
+    /// Its WHISPER's delivery.
+    Whisper,
 }
 
 /// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
@@ -386,7 +398,8 @@ impl Chat {
             events: EventQueue::default(),
             warn_slow: Collapsed::new("slow consumers closed"),
             relay: VecDeque::new(),
-            claiming: HashMap::new(),
+            awaiting: HashMap::new(),
+            relay_up: false,
             claimed: HashMap::new(),
         }
     }
@@ -607,17 +620,16 @@ impl Chat {
     pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
         let now_us = self.us_ceil(now);
         if self.cfg.relay {
-            if let Some((_, held)) = self.claiming.get_mut(&conn) {
-                // Its HELLO waits for the cluster; what follows it waits too, within bounds.
+            if let Some((_, held)) = self.awaiting.get_mut(&conn) {
+                // Its HELLO or WHISPER waits for the cluster; what follows it waits too,
+                // within bounds.
                 held.extend_from_slice(data);
                 let max = self.cfg.input_budget();
                 if held.len() > max {
                     self.slow_consumer(
                         now,
                         conn,
-                        format_args!(
-                            "sent more than {max} bytes while its HELLO waited for the cluster"
-                        ),
+                        format_args!("sent more than {max} bytes while waiting for the cluster"),
                     );
                 }
                 return;
@@ -685,9 +697,9 @@ impl Chat {
                         return None;
                     }
                     if self.cfg.relay {
-                        if let Some((_, held)) = self.claiming.get_mut(&conn) {
-                            // A HELLO now waits for the cluster: the rest of the chunk waits
-                            // with it (whole frames: the deframer is between frames).
+                        if let Some((_, held)) = self.awaiting.get_mut(&conn) {
+                            // A command now waits for the cluster: the rest of the chunk
+                            // waits with it (whole frames: the deframer is between frames).
                             debug_assert_eq!(deframer.buffered(), 0);
                             held.extend_from_slice(data);
                             break;
@@ -976,16 +988,16 @@ impl Chat {
     pub fn handle_claim(&mut self, now: Instant, conn: ConnId, nick: &str, granted: bool) {
         let folded = fold(nick);
         let current = self
-            .claiming
+            .awaiting
             .get(&conn)
-            .is_some_and(|(n, _)| fold(n) == folded);
+            .is_some_and(|(a, _)| matches!(a, Awaiting::Claim(n) if fold(n) == folded));
         if !current || !self.is_open(conn) {
             if granted && self.conn_of(nick).is_none() {
                 self.relay.push_back(Relay::Release { nick: nick.into() });
             }
             return;
         }
-        let Some((nick, held)) = self.claiming.remove(&conn) else {
+        let Some((Awaiting::Claim(nick), held)) = self.awaiting.remove(&conn) else {
             return;
         };
         self.claimed.remove(&folded);
@@ -1000,6 +1012,45 @@ impl Chat {
         if !held.is_empty() {
             self.handle_data(now, conn, &held);
         }
+    }
+
+    /// The cluster's answer to a [`Relay::Whisper`]: delivered (nothing to the sender, as
+    /// on one server), or nobody holds the nick anywhere (`no_such_user`). Then the sender's
+    /// input that waited is handled. An answer for a connection gone is ignored.
+    pub fn handle_whisper_result(&mut self, now: Instant, conn: ConnId, delivered: bool) {
+        if !matches!(self.awaiting.get(&conn), Some((Awaiting::Whisper, _))) {
+            return;
+        }
+        let Some((_, held)) = self.awaiting.remove(&conn) else {
+            return;
+        };
+        if !delivered {
+            self.outbox.replying = conn.to_u64();
+            self.send_error(conn, ErrorCode::NoSuchUser, "no such user");
+            self.outbox.replying = 0;
+        }
+        if !held.is_empty() {
+            self.handle_data(now, conn, &held);
+        }
+    }
+
+    /// A WHISPER another node (or this one) published for `to`, with the cluster's
+    /// `msg_id`: delivered if `to` has a session here. Returns false if not (it ended while
+    /// the whisper crossed).
+    pub fn handle_remote_whisper(&mut self, msg_id: u64, from: &str, to: &str, text: &str) -> bool {
+        self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
+        let Some(conn) = self.conn_of(to) else {
+            return false;
+        };
+        let text = session_ops::truncate(text, self.cfg.max_frame as usize);
+        self.deliver_whisper_with(None, conn, from, text, msg_id);
+        true
+    }
+
+    /// Whether the cluster backbone is up: WHISPERs cross nodes only while it is (without
+    /// it, a WHISPER reaches a nick on this node, and `no_such_user` otherwise).
+    pub fn handle_backbone_state(&mut self, up: bool) {
+        self.relay_up = up;
     }
 
     /// The cluster found `nick` held by another node's session when this node registered
@@ -1115,8 +1166,17 @@ impl Chat {
     /// tests and debug builds of drivers, not for the hot path.
     pub fn check_invariants(&self) {
         // A claim is a connection open, not welcomed, whose nick nobody here holds.
-        assert_eq!(self.claiming.len(), self.claimed.len());
-        for (conn, (nick, _)) in &self.claiming {
+        let claims = self
+            .awaiting
+            .values()
+            .filter(|(a, _)| matches!(a, Awaiting::Claim(_)))
+            .count();
+        assert_eq!(claims, self.claimed.len());
+        for (conn, (a, _)) in &self.awaiting {
+            let Awaiting::Claim(nick) = a else {
+                assert!(self.state(*conn).is_some_and(|s| s.welcomed), "{conn}");
+                continue;
+            };
             assert_eq!(self.claimed.get(&fold(nick)), Some(conn));
             assert!(self.state(*conn).is_some_and(|s| !s.welcomed), "{conn}");
             assert!(!self.nicks.contains_key(&fold(nick)), "{nick}");

@@ -58,6 +58,21 @@ pub enum Relay {
         /// The nick.
         nick: Box<str>,
     },
+    /// A WHISPER for the node that holds `to`, wherever it is; the answer (delivered, or
+    /// `no_such_user`) comes back through [`Chat::handle_whisper_result`], and the sender's
+    /// later input waits for it, so its answers stay in order.
+    ///
+    /// [`Chat::handle_whisper_result`]: super::Chat::handle_whisper_result
+    Whisper {
+        /// The sender's connection.
+        conn: ConnId,
+        /// The sender's nick.
+        from: Box<str>,
+        /// The target's nick, as the sender wrote it.
+        to: Box<str>,
+        /// The text.
+        text: Box<str>,
+    },
     /// A member's SAY, to publish; it is delivered when it comes back.
     Say {
         /// The room.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{Chat, CloseReason, Event, Relay, RoomId, fold, token_key};
+use super::{Awaiting, Chat, CloseReason, Event, Relay, RoomId, fold, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
 
@@ -175,7 +175,7 @@ impl Chat {
                 });
             }
         }
-        if let Some((nick, _)) = self.claiming.remove(&conn) {
+        if let Some((Awaiting::Claim(nick), _)) = self.awaiting.remove(&conn) {
             // Its answer will find no one (`handle_claim` hands a granted nick back).
             self.claimed.remove(&fold(&nick));
         }

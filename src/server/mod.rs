@@ -1169,6 +1169,21 @@ impl Server {
         self.chat.handle_claim_lost(nick);
     }
 
+    /// A cluster backbone's answer to a whisper ([`Chat::handle_whisper_result`]).
+    pub fn handle_whisper_result(&mut self, now: Instant, conn: ConnId, delivered: bool) {
+        self.chat.handle_whisper_result(now, conn, delivered);
+    }
+
+    /// A whisper from a cluster backbone ([`Chat::handle_remote_whisper`]).
+    pub fn handle_remote_whisper(&mut self, msg_id: u64, from: &str, to: &str, text: &str) -> bool {
+        self.chat.handle_remote_whisper(msg_id, from, to, text)
+    }
+
+    /// Whether a cluster backbone is up ([`Chat::handle_backbone_state`]).
+    pub fn handle_backbone_state(&mut self, up: bool) {
+        self.chat.handle_backbone_state(up);
+    }
+
     /// Closes a connection with `kicked` and `detail`; false if it is not open.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
         self.chat.kick(conn, detail)
