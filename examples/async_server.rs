@@ -228,7 +228,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     log::info!("serving at most {max_conns} connections");
 
-    let listener = bind(args.listen, args.backlog)
+    let listener = bind(args.listen, args.backlog, args.reuseport)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener
         .local_addr()
@@ -259,7 +259,7 @@ async fn run(args: Args) -> Result<(), String> {
     ));
     if let Some(a) = args.metrics {
         let cannot = |e: io::Error| format!("cannot listen for metrics on {a}: {e}");
-        let metrics = bind(a, args.backlog).map_err(cannot)?;
+        let metrics = bind(a, args.backlog, false).map_err(cannot)?;
         let local = metrics.local_addr().map_err(cannot)?;
         log::info!("metrics on http://{local}/metrics");
         // It keeps serving through a shutdown (/healthz says 503 then), until the process ends.
@@ -299,8 +299,8 @@ fn exit_now(name: &str) {
 }
 
 /// A listener with SO_REUSEADDR and the configured backlog, as the mio server binds it.
-fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    TcpListener::from_std(net::bind_listener(addr, backlog)?)
+fn bind(addr: SocketAddr, backlog: u32, reuseport: bool) -> io::Result<TcpListener> {
+    TcpListener::from_std(net::bind_listener(addr, backlog, reuseport)?)
 }
 
 // ---------------------------------------------------------------------------------------------

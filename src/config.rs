@@ -168,6 +168,10 @@ pub struct Args {
     /// is the whole chat]. See docs/CLUSTER.md.
     #[arg(long, value_name = "URL")]
     pub cluster: Option<String>,
+    /// Listen with SO_REUSEPORT: several processes on one address (one per core; the nodes
+    /// of a cluster on one host), the kernel spreading new connections among them.
+    #[arg(long)]
+    pub reuseport: bool,
     /// This node's name in a cluster's logs and metrics [default: HOST-PID].
     #[arg(long, value_name = "NAME")]
     pub node_id: Option<String>,
@@ -241,6 +245,7 @@ impl Args {
             write_budget: self.write_budget,
             iteration_frames: self.iteration_frames,
             max_conns_per_ip: self.max_conns_per_ip,
+            reuseport: self.reuseport,
             ..ServerConfig::default()
         }
     }

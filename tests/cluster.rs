@@ -388,3 +388,54 @@ fn whispers_reach_a_nick_on_any_node() {
     alice.expect_whisper("alice", "me");
     bob.assert_no_pending();
 }
+
+/// Nodes on one host share one listening address (`--reuseport`): the kernel spreads the
+/// connections, and the clients, on whichever node, are in one chat.
+#[test]
+fn nodes_share_one_address_with_reuseport() {
+    let redis = Redis::start();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let start = |name: &str| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "--listen",
+            &listen,
+            "--reuseport",
+            "--cluster",
+            &redis.url(),
+            "--node-id",
+            name,
+            "--metrics",
+            "127.0.0.1:0",
+        ]);
+        let s = Server::start_cmd(cmd);
+        wait_connected(&s, 1);
+        s
+    };
+    let a = start("a");
+    let b = start("b");
+    assert_eq!(a.addr(), b.addr());
+    const N: usize = 24;
+    let mut clients: Vec<Client> = (0..N).map(|i| a.login(&format!("user{i}"))).collect();
+    let accepted = |s: &Server| s.scrape().get("chatloop_connections_accepted_total");
+    let (on_a, on_b) = (accepted(&a), accepted(&b));
+    assert_eq!(on_a + on_b, N as u64);
+    assert!(
+        on_a > 0 && on_b > 0,
+        "the kernel used one node only: {on_a} and {on_b}"
+    );
+    for c in clients.iter_mut() {
+        // Others' PRESENCE may come before the echo that proves the subscription.
+        c.join("lobby");
+        let text = format!("{} is here", c.nick());
+        c.send_say("lobby", &text);
+        c.recv_until(|f| f.op == sop::MESSAGE && f.message().text == text);
+    }
+    let (first, rest) = clients.split_first_mut().expect("clients");
+    // Everyone's presence and "is here" arrived somewhere before this; read up to it.
+    first.send_say("lobby", "hello, all");
+    for c in std::iter::once(first).chain(rest.iter_mut()) {
+        c.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "hello, all");
+    }
+}

@@ -64,7 +64,7 @@ impl MetricsEndpoint {
         registry: &Registry,
         base: Token,
     ) -> io::Result<Self> {
-        let mut listener = TcpListener::from_std(crate::net::bind_listener(addr, backlog)?);
+        let mut listener = TcpListener::from_std(crate::net::bind_listener(addr, backlog, false)?);
         registry.register(&mut listener, base, Interest::READABLE)?;
         Ok(MetricsEndpoint {
             local: listener.local_addr()?,

@@ -13,13 +13,18 @@ use nix::sys::socket::{
     sockopt,
 };
 
-/// Binds `addr` with SO_REUSEADDR and listens with `backlog` (clamped to what the platform
-/// accepts; the kernel further caps it at net.core.somaxconn). The socket is non-blocking and
-/// close-on-exec.
+/// Binds `addr` with SO_REUSEADDR (and SO_REUSEPORT if `reuseport`: several processes then
+/// listen on one address and the kernel spreads new connections among them) and listens with
+/// `backlog` (clamped to what the platform accepts; the kernel further caps it at
+/// net.core.somaxconn). The socket is non-blocking and close-on-exec.
 ///
 /// `mio::net::TcpListener::bind` and `std::net::TcpListener::bind` use a backlog of 128, which
 /// a burst of thousands of clients overflows, silently losing connections; hence this.
-pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+pub fn bind_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    reuseport: bool,
+) -> io::Result<std::net::TcpListener> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -31,6 +36,9 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::Tcp
         None,
     )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuseport {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
     let sa = SockaddrStorage::from(addr);
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sa)?;
     let max = i32::from(Backlog::MAXCONN).max(1) as u32;

@@ -124,6 +124,10 @@ pub struct ServerConfig {
     /// clients behind one NAT share an address, and benchmarks and tests connect thousands
     /// of times from 127.0.0.1). More are refused with `server_full`.
     pub max_conns_per_ip: usize,
+    /// Listen with SO_REUSEPORT (default false): several processes (one per core, or the
+    /// nodes of a cluster on one host) listen on one address, and the kernel spreads new
+    /// connections among them.
+    pub reuseport: bool,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +142,7 @@ impl Default for ServerConfig {
             iteration_frames: 256 * 1024,
             send_buffer: 256 * 1024,
             max_conns_per_ip: 0,
+            reuseport: false,
         }
     }
 }
@@ -343,7 +348,11 @@ impl Server {
 
     /// Binds a listener on `addr` (token `base`) and returns the bound address.
     pub fn listen(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
-        let mut l = TcpListener::from_std(net::bind_listener(addr, self.cfg.backlog)?);
+        let mut l = TcpListener::from_std(net::bind_listener(
+            addr,
+            self.cfg.backlog,
+            self.cfg.reuseport,
+        )?);
         self.registry
             .register(&mut l, Token(self.base), Interest::READABLE)?;
         let local = l.local_addr()?;
