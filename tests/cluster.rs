@@ -439,3 +439,77 @@ fn nodes_share_one_address_with_reuseport() {
         c.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "hello, all");
     }
 }
+
+/// WHO lists a room's members on every node; PRESENCE follows `--presence-limit` counted
+/// over the whole room, not one node's share of it.
+#[test]
+fn who_and_the_presence_limit_count_every_node() {
+    let redis = Redis::start();
+    let start = |name: &str| {
+        let s = Server::start(&[
+            "--cluster",
+            &redis.url(),
+            "--node-id",
+            name,
+            "--presence-limit",
+            "2",
+        ]);
+        wait_connected(&s, 1);
+        s
+    };
+    let a = start("a");
+    let b = start("b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let mut carol = a.login("carol");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+    let mut who = alice.who_nicks("lobby");
+    who.sort();
+    assert_eq!(who, nicks(&["alice", "bob"]));
+    let mut who = bob.who_nicks("lobby");
+    who.sort();
+    assert_eq!(
+        who,
+        nicks(&["alice", "bob"]),
+        "the same from the other node"
+    );
+    assert!(bob.who_nicks("empty").is_empty());
+
+    // A third member: three across the cluster, over the limit of 2, so nobody but carol is
+    // told, although each node holds at most two of them.
+    carol.join("lobby");
+    let m = carol.say("lobby", "carol is here");
+    alice.expect_message("lobby", "carol", "carol is here");
+    assert_eq!(
+        bob.expect_message("lobby", "carol", "carol is here").msg_id,
+        m.msg_id
+    );
+    alice.assert_no_pending();
+    bob.assert_no_pending();
+}
+
+/// A node killed with SIGKILL: once its lease ends, the others reap its members: their
+/// rooms get PRESENCE gone, and WHO lists them no more.
+#[test]
+fn a_killed_nodes_members_are_gone_everywhere_after_its_lease() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let mut doomed = node(&redis, "doomed");
+    let mut alice = a.login("alice");
+    let mut zed = doomed.login("zed");
+    join_across(&mut alice, "lobby");
+    join_across(&mut zed, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "zed");
+    alice.expect_message("lobby", "zed", "zed is here");
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(5)).expect("killed");
+    let killed = Instant::now();
+    // Lease (5 s) plus a reaping round (every 2 s), with room to spare.
+    alice.set_timeout(Duration::from_secs(15));
+    alice.expect_presence(kind::GONE, "lobby", "zed");
+    eprintln!("zed gone {:?} after its node was killed", killed.elapsed());
+    assert_eq!(alice.who_nicks("lobby"), nicks(&["alice"]));
+}

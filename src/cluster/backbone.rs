@@ -77,6 +77,15 @@ const MSG_ID_KEY: &str = "chatloop:msg_id";
 /// Nick keys (the value is the holder's `ident`) and node leases (`chatloop:node:<ident>`).
 const NICK_KEY: &str = "chatloop:nick:";
 const NODE_KEY: &str = "chatloop:node:";
+/// Memberships: `chatloop:members:<room>` (nick → ident), `chatloop:noderooms:<ident>`
+/// (rooms), `chatloop:nodes` (idents).
+const MEMBERS_KEY: &str = "chatloop:members:";
+const NODEROOMS_KEY: &str = "chatloop:noderooms:";
+const NODES_KEY: &str = "chatloop:nodes";
+
+/// How often a node looks for processes whose lease ended (and reaps their members).
+const REAP_EVERY: Duration = Duration::from_secs(2);
+
 /// Each process's whisper channel: `chatloop:whisper:<ident>`.
 const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 
@@ -91,6 +100,13 @@ const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 /// the process holding a nick (with a live lease), numbers the whisper and publishes it on
 /// that process's channel; 0 if nobody holds the nick. Cluster ids are even (`INCRBY 2`):
 /// a node's own ids are odd (`Chat::local_msg_id`), so the two never meet.
+/// `chatloop_presence`: a membership change (`chatloop:members:<room>`, a hash of nick to
+/// ident; the rooms of each process in `chatloop:noderooms:<ident>`; every process in
+/// `chatloop:nodes`) and its PRESENCE, `P<kind><members>:<nick>`, with the room's member
+/// count across the cluster (kind 0: register without a PRESENCE). `chatloop_who`: a room's
+/// members whose process's lease is alive. `chatloop_reap`: for every process whose lease
+/// ended, its members leave their rooms with PRESENCE gone (and this process's own entries go
+/// silently, before it registers its members again).
 const LIBRARY: &str = "#!lua name=chatloop\n\
 redis.register_function('chatloop_say', function(keys, args)\n\
   local id = redis.call('INCRBY', keys[1], 2)\n\
@@ -117,6 +133,56 @@ redis.register_function('chatloop_whisper', function(keys, args)\n\
   local id = redis.call('INCRBY', keys[2], 2)\n\
   redis.call('PUBLISH', args[2] .. holder, id .. ':' .. args[3])\n\
   return id\n\
+end)\n\
+redis.register_function('chatloop_presence', function(keys, args)\n\
+  local n = redis.call('HLEN', keys[1])\n\
+  if args[1] == '1' or args[1] == '0' then\n\
+    redis.call('HSET', keys[1], args[2], args[3])\n\
+    redis.call('SADD', args[4], args[5])\n\
+    redis.call('SADD', args[6], args[3])\n\
+    n = redis.call('HLEN', keys[1])\n\
+  else\n\
+    redis.call('HDEL', keys[1], args[2])\n\
+  end\n\
+  if args[1] ~= '0' then\n\
+    redis.call('PUBLISH', keys[2], 'P' .. args[1] .. n .. ':' .. args[2])\n\
+  end\n\
+  return n\n\
+end)\n\
+redis.register_function('chatloop_who', function(keys, args)\n\
+  local all = redis.call('HGETALL', keys[1])\n\
+  local out, alive = {}, {}\n\
+  for i = 1, #all, 2 do\n\
+    local ident = all[i + 1]\n\
+    if alive[ident] == nil then alive[ident] = redis.call('EXISTS', args[1] .. ident) == 1 end\n\
+    if alive[ident] then out[#out + 1] = all[i] end\n\
+  end\n\
+  return out\n\
+end)\n\
+redis.register_function('chatloop_reap', function(keys, args)\n\
+  local reaped = 0\n\
+  for _, ident in ipairs(redis.call('SMEMBERS', keys[1])) do\n\
+    local mine = ident == args[5]\n\
+    if mine or redis.call('EXISTS', args[1] .. ident) == 0 then\n\
+      for _, room in ipairs(redis.call('SMEMBERS', args[2] .. ident)) do\n\
+        local mk = args[3] .. room\n\
+        local all = redis.call('HGETALL', mk)\n\
+        for i = 1, #all, 2 do\n\
+          if all[i + 1] == ident then\n\
+            local n = redis.call('HLEN', mk)\n\
+            redis.call('HDEL', mk, all[i])\n\
+            if not mine then\n\
+              redis.call('PUBLISH', args[4] .. room, 'P4' .. n .. ':' .. all[i])\n\
+              reaped = reaped + 1\n\
+            end\n\
+          end\n\
+        end\n\
+      end\n\
+      redis.call('DEL', args[2] .. ident)\n\
+      if not mine then redis.call('SREM', keys[1], ident) end\n\
+    end\n\
+  end\n\
+  return reaped\n\
 end)\n\
 redis.register_function('chatloop_release', function(keys, args)\n\
   if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end\n\
@@ -190,6 +256,19 @@ pub enum Delivery {
         kind: PresenceKind,
         /// Whom it concerns.
         nick: String,
+        /// The room's members across the cluster (with the member concerned).
+        members: u64,
+    },
+    /// The answer to a [`Relay::Who`], for [`Chat::handle_who_result`].
+    ///
+    /// [`Chat::handle_who_result`]: crate::core::Chat::handle_who_result
+    Who {
+        /// The asker.
+        conn: ConnId,
+        /// The room.
+        room: String,
+        /// Its members on every node.
+        nicks: Vec<String>,
     },
 }
 
@@ -211,6 +290,11 @@ pub struct BackboneStats {
     pub claims_refused: u64,
     /// Lease renewals lost with a failed or stalled link.
     pub lease_failures: u64,
+    /// Times this node's lease had ended before a renewal (it was stopped or cut off
+    /// longer than the lease): it registered its nicks and members again.
+    pub lease_lapses: u64,
+    /// Members of dead processes this node removed from their rooms (PRESENCE gone sent).
+    pub members_reaped: u64,
     /// SAYs sent to Redis (`FCALL`).
     pub published: u64,
     /// Room messages received from Redis (every node's, this one's included).
@@ -249,6 +333,15 @@ enum Pending {
     Lease(Instant),
     /// A whisper from this connection.
     Whisper(ConnId),
+    /// A WHO from this connection, for this room.
+    Who {
+        conn: ConnId,
+        room: Box<str>,
+    },
+    /// A membership registered again (its answer does not matter).
+    Register,
+    /// A look for dead processes.
+    Reap,
 }
 
 #[derive(Debug, Default)]
@@ -292,6 +385,9 @@ pub struct Backbone {
     /// Claims and releases waiting for `Cmd`, in order (those in flight when a link failed
     /// come first).
     waiting: VecDeque<Pending>,
+    /// This node's members, room → nicks, registered again on every connection.
+    members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
+    next_reap: Option<Instant>,
     stats: BackboneStats,
 }
 
@@ -313,6 +409,8 @@ impl Backbone {
             ident: format!("{node}/{:016x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).into(),
             registered: HashMap::new(),
             waiting: VecDeque::new(),
+            members: HashMap::new(),
+            next_reap: None,
             stats: BackboneStats::default(),
         }
     }
@@ -384,11 +482,7 @@ impl Backbone {
                 );
                 // The lease before any claim: a claim is judged by who holds a live lease.
                 self.renew_lease(now, Pending::Setup);
-                // Its own sessions are the truth about themselves: registered again.
-                let mine: Vec<Box<str>> = self.registered.values().cloned().collect();
-                for nick in mine {
-                    self.nick_op(now, Pending::Reclaim { nick });
-                }
+                self.register_all(now);
                 for w in std::mem::take(&mut self.waiting) {
                     self.nick_op(now, w);
                 }
@@ -417,6 +511,7 @@ impl Backbone {
             self.stats.connects += 1;
             self.backoff = BACKOFF_MIN;
             self.next_ping = Some(now + PING_EVERY);
+            self.next_reap = Some(now + REAP_EVERY);
             log::info!("cluster: connected to Redis as node {}", self.node);
         }
         self.release_ready(now);
@@ -440,6 +535,14 @@ impl Backbone {
             match p {
                 Pending::Claim { .. } | Pending::Release { .. } => again.push_back(p),
                 Pending::Lease(_) => self.stats.lease_failures += 1,
+                Pending::Who { conn, room } => {
+                    // No answer will come: an empty list rather than a client waiting.
+                    self.deliveries.push_back(Delivery::Who {
+                        conn,
+                        room: room.into(),
+                        nicks: Vec::new(),
+                    });
+                }
                 Pending::Whisper(conn) => {
                     // It may have been delivered: the sender is not told otherwise.
                     self.stats.dropped += 1;
@@ -461,6 +564,7 @@ impl Backbone {
         }
         self.rooms.retain(|_, r| r.wanted);
         self.next_ping = None;
+        self.next_reap = None;
         // Jitter, so nodes that lost Redis together do not return in step.
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -591,7 +695,38 @@ impl Backbone {
             Relay::Say { room, from, text } => {
                 self.send_or_hold(now, &room, Outgoing::Say { from, text })
             }
+            Relay::Who { conn, room } => {
+                if !self.links[0].connected {
+                    self.deliveries.push_back(Delivery::Who {
+                        conn,
+                        room: room.into(),
+                        nicks: Vec::new(),
+                    });
+                    return;
+                }
+                let key = format!("{MEMBERS_KEY}{room}");
+                self.command(
+                    now,
+                    Pending::Who { conn, room },
+                    &[
+                        b"FCALL",
+                        b"chatloop_who",
+                        b"1",
+                        key.as_bytes(),
+                        NODE_KEY.as_bytes(),
+                    ],
+                );
+            }
             Relay::Presence { room, kind, nick } => {
+                let set = self.members.entry(room.clone()).or_default();
+                if kind == PresenceKind::Join {
+                    set.insert(nick.clone());
+                } else {
+                    set.remove(&nick);
+                    if set.is_empty() {
+                        self.members.remove(&room);
+                    }
+                }
                 self.send_or_hold(now, &room, Outgoing::Presence { kind, nick })
             }
         }
@@ -618,7 +753,7 @@ impl Backbone {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stall = self.pending.front().map(|&(_, t)| t + REPLY_TIMEOUT);
-        [self.retry_at, self.next_ping, stall]
+        [self.retry_at, self.next_ping, self.next_reap, stall]
             .into_iter()
             .flatten()
             .min()
@@ -631,6 +766,10 @@ impl Backbone {
             if now >= sent + REPLY_TIMEOUT {
                 return Err(format!("no reply from Redis in {REPLY_TIMEOUT:?}"));
             }
+        }
+        if self.next_reap.is_some_and(|t| now >= t) {
+            self.next_reap = Some(now + REAP_EVERY);
+            self.reap(now, false);
         }
         if self.next_ping.is_some_and(|t| now >= t) {
             self.next_ping = Some(now + PING_EVERY);
@@ -663,6 +802,77 @@ impl Backbone {
         }
     }
 
+    /// `chatloop_presence` for `nick` in `room` (`kind` "0" registers without a PRESENCE).
+    fn presence_op(&mut self, now: Instant, what: Pending, room: &str, kind: String, nick: &str) {
+        let members = format!("{MEMBERS_KEY}{room}");
+        let channel = format!("{ROOM_CHANNEL}{room}");
+        let noderooms = format!("{NODEROOMS_KEY}{}", self.ident);
+        let ident = self.ident.clone();
+        self.command(
+            now,
+            what,
+            &[
+                b"FCALL",
+                b"chatloop_presence",
+                b"2",
+                members.as_bytes(),
+                channel.as_bytes(),
+                kind.as_bytes(),
+                nick.as_bytes(),
+                ident.as_bytes(),
+                noderooms.as_bytes(),
+                room.as_bytes(),
+                NODES_KEY.as_bytes(),
+            ],
+        );
+    }
+
+    /// Everything this node holds, registered again: after a reconnection (Redis may have
+    /// lost it) or a lapsed lease (others may have reaped it). Its own stale entries go
+    /// first (`chatloop_reap` with this ident, silently); then its members and its nicks
+    /// (a nick found taken meanwhile ends its session here: `ClaimLost`).
+    fn register_all(&mut self, now: Instant) {
+        self.reap(now, true);
+        let members: Vec<(Box<str>, Box<str>)> = self
+            .members
+            .iter()
+            .flat_map(|(room, nicks)| nicks.iter().map(move |n| (room.clone(), n.clone())))
+            .collect();
+        for (room, nick) in members {
+            self.presence_op(now, Pending::Register, &room, "0".into(), &nick);
+        }
+        let mine: Vec<Box<str>> = self.registered.values().cloned().collect();
+        for nick in mine {
+            self.nick_op(now, Pending::Reclaim { nick });
+        }
+    }
+
+    /// `chatloop_reap`: members of dead processes leave with PRESENCE gone; with `own`, this
+    /// process's entries go too (silently: it registers them again next).
+    fn reap(&mut self, now: Instant, own: bool) {
+        let me = if own { self.ident.clone() } else { "".into() };
+        let what = if own {
+            Pending::Register
+        } else {
+            Pending::Reap
+        };
+        self.command(
+            now,
+            what,
+            &[
+                b"FCALL",
+                b"chatloop_reap",
+                b"1",
+                NODES_KEY.as_bytes(),
+                NODE_KEY.as_bytes(),
+                NODEROOMS_KEY.as_bytes(),
+                MEMBERS_KEY.as_bytes(),
+                ROOM_CHANNEL.as_bytes(),
+                me.as_bytes(),
+            ],
+        );
+    }
+
     /// `SET chatloop:node:<ident> <node> PX <lease>`: this node is alive.
     fn renew_lease(&mut self, now: Instant, what: Pending) {
         let key = format!("{NODE_KEY}{}", self.ident);
@@ -677,6 +887,7 @@ impl Backbone {
                 node.as_bytes(),
                 b"PX",
                 px.as_bytes(),
+                b"GET",
             ],
         );
     }
@@ -723,17 +934,12 @@ impl Backbone {
         match o {
             Outgoing::Say { from, text } => self.publish_say(now, room, &from, &text),
             Outgoing::Presence { kind, nick } => {
-                // `P<kind><nick>`: no id (a PRESENCE has none), and never a digit first, as
-                // a message's payload always is.
-                let channel = format!("{ROOM_CHANNEL}{room}");
-                let mut payload = Vec::with_capacity(2 + nick.len());
-                payload.push(b'P');
-                payload.push(kind as u8);
-                payload.extend_from_slice(nick.as_bytes());
-                self.command(
+                self.presence_op(
                     now,
                     Pending::Presence,
-                    &[b"PUBLISH", channel.as_bytes(), &payload],
+                    room,
+                    (kind as u8).to_string(),
+                    &nick,
                 );
             }
         }
@@ -796,8 +1002,35 @@ impl Backbone {
                 self.stats.dropped += 1;
                 log::warn!("cluster: a SAY was refused by Redis: {e}");
             }
-            (Pending::Lease(sent), _) => {
+            (Pending::Lease(sent), reply) => {
                 self.stats.rtt_us = now.saturating_duration_since(sent).as_micros() as u64;
+                if matches!(reply, OwnedFrame::Null) {
+                    // The lease had ended: others may have reaped this node's members and
+                    // taken its nicks. What it holds is registered again.
+                    self.stats.lease_lapses += 1;
+                    log::warn!("cluster: this node's lease had ended; registering again");
+                    self.register_all(now);
+                }
+            }
+            (Pending::Reap, OwnedFrame::Integer(n)) if *n > 0 => {
+                self.stats.members_reaped += *n as u64;
+                log::info!("cluster: {n} members of a node that stopped left their rooms");
+            }
+            (Pending::Who { conn, room }, reply) => {
+                let nicks = match reply {
+                    OwnedFrame::Array(items) => items
+                        .iter()
+                        .filter_map(|i| i.as_bytes())
+                        .filter_map(|b| std::str::from_utf8(b).ok())
+                        .map(str::to_string)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.deliveries.push_back(Delivery::Who {
+                    conn,
+                    room: room.into(),
+                    nicks,
+                });
             }
             (Pending::Claim { conn, nick }, reply) => {
                 let granted = matches!(reply, OwnedFrame::Integer(1));
@@ -910,11 +1143,13 @@ fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 /// A message, `<id>:<from length byte><from><text>` as the function publishes it, or a
 /// PRESENCE, `P<kind><nick>`.
 fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
-    if let [b'P', kind, nick @ ..] = p {
+    if let [b'P', kind, rest @ ..] = p {
+        let colon = rest.iter().position(|&b| b == b':')?;
         return Some(Delivery::Presence {
             room: room.to_string(),
-            kind: PresenceKind::from_u8(*kind)?,
-            nick: std::str::from_utf8(nick).ok()?.to_string(),
+            kind: PresenceKind::from_u8(kind.checked_sub(b'0')?)?,
+            members: std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?,
+            nick: std::str::from_utf8(&rest[colon + 1..]).ok()?.to_string(),
         });
     }
     let colon = p.iter().position(|&b| b == b':')?;

@@ -100,8 +100,15 @@ impl BackboneSource {
                     from,
                     text,
                 } => server.handle_remote_message(&room, msg_id, &from, &text),
-                Delivery::Presence { room, kind, nick } => {
-                    server.handle_remote_presence(&room, kind, &nick)
+                Delivery::Presence {
+                    room,
+                    kind,
+                    nick,
+                    members,
+                } => server.handle_remote_presence(&room, kind, &nick, members),
+                Delivery::Who { conn, room, nicks } => {
+                    server.handle_who_result(now, conn, &room, &nicks);
+                    true
                 }
                 Delivery::Claim {
                     conn,

@@ -50,9 +50,18 @@ fn up(now: Instant) -> Backbone {
         setup[3][..2],
         ["SET", &format!("chatloop:node:{}", ident(&b))]
     );
-    assert_eq!(setup[3][3..], ["PX", "5000"]);
-    b.handle_data(Link::Cmd, b"+OK\r\n$8\r\nchatloop\r\n:0\r\n+OK\r\n", now)
-        .expect("setup accepted");
+    assert_eq!(setup[3][3..], ["PX", "5000", "GET"]);
+    // Then its own stale memberships go (chatloop_reap with its ident) before any
+    // registration.
+    assert_eq!(setup[4][..3], ["FCALL", "chatloop_reap", "1"]);
+    assert_eq!(setup[4][8], ident(&b));
+    assert_eq!(setup.len(), 5);
+    b.handle_data(
+        Link::Cmd,
+        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:0\r\n",
+        now,
+    )
+    .expect("setup accepted");
     let whispers = format!("chatloop:whisper:{}", ident(&b));
     assert_eq!(
         commands(&mut b, Link::Sub),
@@ -278,15 +287,33 @@ fn presence_crosses_in_the_room_order_and_a_closing_room_sends_what_it_held() {
     // so what it held goes out now, in order, and nothing is dropped.
     b.handle_relay(Relay::Closed { room: "r".into() }, now);
     let cmds = commands(&mut b, Link::Cmd);
-    let verbs: Vec<&str> = cmds.iter().map(|c| c[0].as_str()).collect();
-    assert_eq!(verbs, ["PUBLISH", "FCALL", "PUBLISH"]);
-    assert_eq!(cmds[0][1..], ["chatloop:room:r", "P\u{1}alice"]);
-    assert_eq!(cmds[2][2], "P\u{2}alice");
+    let what: Vec<&str> = cmds.iter().map(|c| c[1].as_str()).collect();
+    assert_eq!(
+        what,
+        ["chatloop_presence", "chatloop_say", "chatloop_presence"]
+    );
+    let me = ident(&b);
+    let noderooms = format!("chatloop:noderooms:{me}");
+    assert_eq!(
+        cmds[0][3..],
+        [
+            "chatloop:members:r",
+            "chatloop:room:r",
+            "1",
+            "alice",
+            me.as_str(),
+            noderooms.as_str(),
+            "r",
+            "chatloop:nodes"
+        ]
+    );
+    assert_eq!(cmds[2][5], "2", "then the leave");
     assert_eq!(b.stats().dropped, 0);
-    // What arrives for a room: a PRESENCE is told from a message by its first byte.
+    // What arrives for a room: a PRESENCE (`P<kind><members>:<nick>`) is told from a
+    // message by its first byte.
     b.handle_data(
         Link::Sub,
-        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$5\r\nP\x04bob\r\n",
+        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$8\r\nP412:bob\r\n",
         now,
     )
     .expect("push");
@@ -295,12 +322,13 @@ fn presence_crosses_in_the_room_order_and_a_closing_room_sends_what_it_held() {
         Some(Delivery::Presence {
             room: "r".into(),
             kind: PresenceKind::Gone,
-            nick: "bob".into()
+            nick: "bob".into(),
+            members: 12,
         })
     );
     b.handle_data(
         Link::Sub,
-        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$5\r\nP\x09bob\r\n",
+        b"*3\r\n$7\r\nmessage\r\n$15\r\nchatloop:room:r\r\n$7\r\nP91:bob\r\n",
         now,
     )
     .expect("an unknown kind is ignored, not fatal");
@@ -388,20 +416,21 @@ fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again(
         what[3..],
         [
             ("SET", lease.as_str()),
+            ("FCALL", "chatloop_reap"),
             ("FCALL", "chatloop_claim"),
             ("FCALL", "chatloop_claim"),
             ("FCALL", "chatloop_release"),
         ]
     );
-    assert_eq!(cmds[4][3], "chatloop:nick:alice", "the held nick first");
+    assert_eq!(cmds[5][3], "chatloop:nick:alice", "the held nick first");
     assert_eq!(
-        cmds[5][3], "chatloop:nick:carol",
+        cmds[6][3], "chatloop:nick:carol",
         "then the claim that was in flight"
     );
     // Alice's nick was taken meanwhile (Redis lost it, another node claimed it first).
     b.handle_data(
         Link::Cmd,
-        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n+OK\r\n:0\r\n:1\r\n:0\r\n",
+        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:0\r\n:0\r\n:1\r\n:0\r\n",
         now,
     )
     .expect("answers");

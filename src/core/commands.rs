@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use super::outbox::Outbox;
 use super::{
     Awaiting, Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold,
     os_token, token_key,
@@ -455,32 +456,63 @@ impl Chat {
             self.send_error(conn, ErrorCode::BadRoom, "invalid room name");
             return;
         }
-        // Each ROSTER payload stays within max_frame + SERVER_SLACK; the slack alone fits the
-        // longest room name plus one longest nick, so every frame carries at least one nick.
-        let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
-        let rid = self.room_index.get(room).copied();
-        let (buf, first) = self.outbox.buf();
-        let mut start = encode::roster_begin(buf, room);
-        let mut extra_frames = 0;
-        if let Some(rid) = rid {
-            for &m in &self.rooms[rid.0].members {
-                let Some(nick) = self.conns[m.slot()].as_ref().map(|s| &*s.nick) else {
-                    continue;
-                };
-                let payload = buf.len() - start - HEADER_LEN;
-                let count_is_zero = payload == encode::roster_overhead(room.len());
-                if payload + 2 + nick.len() > budget && !count_is_zero {
-                    encode::roster_end(buf, start, true);
-                    start = encode::roster_begin(buf, room);
-                    extra_frames += 1;
-                }
-                encode::roster_push(buf, start, nick);
-            }
+        if self.cfg.relay && self.relay_up {
+            // The room's members on every node: the cluster lists them.
+            self.awaiting.insert(conn, (Awaiting::Who, Vec::new()));
+            self.relay.push_back(Relay::Who {
+                conn,
+                room: room.into(),
+            });
+            return;
         }
-        encode::roster_end(buf, start, false);
-        let end = buf.len();
-        self.outbox.send(conn, first, end);
-        // One range carries every ROSTER frame of this WHO; `send` counted the first.
-        self.outbox.frames_out[usize::from(op::S_ROSTER)] += extra_frames;
+        let rid = self.room_index.get(room).copied();
+        let members = rid.map_or(&[][..], |rid| &self.rooms[rid.0].members[..]);
+        let conns = &self.conns;
+        let nicks = members
+            .iter()
+            .filter_map(|m| conns[m.slot()].as_ref().map(|s| &*s.nick));
+        let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
+        send_roster(&mut self.outbox, budget, conn, room, nicks);
     }
+
+    /// ROSTER frames for `room` listing `nicks`, to `conn`.
+    pub(super) fn send_roster_of<'a>(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        nicks: impl Iterator<Item = &'a str>,
+    ) {
+        let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
+        send_roster(&mut self.outbox, budget, conn, room, nicks);
+    }
+}
+
+/// Encodes the ROSTER frames of one WHO into `outbox`, for `conn`. Each payload stays within
+/// `budget` (max_frame + SERVER_SLACK); the slack alone fits the longest room name plus one
+/// longest nick, so every frame carries at least one nick.
+fn send_roster<'a>(
+    outbox: &mut Outbox,
+    budget: usize,
+    conn: ConnId,
+    room: &str,
+    nicks: impl Iterator<Item = &'a str>,
+) {
+    let (buf, first) = outbox.buf();
+    let mut start = encode::roster_begin(buf, room);
+    let mut extra_frames = 0;
+    for nick in nicks {
+        let payload = buf.len() - start - HEADER_LEN;
+        let count_is_zero = payload == encode::roster_overhead(room.len());
+        if payload + 2 + nick.len() > budget && !count_is_zero {
+            encode::roster_end(buf, start, true);
+            start = encode::roster_begin(buf, room);
+            extra_frames += 1;
+        }
+        encode::roster_push(buf, start, nick);
+    }
+    encode::roster_end(buf, start, false);
+    let end = buf.len();
+    outbox.send(conn, first, end);
+    // One range carries every ROSTER frame of this WHO; `send` counted the first.
+    outbox.frames_out[usize::from(op::S_ROSTER)] += extra_frames;
 }

@@ -336,6 +336,8 @@ enum Awaiting {
     Claim(Box<str>),
     /// Its WHISPER's delivery.
     Whisper,
+    /// Its WHO's list.
+    Who,
 }
 
 /// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
@@ -1034,6 +1036,24 @@ impl Chat {
         }
     }
 
+    /// The cluster's answer to a [`Relay::Who`]: the room's members on every node (an
+    /// empty list for a room nobody is in), sent as ROSTER frames as on one server. Then the
+    /// asker's input that waited is handled. An answer for a connection gone is ignored.
+    pub fn handle_who_result(&mut self, now: Instant, conn: ConnId, room: &str, nicks: &[String]) {
+        if !matches!(self.awaiting.get(&conn), Some((Awaiting::Who, _))) {
+            return;
+        }
+        let Some((_, held)) = self.awaiting.remove(&conn) else {
+            return;
+        };
+        self.outbox.replying = conn.to_u64();
+        self.send_roster_of(conn, room, nicks.iter().map(String::as_str));
+        self.outbox.replying = 0;
+        if !held.is_empty() {
+            self.handle_data(now, conn, &held);
+        }
+    }
+
     /// A WHISPER another node (or this one) published for `to`, with the cluster's
     /// `msg_id`: delivered if `to` has a session here. Returns false if not (it ended while
     /// the whisper crossed).
@@ -1067,14 +1087,22 @@ impl Chat {
     }
 
     /// A PRESENCE the backbone delivered (any node's, this one's included): to this node's
-    /// members of `room` but the one it concerns (who had it as its answer), within
-    /// `presence_limit` as counted here. Returns false if the room has no member here.
-    pub fn handle_remote_presence(&mut self, room: &str, kind: PresenceKind, nick: &str) -> bool {
+    /// members of `room` but the one it concerns (who had it as its answer), unless the
+    /// room's `members` across the cluster are more than `presence_limit` (then, as on one
+    /// server, only the member concerned is told). Returns false if the room has no member
+    /// here.
+    pub fn handle_remote_presence(
+        &mut self,
+        room: &str,
+        kind: PresenceKind,
+        nick: &str,
+        members: u64,
+    ) -> bool {
         let Some(&rid) = self.room_index.get(room) else {
             return false;
         };
         let room = &self.rooms[rid.0];
-        if room.members.len() > self.cfg.presence_limit {
+        if members > self.cfg.presence_limit as u64 {
             return true;
         }
         let concerned = self.conn_of(nick).filter(|c| room.members.contains(c));

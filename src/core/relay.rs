@@ -73,6 +73,16 @@ pub enum Relay {
         /// The text.
         text: Box<str>,
     },
+    /// A WHO: the room's members on every node. The list comes back through
+    /// [`Chat::handle_who_result`]; the asker's later input waits for it.
+    ///
+    /// [`Chat::handle_who_result`]: super::Chat::handle_who_result
+    Who {
+        /// The asker.
+        conn: ConnId,
+        /// The room.
+        room: Box<str>,
+    },
     /// A member's SAY, to publish; it is delivered when it comes back.
     Say {
         /// The room.

@@ -2508,7 +2508,7 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
     sim.join(bob, "lobby");
     sim.clear();
     let _ = relayed(&mut sim);
-    assert!(sim.chat.handle_remote_presence("lobby", Join, "bob"));
+    assert!(sim.chat.handle_remote_presence("lobby", Join, "bob", 2));
     assert_eq!(sim.take(alice), [presence(Join, "lobby", "bob")]);
     assert_eq!(sim.take(bob), [], "bob had his as the JOIN's answer");
 

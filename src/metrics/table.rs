@@ -459,6 +459,32 @@ pub static TABLE: &[Metric] = &[
         },
     },
     Metric {
+        name: "chatloop_cluster_lease_lapses_total",
+        kind: Kind::Counter,
+        help: "Times this node found its lease had ended before a renewal (it was stopped or cut off longer than 5 s) and registered its nicks and members again.",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.lease_lapses))
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_cluster_members_reaped_total",
+        kind: Kind::Counter,
+        help: "Members of stopped nodes this node removed from their rooms (PRESENCE gone sent for each).",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.members_reaped))
+                }
+            },
+        },
+    },
+    Metric {
         name: "chatloop_cluster_rtt_microseconds",
         kind: Kind::Gauge,
         help: "The round trip of the last lease renewal to Redis (one a second).",

@@ -1164,8 +1164,14 @@ impl Server {
         room: &str,
         kind: crate::protocol::PresenceKind,
         nick: &str,
+        members: u64,
     ) -> bool {
-        self.chat.handle_remote_presence(room, kind, nick)
+        self.chat.handle_remote_presence(room, kind, nick, members)
+    }
+
+    /// A cluster backbone's answer to a WHO ([`Chat::handle_who_result`]).
+    pub fn handle_who_result(&mut self, now: Instant, conn: ConnId, room: &str, nicks: &[String]) {
+        self.chat.handle_who_result(now, conn, room, nicks);
     }
 
     /// A cluster backbone's answer to a nick claim ([`Chat::handle_claim`]).
