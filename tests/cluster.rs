@@ -513,3 +513,77 @@ fn a_killed_nodes_members_are_gone_everywhere_after_its_lease() {
     eprintln!("zed gone {:?} after its node was killed", killed.elapsed());
     assert_eq!(alice.who_nicks("lobby"), nicks(&["alice"]));
 }
+
+/// Resume across nodes (PROTOCOL.md 4.5 and 10.1): HELLO with a live session's token on
+/// another node moves the session there: the old connection gets `session_taken_over`, the
+/// memberships carry over, and nobody sees a PRESENCE.
+#[test]
+fn a_session_resumes_on_another_node() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut old = a.connect();
+    let w = old.hello("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut old, "lobby");
+    join_across(&mut bob, "lobby");
+    old.expect_presence(kind::JOIN, "lobby", "bob");
+    old.expect_message("lobby", "bob", "bob is here");
+
+    // The client reconnects, and lands on the other node.
+    let mut new = b.connect();
+    new.send_hello("ignored-on-resume", &w.token);
+    let resumed = new.expect_welcome();
+    assert_eq!(resumed.nick, "alice");
+    assert_ne!(resumed.token, w.token, "a resume gives a fresh token");
+    let e = old.expect_fatal(code::SESSION_TAKEN_OVER);
+    assert!(e.fatal);
+    old.expect_closed();
+
+    // Still a member of lobby, now on b; bob saw no PRESENCE.
+    let m = bob.say("lobby", "still there?");
+    assert_eq!(
+        new.expect_message("lobby", "bob", "still there?").msg_id,
+        m.msg_id
+    );
+    new.say("lobby", "yes");
+    bob.expect_message("lobby", "alice", "yes");
+    let mut who = bob.who_nicks("lobby");
+    who.sort();
+    assert_eq!(who, nicks(&["alice", "bob"]));
+    bob.assert_no_pending();
+
+    // Its nick and its new token are b's now: resumable again, there or elsewhere.
+    let mut third = a.connect();
+    third.send_hello("x", &resumed.token);
+    assert_eq!(third.expect_welcome().nick, "alice");
+    new.expect_fatal(code::SESSION_TAKEN_OVER);
+}
+
+/// Two clients resume one session on two nodes at once: exactly one gets it; the other's
+/// HELLO goes on as a new session's with its nick, which is taken.
+#[test]
+fn a_session_raced_on_two_nodes_goes_to_exactly_one() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let c = node(&redis, "c");
+    for i in 0..10 {
+        let nick = format!("racer{i}");
+        let mut holder = a.connect();
+        let w = holder.hello(&nick);
+        let mut x = b.connect();
+        let mut y = c.connect();
+        x.send_hello(&nick, &w.token);
+        y.send_hello(&nick, &w.token);
+        let won = [&mut x, &mut y].map(|cl| {
+            let f = cl.recv_what("WELCOME or nick_taken");
+            if f.op == sop::ERROR {
+                assert_eq!(f.error().code, code::NICK_TAKEN);
+            }
+            f.op == sop::WELCOME
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{nick}: {won:?}");
+        holder.expect_fatal(code::SESSION_TAKEN_OVER);
+    }
+}

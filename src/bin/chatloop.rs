@@ -180,12 +180,17 @@ fn run(args: &Args) -> Result<(), String> {
         if let Some(m) = metrics.as_mut() {
             m.handle_timeout(now);
         }
+        // The cluster hears of a change before the client hears its answer (a session's
+        // token is registered before its WELCOME goes out, so a resume elsewhere finds it);
+        // what the flush itself produces (slow consumers cut) goes right after.
         if let Some(c) = cluster.as_mut() {
             c.handle_timeout(now);
             c.exchange(&mut server, now);
+            c.flush(now);
         }
         server.flush(now);
         if let Some(c) = cluster.as_mut() {
+            c.exchange(&mut server, now);
             c.flush(now);
         }
         if server.is_shut_down() {

@@ -25,7 +25,7 @@ use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 
 use crate::core::Relay;
 use crate::id::ConnId;
-use crate::protocol::PresenceKind;
+use crate::protocol::{PresenceKind, SessionToken};
 
 /// One of the two connections to Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,11 @@ const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 /// restart without persistence) does not hand out ids this node's members have seen.
 /// `chatloop_claim`: a nick key is set to the claiming node's ident unless another node whose
 /// lease is alive holds it (a dead node's nicks are free without anyone deleting them).
-/// `chatloop_release`: deletes a nick key if this node holds it. `chatloop_whisper`: finds
+/// `chatloop_release`: deletes a nick key (and the session key of a token) if this node holds
+/// it. `chatloop_session`: `chatloop:session:<sha1 of the token>` names the process holding
+/// a session (the token itself is not stored). `chatloop_takeover`: asks the process holding
+/// a token's session (with a live lease) for it, on its channel. `chatloop_handover`: moves a
+/// session's nick, token and memberships to the resuming process and tells it. `chatloop_whisper`: finds
 /// the process holding a nick (with a live lease), numbers the whisper and publishes it on
 /// that process's channel; 0 if nobody holds the nick. Cluster ids are even (`INCRBY 2`):
 /// a node's own ids are odd (`Chat::local_msg_id`), so the two never meet.
@@ -186,6 +190,40 @@ redis.register_function('chatloop_reap', function(keys, args)\n\
 end)\n\
 redis.register_function('chatloop_release', function(keys, args)\n\
   if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end\n\
+  if args[2] ~= '' then\n\
+    local sk = 'chatloop:session:' .. redis.sha1hex(args[2])\n\
+    if redis.call('GET', sk) == args[1] then redis.call('DEL', sk) end\n\
+  end\n\
+  return 0\n\
+end)\n\
+redis.register_function('chatloop_session', function(keys, args)\n\
+  redis.call('SET', 'chatloop:session:' .. redis.sha1hex(args[1]), args[2])\n\
+  if args[3] ~= '' then\n\
+    local old = 'chatloop:session:' .. redis.sha1hex(args[3])\n\
+    if redis.call('GET', old) == args[2] then redis.call('DEL', old) end\n\
+  end\n\
+  return 0\n\
+end)\n\
+redis.register_function('chatloop_takeover', function(keys, args)\n\
+  local holder = redis.call('GET', 'chatloop:session:' .. redis.sha1hex(args[1]))\n\
+  if not holder or holder == args[2] or redis.call('EXISTS', args[3] .. holder) == 0 then\n\
+    return 0\n\
+  end\n\
+  redis.call('PUBLISH', args[4] .. holder, 'T' .. args[5] .. ':' .. args[2] .. '\\n' .. args[1])\n\
+  return 1\n\
+end)\n\
+redis.register_function('chatloop_handover', function(keys, args)\n\
+  redis.call('SET', 'chatloop:session:' .. redis.sha1hex(args[1]), args[2])\n\
+  redis.call('SET', args[4], args[2])\n\
+  local rooms = {}\n\
+  for i = 10, #args do\n\
+    redis.call('HSET', args[7] .. args[i], args[3], args[2])\n\
+    redis.call('SADD', args[8] .. args[2], args[i])\n\
+    rooms[#rooms + 1] = args[i]\n\
+  end\n\
+  redis.call('SADD', args[9], args[2])\n\
+  local msg = 'H' .. args[6] .. ':' .. args[3] .. '\\n' .. table.concat(rooms, '\\n')\n\
+  redis.call('PUBLISH', args[5] .. args[2], msg)\n\
   return 0\n\
 end)\n";
 
@@ -245,6 +283,36 @@ pub enum Delivery {
         to: String,
         /// The text.
         text: String,
+    },
+    /// No session anywhere for a [`Relay::Resume`], for [`Chat::handle_resume_result`].
+    ///
+    /// [`Chat::handle_resume_result`]: crate::core::Chat::handle_resume_result
+    ResumeFailed {
+        /// The connection whose HELLO asked.
+        conn: ConnId,
+    },
+    /// A session moved here for a [`Relay::Resume`], for [`Chat::handle_resume_handover`].
+    ///
+    /// [`Chat::handle_resume_handover`]: crate::core::Chat::handle_resume_handover
+    Handover {
+        /// The connection whose HELLO asked.
+        conn: ConnId,
+        /// The session's nick.
+        nick: String,
+        /// Its rooms.
+        rooms: Vec<String>,
+    },
+    /// Another process asks for the session with this token (its client resumed there),
+    /// for [`Chat::handle_takeover_request`]; then [`Backbone::handover`].
+    ///
+    /// [`Chat::handle_takeover_request`]: crate::core::Chat::handle_takeover_request
+    TakeoverRequest {
+        /// The token the client sent there.
+        token: SessionToken,
+        /// The asking process.
+        to: String,
+        /// Its connection (as it numbers them).
+        conn: u64,
     },
     /// A PRESENCE, for [`Chat::handle_remote_presence`].
     ///
@@ -328,7 +396,10 @@ enum Pending {
     /// Put back in `waiting` if its link fails.
     Release {
         nick: Box<str>,
+        token: Option<SessionToken>,
     },
+    /// A resume's lookup, for this connection.
+    Takeover(ConnId),
     /// A lease renewal, sent at that instant.
     Lease(Instant),
     /// A whisper from this connection.
@@ -382,6 +453,8 @@ pub struct Backbone {
     ident: Box<str>,
     /// Nicks this node holds (folded → as written), registered again on every connection.
     registered: HashMap<Box<str>, Box<str>>,
+    /// Its sessions' tokens (folded nick → token), registered again on every connection.
+    sessions: HashMap<Box<str>, SessionToken>,
     /// Claims and releases waiting for `Cmd`, in order (those in flight when a link failed
     /// come first).
     waiting: VecDeque<Pending>,
@@ -408,6 +481,7 @@ impl Backbone {
             floor: 0,
             ident: format!("{node}/{:016x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).into(),
             registered: HashMap::new(),
+            sessions: HashMap::new(),
             waiting: VecDeque::new(),
             members: HashMap::new(),
             next_reap: None,
@@ -535,6 +609,9 @@ impl Backbone {
             match p {
                 Pending::Claim { .. } | Pending::Release { .. } => again.push_back(p),
                 Pending::Lease(_) => self.stats.lease_failures += 1,
+                Pending::Takeover(conn) => {
+                    self.deliveries.push_back(Delivery::ResumeFailed { conn });
+                }
                 Pending::Who { conn, room } => {
                     // No answer will come: an empty list rather than a client waiting.
                     self.deliveries.push_back(Delivery::Who {
@@ -653,9 +730,38 @@ impl Backbone {
                 }
             }
             Relay::Claim { conn, nick } => self.nick_op(now, Pending::Claim { conn, nick }),
-            Relay::Release { nick } => {
+            Relay::Release { nick, token } => {
                 self.registered.remove(&*fold(&nick));
-                self.nick_op(now, Pending::Release { nick });
+                self.sessions.remove(&*fold(&nick));
+                self.nick_op(now, Pending::Release { nick, token });
+            }
+            Relay::Token { nick, token, old } => {
+                self.sessions.insert(fold(&nick), token);
+                if self.links[0].connected {
+                    self.session_op(now, &token, old.as_ref());
+                }
+            }
+            Relay::Resume { conn, token } => {
+                if !self.links[0].connected {
+                    self.deliveries.push_back(Delivery::ResumeFailed { conn });
+                    return;
+                }
+                let ident = self.ident.clone();
+                let conn_id = conn.to_u64().to_string();
+                self.command(
+                    now,
+                    Pending::Takeover(conn),
+                    &[
+                        b"FCALL",
+                        b"chatloop_takeover",
+                        b"0",
+                        &token,
+                        ident.as_bytes(),
+                        NODE_KEY.as_bytes(),
+                        WHISPER_CHANNEL.as_bytes(),
+                        conn_id.as_bytes(),
+                    ],
+                );
             }
             Relay::Whisper {
                 conn,
@@ -845,6 +951,10 @@ impl Backbone {
         for nick in mine {
             self.nick_op(now, Pending::Reclaim { nick });
         }
+        let tokens: Vec<SessionToken> = self.sessions.values().copied().collect();
+        for token in tokens {
+            self.session_op(now, &token, None);
+        }
     }
 
     /// `chatloop_reap`: members of dead processes leave with PRESENCE gone; with `own`, this
@@ -901,18 +1011,115 @@ impl Backbone {
             return;
         }
         let (function, nick): (&[u8], &str) = match &what {
-            Pending::Release { nick } => (b"chatloop_release", nick),
+            Pending::Release { nick, .. } => (b"chatloop_release", nick),
             Pending::Claim { nick, .. } | Pending::Reclaim { nick } => (b"chatloop_claim", nick),
             _ => return,
         };
         let key = format!("{NICK_KEY}{}", fold(nick));
         let ident = self.ident.clone();
         let mut cmd: Vec<&[u8]> = vec![b"FCALL", function, b"1", key.as_bytes(), ident.as_bytes()];
-        if !matches!(what, Pending::Release { .. }) {
-            cmd.push(NODE_KEY.as_bytes());
+        match &what {
+            Pending::Release { token, .. } => cmd.push(token.as_ref().map_or(&[][..], |t| &t[..])),
+            _ => cmd.push(NODE_KEY.as_bytes()),
         }
         push_command(&mut self.links[0].out, &cmd);
         self.pending.push_back((what, now));
+    }
+
+    /// `chatloop_session`: this process holds the session with `token` (in place of `old`).
+    fn session_op(&mut self, now: Instant, token: &SessionToken, old: Option<&SessionToken>) {
+        let ident = self.ident.clone();
+        self.command(
+            now,
+            Pending::Register,
+            &[
+                b"FCALL",
+                b"chatloop_session",
+                b"0",
+                token,
+                ident.as_bytes(),
+                old.map_or(&[][..], |t| &t[..]),
+            ],
+        );
+    }
+
+    /// The answer to a [`Delivery::TakeoverRequest`]: the session (closed here by the core)
+    /// moves to process `to`, with its nick and its rooms; `None`, no session here had
+    /// that token, and `to` goes on with a new session.
+    pub fn handover(
+        &mut self,
+        now: Instant,
+        to: &str,
+        conn: u64,
+        token: &SessionToken,
+        session: Option<(Box<str>, Vec<Box<str>>)>,
+    ) {
+        let channel = format!("{WHISPER_CHANNEL}{to}");
+        let Some((nick, rooms)) = session else {
+            let msg = format!("N{conn}");
+            self.command(
+                now,
+                Pending::Register,
+                &[b"PUBLISH", channel.as_bytes(), msg.as_bytes()],
+            );
+            return;
+        };
+        let folded = fold(&nick);
+        self.registered.remove(&folded);
+        self.sessions.remove(&folded);
+        for room in &rooms {
+            if let Some(set) = self.members.get_mut(room) {
+                set.remove(&nick);
+                if set.is_empty() {
+                    self.members.remove(room);
+                }
+            }
+        }
+        let nick_key = format!("{NICK_KEY}{folded}");
+        let conn_id = conn.to_string();
+        let noderooms = NODEROOMS_KEY.to_string();
+        let mut cmd: Vec<&[u8]> = vec![
+            b"FCALL",
+            b"chatloop_handover",
+            b"0",
+            token,
+            to.as_bytes(),
+            nick.as_bytes(),
+            nick_key.as_bytes(),
+            WHISPER_CHANNEL.as_bytes(),
+            conn_id.as_bytes(),
+            MEMBERS_KEY.as_bytes(),
+            noderooms.as_bytes(),
+            NODES_KEY.as_bytes(),
+        ];
+        cmd.extend(rooms.iter().map(|r| r.as_bytes()));
+        push_command(&mut self.links[0].out, &cmd);
+        self.pending.push_back((Pending::Register, now));
+    }
+
+    /// A session moved here ([`Delivery::Handover`]) that the core could not take (its
+    /// connection closed meanwhile): its nick and token are this process's in Redis, and
+    /// are let go.
+    pub fn release_handover(&mut self, now: Instant, nick: &str) {
+        self.nick_op(
+            now,
+            Pending::Release {
+                nick: nick.into(),
+                token: None,
+            },
+        );
+    }
+
+    /// A session moved here and taken by the core: this process holds its nick and its
+    /// memberships now.
+    pub fn adopt(&mut self, nick: &str, rooms: &[String]) {
+        self.registered.insert(fold(nick), nick.into());
+        for room in rooms {
+            self.members
+                .entry(room.as_str().into())
+                .or_default()
+                .insert(nick.into());
+        }
     }
 
     fn send_or_hold(&mut self, now: Instant, room: &str, o: Outgoing) {
@@ -1049,6 +1256,10 @@ impl Backbone {
                     granted,
                 });
             }
+            // 1: the holder was asked, and its answer comes on this process's channel.
+            (Pending::Takeover(conn), reply) if !matches!(reply, OwnedFrame::Integer(1)) => {
+                self.deliveries.push_back(Delivery::ResumeFailed { conn });
+            }
             (Pending::Whisper(conn), reply) => {
                 if let OwnedFrame::Error(e) = reply {
                     log::warn!("cluster: a whisper was refused by Redis: {e}");
@@ -1084,7 +1295,11 @@ impl Backbone {
             .and_then(|r| std::str::from_utf8(r).ok());
         if kind == b"message" && channel.starts_with(WHISPER_CHANNEL.as_bytes()) {
             let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
-            match parse_whisper(payload) {
+            let parsed = match payload.first() {
+                Some(b'T' | b'H' | b'N') => parse_session_message(payload),
+                _ => parse_whisper(payload),
+            };
+            match parsed {
                 Some(d) => self.deliveries.push_back(d),
                 None => log::warn!("cluster: a malformed whisper ignored"),
             }
@@ -1191,4 +1406,40 @@ fn parse_whisper(p: &[u8]) -> Option<Delivery> {
         to,
         text,
     })
+}
+
+/// What processes tell each other about sessions on their channels: `T<conn>:<ident>\n<token>`
+/// (a takeover request from process `ident` for its connection `conn`), `H<conn>:<nick>\n<rooms,
+/// one per line>` (the session, handed over), `N<conn>` (no such session here).
+fn parse_session_message(p: &[u8]) -> Option<Delivery> {
+    let (&kind, rest) = p.split_first()?;
+    let conn_end = rest.iter().position(|&b| b == b':').unwrap_or(rest.len());
+    let conn: u64 = std::str::from_utf8(&rest[..conn_end]).ok()?.parse().ok()?;
+    let body = rest.get(conn_end + 1..).unwrap_or_default();
+    match kind {
+        b'N' => Some(Delivery::ResumeFailed {
+            conn: ConnId::from_u64(conn)?,
+        }),
+        b'T' => {
+            let nl = body.iter().position(|&b| b == b'\n')?;
+            let to = std::str::from_utf8(&body[..nl]).ok()?.to_string();
+            let token: SessionToken = body.get(nl + 1..)?.try_into().ok()?;
+            Some(Delivery::TakeoverRequest { token, to, conn })
+        }
+        b'H' => {
+            let text = std::str::from_utf8(body).ok()?;
+            let mut lines = text.split('\n');
+            let nick = lines.next()?.to_string();
+            let rooms = lines
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect();
+            Some(Delivery::Handover {
+                conn: ConnId::from_u64(conn)?,
+                nick,
+                rooms,
+            })
+        }
+        _ => None,
+    }
 }

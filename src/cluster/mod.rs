@@ -1,13 +1,13 @@
 //! A cluster: several chatloop processes serve one chat through Redis (docs/CLUSTER.md).
 //!
-//! What crosses nodes so far: room messages, PRESENCE, nicks, whispers and WHO. A SAY goes to Redis, which
-//! assigns its msg_id and publishes it; every node with members in the room (the sender's
-//! too) delivers it on receipt, so a room's members see one order and one id for each
-//! message, whichever node they are on. A new session's nick is claimed in Redis under the
-//! node's lease before its WELCOME; a WHISPER goes to the process holding its nick; rooms'
-//! members are kept in Redis under each node's lease, for WHO and for reaping a dead node's
-//! members. Resume is still per node
-//! (docs/CLUSTER.md, "Not done yet").
+//! What crosses nodes: room messages, PRESENCE, nicks, whispers, WHO and resumes. A SAY
+//! goes to Redis, which assigns its msg_id and publishes it; every node with members in the
+//! room (the sender's too) delivers it on receipt, so a room's members see one order and one
+//! id for each message, whichever node they are on. A new session's nick is claimed in Redis
+//! under the node's lease before its WELCOME; a WHISPER goes to the process holding its nick;
+//! rooms' members are kept in Redis under each node's lease, for WHO and for reaping a dead
+//! node's members; a resume finds its session's process through Redis and takes the session
+//! over (docs/CLUSTER.md).
 //!
 //! # Layout
 //!

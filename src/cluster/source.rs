@@ -87,12 +87,28 @@ impl BackboneSource {
     }
 
     /// Moves the core's relay items to the backbone and the backbone's deliveries to the
-    /// core. Call once per iteration, after the events and before `flush`.
+    /// core, until neither has more (a delivery can make relay items: a granted claim
+    /// registers its session's token, and the input that waited for it may JOIN; those go
+    /// out in this iteration too, before the client can act on its answer). Call once per
+    /// iteration, after the events and before `flush`.
     pub fn exchange(&mut self, server: &mut Server, now: Instant) {
-        while let Some(r) = server.poll_relay() {
-            self.backbone.handle_relay(r, now);
+        loop {
+            while let Some(r) = server.poll_relay() {
+                self.backbone.handle_relay(r, now);
+            }
+            if !self.deliver(server, now) {
+                break;
+            }
         }
+        server.handle_backbone_state(self.backbone.is_up());
+        self.backbone.set_floor(server.chat().last_msg_id());
+    }
+
+    /// Hands the backbone's deliveries to the core; false if there were none.
+    fn deliver(&mut self, server: &mut Server, now: Instant) -> bool {
+        let mut any = false;
         while let Some(d) = self.backbone.poll_delivery() {
+            any = true;
             match d {
                 Delivery::Message {
                     room,
@@ -106,6 +122,23 @@ impl BackboneSource {
                     nick,
                     members,
                 } => server.handle_remote_presence(&room, kind, &nick, members),
+                Delivery::ResumeFailed { conn } => {
+                    server.handle_resume_result(now, conn);
+                    true
+                }
+                Delivery::Handover { conn, nick, rooms } => {
+                    if server.handle_resume_handover(now, conn, &nick, &rooms) {
+                        self.backbone.adopt(&nick, &rooms);
+                    } else {
+                        self.backbone.release_handover(now, &nick);
+                    }
+                    true
+                }
+                Delivery::TakeoverRequest { token, to, conn } => {
+                    let session = server.handle_takeover_request(&token);
+                    self.backbone.handover(now, &to, conn, &token, session);
+                    true
+                }
                 Delivery::Who { conn, room, nicks } => {
                     server.handle_who_result(now, conn, &room, &nicks);
                     true
@@ -134,8 +167,7 @@ impl BackboneSource {
                 } => server.handle_remote_whisper(msg_id, &from, &to, &text),
             };
         }
-        server.handle_backbone_state(self.backbone.is_up());
-        self.backbone.set_floor(server.chat().last_msg_id());
+        any
     }
 
     /// Reconnects when due, sends `PING`s, notices a stalled Redis.

@@ -401,6 +401,7 @@ fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again(
     b.handle_relay(
         Relay::Release {
             nick: "nobody".into(),
+            token: None,
         },
         now,
     );

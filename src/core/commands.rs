@@ -51,10 +51,31 @@ impl Chat {
             self.resume(now, conn, old);
             return;
         }
+        if let Some(token) = token.filter(|_| self.cfg.relay && self.relay_up) {
+            // Not a session here: perhaps another node's. The cluster looks.
+            self.awaiting.insert(
+                conn,
+                (
+                    Awaiting::Resume {
+                        nick: nick.into(),
+                        token,
+                    },
+                    Vec::new(),
+                ),
+            );
+            self.relay.push_back(Relay::Resume { conn, token });
+            return;
+        }
         if token.is_some() {
             self.stats.resume_failures += 1;
             log::debug!("conn {conn}: HELLO with a token that matches no live session");
         }
+        self.hello_new(now, conn, nick);
+    }
+
+    /// The rest of a HELLO for a new session: the nick's checks, then the session (or, in a
+    /// cluster, the claim that decides it).
+    pub(super) fn hello_new(&mut self, now: Instant, conn: ConnId, nick: &str) {
         if !protocol::valid_nick(nick) {
             self.send_error(
                 conn,
@@ -94,6 +115,13 @@ impl Chat {
             s.token = token;
         }
         self.stats.sessions_started += 1;
+        if self.cfg.relay {
+            self.relay.push_back(Relay::Token {
+                nick: nick.into(),
+                token,
+                old: None,
+            });
+        }
         log::debug!("conn {conn}: welcomed as {}", Untrusted(nick));
         self.event(|| Event::Welcomed {
             conn,
@@ -160,6 +188,13 @@ impl Chat {
         let token = self.fresh_token();
         self.tokens.insert(token_key(&token), new);
         self.nicks.insert(fold(&prev.nick), new);
+        if self.cfg.relay {
+            self.relay.push_back(Relay::Token {
+                nick: prev.nick.clone(),
+                token,
+                old: Some(prev.token),
+            });
+        }
         for &(rid, idx) in &prev.rooms {
             let members = &mut self.rooms[rid.0].members;
             debug_assert_eq!(members[idx as usize], old);
@@ -227,6 +262,26 @@ impl Chat {
             self.send_error(conn, ErrorCode::TooManyRooms, &detail);
             return;
         }
+        let Some(rid) = self.add_member(conn, room) else {
+            return;
+        };
+        let Some(nick) = self.state(conn).map(|s| s.nick.clone()) else {
+            return;
+        };
+        self.presence(rid, PresenceKind::Join, conn, &nick);
+        self.hooks.on_join(conn, &nick, room);
+        self.event(|| Event::Joined {
+            conn,
+            nick,
+            room: room.into(),
+        });
+    }
+
+    /// Makes `conn` a member of `room` (created if new), with no PRESENCE; `None` if `conn`
+    /// has no session.
+    pub(super) fn add_member(&mut self, conn: ConnId, room: &str) -> Option<RoomId> {
+        self.state(conn)?;
+        let existing = self.room_index.get(room).copied();
         let rid = existing.unwrap_or_else(|| {
             let id = RoomId(self.rooms.insert(Room {
                 name: room.into(),
@@ -241,18 +296,8 @@ impl Chat {
         let members = &mut self.rooms[rid.0].members;
         let idx = members.len() as u32;
         members.push(conn);
-        let Some(s) = self.state_mut(conn) else {
-            return;
-        };
-        s.rooms.push((rid, idx));
-        let nick = s.nick.clone();
-        self.presence(rid, PresenceKind::Join, conn, &nick);
-        self.hooks.on_join(conn, &nick, room);
-        self.event(|| Event::Joined {
-            conn,
-            nick,
-            room: room.into(),
-        });
+        self.state_mut(conn)?.rooms.push((rid, idx));
+        Some(rid)
     }
 
     pub(super) fn leave(&mut self, conn: ConnId, room: &str) {

@@ -338,6 +338,9 @@ enum Awaiting {
     Whisper,
     /// Its WHO's list.
     Who,
+    /// Its HELLO's token: another node's session, or none (then the HELLO goes on as a
+    /// new session's, with this nick).
+    Resume { nick: Box<str>, token: SessionToken },
 }
 
 /// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
@@ -995,7 +998,10 @@ impl Chat {
             .is_some_and(|(a, _)| matches!(a, Awaiting::Claim(n) if fold(n) == folded));
         if !current || !self.is_open(conn) {
             if granted && self.conn_of(nick).is_none() {
-                self.relay.push_back(Relay::Release { nick: nick.into() });
+                self.relay.push_back(Relay::Release {
+                    nick: nick.into(),
+                    token: None,
+                });
             }
             return;
         }
@@ -1003,6 +1009,8 @@ impl Chat {
             return;
         };
         self.claimed.remove(&folded);
+        // A session resumed from another node may hold it here by now.
+        let granted = granted && !self.nicks.contains_key(&folded);
         self.outbox.replying = conn.to_u64();
         if granted {
             self.start_session(now, conn, &nick);
@@ -1012,6 +1020,119 @@ impl Chat {
         }
         self.outbox.replying = 0;
         if !held.is_empty() {
+            self.handle_data(now, conn, &held);
+        }
+    }
+
+    /// Another node found no session for a [`Relay::Resume`]'s token: the HELLO goes on as
+    /// a new session's with its nick, as on one server (a failed resume is counted).
+    pub fn handle_resume_result(&mut self, now: Instant, conn: ConnId) {
+        if !matches!(self.awaiting.get(&conn), Some((Awaiting::Resume { .. }, _))) {
+            return;
+        }
+        let Some((Awaiting::Resume { nick, .. }, held)) = self.awaiting.remove(&conn) else {
+            return;
+        };
+        self.stats.resume_failures += 1;
+        log::debug!("conn {conn}: HELLO with a token that matches no live session anywhere");
+        self.outbox.replying = conn.to_u64();
+        self.hello_new(now, conn, &nick);
+        self.outbox.replying = 0;
+        self.resume_input(now, conn, held);
+    }
+
+    /// Another node's session, moved here for a [`Relay::Resume`]: `conn` is welcomed as
+    /// `nick` with a fresh token, a member of `rooms` again with no PRESENCE (section 4.5 of
+    /// PROTOCOL.md, across nodes). Returns false if `conn` no longer waits for it (it closed,
+    /// or the nick is held here meanwhile): the caller then hands the nick back.
+    pub fn handle_resume_handover(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        nick: &str,
+        rooms: &[String],
+    ) -> bool {
+        let waiting = matches!(self.awaiting.get(&conn), Some((Awaiting::Resume { .. }, _)));
+        let folded = fold(nick);
+        if !waiting || self.nicks.contains_key(&folded) || self.claimed.contains_key(&folded) {
+            return false;
+        }
+        let Some((Awaiting::Resume { token: old, .. }, held)) = self.awaiting.remove(&conn) else {
+            return false;
+        };
+        let token = self.fresh_token();
+        self.nicks.insert(folded, conn);
+        self.tokens.insert(token_key(&token), conn);
+        if let Some(s) = self.state_mut(conn) {
+            s.welcomed = true;
+            s.nick = nick.into();
+            s.token = token;
+        }
+        for room in rooms {
+            if protocol::valid_room(room) {
+                self.add_member(conn, room);
+            }
+        }
+        self.stats.resumes += 1;
+        log::debug!(
+            "conn {conn}: resumed the session of {} from another node",
+            Untrusted(nick)
+        );
+        self.relay.push_back(Relay::Token {
+            nick: nick.into(),
+            token,
+            old: Some(old),
+        });
+        self.event(|| Event::Welcomed {
+            conn,
+            nick: nick.into(),
+            resumed_from: None,
+        });
+        self.outbox.replying = conn.to_u64();
+        self.welcome(now, conn);
+        self.outbox.replying = 0;
+        self.resume_input(now, conn, held);
+        true
+    }
+
+    /// Another node asks for the session whose token is `token` (a client resumed it
+    /// there): the connection here is closed with `session_taken_over`, the session leaves
+    /// this node without PRESENCE, and its nick and rooms are returned for the handover.
+    /// `None` if no session here has that token (it ended meanwhile).
+    pub fn handle_takeover_request(
+        &mut self,
+        token: &SessionToken,
+    ) -> Option<(Box<str>, Vec<Box<str>>)> {
+        let conn = self.session_by_token(token)?;
+        let s = self.state(conn)?;
+        let nick = s.nick.clone();
+        let rooms = s
+            .rooms
+            .iter()
+            .map(|&(rid, _)| self.rooms[rid.0].name.clone())
+            .collect();
+        log::debug!(
+            "conn {conn}: session of {} resumed on another node",
+            Untrusted(&nick)
+        );
+        self.stats.resumes += 1;
+        self.send_error(
+            conn,
+            ErrorCode::SessionTakenOver,
+            "another connection resumed this session",
+        );
+        self.remove_session(conn, None, CloseReason::TakenOver);
+        self.closes.push_back((conn, CloseReason::TakenOver));
+        Some((nick, rooms))
+    }
+
+    /// What a connection sent while it waited for the cluster, handled now; or, if it waits
+    /// again (a failed resume became a nick claim), kept for then.
+    fn resume_input(&mut self, now: Instant, conn: ConnId, held: Vec<u8>) {
+        if let Some((_, again)) = self.awaiting.get_mut(&conn) {
+            debug_assert!(again.is_empty());
+            *again = held;
+        } else if !held.is_empty() {
             self.handle_data(now, conn, &held);
         }
     }

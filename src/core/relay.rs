@@ -13,7 +13,7 @@
 //! [`Chat::handle_remote_message`]: super::Chat::handle_remote_message
 
 use crate::id::ConnId;
-use crate::protocol::PresenceKind;
+use crate::protocol::{PresenceKind, SessionToken};
 
 /// One item for the backbone (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +53,34 @@ pub enum Relay {
         nick: Box<str>,
     },
     /// A session that held `nick` ended (or a claim was granted to a connection gone since):
-    /// the nick is free again.
+    /// the nick is free again, and the session's token resumes nothing.
     Release {
         /// The nick.
         nick: Box<str>,
+        /// The session's token (`None`: a claim that never became a session).
+        token: Option<SessionToken>,
+    },
+    /// This node's session `nick` has `token` now (a new session, or a resume, which gives a
+    /// fresh token in place of `old`): another node can then find it for a resume.
+    Token {
+        /// The session's nick.
+        nick: Box<str>,
+        /// Its token now.
+        token: SessionToken,
+        /// The token it replaces.
+        old: Option<SessionToken>,
+    },
+    /// A HELLO with a token no session here has: it may be another node's session. The
+    /// answer comes back as [`Chat::handle_resume_handover`] (the session, moved here) or
+    /// [`Chat::handle_resume_result`] (none: the HELLO goes on as a new session's).
+    ///
+    /// [`Chat::handle_resume_handover`]: super::Chat::handle_resume_handover
+    /// [`Chat::handle_resume_result`]: super::Chat::handle_resume_result
+    Resume {
+        /// The connection that sent the HELLO.
+        conn: ConnId,
+        /// The token it sent.
+        token: SessionToken,
     },
     /// A WHISPER for the node that holds `to`, wherever it is; the answer (delivered, or
     /// `no_such_user`) comes back through [`Chat::handle_whisper_result`], and the sender's

@@ -169,9 +169,12 @@ impl Chat {
         if welcomed {
             self.nicks.remove(&fold(&s.nick));
             self.tokens.remove(&token_key(&s.token));
-            if self.cfg.relay {
+            // A session handed over to another node (taken over from there) keeps its nick
+            // and token in the cluster: they are the other node's now.
+            if self.cfg.relay && reason != CloseReason::TakenOver {
                 self.relay.push_back(Relay::Release {
                     nick: s.nick.clone(),
+                    token: Some(s.token),
                 });
             }
         }

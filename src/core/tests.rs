@@ -2477,6 +2477,11 @@ fn hello_granted(sim: &mut Sim, nick: &str) -> ConnId {
     sim.chat.handle_claim(sim.now, c, nick, true);
     let got = sim.take(c);
     assert!(matches!(&got[..], [Msg::Welcome { .. }]), "{got:?}");
+    // The session's token, for resumes from other nodes.
+    assert!(matches!(
+        &relayed(sim)[..],
+        [Relay::Token { old: None, .. }]
+    ));
     c
 }
 
@@ -2619,12 +2624,15 @@ fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_t
     sim.chat.handle_close(e, CloseReason::Eof);
     sim.chat.handle_claim(sim.now, e, "carol", true);
     assert!(relayed(&mut sim).contains(&Relay::Release {
-        nick: "carol".into()
+        nick: "carol".into(),
+        token: None,
     }));
-    // And a session that ends hands its nick back too.
+    // And a session that ends hands its nick and its token back too.
+    let token = sim.chat.state(c).map(|s| s.token).expect("alice's session");
     sim.chat.handle_close(c, CloseReason::Eof);
     assert!(relayed(&mut sim).contains(&Relay::Release {
-        nick: "Alice".into()
+        nick: "Alice".into(),
+        token: Some(token),
     }));
     sim.check();
 }

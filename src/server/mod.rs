@@ -1169,6 +1169,30 @@ impl Server {
         self.chat.handle_remote_presence(room, kind, nick, members)
     }
 
+    /// No session anywhere for a resume ([`Chat::handle_resume_result`]).
+    pub fn handle_resume_result(&mut self, now: Instant, conn: ConnId) {
+        self.chat.handle_resume_result(now, conn);
+    }
+
+    /// A session moved here from another node ([`Chat::handle_resume_handover`]).
+    pub fn handle_resume_handover(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        nick: &str,
+        rooms: &[String],
+    ) -> bool {
+        self.chat.handle_resume_handover(now, conn, nick, rooms)
+    }
+
+    /// Another node asks for a session here ([`Chat::handle_takeover_request`]).
+    pub fn handle_takeover_request(
+        &mut self,
+        token: &crate::protocol::SessionToken,
+    ) -> Option<(Box<str>, Vec<Box<str>>)> {
+        self.chat.handle_takeover_request(token)
+    }
+
     /// A cluster backbone's answer to a WHO ([`Chat::handle_who_result`]).
     pub fn handle_who_result(&mut self, now: Instant, conn: ConnId, room: &str, nicks: &[String]) {
         self.chat.handle_who_result(now, conn, room, nicks);
