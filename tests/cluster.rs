@@ -587,3 +587,54 @@ fn a_session_raced_on_two_nodes_goes_to_exactly_one() {
         holder.expect_fatal(code::SESSION_TAKEN_OVER);
     }
 }
+
+/// Redis paused (SIGSTOP) for longer than the leases, then continued: every node notices the
+/// stall, reconnects, and registers again what it holds; sessions survive, nobody is
+/// reported gone, and room messages cross again.
+#[test]
+fn a_redis_paused_past_the_leases_is_survived() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+
+    redis.signal("STOP");
+    // The fault's length, not a wait for an event: past the 5 s leases.
+    std::thread::sleep(Duration::from_secs(6));
+    redis.signal("CONT");
+    let continued = Instant::now();
+    // Both nodes found Redis stalled and reconnect (each had connected once before).
+    wait_connected(&a, 2);
+    wait_connected(&b, 2);
+    // bob's SAY is held until his node is subscribed again; alice's node may take a moment
+    // longer: bob says again until alice hears (bounded), and nobody was reported gone.
+    let deadline = continued + CONNECT;
+    let mut n = 0;
+    'heard: loop {
+        n += 1;
+        let text = format!("after the pause {n}");
+        bob.send_say("lobby", &text);
+        let until = Instant::now() + Duration::from_millis(500);
+        while let Some(f) = alice.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if f.op == sop::PRESENCE {
+                panic!("{f:?} after a pause of Redis");
+            }
+            if f.op == sop::MESSAGE && f.message().text == text {
+                break 'heard;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing crossed after the pause");
+    }
+    eprintln!(
+        "delivery across nodes again {:?} after Redis continued",
+        continued.elapsed()
+    );
+    let mut who = alice.who_nicks("lobby");
+    who.sort();
+    assert_eq!(who, nicks(&["alice", "bob"]), "both still members");
+}

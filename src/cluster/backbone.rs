@@ -585,7 +585,9 @@ impl Backbone {
             self.stats.connects += 1;
             self.backoff = BACKOFF_MIN;
             self.next_ping = Some(now + PING_EVERY);
-            self.next_reap = Some(now + REAP_EVERY);
+            // Not before the others have had a lease's time to renew: after an outage of
+            // Redis every lease may have expired, and their members are not dead.
+            self.next_reap = Some(now + LEASE + REAP_EVERY);
             log::info!("cluster: connected to Redis as node {}", self.node);
         }
         self.release_ready(now);

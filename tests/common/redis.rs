@@ -76,6 +76,15 @@ impl Redis {
         s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// Sends it `sig` (`STOP`, `CONT`) by its PID.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {sig} redis-server failed");
+    }
+
     /// Stops it now (SIGKILL), as a crash would.
     pub fn kill(mut self) {
         self.stop();
@@ -89,6 +98,11 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        // A stopped process would not die of SIGKILL before it is continued on some
+        // systems' accounting; continue it first so `wait` returns.
+        let _ = Command::new("kill")
+            .args(["-s", "CONT", &self.child.id().to_string()])
+            .status();
         self.stop();
     }
 }
