@@ -184,6 +184,18 @@ pub struct LoadArgs {
     /// measurement window, and per delivery.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// More server addresses (repeatable): the nodes of a cluster. Publishers connect to
+    /// `--addr`; subscribers are spread over all the addresses in turn.
+    #[arg(long = "also-addr", value_name = "ADDR")]
+    pub also_addr: Vec<SocketAddr>,
+    /// More server process ids (repeatable): their CPU time is added to `--server-pid`'s
+    /// (a cluster's nodes).
+    #[arg(long = "also-pid", value_name = "PID")]
+    pub also_pid: Vec<u32>,
+    /// A Redis on this machine (a cluster's backbone): its CPU time during each window, and
+    /// per published message.
+    #[arg(long, value_name = "PID")]
+    pub redis_pid: Option<u32>,
 }
 
 /// `fanout` flags.

@@ -78,6 +78,10 @@ pub struct Fanout {
     progress: bool,
     /// A server on this machine whose CPU time each step reports.
     pub server_pid: Option<u32>,
+    /// More server processes (a cluster's nodes), added to `server_pid`'s.
+    pub also_pids: Vec<u32>,
+    /// A Redis whose CPU time each step reports apart.
+    pub redis_pid: Option<u32>,
 }
 
 /// Bound for setting up `n` connections.
@@ -86,6 +90,32 @@ fn setup_timeout(n: usize) -> Duration {
 }
 
 impl Fanout {
+    /// [`connect`](Self::connect) over several servers (a cluster's nodes): publishers to
+    /// `addr`, subscribers spread over `addr` and `more` in turn.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_to(
+        addr: SocketAddr,
+        more: &[SocketAddr],
+        pubs: usize,
+        subs: usize,
+        room: &str,
+        size: usize,
+        max_in_flight: usize,
+        progress: bool,
+    ) -> Result<Fanout, String> {
+        Self::connect_with(
+            addr,
+            more,
+            pubs,
+            subs,
+            0,
+            room,
+            size,
+            max_in_flight,
+            progress,
+        )
+    }
+
     /// Connects `pubs` publishers and `subs` subscribers (HELLO, JOIN `room`) and `extra`
     /// plain welcomed connections, `max_in_flight` at a time.
     #[allow(clippy::too_many_arguments)]
@@ -99,8 +129,34 @@ impl Fanout {
         max_in_flight: usize,
         progress: bool,
     ) -> Result<Fanout, String> {
+        Self::connect_with(
+            addr,
+            &[],
+            pubs,
+            subs,
+            extra,
+            room,
+            size,
+            max_in_flight,
+            progress,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect_with(
+        addr: SocketAddr,
+        more: &[SocketAddr],
+        pubs: usize,
+        subs: usize,
+        extra: usize,
+        room: &str,
+        size: usize,
+        max_in_flight: usize,
+        progress: bool,
+    ) -> Result<Fanout, String> {
         let epoch = Instant::now();
         let mut pool = Pool::new(addr, &run_prefix(), room)?;
+        pool.more_addrs = more.to_vec();
         pool.progress = progress;
         pool.add(pubs, Handshake::HelloJoin);
         pool.add(subs, Handshake::HelloJoin);
@@ -126,6 +182,8 @@ impl Fanout {
             max_in_flight,
             progress,
             server_pid: None,
+            also_pids: Vec::new(),
+            redis_pid: None,
         })
     }
 
@@ -212,7 +270,17 @@ impl Fanout {
         let mut stop = warm_end;
         let mut cpu_mark = CpuMark::now();
         let mut cpu = Default::default();
-        let server_cpu = |pid: Option<u32>| pid.and_then(|p| proc_cpu(p).ok());
+        let also = self.also_pids.clone();
+        let server_cpu = |pid: Option<u32>| {
+            let mut sum = pid.and_then(|p| proc_cpu(p).ok())?;
+            for &p in &also {
+                sum = sum.plus(&proc_cpu(p).ok()?);
+            }
+            Some(sum)
+        };
+        let redis_cpu = |pid: Option<u32>| pid.and_then(|p| proc_cpu(p).ok());
+        let mut redis_mark: Option<ProcCpu> = None;
+        let mut redis_used: Option<ProcCpu> = None;
         let mut server_mark: Option<ProcCpu> = None;
         let mut server_used: Option<ProcCpu> = None;
         let errors_before = self.pool.counters.errors.clone();
@@ -236,6 +304,7 @@ impl Fanout {
                     measure_start = now;
                     cpu_mark = CpuMark::now();
                     server_mark = server_cpu(self.server_pid);
+                    redis_mark = redis_cpu(self.redis_pid);
                     poll_mark = self.pool.in_poll;
                     skipped_before = pacer.skipped;
                 }
@@ -245,6 +314,9 @@ impl Fanout {
                     cpu = cpu_mark.since();
                     server_used = server_mark
                         .zip(server_cpu(self.server_pid))
+                        .map(|(a, b)| b.since(&a));
+                    redis_used = redis_mark
+                        .zip(redis_cpu(self.redis_pid))
                         .map(|(a, b)| b.since(&a));
                     w.in_poll = self.pool.in_poll - poll_mark;
                     w.skipped = pacer.skipped - skipped_before;
@@ -324,6 +396,7 @@ impl Fanout {
             errors: error_delta(&errors_before, &self.pool.counters.errors),
             cpu,
             server_cpu: server_used,
+            redis_cpu: redis_used,
         }
     }
 }

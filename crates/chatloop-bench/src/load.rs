@@ -12,11 +12,11 @@ fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
     if let Some(pid) = l.server_pid {
         proc_cpu(pid).map_err(|e| Fail::Usage(format!("--server-pid {pid}: {e}")))?;
     }
-    let mut f = Fanout::connect(
+    let mut f = Fanout::connect_to(
         l.addr,
+        &l.also_addr,
         l.pubs,
         l.subs,
-        0,
         &l.room,
         l.size,
         l.max_in_flight,
@@ -24,6 +24,8 @@ fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
     )
     .map_err(Fail::Run)?;
     f.server_pid = l.server_pid;
+    f.also_pids = l.also_pid.clone();
+    f.redis_pid = l.redis_pid;
     Ok(f)
 }
 

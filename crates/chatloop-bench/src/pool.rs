@@ -43,6 +43,8 @@ pub struct Pool {
     pub conns: Vec<Conn>,
     rbuf: Vec<u8>,
     addr: SocketAddr,
+    /// More addresses: slot `i` dials `[addr, more_addrs..][i % (1 + more)]`.
+    pub more_addrs: Vec<SocketAddr>,
     prefix: String,
     room: String,
     dirty: Vec<usize>,
@@ -71,6 +73,14 @@ pub struct Pool {
 
 impl Pool {
     /// An empty pool; nicks are `prefix` + slot (+ `-generation` on redials).
+    /// The address slot `i` dials.
+    fn addr_of(&self, i: usize) -> SocketAddr {
+        match i % (1 + self.more_addrs.len()) {
+            0 => self.addr,
+            k => self.more_addrs[k - 1],
+        }
+    }
+
     pub fn new(addr: SocketAddr, prefix: &str, room: &str) -> Result<Pool, String> {
         Ok(Pool {
             poll: Poll::new().map_err(|e| format!("cannot create a poll instance: {e}"))?,
@@ -78,6 +88,7 @@ impl Pool {
             conns: Vec::new(),
             rbuf: Vec::new(),
             addr,
+            more_addrs: Vec::new(),
             prefix: prefix.to_string(),
             room: room.to_string(),
             dirty: Vec::new(),
@@ -133,9 +144,10 @@ impl Pool {
                 continue;
             }
             let now = Instant::now();
+            let addr = self.addr_of(i);
             let dialed = match self.rcvbuf {
-                Some(bytes) => connect_with_rcvbuf(self.addr, bytes),
-                None => TcpStream::connect(self.addr),
+                Some(bytes) => connect_with_rcvbuf(addr, bytes),
+                None => TcpStream::connect(addr),
             };
             match dialed {
                 Ok(mut sock) => {

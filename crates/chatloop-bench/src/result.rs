@@ -48,8 +48,11 @@ pub struct StepResult {
     pub errors: Vec<(String, u64)>,
     /// The generator's CPU during the window.
     pub cpu: CpuUse,
-    /// The server's CPU during the window (with --server-pid).
+    /// The server's CPU during the window (with --server-pid; with --also-pid, summed over
+    /// the processes).
     pub server_cpu: Option<ProcCpu>,
+    /// Redis's CPU during the window (with --redis-pid).
+    pub redis_cpu: Option<ProcCpu>,
 }
 
 impl StepResult {
@@ -137,6 +140,13 @@ impl StepResult {
                 .num("server_ns_per_delivery", ns, 1)
                 .num("server_user_s_sampled", s.user_s, 2)
                 .num("server_sys_s_sampled", s.sys_s, 2);
+        }
+        if let Some(r) = self.redis_cpu {
+            j.num("redis_cpu_s", r.total_s, 4).num(
+                "redis_us_per_message",
+                r.total_s * 1e6 / (self.sent.max(1) as f64),
+                2,
+            );
         }
     }
 

@@ -231,6 +231,16 @@ pub struct ProcCpu {
 }
 
 impl ProcCpu {
+    /// Two processes' use together.
+    pub fn plus(&self, other: &ProcCpu) -> ProcCpu {
+        ProcCpu {
+            total_s: self.total_s + other.total_s,
+            user_s: self.user_s + other.user_s,
+            sys_s: self.sys_s + other.sys_s,
+            wait_s: self.wait_s + other.wait_s,
+        }
+    }
+
     /// What was used between `earlier` and this reading.
     pub fn since(&self, earlier: &ProcCpu) -> ProcCpu {
         ProcCpu {
