@@ -1208,10 +1208,10 @@ impl Chat {
     }
 
     /// A PRESENCE the backbone delivered (any node's, this one's included): to this node's
-    /// members of `room` but the one it concerns (who had it as its answer), unless the
-    /// room's `members` across the cluster are more than `presence_limit` (then, as on one
-    /// server, only the member concerned is told). Returns false if the room has no member
-    /// here.
+    /// members of `room`, unless the room's `members` across the cluster are more than
+    /// `presence_limit` (then, as on one server, only the member concerned is told). A join
+    /// reaches the joiner too (it is its JOIN's answer); a leave does not reach the leaver,
+    /// who had it at once. Returns false if the room has no member here.
     pub fn handle_remote_presence(
         &mut self,
         room: &str,
@@ -1223,14 +1223,23 @@ impl Chat {
             return false;
         };
         let room = &self.rooms[rid.0];
+        let concerned = self.conn_of(nick).filter(|c| room.members.contains(c));
+        let join = kind == PresenceKind::Join;
         if members > self.cfg.presence_limit as u64 {
+            // Only the member concerned: a joiner here gets its answer.
+            if let Some(joiner) = concerned.filter(|_| join) {
+                let (buf, start) = self.outbox.buf();
+                encode::presence(buf, kind, &room.name, nick);
+                let end = buf.len();
+                self.outbox.send(joiner, start, end);
+            }
             return true;
         }
-        let concerned = self.conn_of(nick).filter(|c| room.members.contains(c));
         let (buf, start) = self.outbox.buf();
         encode::presence(buf, kind, &room.name, nick);
         let end = buf.len();
-        self.outbox.send_all(&room.members, concerned, start, end);
+        let except = if join { None } else { concerned };
+        self.outbox.send_all(&room.members, except, start, end);
         true
     }
 

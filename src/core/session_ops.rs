@@ -81,10 +81,12 @@ impl Chat {
     /// more than presence_limit members (the count includes `who`, who must still be a member).
     pub(super) fn presence(&mut self, rid: RoomId, kind: PresenceKind, who: ConnId, nick: &str) {
         if self.cfg.relay {
-            // The room spans nodes: the member concerned has its answer now, the others
-            // (here too) when the backbone brings it back, in the room's one order.
+            // The room spans nodes: everyone, here too, gets it when the backbone brings it
+            // back, in the room's one order; the joiner too, so that its JOIN's answer comes
+            // once its node receives the room (whatever is said after it reaches it). A
+            // leaver is no member by then: it has its answer now.
             let room = &self.rooms[rid.0];
-            if matches!(kind, PresenceKind::Join | PresenceKind::Leave) {
+            if kind == PresenceKind::Leave {
                 let (buf, start) = self.outbox.buf();
                 encode::presence(buf, kind, &room.name, nick);
                 let end = buf.len();

@@ -2494,8 +2494,8 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
     let alice = hello_granted(&mut sim, "alice");
     let bob = hello_granted(&mut sim, "bob");
     sim.join(alice, "lobby");
-    // The joiner has its answer at once; the others get the copy that comes back.
-    assert_eq!(sim.take(alice), [presence(Join, "lobby", "alice")]);
+    // The JOIN's answer is the copy that comes back, for everyone, the joiner included.
+    assert_eq!(sim.take(alice), []);
     let r = relayed(&mut sim);
     assert_eq!(
         r,
@@ -2510,12 +2510,28 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
             }
         ]
     );
+    assert!(sim.chat.handle_remote_presence("lobby", Join, "alice", 1));
+    assert_eq!(sim.take(alice), [presence(Join, "lobby", "alice")]);
     sim.join(bob, "lobby");
     sim.clear();
     let _ = relayed(&mut sim);
     assert!(sim.chat.handle_remote_presence("lobby", Join, "bob", 2));
     assert_eq!(sim.take(alice), [presence(Join, "lobby", "bob")]);
-    assert_eq!(sim.take(bob), [], "bob had his as the JOIN's answer");
+    assert_eq!(
+        sim.take(bob),
+        [presence(Join, "lobby", "bob")],
+        "bob's JOIN's answer"
+    );
+    // Over the presence limit (counted on the whole room), only the joiner hears of it.
+    let carol = hello_granted(&mut sim, "carol");
+    sim.join(carol, "lobby");
+    let _ = relayed(&mut sim);
+    assert!(
+        sim.chat
+            .handle_remote_presence("lobby", Join, "carol", 5000)
+    );
+    assert_eq!(sim.take(carol), [presence(Join, "lobby", "carol")]);
+    assert_eq!(sim.take(alice), []);
 
     // A SAY is not delivered here: it goes out, and is delivered with the id it comes back with.
     sim.say(alice, "lobby", "hi");
@@ -2539,14 +2555,15 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
     );
 
     // The last member here leaves: its answer at once, the rest relayed, then Closed.
+    sim.send(carol, ClientMsg::Leave { room: "lobby" });
     sim.send(bob, ClientMsg::Leave { room: "lobby" });
     sim.send(alice, ClientMsg::Leave { room: "lobby" });
     assert_eq!(sim.take(alice), [presence(Leave, "lobby", "alice")]);
     assert_eq!(sim.take(bob), [presence(Leave, "lobby", "bob")]);
     let r = relayed(&mut sim);
-    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(r.len(), 4, "{r:?}");
     assert_eq!(
-        r[2],
+        r[3],
         Relay::Closed {
             room: "lobby".into()
         }
@@ -2594,9 +2611,15 @@ fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_t
         "{got:?}"
     );
     assert_eq!(
-        got[1..],
-        [presence(Join, "lobby", "Alice")],
-        "the JOIN after it, then"
+        got.len(),
+        1,
+        "the JOIN's answer comes back through the cluster: {got:?}"
+    );
+    assert!(
+        relayed(&mut sim)
+            .iter()
+            .any(|r| matches!(r, Relay::Presence { kind: Join, .. })),
+        "the JOIN after it was handled, then"
     );
 
     // Refused: nick_taken, as on one server, and the connection may try again.
