@@ -133,9 +133,13 @@ redis.register_function('chatloop_claim', function(keys, args)\n\
 end)\n\
 redis.register_function('chatloop_whisper', function(keys, args)\n\
   local holder = redis.call('GET', keys[1])\n\
-  if not holder or redis.call('EXISTS', args[1] .. holder) == 0 then return 0 end\n\
+  if not holder or redis.call('EXISTS', args[1] .. holder) == 0 then\n\
+    redis.call('PUBLISH', args[4], 'X' .. args[5] .. ':0')\n\
+    return 0\n\
+  end\n\
   local id = redis.call('INCRBY', keys[2], 2)\n\
   redis.call('PUBLISH', args[2] .. holder, id .. ':' .. args[3])\n\
+  redis.call('PUBLISH', args[4], 'X' .. args[5] .. ':1')\n\
   return id\n\
 end)\n\
 redis.register_function('chatloop_presence', function(keys, args)\n\
@@ -161,7 +165,8 @@ redis.register_function('chatloop_who', function(keys, args)\n\
     if alive[ident] == nil then alive[ident] = redis.call('EXISTS', args[1] .. ident) == 1 end\n\
     if alive[ident] then out[#out + 1] = all[i] end\n\
   end\n\
-  return out\n\
+  redis.call('PUBLISH', args[2], 'W' .. args[3] .. ':' .. args[4] .. '\\n' .. table.concat(out, '\\n'))\n\
+  return #out\n\
 end)\n\
 redis.register_function('chatloop_reap', function(keys, args)\n\
   local reaped = 0\n\
@@ -314,6 +319,13 @@ pub enum Delivery {
         /// Its connection (as it numbers them).
         conn: u64,
     },
+    /// A QUIT's barrier came back, for [`Chat::handle_barrier`].
+    ///
+    /// [`Chat::handle_barrier`]: crate::core::Chat::handle_barrier
+    Barrier {
+        /// The connection that quits.
+        conn: ConnId,
+    },
     /// A PRESENCE, for [`Chat::handle_remote_presence`].
     ///
     /// [`Chat::handle_remote_presence`]: crate::core::Chat::handle_remote_presence
@@ -343,8 +355,18 @@ pub enum Delivery {
 /// What waits for a room to be ready: what the core handed out, in its order.
 #[derive(Debug)]
 enum Outgoing {
-    Say { from: Box<str>, text: Box<str> },
-    Presence { kind: PresenceKind, nick: Box<str> },
+    Say {
+        from: Box<str>,
+        text: Box<str>,
+    },
+    Presence {
+        kind: PresenceKind,
+        nick: Box<str>,
+    },
+    /// A WHO of a room this node is joining: after the joins before it.
+    Who {
+        conn: ConnId,
+    },
 }
 
 /// The backbone's counters, for /metrics.
@@ -404,11 +426,8 @@ enum Pending {
     Lease(Instant),
     /// A whisper from this connection.
     Whisper(ConnId),
-    /// A WHO from this connection, for this room.
-    Who {
-        conn: ConnId,
-        room: Box<str>,
-    },
+    /// A WHO from this connection.
+    Who(ConnId),
     /// A membership registered again (its answer does not matter).
     Register,
     /// A look for dead processes.
@@ -458,6 +477,13 @@ pub struct Backbone {
     /// Claims and releases waiting for `Cmd`, in order (those in flight when a link failed
     /// come first).
     waiting: VecDeque<Pending>,
+    /// QUIT barriers waiting for held room items to be published first.
+    barriers: Vec<ConnId>,
+    /// QUIT barriers published, not yet back.
+    barriers_out: Vec<ConnId>,
+    /// WHO lists (with their room) and whisper results (`None`) that come back on this
+    /// process's channel, in order with the room traffic before them; not yet back.
+    answers_out: Vec<(ConnId, Option<Box<str>>)>,
     /// This node's members, room → nicks, registered again on every connection.
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
     next_reap: Option<Instant>,
@@ -483,6 +509,9 @@ impl Backbone {
             registered: HashMap::new(),
             sessions: HashMap::new(),
             waiting: VecDeque::new(),
+            barriers: Vec::new(),
+            barriers_out: Vec::new(),
+            answers_out: Vec::new(),
             members: HashMap::new(),
             next_reap: None,
             stats: BackboneStats::default(),
@@ -614,27 +643,33 @@ impl Backbone {
                 Pending::Takeover(conn) => {
                     self.deliveries.push_back(Delivery::ResumeFailed { conn });
                 }
-                Pending::Who { conn, room } => {
-                    // No answer will come: an empty list rather than a client waiting.
-                    self.deliveries.push_back(Delivery::Who {
-                        conn,
-                        room: room.into(),
-                        nicks: Vec::new(),
-                    });
-                }
-                Pending::Whisper(conn) => {
-                    // It may have been delivered: the sender is not told otherwise.
-                    self.stats.dropped += 1;
-                    self.deliveries.push_back(Delivery::WhisperResult {
-                        conn,
-                        delivered: true,
-                    });
-                }
                 _ => {}
             }
         }
         again.extend(self.waiting.drain(..));
         self.waiting = again;
+        // Answers that can no longer come: an empty WHO rather than a client waiting; a
+        // whisper that may have been delivered (the sender is not told otherwise).
+        for (conn, room) in self.answers_out.drain(..) {
+            self.deliveries.push_back(match room {
+                Some(room) => Delivery::Who {
+                    conn,
+                    room: room.into(),
+                    nicks: Vec::new(),
+                },
+                None => {
+                    self.stats.dropped += 1;
+                    Delivery::WhisperResult {
+                        conn,
+                        delivered: true,
+                    }
+                }
+            });
+        }
+        // A QUIT waits for nothing that can still come.
+        for conn in self.barriers_out.drain(..).chain(self.barriers.drain(..)) {
+            self.deliveries.push_back(Delivery::Barrier { conn });
+        }
         for l in &mut self.links {
             *l = LinkState::default();
         }
@@ -723,7 +758,9 @@ impl Backbone {
                         self.publish(now, &room, o);
                     }
                 } else {
-                    self.stats.dropped += held.len() as u64;
+                    for o in held {
+                        self.drop_outgoing(&room, o);
+                    }
                 }
                 if self.links[1].connected {
                     self.subscribe(&room, false);
@@ -785,6 +822,9 @@ impl Backbone {
                     payload.extend_from_slice(part.as_bytes());
                 }
                 payload.extend_from_slice(text.as_bytes());
+                let own = format!("{WHISPER_CHANNEL}{}", self.ident);
+                let conn_id = conn.to_u64().to_string();
+                self.answers_out.push((conn, None));
                 self.command(
                     now,
                     Pending::Whisper(conn),
@@ -797,8 +837,20 @@ impl Backbone {
                         NODE_KEY.as_bytes(),
                         WHISPER_CHANNEL.as_bytes(),
                         &payload,
+                        own.as_bytes(),
+                        conn_id.as_bytes(),
                     ],
                 );
+            }
+            Relay::Barrier { conn } => {
+                if !self.is_up() {
+                    self.deliveries.push_back(Delivery::Barrier { conn });
+                } else if self.rooms.values().any(|r| !r.held.is_empty()) {
+                    // After what is held: it is published when its room is ready.
+                    self.barriers.push(conn);
+                } else {
+                    self.publish_barrier(now, conn);
+                }
             }
             Relay::Say { room, from, text } => {
                 self.send_or_hold(now, &room, Outgoing::Say { from, text })
@@ -812,18 +864,13 @@ impl Backbone {
                     });
                     return;
                 }
-                let key = format!("{MEMBERS_KEY}{room}");
-                self.command(
-                    now,
-                    Pending::Who { conn, room },
-                    &[
-                        b"FCALL",
-                        b"chatloop_who",
-                        b"1",
-                        key.as_bytes(),
-                        NODE_KEY.as_bytes(),
-                    ],
-                );
+                if self.rooms.get(&*room).is_some_and(|r| !r.held.is_empty()) {
+                    // Joins of this node wait for the room's subscription: the WHO waits
+                    // behind them, so it lists them.
+                    self.send_or_hold(now, &room.clone(), Outgoing::Who { conn });
+                } else {
+                    self.who_op(now, conn, room);
+                }
             }
             Relay::Presence { room, kind, nick } => {
                 let set = self.members.entry(room.clone()).or_default();
@@ -910,6 +957,28 @@ impl Backbone {
         }
     }
 
+    /// `chatloop_who` for `room`, answering `conn`.
+    fn who_op(&mut self, now: Instant, conn: ConnId, room: Box<str>) {
+        let key = format!("{MEMBERS_KEY}{room}");
+        let own = format!("{WHISPER_CHANNEL}{}", self.ident);
+        let conn_id = conn.to_u64().to_string();
+        self.answers_out.push((conn, Some(room.clone())));
+        self.command(
+            now,
+            Pending::Who(conn),
+            &[
+                b"FCALL",
+                b"chatloop_who",
+                b"1",
+                key.as_bytes(),
+                NODE_KEY.as_bytes(),
+                own.as_bytes(),
+                conn_id.as_bytes(),
+                room.as_bytes(),
+            ],
+        );
+    }
+
     /// `chatloop_presence` for `nick` in `room` (`kind` "0" registers without a PRESENCE).
     fn presence_op(&mut self, now: Instant, what: Pending, room: &str, kind: String, nick: &str) {
         let members = format!("{MEMBERS_KEY}{room}");
@@ -982,6 +1051,30 @@ impl Backbone {
                 ROOM_CHANNEL.as_bytes(),
                 me.as_bytes(),
             ],
+        );
+    }
+
+    /// An answer for `conn` came back (or will not): true if it was awaited.
+    fn answer_back(&mut self, conn: ConnId) -> bool {
+        match self.answers_out.iter().position(|(c, _)| *c == conn) {
+            Some(i) => {
+                self.answers_out.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A QUIT's barrier, on this process's own channel: it comes back on `Sub` after every
+    /// push of what Redis ran before it.
+    fn publish_barrier(&mut self, now: Instant, conn: ConnId) {
+        let channel = format!("{WHISPER_CHANNEL}{}", self.ident);
+        let msg = format!("B{}", conn.to_u64());
+        self.barriers_out.push(conn);
+        self.command(
+            now,
+            Pending::Register,
+            &[b"PUBLISH", channel.as_bytes(), msg.as_bytes()],
         );
     }
 
@@ -1131,11 +1224,24 @@ impl Backbone {
             if r.held.len() < HELD_PER_ROOM {
                 r.held.push(o);
             } else {
-                self.stats.dropped += 1;
+                self.drop_outgoing(room, o);
             }
         } else {
             debug_assert!(false, "an item for a room never opened: {room}");
-            self.stats.dropped += 1;
+            self.drop_outgoing(room, o);
+        }
+    }
+
+    /// What cannot go out: counted, and a WHO waiting for it is answered (empty) rather
+    /// than left waiting.
+    fn drop_outgoing(&mut self, room: &str, o: Outgoing) {
+        self.stats.dropped += 1;
+        if let Outgoing::Who { conn } = o {
+            self.deliveries.push_back(Delivery::Who {
+                conn,
+                room: room.to_string(),
+                nicks: Vec::new(),
+            });
         }
     }
 
@@ -1151,6 +1257,7 @@ impl Backbone {
                     &nick,
                 );
             }
+            Outgoing::Who { conn } => self.who_op(now, conn, room.into()),
         }
     }
 
@@ -1197,6 +1304,11 @@ impl Backbone {
                 self.publish(now, &room, o);
             }
         }
+        if self.rooms.values().all(|r| r.held.is_empty()) {
+            for conn in std::mem::take(&mut self.barriers) {
+                self.publish_barrier(now, conn);
+            }
+        }
     }
 
     fn handle_reply(&mut self, frame: OwnedFrame, now: Instant) -> Result<(), String> {
@@ -1225,22 +1337,6 @@ impl Backbone {
                 self.stats.members_reaped += *n as u64;
                 log::info!("cluster: {n} members of a node that stopped left their rooms");
             }
-            (Pending::Who { conn, room }, reply) => {
-                let nicks = match reply {
-                    OwnedFrame::Array(items) => items
-                        .iter()
-                        .filter_map(|i| i.as_bytes())
-                        .filter_map(|b| std::str::from_utf8(b).ok())
-                        .map(str::to_string)
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                self.deliveries.push_back(Delivery::Who {
-                    conn,
-                    room: room.into(),
-                    nicks,
-                });
-            }
             (Pending::Claim { conn, nick }, reply) => {
                 let granted = matches!(reply, OwnedFrame::Integer(1));
                 if let OwnedFrame::Error(e) = reply {
@@ -1262,13 +1358,25 @@ impl Backbone {
             (Pending::Takeover(conn), reply) if !matches!(reply, OwnedFrame::Integer(1)) => {
                 self.deliveries.push_back(Delivery::ResumeFailed { conn });
             }
-            (Pending::Whisper(conn), reply) => {
-                if let OwnedFrame::Error(e) = reply {
-                    log::warn!("cluster: a whisper was refused by Redis: {e}");
+            (Pending::Who(conn), OwnedFrame::Error(e)) => {
+                log::warn!("cluster: a WHO was refused by Redis: {e}");
+                if let Some(i) = self.answers_out.iter().position(|(c, _)| *c == conn) {
+                    let (_, room) = self.answers_out.remove(i);
+                    self.deliveries.push_back(Delivery::Who {
+                        conn,
+                        room: room.map(String::from).unwrap_or_default(),
+                        nicks: Vec::new(),
+                    });
                 }
-                let delivered = matches!(reply, OwnedFrame::Integer(n) if *n > 0);
-                self.deliveries
-                    .push_back(Delivery::WhisperResult { conn, delivered });
+            }
+            // The answer comes on this process's channel; an error means it will not.
+            (Pending::Whisper(conn), OwnedFrame::Error(e)) => {
+                log::warn!("cluster: a whisper was refused by Redis: {e}");
+                self.answer_back(conn);
+                self.deliveries.push_back(Delivery::WhisperResult {
+                    conn,
+                    delivered: false,
+                });
             }
             (Pending::Reclaim { nick }, reply) => {
                 if matches!(reply, OwnedFrame::Integer(0)) {
@@ -1298,10 +1406,25 @@ impl Backbone {
         if kind == b"message" && channel.starts_with(WHISPER_CHANNEL.as_bytes()) {
             let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
             let parsed = match payload.first() {
-                Some(b'T' | b'H' | b'N') => parse_session_message(payload),
+                Some(b'T' | b'H' | b'N' | b'B' | b'W' | b'X') => parse_session_message(payload),
                 _ => parse_whisper(payload),
             };
             match parsed {
+                Some(d @ (Delivery::Who { .. } | Delivery::WhisperResult { .. })) => {
+                    let conn = match &d {
+                        Delivery::Who { conn, .. } | Delivery::WhisperResult { conn, .. } => *conn,
+                        _ => return Ok(()),
+                    };
+                    if self.answer_back(conn) {
+                        self.deliveries.push_back(d);
+                    }
+                }
+                Some(Delivery::Barrier { conn }) => {
+                    if let Some(i) = self.barriers_out.iter().position(|&c| c == conn) {
+                        self.barriers_out.swap_remove(i);
+                        self.deliveries.push_back(Delivery::Barrier { conn });
+                    }
+                }
                 Some(d) => self.deliveries.push_back(d),
                 None => log::warn!("cluster: a malformed whisper ignored"),
             }
@@ -1419,6 +1542,27 @@ fn parse_session_message(p: &[u8]) -> Option<Delivery> {
     let conn: u64 = std::str::from_utf8(&rest[..conn_end]).ok()?.parse().ok()?;
     let body = rest.get(conn_end + 1..).unwrap_or_default();
     match kind {
+        b'X' => Some(Delivery::WhisperResult {
+            conn: ConnId::from_u64(conn)?,
+            delivered: body == b"1",
+        }),
+        b'W' => {
+            let text = std::str::from_utf8(body).ok()?;
+            let mut lines = text.split('\n');
+            let room = lines.next()?.to_string();
+            let nicks = lines
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect();
+            Some(Delivery::Who {
+                conn: ConnId::from_u64(conn)?,
+                room,
+                nicks,
+            })
+        }
+        b'B' => Some(Delivery::Barrier {
+            conn: ConnId::from_u64(conn)?,
+        }),
         b'N' => Some(Delivery::ResumeFailed {
             conn: ConnId::from_u64(conn)?,
         }),

@@ -122,6 +122,10 @@ impl BackboneSource {
                     nick,
                     members,
                 } => server.handle_remote_presence(&room, kind, &nick, members),
+                Delivery::Barrier { conn } => {
+                    server.handle_barrier(conn);
+                    true
+                }
                 Delivery::ResumeFailed { conn } => {
                     server.handle_resume_result(now, conn);
                     true

@@ -483,13 +483,26 @@ fn whispers_go_to_the_holders_channel_and_their_answers_come_back() {
         .expect("nobody holds bob");
     assert_eq!(
         b.poll_delivery(),
+        None,
+        "the answer comes on the process's channel"
+    );
+    let channel = format!("chatloop:whisper:{}", ident(&b));
+    let answer = format!("X{}:0", c.to_u64());
+    let push = format!(
+        "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{answer}\r\n",
+        channel.len(),
+        answer.len()
+    );
+    b.handle_data(Link::Sub, push.as_bytes(), now)
+        .expect("push");
+    assert_eq!(
+        b.poll_delivery(),
         Some(Delivery::WhisperResult {
             conn: c,
             delivered: false
         })
     );
     // One for a session here, on this process's channel.
-    let channel = format!("chatloop:whisper:{}", ident(&b));
     let payload = b"8:\x03Bob\x05alicepsst";
     let push = format!(
         "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n",

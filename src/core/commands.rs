@@ -196,9 +196,12 @@ impl Chat {
             });
         }
         for &(rid, idx) in &prev.rooms {
-            let members = &mut self.rooms[rid.0].members;
-            debug_assert_eq!(members[idx as usize], old);
-            members[idx as usize] = new;
+            let room = &mut self.rooms[rid.0];
+            debug_assert_eq!(room.members[idx as usize], old);
+            room.members[idx as usize] = new;
+            for j in room.joining.iter_mut().filter(|j| **j == old) {
+                *j = new;
+            }
         }
         log::debug!(
             "conn {new}: resumed the session of {} ({})",
@@ -265,6 +268,9 @@ impl Chat {
         let Some(rid) = self.add_member(conn, room) else {
             return;
         };
+        if self.cfg.relay {
+            self.rooms[rid.0].joining.push(conn);
+        }
         let Some(nick) = self.state(conn).map(|s| s.nick.clone()) else {
             return;
         };
@@ -286,6 +292,7 @@ impl Chat {
             let id = RoomId(self.rooms.insert(Room {
                 name: room.into(),
                 members: Vec::new(),
+                joining: Vec::new(),
             }));
             self.room_index.insert(room.into(), id);
             if self.cfg.relay {
@@ -375,8 +382,9 @@ impl Chat {
         let (buf, start) = self.outbox.buf();
         encode::message(buf, msg_id, &room.name, from, text);
         let end = buf.len();
-        self.outbox.send_all(&room.members, None, start, end);
-        let recipients = room.members.len();
+        let receivers = room.receivers();
+        self.outbox.send_all(&receivers, None, start, end);
+        let recipients = receivers.len();
         self.stats.messages += 1;
         self.stats.deliveries += recipients as u64;
         if self.events_enabled() {

@@ -214,6 +214,26 @@ struct RoomId(usize);
 struct Room {
     name: Box<str>,
     members: Vec<ConnId>,
+    /// In a cluster: members whose JOIN's PRESENCE has not come back yet. They get nothing
+    /// of the room until it does, so their JOIN's answer comes first (empty otherwise).
+    joining: Vec<ConnId>,
+}
+
+impl Room {
+    /// The members a delivery goes to: all of them but those still joining.
+    fn receivers(&self) -> std::borrow::Cow<'_, [ConnId]> {
+        if self.joining.is_empty() {
+            std::borrow::Cow::Borrowed(&self.members)
+        } else {
+            std::borrow::Cow::Owned(
+                self.members
+                    .iter()
+                    .copied()
+                    .filter(|m| !self.joining.contains(m))
+                    .collect(),
+            )
+        }
+    }
 }
 
 /// What the core knows of one open connection: before HELLO only its times and timer; once
@@ -336,6 +356,8 @@ enum Awaiting {
     Claim(Box<str>),
     /// Its WHISPER's delivery.
     Whisper,
+    /// Its QUIT's barrier (`Relay::Barrier`); whatever it sent after the QUIT is dropped.
+    Quit,
     /// Its WHO's list.
     Who,
     /// Its HELLO's token: another node's session, or none (then the HELLO goes on as a
@@ -800,6 +822,13 @@ impl Chat {
             ClientMsg::Pong { .. } => {}
             ClientMsg::Quit { reason } => {
                 log::debug!("conn {conn}: quit ({})", Untrusted(reason));
+                let welcomed = self.state(conn).is_some_and(|s| s.welcomed);
+                if self.cfg.relay && self.relay_up && welcomed {
+                    // Its output still crossing the cluster goes out before the close.
+                    self.awaiting.insert(conn, (Awaiting::Quit, Vec::new()));
+                    self.relay.push_back(Relay::Barrier { conn });
+                    return;
+                }
                 self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
                 self.closes.push_back((conn, CloseReason::Quit));
             }
@@ -1157,6 +1186,19 @@ impl Chat {
         }
     }
 
+    /// A QUIT's [`Relay::Barrier`] came back: everything the connection's earlier commands
+    /// sent through the cluster has reached it, and the QUIT is carried out (PRESENCE quit,
+    /// close after the output). Anything the connection sent after its QUIT is dropped, as
+    /// on one server.
+    pub fn handle_barrier(&mut self, conn: ConnId) {
+        if !matches!(self.awaiting.get(&conn), Some((Awaiting::Quit, _))) {
+            return;
+        }
+        self.awaiting.remove(&conn);
+        self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
+        self.closes.push_back((conn, CloseReason::Quit));
+    }
+
     /// The cluster's answer to a [`Relay::Who`]: the room's members on every node (an
     /// empty list for a room nobody is in), sent as ROSTER frames as on one server. Then the
     /// asker's input that waited is handled. An answer for a connection gone is ignored.
@@ -1222,9 +1264,15 @@ impl Chat {
         let Some(&rid) = self.room_index.get(room) else {
             return false;
         };
-        let room = &self.rooms[rid.0];
-        let concerned = self.conn_of(nick).filter(|c| room.members.contains(c));
+        let concerned = self
+            .conn_of(nick)
+            .filter(|c| self.rooms[rid.0].members.contains(c));
         let join = kind == PresenceKind::Join;
+        if let Some(joiner) = concerned.filter(|_| join) {
+            // Its JOIN's answer: from now on it receives the room.
+            self.rooms[rid.0].joining.retain(|&c| c != joiner);
+        }
+        let room = &self.rooms[rid.0];
         if members > self.cfg.presence_limit as u64 {
             // Only the member concerned: a joiner here gets its answer.
             if let Some(joiner) = concerned.filter(|_| join) {
@@ -1239,7 +1287,7 @@ impl Chat {
         encode::presence(buf, kind, &room.name, nick);
         let end = buf.len();
         let except = if join { None } else { concerned };
-        self.outbox.send_all(&room.members, except, start, end);
+        self.outbox.send_all(&room.receivers(), except, start, end);
         true
     }
 
@@ -1323,6 +1371,10 @@ impl Chat {
     /// Checks the cross-structure invariants listed in the module docs. O(everything): for
     /// tests and debug builds of drivers, not for the hot path.
     pub fn check_invariants(&self) {
+        for (_, room) in &self.rooms {
+            assert!(room.joining.iter().all(|j| room.members.contains(j)));
+            assert!(self.cfg.relay || room.joining.is_empty());
+        }
         // A claim is a connection open, not welcomed, whose nick nobody here holds.
         let claims = self
             .awaiting

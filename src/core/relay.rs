@@ -107,6 +107,15 @@ pub enum Relay {
         /// The room.
         room: Box<str>,
     },
+    /// A QUIT: what this connection's earlier commands sent through the cluster (its JOINs'
+    /// answers, its SAYs' echoes) must reach it first. The barrier comes back, after all of
+    /// it, as [`Chat::handle_barrier`], and the QUIT is carried out then.
+    ///
+    /// [`Chat::handle_barrier`]: super::Chat::handle_barrier
+    Barrier {
+        /// The connection that quits.
+        conn: ConnId,
+    },
     /// A member's SAY, to publish; it is delivered when it comes back.
     Say {
         /// The room.

@@ -122,6 +122,7 @@ impl Chat {
         let room = &mut self.rooms[rid.0];
         debug_assert_eq!(room.members[idx as usize], conn);
         room.members.swap_remove(idx as usize);
+        room.joining.retain(|&c| c != conn);
         if let Some(&moved) = room.members.get(idx as usize) {
             // The last member took the leaver's place: record its new index.
             if let Some(ms) = self.conns[moved.slot()].as_mut() {

@@ -2510,6 +2510,13 @@ fn relay_mode_hands_says_and_presence_out_and_delivers_what_comes_back() {
             }
         ]
     );
+    // Until its JOIN's answer comes back, the joiner gets nothing of the room: what comes
+    // before it was said before it joined, in the room's order.
+    assert!(
+        sim.chat
+            .handle_remote_message("lobby", 2, "someone", "before alice")
+    );
+    assert_eq!(sim.take(alice), []);
     assert!(sim.chat.handle_remote_presence("lobby", Join, "alice", 1));
     assert_eq!(sim.take(alice), [presence(Join, "lobby", "alice")]);
     sim.join(bob, "lobby");

@@ -1169,6 +1169,11 @@ impl Server {
         self.chat.handle_remote_presence(room, kind, nick, members)
     }
 
+    /// A QUIT's barrier came back from a cluster backbone ([`Chat::handle_barrier`]).
+    pub fn handle_barrier(&mut self, conn: ConnId) {
+        self.chat.handle_barrier(conn);
+    }
+
     /// No session anywhere for a resume ([`Chat::handle_resume_result`]).
     pub fn handle_resume_result(&mut self, now: Instant, conn: ConnId) {
         self.chat.handle_resume_result(now, conn);

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::wire::*;
-use super::{DEFAULT_TIMEOUT, Server};
+use super::{DEFAULT_TIMEOUT, Server, ServerKind};
 
 static BARRIER_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -37,6 +37,9 @@ pub struct Client {
     nick: Option<String>,
     max_frame: Option<u32>,
     label: String,
+    /// Connected to a node of a cluster: what other nodes did reaches this connection
+    /// through Redis, so [`Client::barrier`] goes through Redis too.
+    cluster: bool,
 }
 
 impl Client {
@@ -67,6 +70,7 @@ impl Client {
             nick: None,
             max_frame: None,
             label,
+            cluster: false,
         }
     }
 
@@ -398,9 +402,35 @@ impl Client {
             BARRIER_SEQ.fetch_add(1, Ordering::Relaxed)
         )
         .into_bytes();
+        if let Some(me) = self.nick.clone().filter(|_| self.cluster) {
+            // In a cluster, other nodes' doings come through Redis: a whisper to oneself
+            // comes back through Redis after everything Redis ran before it, and the PING
+            // after it is answered once the whisper was.
+            let text = String::from_utf8_lossy(&data).into_owned();
+            self.send_whisper(&me, &text);
+            self.send_ping(&data);
+            let (mut pong, mut echo) = (false, false);
+            let mut before = Vec::new();
+            while !(pong && echo) {
+                let f = self.recv_what("the cluster barrier's PONG and whisper");
+                if f.op == sop::PONG && f.payload == data {
+                    pong = true;
+                } else if f.op == sop::WHISPER && f.whisper().text == text {
+                    echo = true;
+                } else {
+                    before.push(f);
+                }
+            }
+            return before;
+        }
         self.send_ping(&data);
         let (before, _) = self.recv_until(|f| f.op == sop::PONG && f.payload == data);
         before
+    }
+
+    /// Marks this client as connected to a cluster's node (see [`Client::barrier`]).
+    pub fn set_cluster(&mut self, on: bool) {
+        self.cluster = on;
     }
 
     /// Barrier that must find nothing queued for this connection.
@@ -666,7 +696,9 @@ impl Server {
     /// A new TCP connection to this server (not yet welcomed).
     #[track_caller]
     pub fn connect(&self) -> Client {
-        Client::connect(self.addr())
+        let mut c = Client::connect(self.next_addr());
+        c.set_cluster(self.kind() == ServerKind::Cluster3);
+        c
     }
 
     /// A new connection that has completed HELLO with `nick`.

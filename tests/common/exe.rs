@@ -16,6 +16,9 @@ pub enum ServerKind {
     Mio,
     /// `examples/async_server.rs`, the tokio server.
     Async,
+    /// Three `chatloop` nodes of one cluster through a real `redis-server` (docs/CLUSTER.md):
+    /// consecutive connections go to different nodes (tests/protocol_cluster.rs).
+    Cluster3,
 }
 
 impl ServerKind {
@@ -24,13 +27,14 @@ impl ServerKind {
         match self {
             ServerKind::Mio => "chatloop",
             ServerKind::Async => "async_server",
+            ServerKind::Cluster3 => "chatloop-cluster",
         }
     }
 
     /// The path of the server's executable (for the async server, built first if needed).
     pub fn binary(self) -> PathBuf {
         match self {
-            ServerKind::Mio => PathBuf::from(BIN),
+            ServerKind::Mio | ServerKind::Cluster3 => PathBuf::from(BIN),
             ServerKind::Async => Exe::AsyncServer.path(),
         }
     }

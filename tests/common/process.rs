@@ -20,6 +20,11 @@ pub struct Server {
     exited: Option<ExitStatus>,
     /// Every stderr line so far (ANSI stripped), for [`Server::log_lines`] / [`Server::wait_log`].
     log: Arc<Mutex<Vec<String>>>,
+    /// For [`ServerKind::Cluster3`]: the other nodes, the Redis they share, and the next
+    /// node a connection goes to (round robin over this one and the peers).
+    peers: Vec<Server>,
+    redis: Option<super::redis::Redis>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// Removes ANSI escape sequences (simplelog may colour its output).
@@ -72,9 +77,55 @@ impl Server {
     /// stderr.
     #[track_caller]
     pub fn start_kind(kind: ServerKind, args: &[&str]) -> Server {
+        if kind == ServerKind::Cluster3 {
+            return Self::start_cluster(args);
+        }
         let mut cmd = Command::new(kind.binary());
         cmd.arg("--listen").arg("127.0.0.1:0").args(args);
         Self::spawn(cmd, kind, &format!("{args:?}"))
+    }
+
+    /// Three nodes with `args`, each joined to a fresh Redis, each waited for until it has
+    /// connected to it. The returned `Server` is the first node; connections made through it
+    /// go to the three in turn.
+    #[track_caller]
+    fn start_cluster(args: &[&str]) -> Server {
+        let redis = super::redis::Redis::start();
+        let url = redis.url();
+        let mut nodes: Vec<Server> = (0..3)
+            .map(|i| {
+                let mut cmd = Command::new(BIN);
+                cmd.arg("--listen").arg("127.0.0.1:0").args(args).args([
+                    "--cluster",
+                    &url,
+                    "--node-id",
+                    &format!("n{i}"),
+                ]);
+                let s = Self::spawn(cmd, ServerKind::Cluster3, &format!("n{i} {args:?}"));
+                s.wait_log(STARTUP_TIMEOUT, |l| {
+                    l.contains("cluster: connected to Redis")
+                })
+                .unwrap_or_else(|| panic!("node n{i} did not connect to Redis"));
+                s
+            })
+            .collect();
+        let mut first = nodes.remove(0);
+        first.peers = nodes;
+        first.redis = Some(redis);
+        first
+    }
+
+    /// The address the next connection goes to: this server's, or, for a cluster, each
+    /// node's in turn.
+    pub fn next_addr(&self) -> SocketAddr {
+        if self.peers.is_empty() {
+            return self.addr;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match i % (1 + self.peers.len()) {
+            0 => self.addr,
+            k => self.peers[k - 1].addr,
+        }
     }
 
     /// Like [`Server::start`], but runs exactly `cmd` (for example a shell that lowers limits
@@ -152,6 +203,9 @@ impl Server {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             exited: None,
             log,
+            peers: Vec::new(),
+            redis: None,
+            next: std::sync::atomic::AtomicUsize::new(0),
         };
         match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(Ok(addr)) => {

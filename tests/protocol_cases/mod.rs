@@ -24,6 +24,12 @@ fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
     run_to_exit_kind(SERVER, args, timeout)
 }
 
+/// Whether the cases run against a cluster (tests/protocol_cluster.rs), where the rules of
+/// docs/PROTOCOL.md section 10 replace some of v1's: those cases check the relaxed form.
+fn cluster() -> bool {
+    SERVER == ServerKind::Cluster3
+}
+
 /// Barrier on every client and drop whatever was pending (e.g. earlier presences).
 #[track_caller]
 fn drain(clients: &mut [&mut Client]) {
@@ -119,13 +125,20 @@ fn welcome_tokens_are_16_random_distinct_bytes() {
 #[test]
 fn conn_ids_nonzero_and_distinct_across_reconnects() {
     let server = start_server(&[]);
+    // In a cluster conn_ids are unique per node (PROTOCOL.md 10.2): connections go to the
+    // three nodes in turn, so the n-th is on node n % 3.
+    let mut made = 0usize;
+    let mut key = |id: u64| {
+        made += 1;
+        if cluster() { (made % 3, id) } else { (0, id) }
+    };
     let mut ids = HashSet::new();
     // Sequential: each connection is closed (EOF seen) before the next one, so slots get reused.
     for i in 0..30 {
         let mut c = server.connect();
         let w = c.hello(&format!("seq{i}"));
         assert_ne!(w.conn_id, 0, "conn_id 0 on reconnect {i}");
-        assert!(ids.insert(w.conn_id), "conn_id {} repeated", w.conn_id);
+        assert!(ids.insert(key(w.conn_id)), "conn_id {} repeated", w.conn_id);
         c.quit("next");
         assert!(c.expect_closed().is_empty());
     }
@@ -133,7 +146,7 @@ fn conn_ids_nonzero_and_distinct_across_reconnects() {
     for i in 0..10 {
         let w = server.connect().hello(&format!("drop{i}"));
         assert_ne!(w.conn_id, 0);
-        assert!(ids.insert(w.conn_id), "conn_id {} repeated", w.conn_id);
+        assert!(ids.insert(key(w.conn_id)), "conn_id {} repeated", w.conn_id);
     }
     // Concurrent connections.
     let mut held = Vec::new();
@@ -141,7 +154,7 @@ fn conn_ids_nonzero_and_distinct_across_reconnects() {
         let mut c = server.connect();
         let w = c.hello(&format!("conc{i}"));
         assert_ne!(w.conn_id, 0);
-        assert!(ids.insert(w.conn_id), "conn_id {} repeated", w.conn_id);
+        assert!(ids.insert(key(w.conn_id)), "conn_id {} repeated", w.conn_id);
         held.push(c);
     }
 }
@@ -851,11 +864,18 @@ fn whole_session_in_one_write() {
     for i in 0..100 {
         let m = frames[2 + i].message();
         assert_eq!(m.text, format!("m{i}"));
-        assert_eq!(
-            m.msg_id,
-            i as u64 + 1,
-            "fresh server: msg_ids are 1, 2, 3..."
-        );
+        if cluster() {
+            // PROTOCOL.md 10.1: the cluster's ids increase, not by exactly 1.
+            if i > 0 {
+                assert!(m.msg_id > frames[1 + i].message().msg_id);
+            }
+        } else {
+            assert_eq!(
+                m.msg_id,
+                i as u64 + 1,
+                "fresh server: msg_ids are 1, 2, 3..."
+            );
+        }
     }
     assert_eq!(frames[102].roster().nicks, nicks(&["solo"]));
 }
@@ -1314,8 +1334,12 @@ fn bad_payload_invalid_utf8_checked_before_rules() {
         c.expect_error(code::BAD_PAYLOAD);
     }
     assert_quiet(&mut [&mut c, &mut t]);
-    // No msg_id was consumed by the failed commands.
-    assert_eq!(c.say("r", "valid").msg_id, 1);
+    let id = c.say("r", "valid").msg_id;
+    if !cluster() {
+        // No msg_id was consumed by the failed commands. (In a cluster ids are the
+        // cluster's, not 1, 2, 3 from a fresh server: PROTOCOL.md 10.1.)
+        assert_eq!(id, 1);
+    }
 }
 
 #[test]
@@ -1362,6 +1386,29 @@ fn msg_ids_start_at_one_and_increase_by_one_across_rooms_and_whispers() {
     b.join("r1");
     drain(&mut [&mut a, &mut b]);
 
+    if cluster() {
+        // PROTOCOL.md 10.1: ids unique, the same on every copy, strictly increasing on
+        // each connection; not consecutive.
+        let m1 = a.say("r1", "m1").msg_id;
+        assert_eq!(b.expect_message("r1", "ann", "m1").msg_id, m1);
+        let m2 = a.say("r2", "m2").msg_id;
+        b.whisper("ann", "w3");
+        let w3 = a.expect_whisper("ben", "w3").msg_id;
+        b.send_say("r2", "not a member");
+        b.expect_error(code::NOT_IN_ROOM);
+        b.whisper("ghost", "nobody");
+        b.expect_error(code::NO_SUCH_USER);
+        a.whisper("ANN", "w4");
+        let w4 = a.expect_whisper("ann", "w4").msg_id;
+        let m5 = b.say("r1", "m5").msg_id;
+        assert_eq!(a.expect_message("r1", "ben", "m5").msg_id, m5);
+        assert!(
+            m1 < m2 && m2 < w3 && w3 < w4 && w4 < m5,
+            "{m1} {m2} {w3} {w4} {m5}"
+        );
+        assert_quiet(&mut [&mut a, &mut b]);
+        return;
+    }
     assert_eq!(a.say("r1", "m1").msg_id, 1);
     assert_eq!(b.expect_message("r1", "ann", "m1").msg_id, 1);
     assert_eq!(a.say("r2", "m2").msg_id, 2);
@@ -1420,6 +1467,15 @@ fn msg_ids_strictly_increase_under_interleaving() {
             last = id;
             all.insert(id);
         }
+    }
+    if cluster() {
+        // PROTOCOL.md 10.1: unique ids, not consecutive ones.
+        assert_eq!(
+            all.len(),
+            produced,
+            "every MESSAGE/WHISPER got an id of its own"
+        );
+        return;
     }
     let expected: HashSet<u64> = (1..=produced as u64).collect();
     assert_eq!(all, expected, "every MESSAGE/WHISPER got the next msg_id");
