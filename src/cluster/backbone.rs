@@ -610,14 +610,10 @@ impl Backbone {
             }
         }
         if self.is_up() {
-            self.stats.up = true;
-            self.stats.connects += 1;
-            self.backoff = BACKOFF_MIN;
             self.next_ping = Some(now + PING_EVERY);
             // Not before the others have had a lease's time to renew: after an outage of
             // Redis every lease may have expired, and their members are not dead.
             self.next_reap = Some(now + LEASE + REAP_EVERY);
-            log::info!("cluster: connected to Redis as node {}", self.node);
         }
         self.release_ready(now);
     }
@@ -1318,6 +1314,14 @@ impl Backbone {
         match (what, &frame) {
             (Pending::Setup, OwnedFrame::Error(e)) => {
                 return Err(format!("setup refused: {e} (Redis 7 or later is needed)"));
+            }
+            // Connected is when Redis answers, not when the kernel accepts the connection
+            // (a stopped Redis's does): then the backoff starts over.
+            (Pending::Setup, _) if !self.stats.up => {
+                self.stats.up = true;
+                self.stats.connects += 1;
+                self.backoff = BACKOFF_MIN;
+                log::info!("cluster: connected to Redis as node {}", self.node);
             }
             (Pending::Say | Pending::Presence, OwnedFrame::Error(e)) => {
                 self.stats.dropped += 1;
