@@ -5,20 +5,23 @@
 #
 #   benches/cluster.sh            # 3 runs (about 4 minutes)
 #   benches/cluster.sh --runs 1
+#   benches/cluster.sh --spread   # the second node on CPU 1 (beside Redis and the generator)
 #
 # Placement: every chatloop node on CPU 0 (two nodes share it, so the summed server CPU per
 # delivery compares like with like: the cluster's overhead, not a second core); Redis and the
-# load generator on CPU 1. Requires redis-server (7+). Only processes this script started are
+# load generator on CPU 1. With --spread the second node runs on CPU 1 instead. Requires redis-server (7+). Only processes this script started are
 # stopped, by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=3
 OUT=target/cluster-bench
+SPREAD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --spread) SPREAD=1; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "cluster.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -67,9 +70,10 @@ start_redis() {
   echo "cluster.sh: redis did not start" >&2; exit 1
 }
 
-# start_node [cluster args...]: a chatloop on CPU 0; sets NODE_PID and NODE_ADDR.
+# start_node CPU [cluster args...]: a chatloop on CPU; sets NODE_PID and NODE_ADDR.
 start_node() {
-  taskset -c 0 "$BIN/chatloop" "${COMMON[@]}" "$@" 2>>"$OUT/nodes.log" &
+  local cpu=$1; shift
+  taskset -c "$cpu" "$BIN/chatloop" "${COMMON[@]}" "$@" 2>>"$OUT/nodes.log" &
   NODE_PID=$!; PIDS+=("$NODE_PID")
   NODE_ADDR=127.0.0.1:$(listen_port "$NODE_PID")
 }
@@ -90,13 +94,13 @@ scenarios() { # scenarios SETUP RUN ADDRS_AND_PIDS...
 
 for run in $(seq 1 "$RUNS"); do
   echo "== run $run/$RUNS: one node" >&2
-  start_node; A_PID=$NODE_PID; A=$NODE_ADDR
+  start_node 0; A_PID=$NODE_PID; A=$NODE_ADDR
   scenarios single "$run" --addr "$A" --server-pid "$A_PID"
   stop_all
   echo "== run $run/$RUNS: two nodes and Redis" >&2
   start_redis
-  start_node --cluster "redis://127.0.0.1:$RPORT" --node-id a; A_PID=$NODE_PID; A=$NODE_ADDR
-  start_node --cluster "redis://127.0.0.1:$RPORT" --node-id b; B_PID=$NODE_PID; B=$NODE_ADDR
+  start_node 0 --cluster "redis://127.0.0.1:$RPORT" --node-id a; A_PID=$NODE_PID; A=$NODE_ADDR
+  start_node "$SPREAD" --cluster "redis://127.0.0.1:$RPORT" --node-id b; B_PID=$NODE_PID; B=$NODE_ADDR
   sleep 0.5 # both nodes' first connection to Redis (logged; not a wait for a measured event)
   scenarios cluster2 "$run" --addr "$A" --also-addr "$B" --server-pid "$A_PID" --also-pid "$B_PID" --redis-pid "$REDIS_PID"
   # Redis's own execution time per command (without its socket I/O), over the whole run.

@@ -638,3 +638,46 @@ fn a_redis_paused_past_the_leases_is_survived() {
     who.sort();
     assert_eq!(who, nicks(&["alice", "bob"]), "both still members");
 }
+
+/// Answers keep the order of the commands, across the cluster: a SAY's MESSAGE comes back
+/// through Redis, yet the PONG, the LEAVE's PRESENCE and the JOIN's sent right after it in
+/// one write come after it, as on one server; the other node sees the same order.
+#[test]
+fn answers_keep_the_order_of_commands_across_the_cluster() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+    alice.assert_no_pending();
+    for i in 0..20 {
+        let text = format!("s{i}");
+        let mut bytes = frame(op::SAY, &pstr_rest("lobby", text.as_bytes()));
+        bytes.extend(frame(op::PING, b"p"));
+        alice.send_raw(&bytes);
+        alice.expect_message("lobby", "alice", &text);
+        alice.expect_pong(b"p");
+        bob.expect_message("lobby", "alice", &text);
+    }
+    for i in 0..20 {
+        let text = format!("m{i}");
+        let mut bytes = frame(op::SAY, &pstr_rest("lobby", text.as_bytes()));
+        bytes.extend(frame(op::PING, b"p"));
+        bytes.extend(frame(op::LEAVE, &pstr("lobby")));
+        bytes.extend(frame(op::JOIN, &pstr("lobby")));
+        alice.send_raw(&bytes);
+        alice.expect_message("lobby", "alice", &text);
+        alice.expect_pong(b"p");
+        alice.expect_presence(kind::LEAVE, "lobby", "alice");
+        alice.expect_presence(kind::JOIN, "lobby", "alice");
+        bob.expect_message("lobby", "alice", &text);
+        bob.expect_presence(kind::LEAVE, "lobby", "alice");
+        bob.expect_presence(kind::JOIN, "lobby", "alice");
+    }
+    alice.assert_no_pending();
+    bob.assert_no_pending();
+}

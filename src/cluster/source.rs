@@ -123,7 +123,7 @@ impl BackboneSource {
                     members,
                 } => server.handle_remote_presence(&room, kind, &nick, members),
                 Delivery::Barrier { conn } => {
-                    server.handle_barrier(conn);
+                    server.handle_barrier(now, conn);
                     true
                 }
                 Delivery::ResumeFailed { conn } => {

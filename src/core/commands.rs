@@ -270,6 +270,7 @@ impl Chat {
         };
         if self.cfg.relay {
             self.rooms[rid.0].joining.push(conn);
+            self.crossing.insert(conn);
         }
         let Some(nick) = self.state(conn).map(|s| s.nick.clone()) else {
             return;
@@ -352,6 +353,7 @@ impl Chat {
                 from: nick,
                 text: text.into(),
             });
+            self.crossing.insert(conn);
             return;
         }
         self.broadcast_message(rid, Some(conn), &nick, text);

@@ -332,6 +332,10 @@ pub struct Chat {
     awaiting: HashMap<ConnId, (Awaiting, Vec<u8>)>,
     /// Whether the backbone is up (`handle_backbone_state`): whispers cross nodes only then.
     relay_up: bool,
+    /// With `cfg.relay`: connections whose SAYs or JOINs may still be crossing the cluster
+    /// (their MESSAGE or PRESENCE not back yet). Their next command answered on this node
+    /// waits for a barrier first, so answers keep the order of commands.
+    crossing: std::collections::HashSet<ConnId>,
     /// The folded nicks of `awaiting` claims, so a second local HELLO for one finds it taken.
     claimed: HashMap<Box<str>, ConnId>,
 }
@@ -358,6 +362,9 @@ enum Awaiting {
     Whisper,
     /// Its QUIT's barrier (`Relay::Barrier`); whatever it sent after the QUIT is dropped.
     Quit,
+    /// A barrier before a command answered here (`Chat::crossing`); the command and what
+    /// followed it are handled when it comes back.
+    Barrier,
     /// Its WHO's list.
     Who,
     /// Its HELLO's token: another node's session, or none (then the HELLO goes on as a
@@ -427,6 +434,7 @@ impl Chat {
             relay: VecDeque::new(),
             awaiting: HashMap::new(),
             relay_up: false,
+            crossing: std::collections::HashSet::new(),
             claimed: HashMap::new(),
         }
     }
@@ -717,6 +725,26 @@ impl Chat {
         loop {
             match deframer.next(&mut data, self.cfg.max_frame) {
                 Ok(Some(f)) => {
+                    if self.cfg.relay
+                        && self.relay_up
+                        && self.crossing.contains(&conn)
+                        && !matches!(f.opcode, op::SAY | op::WHO | op::WHISPER | op::PONG)
+                    {
+                        // Its SAYs or JOINs are still crossing the cluster, and this command
+                        // is answered here: it waits for a barrier, so that its answer (a
+                        // PONG, a LEAVE's PRESENCE, an error) comes after theirs.
+                        let mut held = Vec::with_capacity(f.frame_len() + data.len());
+                        held.extend_from_slice(&protocol::MAGIC);
+                        held.push(protocol::VERSION);
+                        held.push(f.opcode);
+                        held.extend_from_slice(&(f.payload.len() as u32).to_be_bytes());
+                        held.extend_from_slice(f.payload);
+                        held.extend_from_slice(data);
+                        self.crossing.remove(&conn);
+                        self.awaiting.insert(conn, (Awaiting::Barrier, held));
+                        self.relay.push_back(Relay::Barrier { conn });
+                        break;
+                    }
                     handled += f.frame_len() as u64;
                     frames += 1;
                     self.handle_frame(now, conn, f.opcode, f.payload);
@@ -1186,17 +1214,24 @@ impl Chat {
         }
     }
 
-    /// A QUIT's [`Relay::Barrier`] came back: everything the connection's earlier commands
-    /// sent through the cluster has reached it, and the QUIT is carried out (PRESENCE quit,
-    /// close after the output). Anything the connection sent after its QUIT is dropped, as
-    /// on one server.
-    pub fn handle_barrier(&mut self, conn: ConnId) {
-        if !matches!(self.awaiting.get(&conn), Some((Awaiting::Quit, _))) {
-            return;
+    /// A [`Relay::Barrier`] came back: everything the connection's earlier commands sent
+    /// through the cluster has reached it. A QUIT is carried out now (PRESENCE quit, close
+    /// after the output; anything sent after it is dropped, as on one server); a command
+    /// that waited to be answered in order is handled now, with what followed it.
+    pub fn handle_barrier(&mut self, now: Instant, conn: ConnId) {
+        match self.awaiting.get(&conn) {
+            Some((Awaiting::Quit, _)) => {
+                self.awaiting.remove(&conn);
+                self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
+                self.closes.push_back((conn, CloseReason::Quit));
+            }
+            Some((Awaiting::Barrier, _)) => {
+                if let Some((_, held)) = self.awaiting.remove(&conn) {
+                    self.resume_input(now, conn, held);
+                }
+            }
+            _ => {}
         }
-        self.awaiting.remove(&conn);
-        self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
-        self.closes.push_back((conn, CloseReason::Quit));
     }
 
     /// The cluster's answer to a [`Relay::Who`]: the room's members on every node (an

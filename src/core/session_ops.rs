@@ -181,6 +181,7 @@ impl Chat {
                 });
             }
         }
+        self.crossing.remove(&conn);
         if let Some((Awaiting::Claim(nick), _)) = self.awaiting.remove(&conn) {
             // Its answer will find no one (`handle_claim` hands a granted nick back).
             self.claimed.remove(&fold(&nick));

@@ -1170,8 +1170,8 @@ impl Server {
     }
 
     /// A QUIT's barrier came back from a cluster backbone ([`Chat::handle_barrier`]).
-    pub fn handle_barrier(&mut self, conn: ConnId) {
-        self.chat.handle_barrier(conn);
+    pub fn handle_barrier(&mut self, now: Instant, conn: ConnId) {
+        self.chat.handle_barrier(now, conn);
     }
 
     /// No session anywhere for a resume ([`Chat::handle_resume_result`]).
