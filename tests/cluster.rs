@@ -681,3 +681,66 @@ fn answers_keep_the_order_of_commands_across_the_cluster() {
     alice.assert_no_pending();
     bob.assert_no_pending();
 }
+
+/// A node stopped (SIGSTOP) while its rooms are busy must not stall Redis or the other
+/// nodes: Redis's output-buffer limit for pub/sub cuts its subscriber connection; the others
+/// chat on; when the node continues it finds the cut, reconnects and registers again, and its
+/// sessions chat again.
+#[test]
+fn a_stopped_node_is_cut_by_redis_and_comes_back() {
+    let redis = Redis::start_with(
+        free_port(),
+        &["--client-output-buffer-limit", "pubsub 256kb 64kb 1"],
+    );
+    let extra = ["--cmd-rate", "0", "--input-rate", "0"];
+    let url = redis.url();
+    let start = |name: &str| {
+        let mut args = vec!["--cluster", &url, "--node-id", name, "--log-level", "debug"];
+        args.extend(extra);
+        let s = Server::start(&args);
+        wait_connected(&s, 1);
+        s
+    };
+    let a = start("a");
+    let b = start("b");
+    let mut alice = a.login("alice");
+    let mut carol = a.login("carol");
+    let mut bob = b.login("bob");
+    for c in [&mut alice, &mut carol, &mut bob] {
+        c.join("lobby");
+        let text = format!("{} is here", c.nick());
+        c.send_say("lobby", &text);
+        c.recv_until(|f| f.op == sop::MESSAGE && f.message().text == text);
+    }
+    // Everyone's joins and greetings, read.
+    alice.barrier();
+    carol.barrier();
+
+    b.signal("STOP");
+    // 32 MB for the room while b is stopped: far past the 256 KB limit, and past what the
+    // kernel buffers between Redis and b can hold. a's members get every message meanwhile.
+    let text = "x".repeat(32 * 1024);
+    for i in 0..1024 {
+        alice.send_say("lobby", &format!("{i:03}{text}"));
+        alice.expect_message("lobby", "alice", &format!("{i:03}{text}"));
+        carol.expect_message("lobby", "alice", &format!("{i:03}{text}"));
+    }
+    b.signal("CONT");
+    // Its subscriber connection was cut: it reconnects (once more than before).
+    wait_connected(&b, 2);
+    // b serves again: a new member there is in the same room as a's. (bob, who read
+    // nothing, is cut by b as a slow consumer when b catches up with what its kernel
+    // buffers held: that is b protecting itself, as for any reader that falls behind.)
+    drop(bob);
+    let mut dave = b.login("dave");
+    dave.set_timeout(Duration::from_secs(15));
+    dave.join("lobby");
+    dave.send_say("lobby", "back");
+    dave.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "back");
+    alice.set_timeout(Duration::from_secs(15));
+    alice.recv_until(|f| f.op == sop::MESSAGE && f.message().text == "back");
+    assert!(
+        b.log_lines().iter().any(|l| l.contains("lost Redis")),
+        "b noticed the cut"
+    );
+}

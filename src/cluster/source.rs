@@ -35,6 +35,9 @@ pub struct BackboneSource {
     registry: Registry,
     base: Token,
     scratch: Box<[u8]>,
+    /// Links that stopped reading at `READ_PER_EVENT` with bytes left, and since when: no
+    /// new edge will come for those bytes, so `handle_timeout` reads on (edge-triggered).
+    read_again: [Option<Instant>; 2],
 }
 
 impl BackboneSource {
@@ -56,6 +59,7 @@ impl BackboneSource {
             registry: registry.try_clone()?,
             base,
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            read_again: [None, None],
         })
     }
 
@@ -176,6 +180,13 @@ impl BackboneSource {
 
     /// Reconnects when due, sends `PING`s, notices a stalled Redis.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for link in Link::ALL {
+            if self.read_again[index(link)].take().is_some() {
+                if let Err(e) = self.drive(link, now) {
+                    self.reset(now, &e);
+                }
+            }
+        }
         if let Err(e) = self.backbone.handle_timeout(now) {
             self.reset(now, &e);
         }
@@ -192,7 +203,12 @@ impl BackboneSource {
     /// When [`handle_timeout`](Self::handle_timeout) should next run.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.backbone.poll_timeout()
+        self.read_again
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.backbone.poll_timeout())
+            .min()
     }
 
     /// Writes what the backbone queued, on both links, until `WouldBlock` (once per
@@ -263,7 +279,9 @@ impl BackboneSource {
                     total += n;
                     self.backbone.handle_data(link, &self.scratch[..n], now)?;
                     if total >= READ_PER_EVENT {
-                        // Edge-triggered: come back for the rest at once.
+                        // Others get their turn; no new edge will come for what is left, so
+                        // the next `handle_timeout` (due at once) reads on.
+                        self.read_again[index(link)] = Some(now);
                         return self.write(link);
                     }
                 }
@@ -295,6 +313,7 @@ impl BackboneSource {
     }
 
     fn reset(&mut self, now: Instant, why: &str) {
+        self.read_again = [None, None];
         for s in self.streams.iter_mut() {
             if let Some(mut s) = s.take() {
                 let _ = self.registry.deregister(&mut s.tcp);
