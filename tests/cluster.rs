@@ -744,3 +744,33 @@ fn a_stopped_node_is_cut_by_redis_and_comes_back() {
         "b noticed the cut"
     );
 }
+
+/// A node frozen (SIGSTOP) past its lease: the others report its members gone; when it
+/// continues, its first renewal finds the lease ended, and it registers its members again and
+/// announces them with a PRESENCE join; its sessions chat on.
+#[test]
+fn a_node_frozen_past_its_lease_comes_back_with_its_members() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut alice, "lobby");
+    join_across(&mut bob, "lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    alice.expect_message("lobby", "bob", "bob is here");
+
+    b.signal("STOP");
+    // Lease (5 s) plus a reaping round (2 s), with room to spare.
+    alice.set_timeout(Duration::from_secs(15));
+    alice.expect_presence(kind::GONE, "lobby", "bob");
+    b.signal("CONT");
+    alice.expect_presence(kind::JOIN, "lobby", "bob");
+    bob.set_timeout(Duration::from_secs(15));
+    bob.say("lobby", "still here");
+    alice.expect_message("lobby", "bob", "still here");
+    let mut who = alice.who_nicks("lobby");
+    who.sort();
+    assert_eq!(who, nicks(&["alice", "bob"]));
+    bob.assert_no_pending();
+}

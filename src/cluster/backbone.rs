@@ -107,7 +107,9 @@ const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 /// `chatloop_presence`: a membership change (`chatloop:members:<room>`, a hash of nick to
 /// ident; the rooms of each process in `chatloop:noderooms:<ident>`; every process in
 /// `chatloop:nodes`) and its PRESENCE, `P<kind><members>:<nick>`, with the room's member
-/// count across the cluster (kind 0: register without a PRESENCE). `chatloop_who`: a room's
+/// count across the cluster (kind 0: register without a PRESENCE; kind A: register, and if
+/// the member was not registered and this process had been reaped, `chatloop:reaped:<ident>`,
+/// announce it with a PRESENCE join: the others were told it was gone). `chatloop_who`: a room's
 /// members whose process's lease is alive. `chatloop_reap`: for every process whose lease
 /// ended, its members leave their rooms with PRESENCE gone (and this process's own entries go
 /// silently, before it registers its members again).
@@ -144,11 +146,17 @@ redis.register_function('chatloop_whisper', function(keys, args)\n\
 end)\n\
 redis.register_function('chatloop_presence', function(keys, args)\n\
   local n = redis.call('HLEN', keys[1])\n\
-  if args[1] == '1' or args[1] == '0' then\n\
-    redis.call('HSET', keys[1], args[2], args[3])\n\
+  if args[1] == '1' or args[1] == '0' or args[1] == 'A' then\n\
+    local added = redis.call('HSET', keys[1], args[2], args[3])\n\
     redis.call('SADD', args[4], args[5])\n\
     redis.call('SADD', args[6], args[3])\n\
     n = redis.call('HLEN', keys[1])\n\
+    if args[1] == 'A' then\n\
+      if added == 1 and redis.call('EXISTS', 'chatloop:reaped:' .. args[3]) == 1 then\n\
+        redis.call('PUBLISH', keys[2], 'P1' .. n .. ':' .. args[2])\n\
+      end\n\
+      return n\n\
+    end\n\
   else\n\
     redis.call('HDEL', keys[1], args[2])\n\
   end\n\
@@ -188,7 +196,10 @@ redis.register_function('chatloop_reap', function(keys, args)\n\
         end\n\
       end\n\
       redis.call('DEL', args[2] .. ident)\n\
-      if not mine then redis.call('SREM', keys[1], ident) end\n\
+      if not mine then\n\
+        redis.call('SREM', keys[1], ident)\n\
+        redis.call('SET', 'chatloop:reaped:' .. ident, '1', 'EX', 600)\n\
+      end\n\
     end\n\
   end\n\
   return reaped\n\
@@ -585,7 +596,7 @@ impl Backbone {
                 );
                 // The lease before any claim: a claim is judged by who holds a live lease.
                 self.renew_lease(now, Pending::Setup);
-                self.register_all(now);
+                self.register_all(now, false);
                 for w in std::mem::take(&mut self.waiting) {
                     self.nick_op(now, w);
                 }
@@ -1004,16 +1015,24 @@ impl Backbone {
     /// lost it) or a lapsed lease (others may have reaped it). Its own stale entries go
     /// first (`chatloop_reap` with this ident, silently); then its members and its nicks
     /// (a nick found taken meanwhile ends its session here: `ClaimLost`).
-    fn register_all(&mut self, now: Instant) {
-        self.reap(now, true);
+    fn register_all(&mut self, now: Instant, lapsed: bool) {
+        // After a reconnection this node's entries may be stale (Redis kept them while it
+        // was away): they go first, silently. Members the others were told were gone (this
+        // process was reaped after its lease lapsed) are announced again with a join.
+        if !lapsed {
+            self.reap(now, true);
+        }
         let members: Vec<(Box<str>, Box<str>)> = self
             .members
             .iter()
             .flat_map(|(room, nicks)| nicks.iter().map(move |n| (room.clone(), n.clone())))
             .collect();
         for (room, nick) in members {
-            self.presence_op(now, Pending::Register, &room, "0".into(), &nick);
+            self.presence_op(now, Pending::Register, &room, "A".into(), &nick);
         }
+        // Announced once: the mark of the reaping goes with this registration.
+        let reaped = format!("chatloop:reaped:{}", self.ident);
+        self.command(now, Pending::Register, &[b"DEL", reaped.as_bytes()]);
         let mine: Vec<Box<str>> = self.registered.values().cloned().collect();
         for nick in mine {
             self.nick_op(now, Pending::Reclaim { nick });
@@ -1334,7 +1353,7 @@ impl Backbone {
                     // taken its nicks. What it holds is registered again.
                     self.stats.lease_lapses += 1;
                     log::warn!("cluster: this node's lease had ended; registering again");
-                    self.register_all(now);
+                    self.register_all(now, true);
                 }
             }
             (Pending::Reap, OwnedFrame::Integer(n)) if *n > 0 => {

@@ -1288,7 +1288,8 @@ impl Chat {
     /// members of `room`, unless the room's `members` across the cluster are more than
     /// `presence_limit` (then, as on one server, only the member concerned is told). A join
     /// reaches the joiner too (it is its JOIN's answer); a leave does not reach the leaver,
-    /// who had it at once. Returns false if the room has no member here.
+    /// who had it at once, nor a join announced again after its node's lease lapsed the
+    /// member it concerns. Returns false if the room has no member here.
     pub fn handle_remote_presence(
         &mut self,
         room: &str,
@@ -1303,14 +1304,17 @@ impl Chat {
             .conn_of(nick)
             .filter(|c| self.rooms[rid.0].members.contains(c));
         let join = kind == PresenceKind::Join;
-        if let Some(joiner) = concerned.filter(|_| join) {
+        // A join for a member here that is not joining: its node announces it again after a
+        // lapse (the others were told it was gone); it knows it is there.
+        let joining = concerned.filter(|c| join && self.rooms[rid.0].joining.contains(c));
+        if let Some(joiner) = joining {
             // Its JOIN's answer: from now on it receives the room.
             self.rooms[rid.0].joining.retain(|&c| c != joiner);
         }
         let room = &self.rooms[rid.0];
         if members > self.cfg.presence_limit as u64 {
             // Only the member concerned: a joiner here gets its answer.
-            if let Some(joiner) = concerned.filter(|_| join) {
+            if let Some(joiner) = joining {
                 let (buf, start) = self.outbox.buf();
                 encode::presence(buf, kind, &room.name, nick);
                 let end = buf.len();
@@ -1321,7 +1325,7 @@ impl Chat {
         let (buf, start) = self.outbox.buf();
         encode::presence(buf, kind, &room.name, nick);
         let end = buf.len();
-        let except = if join { None } else { concerned };
+        let except = if joining.is_some() { None } else { concerned };
         self.outbox.send_all(&room.receivers(), except, start, end);
         true
     }
