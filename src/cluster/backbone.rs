@@ -337,6 +337,11 @@ pub enum Delivery {
         /// The connection that quits.
         conn: ConnId,
     },
+    /// This process's number for this connection to Redis, for
+    /// [`Chat::handle_process_number`].
+    ///
+    /// [`Chat::handle_process_number`]: crate::core::Chat::handle_process_number
+    ProcessNumber(u64),
     /// A PRESENCE, for [`Chat::handle_remote_presence`].
     ///
     /// [`Chat::handle_remote_presence`]: crate::core::Chat::handle_remote_presence
@@ -435,6 +440,8 @@ enum Pending {
     Takeover(ConnId),
     /// A lease renewal, sent at that instant.
     Lease(Instant),
+    /// `INCR chatloop:process`: this process's number for this connection.
+    Process,
     /// A whisper from this connection.
     Whisper(ConnId),
     /// A WHO from this connection.
@@ -596,6 +603,8 @@ impl Backbone {
                 );
                 // The lease before any claim: a claim is judged by who holds a live lease.
                 self.renew_lease(now, Pending::Setup);
+                // A number of its own before any WELCOME, for cluster-unique conn_ids.
+                self.command(now, Pending::Process, &[b"INCR", b"chatloop:process"]);
                 self.register_all(now, false);
                 for w in std::mem::take(&mut self.waiting) {
                     self.nick_op(now, w);
@@ -1355,6 +1364,10 @@ impl Backbone {
                     log::warn!("cluster: this node's lease had ended; registering again");
                     self.register_all(now, true);
                 }
+            }
+            (Pending::Process, OwnedFrame::Integer(n)) => {
+                self.deliveries
+                    .push_back(Delivery::ProcessNumber(u64::try_from(*n).unwrap_or(0)));
             }
             (Pending::Reap, OwnedFrame::Integer(n)) if *n > 0 => {
                 self.stats.members_reaped += *n as u64;

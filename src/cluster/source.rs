@@ -126,6 +126,10 @@ impl BackboneSource {
                     nick,
                     members,
                 } => server.handle_remote_presence(&room, kind, &nick, members),
+                Delivery::ProcessNumber(n) => {
+                    server.handle_process_number(n);
+                    true
+                }
                 Delivery::Barrier { conn } => {
                     server.handle_barrier(now, conn);
                     true

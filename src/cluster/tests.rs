@@ -53,17 +53,19 @@ fn up(now: Instant) -> Backbone {
     assert_eq!(setup[3][3..], ["PX", "5000", "GET"]);
     // Then its own stale memberships go (chatloop_reap with its ident) before any
     // registration.
-    assert_eq!(setup[4][..3], ["FCALL", "chatloop_reap", "1"]);
-    assert_eq!(setup[4][8], ident(&b));
-    // Then the mark of a reaping goes (nothing to announce: no members yet).
-    assert_eq!(setup[5][0], "DEL");
-    assert_eq!(setup.len(), 6);
+    assert_eq!(setup[5][..3], ["FCALL", "chatloop_reap", "1"]);
+    assert_eq!(setup[5][8], ident(&b));
+    // A process number, then the mark of a reaping goes (nothing to announce: no members).
+    assert_eq!(setup[4], ["INCR", "chatloop:process"]);
+    assert_eq!(setup[6][0], "DEL");
+    assert_eq!(setup.len(), 7);
     b.handle_data(
         Link::Cmd,
-        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:0\r\n:0\r\n",
+        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:7\r\n:0\r\n:0\r\n",
         now,
     )
     .expect("setup accepted");
+    assert_eq!(b.poll_delivery(), Some(Delivery::ProcessNumber(7)));
     let whispers = format!("chatloop:whisper:{}", ident(&b));
     assert_eq!(
         commands(&mut b, Link::Sub),
@@ -420,6 +422,7 @@ fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again(
         what[3..],
         [
             ("SET", lease.as_str()),
+            ("INCR", "chatloop:process"),
             ("FCALL", "chatloop_reap"),
             ("DEL", reaped.as_str()),
             ("FCALL", "chatloop_claim"),
@@ -427,18 +430,19 @@ fn nick_claims_are_answered_in_order_survive_a_failure_and_are_registered_again(
             ("FCALL", "chatloop_release"),
         ]
     );
-    assert_eq!(cmds[6][3], "chatloop:nick:alice", "the held nick first");
+    assert_eq!(cmds[7][3], "chatloop:nick:alice", "the held nick first");
     assert_eq!(
-        cmds[7][3], "chatloop:nick:carol",
+        cmds[8][3], "chatloop:nick:carol",
         "then the claim that was in flight"
     );
     // Alice's nick was taken meanwhile (Redis lost it, another node claimed it first).
     b.handle_data(
         Link::Cmd,
-        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:0\r\n:0\r\n:0\r\n:1\r\n:0\r\n",
+        b"+OK\r\n$8\r\nchatloop\r\n:0\r\n$-1\r\n:8\r\n:0\r\n:0\r\n:0\r\n:1\r\n:0\r\n",
         now,
     )
     .expect("answers");
+    assert_eq!(b.poll_delivery(), Some(Delivery::ProcessNumber(8)));
     assert_eq!(
         b.poll_delivery(),
         Some(Delivery::ClaimLost {

@@ -170,8 +170,15 @@ impl Chat {
             return;
         };
         s.timer = timer;
+        let conn_id = match &mut self.wire_ids {
+            Some((base, k)) if *k < 1 << 40 => {
+                *k += 1;
+                *base | (*k - 1)
+            }
+            _ => conn.to_u64(),
+        };
         let (buf, start) = self.outbox.buf();
-        encode::welcome(buf, conn.to_u64(), &s.token, max_frame, hb_ms, &s.nick);
+        encode::welcome(buf, conn_id, &s.token, max_frame, hb_ms, &s.nick);
         let end = buf.len();
         self.outbox.send(conn, start, end);
     }

@@ -332,6 +332,9 @@ pub struct Chat {
     awaiting: HashMap<ConnId, (Awaiting, Vec<u8>)>,
     /// Whether the backbone is up (`handle_backbone_state`): whispers cross nodes only then.
     relay_up: bool,
+    /// In a cluster: WELCOME's `conn_id`s are `base | n` for this process's number in the
+    /// cluster (`handle_process_number`), so that no two nodes give the same one.
+    wire_ids: Option<(u64, u64)>,
     /// With `cfg.relay`: connections whose SAYs or JOINs may still be crossing the cluster
     /// (their MESSAGE or PRESENCE not back yet). Their next command answered on this node
     /// waits for a barrier first, so answers keep the order of commands.
@@ -435,6 +438,7 @@ impl Chat {
             awaiting: HashMap::new(),
             relay_up: false,
             crossing: std::collections::HashSet::new(),
+            wire_ids: None,
             claimed: HashMap::new(),
         }
     }
@@ -1263,6 +1267,16 @@ impl Chat {
         let text = session_ops::truncate(text, self.cfg.max_frame as usize);
         self.deliver_whisper_with(None, conn, from, text, msg_id);
         true
+    }
+
+    /// This process's number in the cluster (`n` from Redis, 1 to 2^24 - 1), taken on every
+    /// connection to Redis: WELCOME's `conn_id`s are then `n << 40 | k`, k counting up, so
+    /// they are unique across the cluster's nodes (while Redis keeps the counter). Before it
+    /// (a node that never reached Redis) they are the node's own `ConnId`s.
+    pub fn handle_process_number(&mut self, n: u64) {
+        if (1..1 << 24).contains(&n) {
+            self.wire_ids = Some((n << 40, 1));
+        }
     }
 
     /// Whether the cluster backbone is up: WHISPERs cross nodes only while it is (without

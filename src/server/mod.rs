@@ -1169,6 +1169,11 @@ impl Server {
         self.chat.handle_remote_presence(room, kind, nick, members)
     }
 
+    /// This process's number in a cluster ([`Chat::handle_process_number`]).
+    pub fn handle_process_number(&mut self, n: u64) {
+        self.chat.handle_process_number(n);
+    }
+
     /// A QUIT's barrier came back from a cluster backbone ([`Chat::handle_barrier`]).
     pub fn handle_barrier(&mut self, now: Instant, conn: ConnId) {
         self.chat.handle_barrier(now, conn);

@@ -125,13 +125,8 @@ fn welcome_tokens_are_16_random_distinct_bytes() {
 #[test]
 fn conn_ids_nonzero_and_distinct_across_reconnects() {
     let server = start_server(&[]);
-    // In a cluster conn_ids are unique per node (PROTOCOL.md 10.2): connections go to the
-    // three nodes in turn, so the n-th is on node n % 3.
-    let mut made = 0usize;
-    let mut key = |id: u64| {
-        made += 1;
-        if cluster() { (made % 3, id) } else { (0, id) }
-    };
+    // In a cluster too, over all nodes (PROTOCOL.md 10.1).
+    let key = |id: u64| id;
     let mut ids = HashSet::new();
     // Sequential: each connection is closed (EOF seen) before the next one, so slots get reused.
     for i in 0..30 {
