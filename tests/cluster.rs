@@ -774,3 +774,69 @@ fn a_node_frozen_past_its_lease_comes_back_with_its_members() {
     assert_eq!(who, nicks(&["alice", "bob"]));
     bob.assert_no_pending();
 }
+
+/// A burst published by other nodes cannot make one of this node's iterations long: what
+/// Redis brings is handed to the core only up to the iteration's frame share
+/// (`--iteration-frames`), the rest in the next iterations, in order, nothing lost.
+#[test]
+fn a_burst_from_other_nodes_is_fanned_out_over_several_iterations() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let url = redis.url();
+    let b = Server::start(&[
+        "--cluster",
+        &url,
+        "--node-id",
+        "b",
+        "--metrics",
+        "127.0.0.1:0",
+        "--iteration-frames",
+        "100",
+    ]);
+    wait_connected(&b, 1);
+    let mut alice = a.login("alice");
+    join_across(&mut alice, "lobby");
+    // 40 members on b: each message from a is 40 deliveries there, so a budget of 100 frames
+    // takes about 2 messages an iteration.
+    let mut members: Vec<Client> = (0..40).map(|i| b.login(&format!("m{i:02}"))).collect();
+    for m in members.iter_mut() {
+        m.join("lobby");
+    }
+    for m in members.iter_mut() {
+        m.barrier();
+    }
+    alice.barrier();
+    const N: usize = 200;
+    for i in 0..N {
+        alice.send_say("lobby", &format!("burst {i:03}"));
+    }
+    for m in members.iter_mut() {
+        for i in 0..N {
+            m.expect_message("lobby", "alice", &format!("burst {i:03}"));
+        }
+    }
+    let deferred = cluster_metric(&b, "deliveries_deferred_total");
+    assert!(deferred > 0, "the burst went out in one iteration");
+}
+
+/// What a client sends while its HELLO waits for the cluster is held, within bounds: past a
+/// quarter of max-pending (256 KiB) the connection is closed with a fatal `slow_consumer`
+/// (PROTOCOL.md 10.1), and nobody else is affected.
+#[test]
+fn input_piled_up_before_welcome_is_bounded() {
+    // No Redis: the HELLO waits as long as the test needs.
+    let a = start_node(&format!("redis://127.0.0.1:{}", free_port()), "a");
+    let mut other = a.connect();
+    other.send_hello("patient", &[]);
+    let mut c = a.connect();
+    c.send_hello("greedy", &[]);
+    let ping = frame(op::PING, &[b'p'; 1000]);
+    let mut bytes = Vec::new();
+    while bytes.len() <= 300 * 1024 {
+        bytes.extend_from_slice(&ping);
+    }
+    c.send_raw(&bytes);
+    c.expect_fatal(code::SLOW_CONSUMER);
+    // The other connection still waits for its WELCOME, untouched.
+    other.assert_no_frame(Duration::from_millis(200));
+}

@@ -412,6 +412,9 @@ pub struct BackboneStats {
     pub connects: u64,
     /// Link failures (refused, reset, stalled past `REPLY_TIMEOUT`, bad replies).
     pub failures: u64,
+    /// Times deliveries from Redis waited for the next loop iteration (this one had
+    /// addressed its share of frames).
+    pub deliveries_deferred: u64,
     /// The last lease renewal's round trip, in microseconds.
     pub rtt_us: u64,
 }
@@ -907,6 +910,18 @@ impl Backbone {
     #[must_use]
     pub fn poll_delivery(&mut self) -> Option<Delivery> {
         self.deliveries.pop_front()
+    }
+
+    /// Deliveries decoded and not yet taken: a shell that hands the core only so much per
+    /// iteration stops reading Redis while there are many (Redis then holds the rest, and
+    /// cuts a node that stays behind, as it would any slow subscriber).
+    pub fn pending_deliveries(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// The shell left deliveries for the next iteration (for the counter).
+    pub fn count_deferred(&mut self) {
+        self.stats.deliveries_deferred += 1;
     }
 
     /// Bytes waiting to be written on `link`.

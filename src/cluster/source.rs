@@ -19,6 +19,11 @@ use crate::server::Server;
 /// Most bytes read from one link per event, so a burst from Redis cannot starve clients.
 const READ_PER_EVENT: usize = 1 << 20;
 
+/// Deliveries decoded and waiting for the core beyond which the subscriber link is not read:
+/// what one busy room on other nodes sends is fanned out here a budget at a time, and the
+/// rest waits in the kernel and in Redis, not in this process.
+const MAX_QUEUED_DELIVERIES: usize = 4096;
+
 /// A stream being connected, or connected.
 #[derive(Debug)]
 struct Stream {
@@ -38,6 +43,8 @@ pub struct BackboneSource {
     /// Links that stopped reading at `READ_PER_EVENT` with bytes left, and since when: no
     /// new edge will come for those bytes, so `handle_timeout` reads on (edge-triggered).
     read_again: [Option<Instant>; 2],
+    /// Since when deliveries wait for the next iteration's frame budget (`exchange`).
+    deliver_again: Option<Instant>,
 }
 
 impl BackboneSource {
@@ -60,6 +67,7 @@ impl BackboneSource {
             base,
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             read_again: [None, None],
+            deliver_again: None,
         })
     }
 
@@ -93,7 +101,10 @@ impl BackboneSource {
     /// Moves the core's relay items to the backbone and the backbone's deliveries to the
     /// core, until neither has more (a delivery can make relay items: a granted claim
     /// registers its session's token, and the input that waited for it may JOIN; those go
-    /// out in this iteration too, before the client can act on its answer). Call once per
+    /// out in this iteration too, before the client can act on its answer), or until the
+    /// deliveries have addressed what is left of the iteration's frames
+    /// ([`Server::iteration_frames_left`]): a burst from other nodes into a big room here is
+    /// fanned out over several iterations, as a burst from a client is. Call once per
     /// iteration, after the events and before `flush`.
     pub fn exchange(&mut self, server: &mut Server, now: Instant) {
         loop {
@@ -111,7 +122,19 @@ impl BackboneSource {
     /// Hands the backbone's deliveries to the core; false if there were none.
     fn deliver(&mut self, server: &mut Server, now: Instant) -> bool {
         let mut any = false;
-        while let Some(d) = self.backbone.poll_delivery() {
+        loop {
+            if any && server.iteration_frames_left() == 0 {
+                // The rest in the next iteration (at least one delivery per iteration).
+                if self.backbone.pending_deliveries() > 0 {
+                    self.deliver_again.get_or_insert(now);
+                    self.backbone.count_deferred();
+                }
+                break;
+            }
+            let Some(d) = self.backbone.poll_delivery() else {
+                self.deliver_again = None;
+                break;
+            };
             any = true;
             match d {
                 Delivery::Message {
@@ -211,6 +234,7 @@ impl BackboneSource {
             .iter()
             .flatten()
             .copied()
+            .chain(self.deliver_again)
             .chain(self.backbone.poll_timeout())
             .min()
     }
@@ -274,6 +298,11 @@ impl BackboneSource {
         }
         let mut total = 0;
         loop {
+            if link == Link::Sub && self.backbone.pending_deliveries() >= MAX_QUEUED_DELIVERIES {
+                // The core is behind: read on once it has taken some (`handle_timeout`).
+                self.read_again[index(link)].get_or_insert(now);
+                return self.write(link);
+            }
             let Some(s) = self.streams[index(link)].as_mut() else {
                 return Ok(());
             };

@@ -224,12 +224,22 @@ impl Room {
     fn receivers(&self) -> std::borrow::Cow<'_, [ConnId]> {
         if self.joining.is_empty() {
             std::borrow::Cow::Borrowed(&self.members)
-        } else {
+        } else if self.joining.len() <= 16 {
             std::borrow::Cow::Owned(
                 self.members
                     .iter()
                     .copied()
                     .filter(|m| !self.joining.contains(m))
+                    .collect(),
+            )
+        } else {
+            // A join burst into a big room: linear in members, not members times joiners.
+            let joining: std::collections::HashSet<ConnId> = self.joining.iter().copied().collect();
+            std::borrow::Cow::Owned(
+                self.members
+                    .iter()
+                    .copied()
+                    .filter(|m| !joining.contains(m))
                     .collect(),
             )
         }

@@ -485,6 +485,19 @@ pub static TABLE: &[Metric] = &[
         },
     },
     Metric {
+        name: "chatloop_cluster_deliveries_deferred_total",
+        kind: Kind::Counter,
+        help: "Times messages from Redis waited for the next loop iteration because this one had addressed its share of frames (--iteration-frames).",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.deliveries_deferred))
+                }
+            },
+        },
+    },
+    Metric {
         name: "chatloop_cluster_rtt_microseconds",
         kind: Kind::Gauge,
         help: "The round trip of the last lease renewal to Redis (one a second).",

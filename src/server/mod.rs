@@ -1138,6 +1138,14 @@ impl Server {
         self.chat.whisper(nick, text)
     }
 
+    /// Frames this iteration's inputs may still address (`ServerConfig::iteration_frames`
+    /// less what they have addressed so far): another source of input in the same loop (a
+    /// cluster backbone) stops handing the core work when it reaches 0, as client reads do.
+    pub fn iteration_frames_left(&self) -> u64 {
+        let used = self.chat.frames_addressed() - self.frames_at_start;
+        self.cfg.iteration_frames.max(1).saturating_sub(used)
+    }
+
     /// The next item for a cluster backbone ([`Chat::poll_relay`]); `None` unless the chat
     /// config's `relay` is on.
     #[must_use]
