@@ -69,17 +69,24 @@ fn join_across(c: &mut Client, room: &str) -> Message {
     c.say(room, &text)
 }
 
-#[test]
-fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
-    let redis = Redis::start();
-    let a = node(&redis, "a");
-    let b = node(&redis, "b");
+/// alice on `a` and bob on `b`, both in `lobby`, each node subscribed (their greetings
+/// crossed), alice having read bob's arrival: the start of most tests here.
+fn alice_and_bob(a: &Server, b: &Server) -> (Client, Client) {
     let mut alice = a.login("alice");
     let mut bob = b.login("bob");
     join_across(&mut alice, "lobby");
     join_across(&mut bob, "lobby");
     alice.expect_presence(kind::JOIN, "lobby", "bob");
     alice.expect_message("lobby", "bob", "bob is here");
+    (alice, bob)
+}
+
+#[test]
+fn a_room_spans_two_nodes_with_one_order_and_one_id_per_message() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
 
     // Both send at once, without waiting: Redis orders them, and both nodes deliver in that
     // order, with the ids Redis gave.
@@ -164,12 +171,7 @@ fn a_redis_restart_is_survived() {
     let port = redis.port();
     let a = node(&redis, "a");
     let b = node(&redis, "b");
-    let mut alice = a.login("alice");
-    let mut bob = b.login("bob");
-    join_across(&mut alice, "lobby");
-    join_across(&mut bob, "lobby");
-    alice.expect_presence(kind::JOIN, "lobby", "bob");
-    alice.expect_message("lobby", "bob", "bob is here");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
     let before_restart = alice.say("lobby", "before the restart");
     bob.expect_message("lobby", "alice", "before the restart");
 
@@ -358,12 +360,7 @@ fn whispers_reach_a_nick_on_any_node() {
     let redis = Redis::start();
     let a = node(&redis, "a");
     let b = node(&redis, "b");
-    let mut alice = a.login("alice");
-    let mut bob = b.login("bob");
-    join_across(&mut alice, "lobby");
-    join_across(&mut bob, "lobby");
-    alice.expect_presence(kind::JOIN, "lobby", "bob");
-    alice.expect_message("lobby", "bob", "bob is here");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
 
     alice.whisper("Bob", "psst");
     let w = bob.expect_whisper("alice", "psst");
@@ -596,12 +593,7 @@ fn a_redis_paused_past_the_leases_is_survived() {
     let redis = Redis::start();
     let a = node(&redis, "a");
     let b = node(&redis, "b");
-    let mut alice = a.login("alice");
-    let mut bob = b.login("bob");
-    join_across(&mut alice, "lobby");
-    join_across(&mut bob, "lobby");
-    alice.expect_presence(kind::JOIN, "lobby", "bob");
-    alice.expect_message("lobby", "bob", "bob is here");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
 
     redis.signal("STOP");
     // The fault's length, not a wait for an event: past the 5 s leases.
@@ -647,12 +639,7 @@ fn answers_keep_the_order_of_commands_across_the_cluster() {
     let redis = Redis::start();
     let a = node(&redis, "a");
     let b = node(&redis, "b");
-    let mut alice = a.login("alice");
-    let mut bob = b.login("bob");
-    join_across(&mut alice, "lobby");
-    join_across(&mut bob, "lobby");
-    alice.expect_presence(kind::JOIN, "lobby", "bob");
-    alice.expect_message("lobby", "bob", "bob is here");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
     alice.assert_no_pending();
     for i in 0..20 {
         let text = format!("s{i}");
@@ -753,12 +740,7 @@ fn a_node_frozen_past_its_lease_comes_back_with_its_members() {
     let redis = Redis::start();
     let a = node(&redis, "a");
     let b = node(&redis, "b");
-    let mut alice = a.login("alice");
-    let mut bob = b.login("bob");
-    join_across(&mut alice, "lobby");
-    join_across(&mut bob, "lobby");
-    alice.expect_presence(kind::JOIN, "lobby", "bob");
-    alice.expect_message("lobby", "bob", "bob is here");
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
 
     b.signal("STOP");
     // Lease (5 s) plus a reaping round (2 s), with room to spare.
