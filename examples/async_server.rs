@@ -226,10 +226,20 @@ async fn run(args: Args) -> Result<(), String> {
         // Its chat would hand SAYs to a backbone nobody drives: refuse rather than lose them.
         return Err("--cluster is the mio server's; the async version has no backbone yet".into());
     }
+    if args.tls_listen.is_some() || args.ws_listen.is_some() || args.wss_listen.is_some() {
+        return Err(
+            "TLS and WebSocket listeners are the mio server's; the async version serves plain TCP"
+                .into(),
+        );
+    }
     log::info!("serving at most {max_conns} connections");
 
-    let listener = bind(args.listen, args.backlog, args.reuseport)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listen = args
+        .listen
+        .0
+        .ok_or("the async version serves plain TCP only: --listen ADDR")?;
+    let listener = bind(listen, args.backlog, args.reuseport)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;

@@ -67,6 +67,31 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is out of range"))
 }
 
+/// `--listen`: an address, or none.
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+#[cfg(feature = "cli")]
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+#[cfg(feature = "cli")]
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(ListenAddr(None));
+    }
+    s.parse()
+        .map(|a| ListenAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (expected HOST:PORT or none)"))
+}
+
 #[cfg(feature = "cli")]
 fn parse_u32_bytes(s: &str) -> Result<u32, String> {
     let v = parse_bytes(s)?;
@@ -121,9 +146,31 @@ impl LogLevel {
     about = "A real-time TCP chat server on one mio event loop"
 )]
 pub struct Args {
-    /// Address to listen on (port 0 picks a free port; the log says which).
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub listen: SocketAddr,
+    /// Address to listen on for plain TCP (port 0 picks a free port; the log says which), or
+    /// `none` to serve only the TLS and WebSocket listeners.
+    #[arg(long, default_value = "127.0.0.1:7878", value_parser = parse_listen)]
+    pub listen: ListenAddr,
+    /// Address of a TLS listener (TLS 1.2 and 1.3, ALPN chatloop/1) [default: off]; needs
+    /// --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate chain for the TLS and WSS listeners (PEM, leaf first); reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1); reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Address of a WebSocket listener: the chat page at /, the protocol at /chat
+    /// (subprotocol chatloop.v1) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub ws_listen: Option<SocketAddr>,
+    /// As --ws-listen, over TLS (needs --tls-cert and --tls-key) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub wss_listen: Option<SocketAddr>,
+    /// A browser origin allowed to open the WebSocket, e.g. https://chat.example.com
+    /// (repeatable) [default: only the page's own origin].
+    #[arg(long, value_name = "ORIGIN")]
+    pub ws_origin: Vec<String>,
     /// Largest client payload accepted, in bytes.
     #[arg(long, default_value = "65536", value_parser = parse_max_frame)]
     pub max_frame: u32,
@@ -258,6 +305,20 @@ impl Args {
         if self.iteration_frames == 0 {
             return Err("--iteration-frames must be above 0".into());
         }
+        let needs_tls = self.tls_listen.is_some() || self.wss_listen.is_some();
+        if needs_tls && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err("--tls-listen and --wss-listen need --tls-cert and --tls-key".into());
+        }
+        if !needs_tls && (self.tls_cert.is_some() || self.tls_key.is_some()) {
+            return Err("--tls-cert and --tls-key need --tls-listen or --wss-listen".into());
+        }
+        if self.listen.0.is_none()
+            && self.tls_listen.is_none()
+            && self.ws_listen.is_none()
+            && self.wss_listen.is_none()
+        {
+            return Err("--listen none needs --tls-listen, --ws-listen or --wss-listen".into());
+        }
         if self.heartbeat.is_zero() || self.idle_timeout.is_zero() || self.hello_timeout.is_zero() {
             return Err("--heartbeat, --idle-timeout and --hello-timeout must be above 0".into());
         }
@@ -337,6 +398,7 @@ mod tests {
     fn defaults_match_the_spec() {
         let a = Args::try_parse_from(["chatloop"]).expect("defaults parse");
         assert_eq!(a.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(a.tls_listen, None);
         assert_eq!(a.max_frame, 65536);
         assert_eq!(a.max_rooms_per_conn, 64);
         assert_eq!(a.presence_limit, 1000);

@@ -83,6 +83,7 @@ pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod timer;
+pub mod transport;
 pub mod untrusted;
 
 /// docs/EMBEDDING.md's snippets, compiled (and, unless marked `no_run`, run) as doc tests so

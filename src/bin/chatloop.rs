@@ -17,13 +17,21 @@ use chatloop::config::{Args, init_logging};
 use chatloop::limits;
 use chatloop::metrics::{MetricsEndpoint, StatsLine};
 use chatloop::server::Server;
+use chatloop::transport::Listen;
+#[cfg(feature = "tls")]
+use chatloop::transport::TlsConfigs;
+#[cfg(feature = "websocket")]
+use chatloop::transport::WsSettings;
 
 /// Tokens: the signal fd, then the metrics endpoint's range, the cluster backbone's two, then
 /// the chat server's range.
 const SIGNALS: Token = Token(0);
 const METRICS_BASE: Token = Token(1);
 const CLUSTER_BASE: Token = Token(1 + chatloop::metrics::MAX_CLIENTS + 1);
-const SERVER_BASE: Token = Token(CLUSTER_BASE.0 + 2);
+const TLS_LISTENER: Token = Token(CLUSTER_BASE.0 + 2);
+const WS_LISTENER: Token = Token(CLUSTER_BASE.0 + 3);
+const WSS_LISTENER: Token = Token(CLUSTER_BASE.0 + 4);
+const SERVER_BASE: Token = Token(CLUSTER_BASE.0 + 5);
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -61,6 +69,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGINT);
     mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGHUP);
     mask.thread_block()
         .map_err(|e| format!("cannot block signals: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -102,10 +111,13 @@ fn run(args: &Args) -> Result<(), String> {
         now,
     )
     .map_err(|e| format!("cannot create server: {e}"))?;
-    let addr = server
-        .listen(args.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    log::info!("listening on {addr}");
+    if let Some(listen) = args.listen.0 {
+        let addr = server
+            .listen(listen)
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        log::info!("listening on {addr}");
+    }
+    listen_transports(args, &mut server)?;
     let mut metrics = match args.metrics {
         Some(a) => {
             let m = MetricsEndpoint::bind(a, args.backlog, poll.registry(), METRICS_BASE)
@@ -158,8 +170,12 @@ fn run(args: &Args) -> Result<(), String> {
         for event in events.iter() {
             if event.token() == SIGNALS {
                 while let Ok(Some(sig)) = signals.read_signal() {
-                    let name =
-                        Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
+                    let signal = Signal::try_from(sig.ssi_signo as i32);
+                    if signal == Ok(Signal::SIGHUP) {
+                        reload_tls(args, &mut server);
+                        continue;
+                    }
+                    let name = signal.map_or("signal", |s| s.as_str());
                     if server.is_shutting_down() {
                         log::warn!("{name} again: exiting now");
                         std::process::exit(1);
@@ -212,6 +228,69 @@ fn run(args: &Args) -> Result<(), String> {
             next_stats = Some(t + args.stats_interval);
         }
     }
+}
+
+/// Opens the TLS and WebSocket listeners the flags ask for (the certificate first).
+fn listen_transports(args: &Args, server: &mut Server) -> Result<(), String> {
+    let wanted = [
+        (args.tls_listen, TLS_LISTENER, "tls"),
+        (args.ws_listen, WS_LISTENER, "ws"),
+        (args.wss_listen, WSS_LISTENER, "wss"),
+    ];
+    if wanted.iter().all(|(addr, ..)| addr.is_none()) {
+        return Ok(());
+    }
+    #[cfg(feature = "tls")]
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        server.set_tls(TlsConfigs::load(cert, key)?);
+        log::info!("TLS certificate from {}", cert.display());
+    }
+    #[cfg(feature = "websocket")]
+    server.set_ws_settings(WsSettings {
+        origins: args.ws_origin.clone(),
+    });
+    for (addr, token, name) in wanted {
+        let Some(addr) = addr else { continue };
+        let kind = match name {
+            #[cfg(feature = "tls")]
+            "tls" => Listen::Tls,
+            #[cfg(feature = "websocket")]
+            "ws" => Listen::WebSocket,
+            #[cfg(all(feature = "tls", feature = "websocket"))]
+            "wss" => Listen::SecureWebSocket,
+            _ => return Err(format!("--{name}-listen: this build has no {name} support")),
+        };
+        let bound = server
+            .listen_with(addr, kind, token)
+            .map_err(|e| format!("cannot listen ({name}) on {addr}: {e}"))?;
+        match name {
+            "tls" => log::info!("listening (TLS) on {bound}"),
+            _ => {
+                let scheme = if kind.needs_tls() { "https" } else { "http" };
+                log::info!("listening ({name}) on {bound}: the chat page is {scheme}://{bound}/");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SIGHUP: loads the certificate and key again; new handshakes use them. A bad file is
+/// logged and the old pair kept.
+fn reload_tls(args: &Args, server: &mut Server) {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        log::info!("SIGHUP: no TLS certificate to reload");
+        return;
+    };
+    #[cfg(feature = "tls")]
+    match TlsConfigs::load(cert, key) {
+        Ok(c) => {
+            server.set_tls(c);
+            log::info!("SIGHUP: TLS certificate reloaded from {}", cert.display());
+        }
+        Err(e) => log::error!("SIGHUP: {e}; keeping the previous certificate"),
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = (cert, key, server);
 }
 
 /// The server's snapshot, with the backbone's counters when clustered.

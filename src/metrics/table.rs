@@ -342,6 +342,42 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.cuts_deferred),
     },
     Metric {
+        name: "chatloop_tls_handshakes_total",
+        kind: Kind::Counter,
+        help: "TLS handshakes completed (TLS and WSS listeners).",
+        series: Series::Single(|s| s.shell.tls_handshakes),
+    },
+    Metric {
+        name: "chatloop_tls_failures_total",
+        kind: Kind::Counter,
+        help: "TLS sessions that failed: a bad or refused handshake (garbage, a plain client on a TLS port, no common version or ALPN) or a bad record later.",
+        series: Series::Single(|s| s.shell.tls_failures),
+    },
+    Metric {
+        name: "chatloop_ws_upgrades_total",
+        kind: Kind::Counter,
+        help: "WebSocket upgrades completed (WS and WSS listeners).",
+        series: Series::Single(|s| s.shell.ws_upgrades),
+    },
+    Metric {
+        name: "chatloop_ws_refused_total",
+        kind: Kind::Counter,
+        help: "HTTP requests on a WebSocket listener answered with a 4xx (a bad upgrade, an origin not allowed, an unknown path).",
+        series: Series::Single(|s| s.shell.ws_refused),
+    },
+    Metric {
+        name: "chatloop_ws_pages_total",
+        kind: Kind::Counter,
+        help: "Chat pages served (GET / on a WebSocket listener).",
+        series: Series::Single(|s| s.shell.ws_pages),
+    },
+    Metric {
+        name: "chatloop_ws_violations_total",
+        kind: Kind::Counter,
+        help: "WebSockets the server closed for a violation: a protocol error (1002), a text message (1003), bad UTF-8 (1007), a message too big (1009).",
+        series: Series::Single(|s| s.shell.ws_violations),
+    },
+    Metric {
         name: "chatloop_cluster_up",
         kind: Kind::Gauge,
         help: "1 while both connections to the cluster's Redis are up (no sample outside a cluster).",

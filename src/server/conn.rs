@@ -3,16 +3,19 @@
 //!
 //! This is the transport seam: every byte a connection moves goes through [`Conn::read_into`]
 //! (socket → bytes for the core), [`Conn::write_chunks`] and [`Conn::write_backlog`] (the
-//! core's bytes → socket). Plain TCP is the identity; a TLS or WebSocket transport (rustls and
-//! tungstenite both have sans-IO APIs) goes here, between the socket and the core's deframer,
+//! core's bytes → socket). Plain TCP is the identity (no transport: one pointer, `None`); a
+//! TLS or WebSocket connection has a [`Transport`] between the socket and these calls,
 //! turning ciphertext or WebSocket messages into the protocol's bytes and back, with nothing
 //! above this file changing: the core never knows which transport a connection uses.
 //!
 //! Invariants (checked with `debug_assert!`):
-//! - `backlog`, when present, is non-empty, and it is present exactly when `write_blocked`
-//!   (the socket refused bytes) or `deferred` (the iteration's write budget was spent before
-//!   this connection's turn), never both;
-//! - WRITABLE interest is registered exactly while `write_blocked`.
+//! - `backlog`, when present, is non-empty, and it is present only while `write_blocked`
+//!   (the socket, or the transport in front of it, refused bytes) or `deferred` (the
+//!   iteration's write budget was spent before this connection's turn), never both;
+//! - `write_blocked` exactly while the backlog or the transport holds bytes the socket
+//!   refused, and WRITABLE interest is registered exactly while `write_blocked`;
+//! - the transport's bytes always reach the socket before the backlog's (they were
+//!   accepted first).
 
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use crate::core::{Chunks, CloseReason};
 use crate::id::ConnId;
 use crate::net::{MAX_IOV, classify};
 use crate::timer::TimerId;
+use crate::transport::{LayerSettings, Outcome, Transport};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub(crate) enum Phase {
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) stream: TcpStream,
+    /// TLS or WebSocket between the socket and the core; `None` for plain TCP.
+    pub(crate) transport: Option<Box<Transport>>,
     pub(crate) peer: SocketAddr,
     /// Output the socket refused, waiting for WRITABLE (boxed: most connections have none,
     /// and an idle one should cost a pointer, not a queue).
@@ -81,21 +87,76 @@ impl Conn {
 
     /// Reads what the transport has for the core into `buf` (plain TCP: one `read`). `Ok(0)`
     /// is the end of the stream; `WouldBlock` means nothing more until the next readiness.
-    pub(crate) fn read_into(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        io::Read::read(&mut self.stream, buf)
+    pub(crate) fn read_into(
+        &mut self,
+        settings: &LayerSettings,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        match self.transport.as_deref_mut() {
+            None => io::Read::read(&mut self.stream, buf),
+            Some(t) => t.read(&mut self.stream, settings, buf),
+        }
+    }
+
+    /// After reads: what the transport reported (for the counters), and WRITABLE interest if
+    /// reading made it hold bytes for a full socket (a handshake message, a pong).
+    pub(crate) fn after_read(
+        &mut self,
+        was_established: bool,
+        registry: &Registry,
+        base: usize,
+    ) -> Option<Outcome> {
+        let t = self.transport.as_deref_mut()?;
+        let outcome = t.take_outcome(was_established);
+        if t.wants_write() != self.write_blocked && !self.deferred {
+            self.settle(registry, base);
+        }
+        outcome
+    }
+
+    /// Whether a TLS handshake, if any, is done.
+    pub(crate) fn is_established(&self) -> bool {
+        self.transport
+            .as_deref()
+            .is_none_or(Transport::is_established)
+    }
+
+    /// Whether the transport holds bytes the socket has not taken.
+    fn transport_blocked(&self) -> bool {
+        self.transport
+            .as_deref()
+            .is_some_and(Transport::wants_write)
+    }
+
+    /// Whether everything queued for the peer has reached the socket.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.backlog.is_none() && !self.transport_blocked()
+    }
+
+    /// Ends the transport politely (close_notify, a WebSocket close frame), best effort.
+    pub(crate) fn close_transport(&mut self) {
+        if let Some(t) = self.transport.as_deref_mut() {
+            t.close(&mut self.stream);
+        }
     }
 
     pub(crate) fn is_open(&self) -> bool {
         self.phase == Phase::Open
     }
 
-    /// Bytes parked for writing.
+    /// Bytes parked for writing (the transport's own buffer included).
     pub(crate) fn pending(&self) -> usize {
         self.backlog.as_ref().map_or(0, |b| b.len())
+            + self.transport.as_deref().map_or(0, Transport::pending)
     }
 
     fn check(&self) {
-        debug_assert_eq!(self.write_blocked || self.deferred, self.backlog.is_some());
+        debug_assert!(self.backlog.is_none() || self.write_blocked || self.deferred);
+        debug_assert!(!self.deferred || self.backlog.is_some());
+        debug_assert_eq!(
+            self.write_blocked,
+            !self.deferred && (self.backlog.is_some() || self.transport_blocked())
+        );
         debug_assert!(!(self.write_blocked && self.deferred));
         debug_assert!(self.backlog.as_ref().is_none_or(|b| !b.is_empty()));
     }
@@ -148,7 +209,11 @@ impl Conn {
             queued += c.len();
         }
         let written = loop {
-            match self.stream.write_vectored(&iov[..n_iov]) {
+            let res = match self.transport.as_deref_mut() {
+                None => self.stream.write_vectored(&iov[..n_iov]),
+                Some(t) => t.write_vectored(&mut self.stream, &iov[..n_iov]),
+            };
+            match res {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -186,11 +251,26 @@ impl Conn {
     ) -> Result<usize, WriteError> {
         self.deferred = false;
         let mut total = 0;
+        if let Some(t) = self.transport.as_deref_mut() {
+            // What the transport accepted earlier goes before the backlog.
+            match t.flush(&mut self.stream) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.settle(registry, base);
+                    return Ok(0);
+                }
+                Err(e) => return Err(WriteError::Io(classify(&e))),
+            }
+        }
         while let Some(b) = self.backlog.as_deref_mut() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let n_iov = b.fill_iov(&mut iov);
             let offered: usize = iov[..n_iov].iter().map(|s| s.len()).sum();
-            match self.stream.write_vectored(&iov[..n_iov]) {
+            let res = match self.transport.as_deref_mut() {
+                None => self.stream.write_vectored(&iov[..n_iov]),
+                Some(t) => t.write_vectored(&mut self.stream, &iov[..n_iov]),
+            };
+            match res {
                 Ok(0) => break,
                 Ok(n) => {
                     b.consume(n);
@@ -217,7 +297,7 @@ impl Conn {
         if self.backlog.as_deref().is_some_and(Backlog::is_empty) {
             self.backlog = None;
         }
-        let blocked = self.backlog.is_some();
+        let blocked = !self.deferred && (self.backlog.is_some() || self.transport_blocked());
         if blocked != self.write_blocked {
             let interest = if blocked {
                 Interest::READABLE | Interest::WRITABLE

@@ -51,6 +51,11 @@ use crate::log_limit::Collapsed;
 use crate::net::{self, FdReserve};
 use crate::protocol::ErrorCode;
 use crate::timer::TimerWheel;
+#[cfg(feature = "tls")]
+use crate::transport::TlsConfigs;
+#[cfg(feature = "websocket")]
+use crate::transport::WsSettings;
+use crate::transport::{LayerSettings, Listen, Transport};
 use conn::{Conn, Phase, WriteError};
 use event::ShellEvents;
 
@@ -195,6 +200,20 @@ pub struct ServerStats {
     /// Shell events lost because the event queue was full, as of the last `flush` (the
     /// core's are in its `Stats`).
     pub events_dropped: u64,
+    /// TLS handshakes completed (TLS and WSS listeners).
+    pub tls_handshakes: u64,
+    /// TLS sessions that failed: a bad handshake (garbage, a plain client on a TLS port, no
+    /// common version or ALPN) or a bad record later.
+    pub tls_failures: u64,
+    /// WebSocket upgrades completed.
+    pub ws_upgrades: u64,
+    /// HTTP requests on a WebSocket listener answered with a 4xx (bad upgrade, origin, path).
+    pub ws_refused: u64,
+    /// Chat pages served.
+    pub ws_pages: u64,
+    /// WebSockets the server closed for a violation: a protocol error (1002), a text message
+    /// (1003), a message too big (1009), bad UTF-8 in a close reason (1007).
+    pub ws_violations: u64,
 }
 
 /// Buckets of [`ServerStats::iteration_us`]: bucket `i` counts iterations under 2^i µs, up to
@@ -273,6 +292,21 @@ pub struct Server {
     warn_per_ip: Collapsed,
     /// Open connections by address, while `max_conns_per_ip` is set.
     per_ip: HashMap<IpAddr, usize>,
+    /// Listeners besides the plain one, each with its caller-chosen token.
+    extra: Vec<ExtraListener>,
+    /// What the transports need to know (WebSocket origins).
+    layers: LayerSettings,
+    /// The certificate TLS and WSS listeners present (replaced on reload).
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfigs>,
+}
+
+/// A TLS or WebSocket listener.
+#[derive(Debug)]
+struct ExtraListener {
+    token: Token,
+    kind: Listen,
+    listener: TcpListener,
 }
 
 impl std::fmt::Debug for Server {
@@ -343,6 +377,10 @@ impl Server {
             warn_emfile: Collapsed::new("accepts out of file descriptors"),
             warn_per_ip: Collapsed::new("connections refused at the per-address limit"),
             per_ip: HashMap::new(),
+            extra: Vec::new(),
+            layers: LayerSettings::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
         })
     }
 
@@ -366,14 +404,72 @@ impl Server {
         self.local_addr
     }
 
-    /// The token range this server uses: `base ..= base + max_connections`.
+    /// Binds a TLS or WebSocket listener on `addr` under `token`, a token of the caller's
+    /// outside [`Server::tokens`] (the server then [owns](Server::owns) it too), and returns
+    /// the bound address. TLS kinds need [`Server::set_tls`] first. Its connections are served
+    /// like the plain listener's, under the same limits.
+    pub fn listen_with(
+        &mut self,
+        addr: SocketAddr,
+        kind: Listen,
+        token: Token,
+    ) -> io::Result<SocketAddr> {
+        if self.tokens().contains(&token.0) || self.extra.iter().any(|e| e.token == token) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("token {} is taken", token.0),
+            ));
+        }
+        #[cfg(feature = "tls")]
+        if kind.needs_tls() && self.tls.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a {} listener needs a certificate", kind.name()),
+            ));
+        }
+        let mut l = TcpListener::from_std(net::bind_listener(
+            addr,
+            self.cfg.backlog,
+            self.cfg.reuseport,
+        )?);
+        self.registry.register(&mut l, token, Interest::READABLE)?;
+        let local = l.local_addr()?;
+        self.extra.push(ExtraListener {
+            token,
+            kind,
+            listener: l,
+        });
+        Ok(local)
+    }
+
+    /// The address of the listener of `kind`, if there is one.
+    pub fn local_addr_of(&self, kind: Listen) -> Option<SocketAddr> {
+        let e = self.extra.iter().find(|e| e.kind == kind)?;
+        e.listener.local_addr().ok()
+    }
+
+    /// The certificate and key TLS and WSS listeners present from now on: new handshakes
+    /// use them, established sessions keep theirs (a reload on SIGHUP).
+    #[cfg(feature = "tls")]
+    pub fn set_tls(&mut self, configs: TlsConfigs) {
+        self.tls = Some(configs);
+    }
+
+    /// What WebSocket listeners accept (origins).
+    #[cfg(feature = "websocket")]
+    pub fn set_ws_settings(&mut self, settings: WsSettings) {
+        self.layers.ws = settings;
+    }
+
+    /// The token range this server uses: `base ..= base + max_connections` (and the tokens
+    /// given to [`Server::listen_with`]).
     pub fn tokens(&self) -> std::ops::RangeInclusive<usize> {
         self.base..=self.base + self.cfg.max_connections
     }
 
     /// Whether an event with `token` is this server's to handle.
     pub fn owns(&self, token: Token) -> bool {
-        self.tokens().contains(&token.0)
+        self.tokens().contains(&token.0) || self.extra.iter().any(|e| e.token == token)
     }
 
     /// The configuration.
@@ -426,8 +522,12 @@ impl Server {
         let t = event.token().0;
         if t == self.base {
             if self.listener.is_some() {
-                self.accept_all(now);
+                self.accept_all(now, None);
             }
+            return;
+        }
+        if let Some(i) = self.extra.iter().position(|e| e.token == event.token()) {
+            self.accept_all(now, Some(i));
             return;
         }
         if !self.owns(event.token()) {
@@ -445,15 +545,21 @@ impl Server {
         }
     }
 
-    fn accept_all(&mut self, now: Instant) {
+    /// Accepts until WouldBlock on the plain listener (`None`) or an extra one.
+    fn accept_all(&mut self, now: Instant, which: Option<usize>) {
         let mut exhausted = false;
+        let kind = which.and_then(|i| self.extra.get(i)).map(|e| e.kind);
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = match which {
+                None => self.listener.as_ref(),
+                Some(i) => self.extra.get(i).map(|e| &e.listener),
+            };
+            let Some(listener) = listener else {
                 return;
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let _ = self.adopt(stream, peer, now);
+                    let _ = self.adopt_as(stream, peer, now, kind);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -483,7 +589,10 @@ impl Server {
                     let accepted = match listener.accept() {
                         Ok((stream, peer)) => {
                             self.stats.refused_full += 1;
-                            refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
+                            let frame = kind
+                                .is_none()
+                                .then(|| self.chat.refusal(ErrorCode::ServerFull));
+                            refuse(stream, peer, frame);
                             self.events.push(|| ServerEvent::Refused {
                                 peer,
                                 code: ErrorCode::ServerFull,
@@ -517,9 +626,22 @@ impl Server {
     /// At the connection limit, the stream gets `server_full` and is closed.
     pub fn adopt(
         &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<ConnId, AdoptError> {
+        self.adopt_as(stream, peer, now, None)
+    }
+
+    /// As [`Server::adopt`], for a stream that speaks `kind` (`None`: plain TCP). A refused
+    /// TLS or WebSocket stream is closed without the protocol's ERROR, which it could not
+    /// read before its handshake.
+    pub fn adopt_as(
+        &mut self,
         mut stream: TcpStream,
         peer: SocketAddr,
         now: Instant,
+        kind: Option<Listen>,
     ) -> Result<ConnId, AdoptError> {
         let per_ip = self.cfg.max_conns_per_ip;
         if per_ip > 0 && self.per_ip.get(&peer.ip()).is_some_and(|&n| n >= per_ip) {
@@ -530,10 +652,12 @@ impl Server {
                     peer.ip()
                 );
             }
-            let frame = self.chat.refusal_because(
-                ErrorCode::ServerFull,
-                "too many connections from your address",
-            );
+            let frame = kind.is_none().then(|| {
+                self.chat.refusal_because(
+                    ErrorCode::ServerFull,
+                    "too many connections from your address",
+                )
+            });
             refuse(stream, peer, frame);
             self.events.push(|| ServerEvent::Refused {
                 peer,
@@ -549,13 +673,24 @@ impl Server {
                     self.cfg.max_connections
                 );
             }
-            refuse(stream, peer, self.chat.refusal(ErrorCode::ServerFull));
+            let frame = kind
+                .is_none()
+                .then(|| self.chat.refusal(ErrorCode::ServerFull));
+            refuse(stream, peer, frame);
             self.events.push(|| ServerEvent::Refused {
                 peer,
                 code: ErrorCode::ServerFull,
             });
             return Err(AdoptError::Full);
         }
+        let transport = match kind.map(|k| self.transport_for(k)) {
+            None => None,
+            Some(Ok(t)) => Some(Box::new(t)),
+            Some(Err(e)) => {
+                log::debug!("{peer}: cannot start its transport: {e}");
+                return Err(AdoptError::Io(e));
+            }
+        };
         // Latency matters more than packet count for chat; frames are batched per iteration
         // anyway, so Nagle would only add delay.
         if let Err(e) = stream.set_nodelay(true) {
@@ -579,6 +714,7 @@ impl Server {
         entry.insert(Conn {
             id,
             stream,
+            transport,
             peer,
             backlog: None,
             write_blocked: false,
@@ -601,6 +737,34 @@ impl Server {
             .push(|| ServerEvent::Accepted { conn: id, peer });
         self.chat.handle_open(now, id, Some(peer));
         Ok(id)
+    }
+
+    /// A new connection's transport for a listener of `kind`.
+    fn transport_for(&self, kind: Listen) -> io::Result<Transport> {
+        #[cfg(feature = "tls")]
+        let tls = |web: bool| -> io::Result<crate::transport::tls::TlsLayer> {
+            let configs = self.tls.as_ref().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "no TLS certificate set")
+            })?;
+            let config = if web { &configs.web } else { &configs.chat };
+            crate::transport::tls::TlsLayer::new(config.clone())
+        };
+        #[cfg(feature = "websocket")]
+        let max_message = self.cfg.chat.max_frame as usize + crate::protocol::HEADER_LEN;
+        match kind {
+            #[cfg(feature = "tls")]
+            Listen::Tls => Ok(Transport::Tls(tls(false)?)),
+            #[cfg(feature = "websocket")]
+            Listen::WebSocket => Ok(Transport::Ws(crate::transport::ws::WsLayer::new(
+                None,
+                max_message,
+            ))),
+            #[cfg(all(feature = "tls", feature = "websocket"))]
+            Listen::SecureWebSocket => Ok(Transport::Ws(crate::transport::ws::WsLayer::new(
+                Some(tls(true)?),
+                max_message,
+            ))),
+        }
     }
 
     fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -632,10 +796,13 @@ impl Server {
         let budget = self.read_budget();
         let fanout_budget = self.fanout_budget();
         let epoch = self.stats.iterations as u32;
+        let was_established = self.conn(id).is_none_or(|c| c.is_established());
         loop {
             let iteration_full = self.chat.frames_addressed() - self.frames_at_start
                 >= self.cfg.iteration_frames.max(1);
-            let Some(c) = self.conn(id) else { break };
+            let Some(c) = self.conns.get_mut(id.slot()).filter(|c| c.id == id) else {
+                break;
+            };
             if !c.is_open() || c.paused {
                 break;
             }
@@ -658,7 +825,7 @@ impl Server {
                 break;
             }
             let want = (c.read_left as usize).min(scratch.len());
-            let res = c.read_into(&mut scratch[..want]);
+            let res = c.read_into(&self.layers, &mut scratch[..want]);
             match res {
                 Ok(0) => {
                     self.stats.reads += 1;
@@ -697,6 +864,10 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let reason = net::classify(&e);
+                    #[cfg(feature = "tls")]
+                    if crate::transport::tls::is_tls_error(&e) {
+                        self.stats.tls_failures += 1;
+                    }
                     log::debug!("conn {id}: read failed: {e}");
                     self.chat.handle_close(id, reason);
                     self.close_now(id, reason);
@@ -705,6 +876,50 @@ impl Server {
             }
         }
         self.scratch = scratch;
+        self.after_read(id, was_established);
+    }
+
+    /// Counts what a transport reported while reading, and makes sure the bytes it holds for
+    /// a full socket (a handshake message, a pong, an HTTP answer) get WRITABLE interest.
+    fn after_read(&mut self, id: ConnId, was_established: bool) {
+        let base = self.base;
+        let Some(c) = self
+            .conns
+            .get_mut(id.slot())
+            .filter(|c| c.id == id && c.transport.is_some())
+        else {
+            return;
+        };
+        let outcome = c.after_read(was_established, &self.registry, base);
+        let dead = matches!(c.phase, Phase::Dead(_));
+        match outcome {
+            None => {}
+            #[cfg(feature = "tls")]
+            Some(crate::transport::Outcome::TlsEstablished) => {
+                self.stats.tls_handshakes += 1;
+                log::debug!("conn {id}: TLS established");
+            }
+            #[cfg(feature = "websocket")]
+            Some(crate::transport::Outcome::Ws(w)) => {
+                use crate::transport::ws::WsOutcome;
+                match w {
+                    WsOutcome::Page => self.stats.ws_pages += 1,
+                    WsOutcome::Upgraded => {
+                        self.stats.ws_upgrades += 1;
+                        log::debug!("conn {id}: WebSocket open");
+                    }
+                    WsOutcome::Refused(_) => self.stats.ws_refused += 1,
+                    WsOutcome::Closed(code) => {
+                        self.stats.ws_violations += 1;
+                        log::debug!("conn {id}: WebSocket closed by us ({code})");
+                    }
+                }
+            }
+        }
+        if dead {
+            self.chat.handle_close(id, CloseReason::IoError);
+            self.close_now(id, CloseReason::IoError);
+        }
     }
 
     /// Connections that stopped at their read budget read on, with a fresh budget (`flush`
@@ -797,8 +1012,9 @@ impl Server {
                 log::debug!("conn {id}: SO_LINGER failed: {e}");
             }
         } else if !matches!(c.phase, Phase::Dead(_)) {
+            c.close_transport();
             // So the close is a FIN, not a reset that could destroy our last frames.
-            net::drain_input(|b| c.read_into(b), &mut self.scratch);
+            net::drain_input(|b| io::Read::read(&mut c.stream, b), &mut self.scratch);
         }
         c.discard_backlog();
         self.stats.closed += 1;
@@ -934,7 +1150,7 @@ impl Server {
                     resets_left -= 1;
                     self.close_now(id, reason);
                 }
-                Phase::Closing(reason) if c.backlog.is_none() => self.close_now(id, reason),
+                Phase::Closing(reason) if c.is_flushed() => self.close_now(id, reason),
                 Phase::Dead(reason) => self.close_now(id, reason),
                 _ if c.linger.is_none() => {
                     // Its output waits for the socket: give it until the grace period ends.
@@ -1330,8 +1546,8 @@ fn write_backlog_of(
         }
         (Ok(n), phase) => {
             stats.bytes_written += n as u64;
-            match (phase, &c.backlog) {
-                (Phase::Closing(reason), None) => Wrote::LastBytes(reason),
+            match phase {
+                Phase::Closing(reason) if c.is_flushed() => Wrote::LastBytes(reason),
                 _ => Wrote::Bytes(n),
             }
         }
@@ -1379,8 +1595,13 @@ fn unreachable_overflow() {
     debug_assert!(false, "write_backlog never reports overflow");
 }
 
-/// Best-effort refusal: one non-blocking write of the core's refusal frame, then close.
-fn refuse(mut stream: TcpStream, peer: SocketAddr, frame: &[u8]) {
+/// Best-effort refusal: one non-blocking write of the core's refusal frame (plain TCP only:
+/// a TLS or WebSocket peer could not read it before its handshake), then close.
+fn refuse(mut stream: TcpStream, peer: SocketAddr, frame: Option<&[u8]>) {
+    let Some(frame) = frame else {
+        log::debug!("{peer}: refused (closed: its transport has no way to say why yet)");
+        return;
+    };
     match std::io::Write::write(&mut stream, frame) {
         Ok(_) => log::debug!("{peer}: refused"),
         Err(e) => log::debug!("{peer}: refused (the ERROR not delivered: {e})"),

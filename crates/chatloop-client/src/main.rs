@@ -3,7 +3,13 @@
 //!
 //! ```text
 //! chatloop-client [--connect ADDR] --nick NICK [--join ROOM]... [--log-level LEVEL] [--wait DUR]
+//!                 [--retries N] [--tls [--ca FILE] [--server-name NAME]]
 //! ```
+//!
+//! `--tls` connects over TLS (rustls, ALPN `chatloop/1`), verifying the server's certificate
+//! against Mozilla's root certificates (compiled in, from webpki-roots: the OS's store is not
+//! read), or against the PEM certificates of `--ca FILE` instead; for the name of
+//! `--server-name`, by default the host of `--connect` (a DNS name or an IP address).
 //!
 //! On a terminal it edits lines with rustyline and prints incoming events above the input line;
 //! otherwise it reads commands line by line from stdin (scripts). See the README's "Terminal
@@ -23,6 +29,7 @@
 //! | `session` | the session's rules, sans I/O: frames, lines and time in; frames, lines, deadlines and actions out |
 //! | `sent` | commands sent and not yet answered, and which answer belongs to which |
 //! | `net` | the network thread: sockets, reader threads and the clock, carrying out what the session asks |
+//! | `tls` | `--tls`: the handshake, and the TLS state the reader thread and the writer share |
 //! | `output` | what the session's lines say, and where they go (above the line editor, or stdout), with timestamps |
 
 mod backoff;
@@ -31,8 +38,10 @@ mod net;
 mod output;
 mod sent;
 mod session;
+mod tls;
 
 use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -42,11 +51,13 @@ use std::time::Duration;
 use chatloop::config::{LogLevel, parse_duration};
 use clap::Parser;
 use nix::sys::termios::{SetArg, Termios, tcgetattr, tcsetattr};
+use rustls::pki_types::ServerName;
 
 use command::{Command, HELP};
 use net::{Event, Net};
 use output::{Clock, EditorSink, Out};
 use session::Config;
+use tls::Tls;
 
 fn main() -> ExitCode {
     // The local UTC offset can only be read while the process is single-threaded.
@@ -59,14 +70,36 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let msg = e.render().to_string();
-            let line = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("chatloop-client: {}", line.trim_start_matches("error: "));
+            eprintln!("chatloop-client: {}", one_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };
     init_logging(args.log_level.filter());
-    ExitCode::from(run(args, clock))
+    let tls = match args.tls_config() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("chatloop-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ExitCode::from(run(args, tls, clock))
+}
+
+/// clap's error in one line: its first, and the list under it when it ends with a colon
+/// ("the following required arguments were not provided: --tls").
+fn one_line(msg: &str) -> String {
+    let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    if let Some(head) = first.strip_suffix(':') {
+        let list: Vec<&str> = lines.take_while(|l| !l.starts_with("Usage:")).collect();
+        if !list.is_empty() {
+            return format!("{head}: {}", list.join(", "));
+        }
+    }
+    first.to_string()
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -109,9 +142,41 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub retries: u32,
+    /// Connect over TLS (ALPN chatloop/1). The server's certificate is verified against
+    /// Mozilla's root certificates, built in (the OS's store is not read), unless --ca.
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: trust the certificates in FILE (PEM, one or more) instead of the built-in
+    /// roots: a self-signed server certificate, or a private CA's.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub ca: Option<PathBuf>,
+    /// With --tls: the name the server's certificate must be valid for, sent as SNI (a DNS
+    /// name or an IP address) [default: the host of --connect].
+    #[arg(long, value_name = "NAME", requires = "tls", value_parser = tls::server_name)]
+    pub server_name: Option<ServerName<'static>>,
     /// Print the session token on WELCOME (for tests of session takeover).
     #[arg(long, hide = true)]
     pub print_token: bool,
+}
+
+impl Args {
+    /// The name to verify the server's certificate against: `--server-name`, or the host of
+    /// `--connect`.
+    pub fn server_name(&self) -> Result<ServerName<'static>, String> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => tls::server_name(host(&self.connect))
+                .map_err(|e| format!("--connect {}: {e}; use --server-name", self.connect)),
+        }
+    }
+
+    /// The TLS configuration of `--tls` (None without it); reads `--ca`.
+    fn tls_config(&self) -> Result<Option<Tls>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        Tls::new(self.ca.as_deref(), self.server_name()?).map(Some)
+    }
 }
 
 /// `HOST:PORT` with a numeric port; resolved at each connection attempt.
@@ -127,6 +192,14 @@ fn parse_addr(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The host of a `HOST:PORT` (`[::1]:7878`: `::1`).
+fn host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// The terminal state to put back if the session ends while the line editor is in raw mode.
 struct SavedTerminal(Termios);
 
@@ -140,8 +213,8 @@ impl SavedTerminal {
     }
 }
 
-/// Runs a session; returns the exit status.
-pub fn run(args: Args, clock: Clock) -> u8 {
+/// Runs a session (over TLS with `tls`); returns the exit status.
+pub fn run(args: Args, tls: Option<Tls>, clock: Clock) -> u8 {
     let (tx, rx) = mpsc::channel();
     // Each --join is as if typed: the last one is the current room (and the first prompt).
     let current = Arc::new(Mutex::new(args.join.last().cloned()));
@@ -172,7 +245,7 @@ pub fn run(args: Args, clock: Clock) -> u8 {
         print_token: args.print_token,
         ping_tag: std::process::id(),
     };
-    let code = Net::new(cfg, out.clone(), tx, rx, current).run();
+    let code = Net::new(cfg, tls, out.clone(), tx, rx, current).run();
     if let (Some(handle), Some(term)) = (editor_thread, saved) {
         if !handle.is_finished() {
             // The session ended while the editor is reading a line in raw mode. Let it
@@ -312,5 +385,86 @@ mod tests {
         assert!(Args::try_parse_from(["c"]).is_err());
         assert!(Args::try_parse_from(["c", "--nick", "b", "--wait", "soon"]).is_err());
         assert!(Args::try_parse_from(["c", "--nick", "b", "--retries", "0"]).is_err());
+    }
+
+    fn name(s: &str) -> ServerName<'static> {
+        tls::server_name(s).expect("a valid server name")
+    }
+
+    #[test]
+    fn tls_flags() {
+        let a = Args::try_parse_from(["c", "--nick", "b"]).expect("parses");
+        assert!(!a.tls);
+        assert!(matches!(a.tls_config(), Ok(None)));
+
+        let a = Args::try_parse_from([
+            "c",
+            "--nick",
+            "b",
+            "--connect",
+            "chat.example:7443",
+            "--tls",
+        ])
+        .expect("parses");
+        assert!(a.tls && a.ca.is_none() && a.server_name.is_none());
+        assert_eq!(a.server_name(), Ok(name("chat.example")));
+        // The built-in roots.
+        assert!(matches!(a.tls_config(), Ok(Some(_))));
+
+        let a = Args::try_parse_from([
+            "c",
+            "--nick",
+            "b",
+            "--connect",
+            "10.0.0.1:7443",
+            "--tls",
+            "--ca",
+            "cert.pem",
+            "--server-name",
+            "chat.example",
+        ])
+        .expect("parses");
+        assert_eq!(a.ca.as_deref(), Some(std::path::Path::new("cert.pem")));
+        assert_eq!(a.server_name(), Ok(name("chat.example")));
+        // The file does not exist.
+        let err = a.tls_config().expect_err("no such file");
+        assert!(err.starts_with("--ca cert.pem: "), "{err}");
+
+        // --ca and --server-name only with --tls.
+        let err = Args::try_parse_from(["c", "--nick", "b", "--ca", "cert.pem"])
+            .expect_err("--ca without --tls");
+        assert_eq!(
+            one_line(&err.render().to_string()),
+            "the following required arguments were not provided: --tls"
+        );
+        assert!(Args::try_parse_from(["c", "--nick", "b", "--server-name", "x"]).is_err());
+        // Not a name.
+        assert!(
+            Args::try_parse_from(["c", "--nick", "b", "--tls", "--server-name", "a b"]).is_err()
+        );
+    }
+
+    #[test]
+    fn tls_server_name_defaults_to_the_host_of_connect() {
+        let parse = |connect: &str| {
+            Args::try_parse_from(["c", "--nick", "b", "--tls", "--connect", connect])
+                .expect("parses")
+                .server_name()
+        };
+        assert_eq!(parse("127.0.0.1:7443"), Ok(name("127.0.0.1")));
+        assert!(matches!(
+            parse("127.0.0.1:7443"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert_eq!(parse("[::1]:7443"), Ok(name("::1")));
+        assert!(matches!(parse("[::1]:7443"), Ok(ServerName::IpAddress(_))));
+        assert!(matches!(
+            parse("localhost:7443"),
+            Ok(ServerName::DnsName(_))
+        ));
+        let err = parse("under_score!:7443").expect_err("not a DNS name");
+        assert!(err.contains("--server-name"), "{err}");
+        assert_eq!(host("[::1]:7443"), "::1");
+        assert_eq!(host("h:1"), "h");
     }
 }

@@ -6,8 +6,14 @@
 //! what the session asks: frames to write (blocking `write_all` on its half of the socket,
 //! with a write timeout), lines to print, a connection to open or close, the exit. Frames are
 //! decoded with `ServerMsg::decode`, the crate's own codec; the rules are all in `session`.
+//!
+//! With `--tls` the same threads carry TLS (see `tls`): the handshake runs here, right after
+//! the connect; the reader thread reads through a [`tls::Reader`] instead of the bare socket
+//! (the deframing loop is generic over `Read`), and frames go out through a [`tls::Writer`].
+//! Plain TCP is untouched by it: the same calls on the same `TcpStream`s as without TLS.
 
-use std::io::{ErrorKind, Read, Write};
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -18,10 +24,11 @@ use chatloop::protocol::{Deframer, SERVER_SLACK, ServerMsg, op};
 
 use super::backoff::Rng;
 use super::command::Command;
-use super::output::Out;
+use super::output::{Out, clean};
 use super::session::{Action, Config, DEFAULT_MAX_FRAME, Session};
+use super::tls::{self, HandshakeError, Tls};
 
-/// TCP connect timeout per address.
+/// TCP connect timeout per address; the TLS handshake gets as long again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A write blocked this long means the connection is unusable.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,8 +60,9 @@ pub enum Event {
     },
 }
 
-/// Reads frames from `stream` and forwards them until the connection ends.
-fn reader(mut stream: TcpStream, conn: u64, tx: Sender<Event>) {
+/// Reads frames from `stream` (the socket, or TLS's plaintext) and forwards them until the
+/// connection ends.
+fn reader(mut stream: impl Read, conn: u64, tx: Sender<Event>) {
     // Before WELCOME no server frame is large; after it, payloads are at most
     // max_frame + SERVER_SLACK. The reader learns max_frame itself, from the WELCOME it
     // forwards: the frames right behind it may be in the same chunk.
@@ -101,7 +109,39 @@ fn reader(mut stream: TcpStream, conn: u64, tx: Sender<Event>) {
 /// The open connection.
 struct Link {
     id: u64,
+    /// Frames are written here, unless `tls`; shut down on close either way.
     stream: TcpStream,
+    /// With `--tls`: where frames are written instead.
+    tls: Option<tls::Writer>,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug)]
+enum OpenError {
+    Io(io::Error),
+    Tls(HandshakeError),
+}
+
+impl OpenError {
+    /// Every attempt would fail the same way: not worth a retry.
+    fn is_final(&self) -> bool {
+        matches!(self, OpenError::Tls(e) if e.is_final())
+    }
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Io(e) => e.fmt(f),
+            OpenError::Tls(e) => e.fmt(f),
+        }
+    }
 }
 
 /// The network side of the client.
@@ -109,6 +149,8 @@ pub struct Net {
     session: Session,
     /// `HOST:PORT`, resolved at each attempt.
     addr: String,
+    /// `--tls`: how to secure each connection.
+    tls: Option<Tls>,
     out: Out,
     tx: Sender<Event>,
     rx: Receiver<Event>,
@@ -130,9 +172,10 @@ fn seed() -> u64 {
 }
 
 impl Net {
-    /// A client that will connect when [`Net::run`] is called.
+    /// A client that will connect when [`Net::run`] is called (over TLS with `tls`).
     pub fn new(
         cfg: Config,
+        tls: Option<Tls>,
         out: Out,
         tx: Sender<Event>,
         rx: Receiver<Event>,
@@ -140,6 +183,7 @@ impl Net {
     ) -> Net {
         Net {
             addr: cfg.addr.clone(),
+            tls,
             session: Session::new(cfg, Rng::new(seed())),
             out,
             tx,
@@ -210,7 +254,11 @@ impl Net {
                 log::warn!("a frame to send without a connection; dropped");
                 continue;
             };
-            if let Err(e) = link.stream.write_all(&buf) {
+            let written = match &link.tls {
+                None => link.stream.write_all(&buf),
+                Some(tls) => tls.send(&buf),
+            };
+            if let Err(e) = written {
                 self.close();
                 self.session
                     .handle_disconnected(Instant::now(), &format!("write failed: {e}"));
@@ -247,14 +295,20 @@ impl Net {
                 self.link = Some(link);
                 self.session.handle_connected(Instant::now());
             }
-            Err(e) => self.session.handle_disconnected(
-                Instant::now(),
-                &format!("cannot connect to {}: {e}", self.addr),
-            ),
+            Err(e) => {
+                let why = format!("cannot connect to {}: {e}", self.addr);
+                if e.is_final() {
+                    // Also on stderr: it ends the session, and retrying would not help.
+                    log::error!("{}", clean(&why));
+                    self.session.handle_rejected(Instant::now(), &why);
+                } else {
+                    self.session.handle_disconnected(Instant::now(), &why);
+                }
+            }
         }
     }
 
-    fn open(&mut self) -> std::io::Result<Link> {
+    fn open(&mut self) -> Result<Link, OpenError> {
         let mut last = None;
         for addr in self.addr.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
@@ -263,21 +317,37 @@ impl Net {
                     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
                     let id = self.next_id;
                     self.next_id += 1;
-                    let read_half = stream.try_clone()?;
                     let tx = self.tx.clone();
-                    thread::Builder::new()
-                        .name(format!("reader-{id}"))
-                        .spawn(move || reader(read_half, id, tx))?;
-                    return Ok(Link { id, stream });
+                    let thread = thread::Builder::new().name(format!("reader-{id}"));
+                    let tls = match &self.tls {
+                        None => {
+                            let read_half = stream.try_clone()?;
+                            thread.spawn(move || reader(read_half, id, tx))?;
+                            None
+                        }
+                        Some(tls) => {
+                            let (read_half, writer) = tls
+                                .handshake(&stream, CONNECT_TIMEOUT)
+                                .map_err(OpenError::Tls)?;
+                            thread.spawn(move || reader(read_half, id, tx))?;
+                            Some(writer)
+                        }
+                    };
+                    return Ok(Link { id, stream, tls });
                 }
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+        Err(last
+            .unwrap_or_else(|| io::Error::other("the address resolves to nothing"))
+            .into())
     }
 
     fn close(&mut self) {
         if let Some(link) = self.link.take() {
+            if let Some(tls) = &link.tls {
+                tls.close_notify();
+            }
             // Wakes the reader thread, which then exits; its last events name a stale id.
             let _ = link.stream.shutdown(Shutdown::Both);
         }

@@ -194,6 +194,8 @@ impl fmt::Display for Line {
             Line::NotReconnecting { code } => {
                 write!(f, "* not reconnecting after {}", error_name(*code))
             }
+            // The reason may quote the server's certificate.
+            Line::Rejected(why) => write!(f, "! {}; not retrying", clean(why)),
             Line::Error { code, detail } if detail.is_empty() => {
                 write!(f, "! {}", error_name(*code))
             }
@@ -356,6 +358,15 @@ mod tests {
                 conn_id: 255
             }),
             "* connected to h:1 as a b (conn 0xff)"
+        );
+        assert_eq!(
+            s(Line::Rejected(
+                "cannot connect to h:1: TLS: certificate not valid for name \"h\"; certificate \
+                 is only valid for x\ny"
+                    .into()
+            )),
+            "! cannot connect to h:1: TLS: certificate not valid for name \"h\"; certificate \
+             is only valid for x\u{FFFD}y; not retrying"
         );
     }
 

@@ -6,7 +6,8 @@
 //!
 //! - [`Session::handle_connected`] / [`Session::handle_disconnected`]: a connection it asked
 //!   for opened, or a connection (or the attempt) ended: EOF, reset, a read or write error, a
-//!   framing error from the server;
+//!   framing error from the server; [`Session::handle_rejected`]: the attempt failed in a way
+//!   every attempt would (a TLS handshake: an untrusted certificate);
 //! - [`Session::handle_frame`] (and [`Session::handle_undecodable`]): a frame from the server;
 //! - [`Session::handle_input`] / [`Session::handle_input_end`]: a command typed or piped in,
 //!   the end of piped input;
@@ -39,7 +40,8 @@
 //!   [`QUIT_LINGER`]). End of piped input: a barrier PING after everything queued; its PONG
 //!   means every command was answered, so QUIT and exit 0; `wait` after the end of input (or
 //!   after the first WELCOME that follows it) the session exits 0 anyway. Exit 1: unreachable
-//!   within `attempts`, a fatal error not retried, or a refused first HELLO.
+//!   within `attempts`, a fatal error not retried, a rejected attempt (TLS), or a refused
+//!   first HELLO.
 //!
 //! # Invariants
 //!
@@ -142,6 +144,8 @@ pub enum Line {
     Unreachable { attempts: u32 },
     /// `* not reconnecting after NAME`.
     NotReconnecting { code: u16 },
+    /// `! WHY; not retrying`: an attempt failed as every attempt would (TLS).
+    Rejected(String),
     /// `! NAME: DETAIL` (or `! NAME`): an ERROR from the server, by its protocol name.
     Error { code: u16, detail: String },
     /// `! NAME: cannot rejoin ROOM: DETAIL`.
@@ -352,6 +356,30 @@ impl Session {
             } else {
                 self.connection_ended(now, why, false);
             }
+        }
+        self.check();
+    }
+
+    /// The connection asked for with [`Action::Connect`] could not be opened, and every
+    /// attempt would fail the same way (the TLS handshake: the server's certificate is not
+    /// trusted or not for this name, client and server share no TLS version): `why` is said,
+    /// and the session exits 1 without retrying, as after a refused first HELLO.
+    pub fn handle_rejected(&mut self, now: Instant, why: &str) {
+        let connecting = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| matches!(c.phase, Phase::Connecting));
+        if self.exit.is_none() && connecting {
+            self.close_conn(false);
+            if self.quit_until.is_some() {
+                self.finish(0);
+            } else {
+                self.say(Line::Rejected(why.to_string()));
+                self.finish(1);
+            }
+        } else {
+            // Not an attempt in progress: as any other end of a connection.
+            self.handle_disconnected(now, why);
         }
         self.check();
     }

@@ -686,6 +686,39 @@ fn the_first_connection_is_retried_with_backoff_then_given_up_with_exit_1() {
 }
 
 #[test]
+fn a_rejected_attempt_ends_the_session_with_1_without_retrying() {
+    // The first connection.
+    let mut t = T::new(&["lobby"]);
+    t.connects = 0;
+    t.step(|s, now| s.handle_rejected(now, "cannot connect to test:1: TLS: bad"));
+    t.expect_lines(&["! cannot connect to test:1: TLS: bad; not retrying"]);
+    assert_eq!(t.exit, Some(1));
+    assert!(t.sent().is_empty());
+
+    // A reconnect.
+    let mut t = T::in_rooms(&["lobby"]);
+    t.cut();
+    t.expect_lines(&[
+        "* connection lost: the server closed the connection",
+        "* reconnecting in ...",
+    ]);
+    t.jump();
+    t.connects = 0;
+    t.step(|s, now| s.handle_rejected(now, "TLS: bad"));
+    t.expect_lines(&["! TLS: bad; not retrying"]);
+    assert_eq!(t.exit, Some(1));
+}
+
+#[test]
+fn a_rejection_outside_an_attempt_is_an_ordinary_disconnect() {
+    let mut t = T::welcomed(&[]);
+    t.open = false;
+    t.step(|s, now| s.handle_rejected(now, "TLS: late"));
+    t.expect_lines(&["* connection lost: TLS: late", "* reconnecting in ..."]);
+    assert_eq!(t.exit, None);
+}
+
+#[test]
 fn a_lost_connection_with_ten_retries_tries_for_13_to_26_seconds() {
     for seed in 0..20 {
         let mut t = T::with(cfg(&[]), seed);

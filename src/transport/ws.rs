@@ -1,0 +1,424 @@
+//! WebSocket between the socket (or a TLS session) and the core: RFC 6455 at `/chat`,
+//! subprotocol `chatloop.v1`, and the chat page at `/`.
+//!
+//! A connection starts as an HTTP request. [`route`](upgrade::route) answers it: the page,
+//! an upgrade, or a 4xx with a one-line reason. After the upgrade, tungstenite's
+//! `WebSocketContext` (sans-IO: the stream is an argument of each call) reads messages, checks
+//! the RFC's rules (masking, control frames, fragments, UTF-8 in close reasons, sizes) and
+//! answers pings and closes; each binary message's payload goes to the core as protocol bytes.
+//! Output is framed with tungstenite's `FrameHeader`: everything one write carries (whole
+//! protocol frames: the core's output is chunked at frame boundaries) becomes one binary
+//! message, written with one `writev` after its header, so a frame is never split across
+//! messages.
+//!
+//! Invariants:
+//! - `wire` holds bytes for the link (HTTP response, WebSocket frames) the link did not take
+//!   yet; new output is accepted only once it is empty, so it never holds more than one
+//!   write's worth; it is freed when it empties, so an idle connection holds none;
+//! - `ready` holds the unread rest of one message (never more than the message size limit).
+
+mod upgrade;
+
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+
+use tungstenite::Message;
+use tungstenite::error::{CapacityError, Error as WsError};
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+
+use super::tls::{ReadWrite, TlsLayer};
+use crate::net::MAX_IOV;
+
+pub use upgrade::{PATH, SUBPROTOCOL};
+
+/// Bytes tungstenite reads per call, and the input buffer it keeps: small, since it stays
+/// allocated for the connection's life (chat messages are small; a big one takes a few calls).
+const READ_CHUNK: usize = 1024;
+
+/// What a WebSocket listener needs to know.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WsSettings {
+    /// Browser origins allowed to open a WebSocket (`https://chat.example.com`); empty: only
+    /// the page's own origin (the `Host` the request was sent to). Requests without an
+    /// `Origin` header (not from a browser) are always allowed.
+    pub origins: Vec<String>,
+}
+
+/// What happened on a WebSocket connection that the server counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WsOutcome {
+    /// The page was served (the connection then closes).
+    Page,
+    /// The upgrade succeeded.
+    Upgraded,
+    /// The request was refused with this HTTP status.
+    Refused(u16),
+    /// We closed the WebSocket with this code (a protocol violation, a text message, a
+    /// message too big).
+    Closed(u16),
+}
+
+enum State {
+    /// Reading the HTTP request (bounded by `upgrade::MAX_REQUEST`).
+    Request(Vec<u8>),
+    Open(Box<WebSocketContext>),
+    /// Answered (page or refusal) or closed: nothing more is read or framed.
+    Done,
+}
+
+/// One connection's WebSocket, over plain TCP or TLS.
+pub(crate) struct WsLayer {
+    state: State,
+    pub(crate) tls: Option<TlsLayer>,
+    /// Bytes for the link not taken yet.
+    wire: Vec<u8>,
+    /// The rest of a message the core has not read yet, from `ready_at`.
+    ready: Vec<u8>,
+    ready_at: usize,
+    max_message: usize,
+    outcome: Option<WsOutcome>,
+}
+
+impl fmt::Debug for WsLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Request(_) => "request",
+            State::Open(_) => "open",
+            State::Done => "done",
+        };
+        f.debug_struct("WsLayer")
+            .field("state", &state)
+            .field("tls", &self.tls.is_some())
+            .field("wire", &self.wire.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The byte stream under the WebSocket: the socket, or a TLS session on it.
+struct Link<'a, S> {
+    sock: &'a mut S,
+    tls: Option<&'a mut TlsLayer>,
+}
+
+impl<S: ReadWrite> Link<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            Some(t) => t.read(self.sock, buf),
+            None => self.sock.read(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            Some(t) => t.write_vectored(self.sock, iov),
+            None => loop {
+                match self.sock.write_vectored(iov) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => return r,
+                }
+            },
+        }
+    }
+}
+
+/// What tungstenite reads from and writes to: the link for input, `wire` for its own output
+/// (pongs, close replies), which the layer sends in order with everything else.
+struct Pipe<'a, 'b, S> {
+    link: &'a mut Link<'b, S>,
+    wire: &'a mut Vec<u8>,
+}
+
+impl<S: ReadWrite> Read for Pipe<'_, '_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.link.read(buf)
+    }
+}
+
+impl<S> Write for Pipe<'_, '_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wire.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl WsLayer {
+    /// A connection whose first bytes will be an HTTP request; `max_message` is the largest
+    /// WebSocket message accepted (max-frame plus the protocol's header).
+    pub(crate) fn new(tls: Option<TlsLayer>, max_message: usize) -> WsLayer {
+        WsLayer {
+            state: State::Request(Vec::new()),
+            tls,
+            wire: Vec::new(),
+            ready: Vec::new(),
+            ready_at: 0,
+            max_message,
+            outcome: None,
+        }
+    }
+
+    pub(crate) fn take_outcome(&mut self) -> Option<WsOutcome> {
+        self.outcome.take()
+    }
+
+    /// Bytes waiting for the link (TLS's own buffer not counted: it is bounded by its cap).
+    pub(crate) fn pending(&self) -> usize {
+        self.wire.len()
+    }
+
+    pub(crate) fn wants_write(&self) -> bool {
+        !self.wire.is_empty() || self.tls.as_ref().is_some_and(TlsLayer::wants_write)
+    }
+
+    /// Protocol bytes from the peer into `buf`. `Ok(0)` ends the session: the peer's close
+    /// or end of stream, an answered HTTP request, or a WebSocket we closed for a violation
+    /// (the close frame waits in `wire`).
+    pub(crate) fn read(
+        &mut self,
+        sock: &mut impl ReadWrite,
+        settings: &WsSettings,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        let res = self.read_inner(sock, settings, buf);
+        // Whatever reading produced for the peer (an HTTP answer, pongs, a close frame) goes
+        // out now, or when the socket is writable again.
+        match self.flush(sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        res
+    }
+
+    fn read_inner(
+        &mut self,
+        sock: &mut impl ReadWrite,
+        settings: &WsSettings,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        loop {
+            if self.ready_at < self.ready.len() {
+                let n = (self.ready.len() - self.ready_at).min(buf.len());
+                buf[..n].copy_from_slice(&self.ready[self.ready_at..self.ready_at + n]);
+                self.ready_at += n;
+                if self.ready_at == self.ready.len() {
+                    self.ready = Vec::new();
+                    self.ready_at = 0;
+                }
+                return Ok(n);
+            }
+            let mut link = Link {
+                sock: &mut *sock,
+                tls: self.tls.as_mut(),
+            };
+            match &mut self.state {
+                State::Done => return Ok(0),
+                State::Request(req) => {
+                    let secure = link.tls.is_some();
+                    let mut chunk = [0u8; 1024];
+                    let n = link.read(&mut chunk)?;
+                    if n == 0 {
+                        self.state = State::Done;
+                        return Ok(0);
+                    }
+                    req.extend_from_slice(&chunk[..n]);
+                    match upgrade::route(req, secure, settings) {
+                        upgrade::Route::Incomplete => {}
+                        upgrade::Route::Answer {
+                            response,
+                            status,
+                            reason,
+                        } => {
+                            log::debug!("WebSocket listener: HTTP {status} ({reason})");
+                            self.wire.extend_from_slice(&response);
+                            self.state = State::Done;
+                            self.outcome = Some(if status == 200 {
+                                WsOutcome::Page
+                            } else {
+                                WsOutcome::Refused(status)
+                            });
+                            return Ok(0);
+                        }
+                        upgrade::Route::Upgrade { response, consumed } => {
+                            self.wire.extend_from_slice(&response);
+                            let rest = req[consumed..].to_vec();
+                            let config = WebSocketConfig::default()
+                                .read_buffer_size(READ_CHUNK)
+                                .write_buffer_size(0)
+                                .max_message_size(Some(self.max_message))
+                                .max_frame_size(Some(self.max_message));
+                            let ctx = WebSocketContext::from_partially_read(
+                                rest,
+                                Role::Server,
+                                Some(config),
+                            );
+                            self.state = State::Open(Box::new(ctx));
+                            self.outcome = Some(WsOutcome::Upgraded);
+                        }
+                    }
+                }
+                State::Open(ctx) => {
+                    let mut pipe = Pipe {
+                        link: &mut link,
+                        wire: &mut self.wire,
+                    };
+                    let close = match ctx.read(&mut pipe) {
+                        Ok(Message::Binary(data)) => {
+                            let n = data.len().min(buf.len());
+                            buf[..n].copy_from_slice(&data[..n]);
+                            if n < data.len() {
+                                self.ready = data[n..].to_vec();
+                            }
+                            if n == 0 {
+                                continue; // an empty message carries no frame
+                            }
+                            return Ok(n);
+                        }
+                        Ok(Message::Text(_)) => CloseCode::Unsupported,
+                        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                        Ok(Message::Close(_)) => {
+                            // tungstenite queued the reply; it goes out with the flush.
+                            let _ = ctx.flush(&mut pipe);
+                            self.state = State::Done;
+                            return Ok(0);
+                        }
+                        Err(WsError::Io(e)) => {
+                            if e.kind() == io::ErrorKind::WouldBlock {
+                                let _ = ctx.flush(&mut pipe);
+                            }
+                            return Err(e);
+                        }
+                        Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                            self.state = State::Done;
+                            return Ok(0);
+                        }
+                        Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+                            CloseCode::Size
+                        }
+                        Err(WsError::Utf8(_)) => CloseCode::Invalid,
+                        Err(e) => {
+                            log::debug!("WebSocket: {e}");
+                            CloseCode::Protocol
+                        }
+                    };
+                    self.close_with(close);
+                    return Ok(0);
+                }
+            }
+        }
+    }
+
+    /// Closes the WebSocket with `code` (the frame waits in `wire`); nothing more is read.
+    fn close_with(&mut self, code: CloseCode) {
+        let frame = Frame::close(Some(CloseFrame {
+            code,
+            reason: "".into(),
+        }));
+        // Formatting into a Vec cannot fail.
+        let _ = frame.format(&mut self.wire);
+        self.outcome = Some(WsOutcome::Closed(code.into()));
+        self.state = State::Done;
+    }
+
+    /// Takes the core's bytes (whole protocol frames) as one binary message, once what
+    /// waited for the link is out; `WouldBlock` while it is not. Before the upgrade, or after
+    /// the close, there is nowhere to put them: they are dropped (counted as written).
+    pub(crate) fn write_vectored(
+        &mut self,
+        sock: &mut impl ReadWrite,
+        iov: &[IoSlice<'_>],
+    ) -> io::Result<usize> {
+        let total: usize = iov.iter().map(|s| s.len()).sum();
+        let State::Open(ctx) = &mut self.state else {
+            return Ok(total);
+        };
+        if !ctx.can_write() {
+            return Ok(total);
+        }
+        // Control replies tungstenite still holds go first.
+        let _ = ctx.flush(&mut Pipe {
+            link: &mut Link {
+                sock: &mut *sock,
+                tls: self.tls.as_mut(),
+            },
+            wire: &mut self.wire,
+        });
+        self.flush(sock)?;
+        if total == 0 {
+            return Ok(0);
+        }
+        let header = FrameHeader {
+            is_final: true,
+            opcode: OpCode::Data(Data::Binary),
+            ..FrameHeader::default()
+        };
+        let mut head = Vec::with_capacity(10);
+        // Formatting into a Vec cannot fail.
+        let _ = header.format(total as u64, &mut head);
+        let mut all = [IoSlice::new(&[]); MAX_IOV + 1];
+        all[0] = IoSlice::new(&head);
+        let n_iov = iov.len().min(MAX_IOV);
+        all[1..=n_iov].copy_from_slice(&iov[..n_iov]);
+        let mut link = Link {
+            sock: &mut *sock,
+            tls: self.tls.as_mut(),
+        };
+        let written = match link.write_vectored(&all[..=n_iov]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        // The message is accepted whole: what the link did not take waits in `wire`.
+        let mut skip = written;
+        for s in &all[..=n_iov] {
+            if skip >= s.len() {
+                skip -= s.len();
+            } else {
+                self.wire.extend_from_slice(&s[skip..]);
+                skip = 0;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Sends what waits for the link until nothing does (`Ok`) or it is full (`WouldBlock`).
+    pub(crate) fn flush(&mut self, sock: &mut impl ReadWrite) -> io::Result<()> {
+        let mut link = Link {
+            sock: &mut *sock,
+            tls: self.tls.as_mut(),
+        };
+        while !self.wire.is_empty() {
+            match link.write_vectored(&[IoSlice::new(&self.wire)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.wire.drain(..n);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // An idle connection keeps no buffer.
+        self.wire = Vec::new();
+        match self.tls.as_mut() {
+            Some(t) => t.flush(sock),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the connection politely, best effort: a close frame (1001, going away) if the
+    /// WebSocket is still open, then TLS's close_notify.
+    pub(crate) fn close(&mut self, sock: &mut impl ReadWrite) {
+        if matches!(&self.state, State::Open(ctx) if ctx.can_write()) {
+            self.close_with(CloseCode::Away);
+            self.outcome = None;
+        }
+        let _ = self.flush(sock);
+        if let Some(t) = self.tls.as_mut() {
+            t.close(sock);
+        }
+    }
+}
