@@ -28,8 +28,38 @@ use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
-use super::tls::{ReadWrite, TlsLayer};
+#[cfg(feature = "tls")]
+use super::tls::TlsLayer;
 use crate::net::MAX_IOV;
+
+/// A socket, as the layers see one.
+pub(crate) trait ReadWrite: Read + Write {}
+
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Without the `tls` feature a WebSocket runs on plain TCP only.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug)]
+pub(crate) enum TlsLayer {}
+
+#[cfg(not(feature = "tls"))]
+impl TlsLayer {
+    fn read(&mut self, _: &mut impl ReadWrite, _: &mut [u8]) -> io::Result<usize> {
+        match *self {}
+    }
+    fn write_vectored(&mut self, _: &mut impl ReadWrite, _: &[IoSlice<'_>]) -> io::Result<usize> {
+        match *self {}
+    }
+    fn flush(&mut self, _: &mut impl ReadWrite) -> io::Result<()> {
+        match *self {}
+    }
+    fn wants_write(&self) -> bool {
+        match *self {}
+    }
+    fn close(&mut self, _: &mut impl ReadWrite) {
+        match *self {}
+    }
+}
 
 pub use upgrade::{PATH, SUBPROTOCOL};
 
