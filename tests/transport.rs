@@ -669,3 +669,30 @@ fn websocket_connections_obey_the_hello_timeout_and_the_connection_limit() {
         "a refused WebSocket connection is closed without a reply"
     );
 }
+
+#[test]
+fn sigterm_tells_tls_and_websocket_clients_and_closes_their_listeners() {
+    let cert = Cert::new("term");
+    let server = start_with_tls(&cert, &["--ws-listen", "127.0.0.1:0"]);
+    let tls_addr = listener_addr(&server, "TLS");
+    let ws_addr = listener_addr(&server, "ws");
+    let mut t = tls_framed(tls_addr, &cert.der);
+    t.hello("tls_user");
+    let mut w = Framed {
+        s: WsStream(ws_connect(ws_addr)),
+        buf: Vec::new(),
+    };
+    w.hello("ws_user");
+    let mut server = server;
+    server.signal("TERM");
+    for (who, msg) in [("tls", t.recv_msg()), ("ws", w.recv_msg())] {
+        match msg {
+            ServerMsg::Error(e) => assert_eq!(e.code, code::SHUTTING_DOWN, "{who}"),
+            other => panic!("{who}: expected shutting_down, got {other:?}"),
+        }
+    }
+    let status = server.wait_exit(DEFAULT_TIMEOUT).expect("the server exits");
+    assert!(status.success(), "{status:?}");
+    assert!(TcpStream::connect_timeout(&ws_addr, DEFAULT_TIMEOUT).is_err());
+    assert!(TcpStream::connect_timeout(&tls_addr, DEFAULT_TIMEOUT).is_err());
+}

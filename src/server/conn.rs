@@ -3,7 +3,7 @@
 //!
 //! This is the transport seam: every byte a connection moves goes through [`Conn::read_into`]
 //! (socket → bytes for the core), [`Conn::write_chunks`] and [`Conn::write_backlog`] (the
-//! core's bytes → socket). Plain TCP is the identity (no transport: one pointer, `None`); a
+//! core's bytes → socket). Plain TCP is the identity (no transport: `None`); a
 //! TLS or WebSocket connection has a [`Transport`] between the socket and these calls,
 //! turning ciphertext or WebSocket messages into the protocol's bytes and back, with nothing
 //! above this file changing: the core never knows which transport a connection uses.
@@ -46,7 +46,7 @@ pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) stream: TcpStream,
     /// TLS or WebSocket between the socket and the core; `None` for plain TCP.
-    pub(crate) transport: Option<Box<Transport>>,
+    pub(crate) transport: Option<Transport>,
     pub(crate) peer: SocketAddr,
     /// Output the socket refused, waiting for WRITABLE (boxed: most connections have none,
     /// and an idle one should cost a pointer, not a queue).
@@ -92,7 +92,7 @@ impl Conn {
         settings: &LayerSettings,
         buf: &mut [u8],
     ) -> io::Result<usize> {
-        match self.transport.as_deref_mut() {
+        match self.transport.as_mut() {
             None => io::Read::read(&mut self.stream, buf),
             Some(t) => t.read(&mut self.stream, settings, buf),
         }
@@ -106,7 +106,7 @@ impl Conn {
         registry: &Registry,
         base: usize,
     ) -> Option<Outcome> {
-        let t = self.transport.as_deref_mut()?;
+        let t = self.transport.as_mut()?;
         let outcome = t.take_outcome(was_established);
         if t.wants_write() != self.write_blocked && !self.deferred {
             self.settle(registry, base);
@@ -117,15 +117,13 @@ impl Conn {
     /// Whether a TLS handshake, if any, is done.
     pub(crate) fn is_established(&self) -> bool {
         self.transport
-            .as_deref()
+            .as_ref()
             .is_none_or(Transport::is_established)
     }
 
     /// Whether the transport holds bytes the socket has not taken.
     fn transport_blocked(&self) -> bool {
-        self.transport
-            .as_deref()
-            .is_some_and(Transport::wants_write)
+        self.transport.as_ref().is_some_and(Transport::wants_write)
     }
 
     /// Whether everything queued for the peer has reached the socket.
@@ -135,7 +133,7 @@ impl Conn {
 
     /// Ends the transport politely (close_notify, a WebSocket close frame), best effort.
     pub(crate) fn close_transport(&mut self) {
-        if let Some(t) = self.transport.as_deref_mut() {
+        if let Some(t) = self.transport.as_mut() {
             t.close(&mut self.stream);
         }
     }
@@ -147,7 +145,7 @@ impl Conn {
     /// Bytes parked for writing (the transport's own buffer included).
     pub(crate) fn pending(&self) -> usize {
         self.backlog.as_ref().map_or(0, |b| b.len())
-            + self.transport.as_deref().map_or(0, Transport::pending)
+            + self.transport.as_ref().map_or(0, Transport::pending)
     }
 
     fn check(&self) {
@@ -209,7 +207,7 @@ impl Conn {
             queued += c.len();
         }
         let written = loop {
-            let res = match self.transport.as_deref_mut() {
+            let res = match self.transport.as_mut() {
                 None => self.stream.write_vectored(&iov[..n_iov]),
                 Some(t) => t.write_vectored(&mut self.stream, &iov[..n_iov]),
             };
@@ -251,7 +249,7 @@ impl Conn {
     ) -> Result<usize, WriteError> {
         self.deferred = false;
         let mut total = 0;
-        if let Some(t) = self.transport.as_deref_mut() {
+        if let Some(t) = self.transport.as_mut() {
             // What the transport accepted earlier goes before the backlog.
             match t.flush(&mut self.stream) {
                 Ok(()) => {}
@@ -266,7 +264,7 @@ impl Conn {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let n_iov = b.fill_iov(&mut iov);
             let offered: usize = iov[..n_iov].iter().map(|s| s.len()).sum();
-            let res = match self.transport.as_deref_mut() {
+            let res = match self.transport.as_mut() {
                 None => self.stream.write_vectored(&iov[..n_iov]),
                 Some(t) => t.write_vectored(&mut self.stream, &iov[..n_iov]),
             };

@@ -685,7 +685,7 @@ impl Server {
         }
         let transport = match kind.map(|k| self.transport_for(k)) {
             None => None,
-            Some(Ok(t)) => Some(Box::new(t)),
+            Some(Ok(t)) => Some(t),
             Some(Err(e)) => {
                 log::debug!("{peer}: cannot start its transport: {e}");
                 return Err(AdoptError::Io(e));
@@ -753,16 +753,15 @@ impl Server {
         let max_message = self.cfg.chat.max_frame as usize + crate::protocol::HEADER_LEN;
         match kind {
             #[cfg(feature = "tls")]
-            Listen::Tls => Ok(Transport::Tls(tls(false)?)),
+            Listen::Tls => Ok(Transport::Tls(Box::new(tls(false)?))),
             #[cfg(feature = "websocket")]
-            Listen::WebSocket => Ok(Transport::Ws(crate::transport::ws::WsLayer::new(
+            Listen::WebSocket => Ok(Transport::Ws(Box::new(crate::transport::ws::WsLayer::new(
                 None,
                 max_message,
-            ))),
+            )))),
             #[cfg(all(feature = "tls", feature = "websocket"))]
-            Listen::SecureWebSocket => Ok(Transport::Ws(crate::transport::ws::WsLayer::new(
-                Some(tls(true)?),
-                max_message,
+            Listen::SecureWebSocket => Ok(Transport::Ws(Box::new(
+                crate::transport::ws::WsLayer::new(Some(Box::new(tls(true)?)), max_message),
             ))),
         }
     }
@@ -1294,6 +1293,9 @@ impl Server {
         }
         if let Some(mut l) = self.listener.take() {
             let _ = self.registry.deregister(&mut l);
+        }
+        for mut e in self.extra.drain(..) {
+            let _ = self.registry.deregister(&mut e.listener);
         }
         log::info!(
             "shutting down: {} connections, grace {:?}",

@@ -101,7 +101,8 @@ enum State {
 /// One connection's WebSocket, over plain TCP or TLS.
 pub(crate) struct WsLayer {
     state: State,
-    pub(crate) tls: Option<TlsLayer>,
+    /// TLS under the WebSocket (WSS), boxed: most WebSockets behind a proxy have none.
+    pub(crate) tls: Option<Box<TlsLayer>>,
     /// Bytes for the link not taken yet.
     wire: Vec<u8>,
     /// The rest of a message the core has not read yet, from `ready_at`.
@@ -180,7 +181,7 @@ impl<S> Write for Pipe<'_, '_, S> {
 impl WsLayer {
     /// A connection whose first bytes will be an HTTP request; `max_message` is the largest
     /// WebSocket message accepted (max-frame plus the protocol's header).
-    pub(crate) fn new(tls: Option<TlsLayer>, max_message: usize) -> WsLayer {
+    pub(crate) fn new(tls: Option<Box<TlsLayer>>, max_message: usize) -> WsLayer {
         WsLayer {
             state: State::Request(Vec::new()),
             tls,
@@ -202,7 +203,7 @@ impl WsLayer {
     }
 
     pub(crate) fn wants_write(&self) -> bool {
-        !self.wire.is_empty() || self.tls.as_ref().is_some_and(TlsLayer::wants_write)
+        !self.wire.is_empty() || self.tls.as_deref().is_some_and(TlsLayer::wants_write)
     }
 
     /// Protocol bytes from the peer into `buf`. `Ok(0)` ends the session: the peer's close
@@ -244,7 +245,7 @@ impl WsLayer {
             }
             let mut link = Link {
                 sock: &mut *sock,
-                tls: self.tls.as_mut(),
+                tls: self.tls.as_deref_mut(),
             };
             match &mut self.state {
                 State::Done => return Ok(0),
@@ -374,7 +375,7 @@ impl WsLayer {
         let _ = ctx.flush(&mut Pipe {
             link: &mut Link {
                 sock: &mut *sock,
-                tls: self.tls.as_mut(),
+                tls: self.tls.as_deref_mut(),
             },
             wire: &mut self.wire,
         });
@@ -396,7 +397,7 @@ impl WsLayer {
         all[1..=n_iov].copy_from_slice(&iov[..n_iov]);
         let mut link = Link {
             sock: &mut *sock,
-            tls: self.tls.as_mut(),
+            tls: self.tls.as_deref_mut(),
         };
         let written = match link.write_vectored(&all[..=n_iov]) {
             Ok(n) => n,
@@ -420,7 +421,7 @@ impl WsLayer {
     pub(crate) fn flush(&mut self, sock: &mut impl ReadWrite) -> io::Result<()> {
         let mut link = Link {
             sock: &mut *sock,
-            tls: self.tls.as_mut(),
+            tls: self.tls.as_deref_mut(),
         };
         while !self.wire.is_empty() {
             match link.write_vectored(&[IoSlice::new(&self.wire)]) {
@@ -433,7 +434,7 @@ impl WsLayer {
         }
         // An idle connection keeps no buffer.
         self.wire = Vec::new();
-        match self.tls.as_mut() {
+        match self.tls.as_deref_mut() {
             Some(t) => t.flush(sock),
             None => Ok(()),
         }
@@ -447,7 +448,7 @@ impl WsLayer {
             self.outcome = None;
         }
         let _ = self.flush(sock);
-        if let Some(t) = self.tls.as_mut() {
+        if let Some(t) = self.tls.as_deref_mut() {
             t.close(sock);
         }
     }
