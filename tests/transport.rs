@@ -696,3 +696,28 @@ fn sigterm_tells_tls_and_websocket_clients_and_closes_their_listeners() {
     assert!(TcpStream::connect_timeout(&ws_addr, DEFAULT_TIMEOUT).is_err());
     assert!(TcpStream::connect_timeout(&tls_addr, DEFAULT_TIMEOUT).is_err());
 }
+
+#[test]
+fn the_server_closes_a_websocket_with_a_code_that_says_why() {
+    let (_server, ws_addr) = start_with_ws(&[]);
+    // After QUIT: 1000, once the last frames are out.
+    let mut ws = ws_connect(ws_addr);
+    let mut quit = frame(op::HELLO, &pstr_rest("leaver", &[]));
+    quit.extend(frame(op::QUIT, b"bye"));
+    ws.send(WsMessage::Binary(quit.into())).expect("send");
+    assert_eq!(ws_close_code(&mut ws), Some(1000));
+    // After a fatal protocol error (bad magic): the ERROR, then 1008.
+    let mut ws = ws_connect(ws_addr);
+    ws.send(WsMessage::Binary(
+        b"XX\x01\x01\x00\x00\x00\x00".to_vec().into(),
+    ))
+    .expect("send");
+    let Ok(WsMessage::Binary(e)) = ws.read() else {
+        panic!("no ERROR before the close");
+    };
+    assert_eq!(
+        (e[3], u16::from_be_bytes([e[8], e[9]])),
+        (sop::ERROR, code::BAD_MAGIC)
+    );
+    assert_eq!(ws_close_code(&mut ws), Some(1008));
+}

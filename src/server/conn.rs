@@ -132,9 +132,9 @@ impl Conn {
     }
 
     /// Ends the transport politely (close_notify, a WebSocket close frame), best effort.
-    pub(crate) fn close_transport(&mut self) {
+    pub(crate) fn close_transport(&mut self, reason: CloseReason) {
         if let Some(t) = self.transport.as_mut() {
-            t.close(&mut self.stream);
+            t.close(&mut self.stream, reason);
         }
     }
 

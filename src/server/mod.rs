@@ -1011,7 +1011,7 @@ impl Server {
                 log::debug!("conn {id}: SO_LINGER failed: {e}");
             }
         } else if !matches!(c.phase, Phase::Dead(_)) {
-            c.close_transport();
+            c.close_transport(reason);
             // So the close is a FIN, not a reset that could destroy our last frames.
             net::drain_input(|b| io::Read::read(&mut c.stream, b), &mut self.scratch);
         }

@@ -25,6 +25,8 @@ pub mod ws;
 
 use std::io::{self, IoSlice};
 
+use crate::core::CloseReason;
+
 #[cfg(feature = "tls")]
 pub use tls::TlsConfigs;
 #[cfg(feature = "websocket")]
@@ -204,14 +206,22 @@ impl Transport {
         }
     }
 
-    /// Ends the connection politely, best effort (close_notify, a close frame).
-    pub(crate) fn close<S: io::Read + io::Write>(&mut self, sock: &mut S) {
-        let _ = &sock;
+    /// Ends the connection politely, best effort (close_notify; a WebSocket close frame with
+    /// the code for `reason`: 1001 at shutdown, 1008 after a fatal protocol error, else 1000).
+    pub(crate) fn close<S: io::Read + io::Write>(&mut self, sock: &mut S, reason: CloseReason) {
+        let _ = (&sock, reason);
         match self {
             #[cfg(feature = "tls")]
             Transport::Tls(t) => t.close(sock),
             #[cfg(feature = "websocket")]
-            Transport::Ws(w) => w.close(sock),
+            Transport::Ws(w) => {
+                let code = match reason {
+                    CloseReason::Shutdown => 1001,
+                    CloseReason::Protocol(_) => 1008,
+                    _ => 1000,
+                };
+                w.close(sock, code)
+            }
             #[cfg(not(any(feature = "tls", feature = "websocket")))]
             Transport::Never(n) => match *n {},
         }

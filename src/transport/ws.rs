@@ -414,6 +414,13 @@ impl WsLayer {
                 skip = 0;
             }
         }
+        // A short write over TLS (it takes 64 KiB at a time) or a short `writev` does not
+        // always mean the socket is full: push on until it says so.
+        match self.flush(sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
         Ok(total)
     }
 
@@ -440,16 +447,152 @@ impl WsLayer {
         }
     }
 
-    /// Ends the connection politely, best effort: a close frame (1001, going away) if the
-    /// WebSocket is still open, then TLS's close_notify.
-    pub(crate) fn close(&mut self, sock: &mut impl ReadWrite) {
+    /// Ends the connection politely, best effort: a close frame with `code` if the WebSocket
+    /// is still open, then TLS's close_notify.
+    pub(crate) fn close(&mut self, sock: &mut impl ReadWrite, code: u16) {
         if matches!(&self.state, State::Open(ctx) if ctx.can_write()) {
-            self.close_with(CloseCode::Away);
+            self.close_with(CloseCode::from(code));
             self.outcome = None;
         }
         let _ = self.flush(sock);
         if let Some(t) = self.tls.as_deref_mut() {
             t.close(sock);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A socket in memory: reads what `input` holds (then WouldBlock), keeps what is written.
+    struct MemSock {
+        input: Vec<u8>,
+        at: usize,
+        output: Vec<u8>,
+    }
+
+    impl Read for MemSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.at == self.input.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            // A few bytes at a time, so every parser sees its input split.
+            let n = buf.len().min(self.input.len() - self.at).min(7);
+            buf[..n].copy_from_slice(&self.input[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for MemSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const UPGRADE: &[u8] =
+        b"GET /chat HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Protocol: chatloop.v1\r\n\r\n";
+
+    /// Reads until the layer has nothing more; returns the protocol bytes and whether it ended.
+    fn drain(layer: &mut WsLayer, sock: &mut MemSock) -> (Vec<u8>, bool) {
+        let settings = WsSettings::default();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 100];
+        for _ in 0..100_000 {
+            match layer.read(sock, &settings, &mut buf) {
+                Ok(0) => return (got, true),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return (got, false),
+            }
+        }
+        panic!("the layer never stopped reading");
+    }
+
+    /// A masked binary frame (or any opcode) as a client sends it.
+    fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![opcode | if fin { 0x80 } else { 0 }];
+        let len = payload.len();
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        let mask = [1u8, 2, 3, 4];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    #[test]
+    fn messages_fragments_and_pings_come_through_in_order() {
+        let mut input = UPGRADE.to_vec();
+        input.extend(client_frame(0x2, true, b"abc"));
+        input.extend(client_frame(0x2, false, b"de"));
+        input.extend(client_frame(0x9, true, b"ping")); // a ping between fragments
+        input.extend(client_frame(0x0, true, b"f"));
+        let mut sock = MemSock {
+            input,
+            at: 0,
+            output: Vec::new(),
+        };
+        let mut layer = WsLayer::new(None, 100);
+        let (got, ended) = drain(&mut layer, &mut sock);
+        assert_eq!(got, b"abcdef");
+        assert!(!ended);
+        assert_eq!(layer.take_outcome(), Some(WsOutcome::Upgraded));
+        let out = String::from_utf8_lossy(&sock.output);
+        assert!(out.starts_with("HTTP/1.1 101"), "{out}");
+        // The pong, unmasked, after the 101.
+        assert!(
+            sock.output.ends_with(&[0x8A, 4, b'p', b'i', b'n', b'g']),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn output_is_one_binary_message_per_write() {
+        let mut sock = MemSock {
+            input: UPGRADE.to_vec(),
+            at: 0,
+            output: Vec::new(),
+        };
+        let mut layer = WsLayer::new(None, 100);
+        drain(&mut layer, &mut sock);
+        sock.output.clear();
+        let parts = [IoSlice::new(b"hello, "), IoSlice::new(b"world")];
+        assert_eq!(layer.write_vectored(&mut sock, &parts).unwrap(), 12);
+        assert_eq!(sock.output, b"\x82\x0chello, world");
+        assert!(!layer.wants_write());
+    }
+
+    proptest! {
+        /// Whatever follows the upgrade, the layer neither panics nor hands the core more
+        /// than the payloads of binary messages within the size limit.
+        #[test]
+        fn arbitrary_bytes_after_the_upgrade(tail in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut input = UPGRADE.to_vec();
+            input.extend_from_slice(&tail);
+            let mut sock = MemSock { input, at: 0, output: Vec::new() };
+            let mut layer = WsLayer::new(None, 64);
+            let (got, _) = drain(&mut layer, &mut sock);
+            prop_assert!(got.len() <= tail.len());
+        }
+
+        /// Arbitrary bytes as the HTTP request: an answer or nothing, never a panic.
+        #[test]
+        fn arbitrary_requests(req in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut sock = MemSock { input: req, at: 0, output: Vec::new() };
+            let mut layer = WsLayer::new(None, 64);
+            drain(&mut layer, &mut sock);
         }
     }
 }

@@ -19,6 +19,9 @@ pub enum ServerKind {
     /// Three `chatloop` nodes of one cluster through a real `redis-server` (docs/CLUSTER.md):
     /// consecutive connections go to different nodes (tests/protocol_cluster.rs).
     Cluster3,
+    /// `chatloop` with only a WebSocket listener, the tests' TCP connections relayed to it
+    /// as WebSockets (tests/common/ws_proxy.rs, tests/protocol_ws.rs).
+    WebSocket,
 }
 
 impl ServerKind {
@@ -28,13 +31,14 @@ impl ServerKind {
             ServerKind::Mio => "chatloop",
             ServerKind::Async => "async_server",
             ServerKind::Cluster3 => "chatloop-cluster",
+            ServerKind::WebSocket => "chatloop-ws",
         }
     }
 
     /// The path of the server's executable (for the async server, built first if needed).
     pub fn binary(self) -> PathBuf {
         match self {
-            ServerKind::Mio | ServerKind::Cluster3 => PathBuf::from(BIN),
+            ServerKind::Mio | ServerKind::Cluster3 | ServerKind::WebSocket => PathBuf::from(BIN),
             ServerKind::Async => Exe::AsyncServer.path(),
         }
     }

@@ -26,6 +26,7 @@
 //! - `metrics.rs`: scraping `/metrics` and waiting for a state (`Metrics`, `wait_state`).
 //! - `redis.rs`: a real `redis-server` for the cluster tests (`common::redis::Redis`).
 //! - `flood.rs`: the SAY flood with a slow consumer shared by faults, lifecycle and metrics.
+//! - `ws_proxy.rs`: a TCP-to-WebSocket relay, for the cases over WebSocket (`WsProxy`).
 //!
 //! Each test binary compiles this module on its own and uses part of it, hence the
 //! `allow(dead_code)` for the whole tree.
@@ -38,6 +39,7 @@ mod metrics;
 mod process;
 pub mod redis;
 mod wire;
+mod ws_proxy;
 
 // A test binary that uses nothing of one of them would warn of an unused import.
 #[allow(unused_imports)]

@@ -25,6 +25,8 @@ pub struct Server {
     peers: Vec<Server>,
     redis: Option<super::redis::Redis>,
     next: std::sync::atomic::AtomicUsize,
+    /// For [`ServerKind::WebSocket`]: the TCP-to-WebSocket relay connections go through.
+    relay: Option<super::ws_proxy::WsProxy>,
 }
 
 /// Removes ANSI escape sequences (simplelog may colour its output).
@@ -49,15 +51,25 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Parses the address after `listening on ` in a log line (any prefix, any suffix).
-fn parse_listening(line: &str) -> Option<Result<SocketAddr, String>> {
-    let idx = line.find("listening on ")?;
-    let after = &line[idx + "listening on ".len()..];
+/// What precedes the address the tests connect to in the `kind` server's log.
+fn listening_marker(kind: ServerKind) -> &'static str {
+    match kind {
+        ServerKind::WebSocket => "listening (ws) on ",
+        _ => "listening on ",
+    }
+}
+
+/// Parses the address after `marker` (`listening on `) in a log line (any prefix, any suffix).
+fn parse_listening(line: &str, marker: &str) -> Option<Result<SocketAddr, String>> {
+    let idx = line.find(marker)?;
+    let after = &line[idx + marker.len()..];
     let token: String = after
         .trim_start()
         .chars()
         .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
         .collect();
+    // `listening (ws) on IP:PORT: the chat page is ...`
+    let token = token.trim_end_matches(':');
     Some(
         token
             .parse::<SocketAddr>()
@@ -79,6 +91,9 @@ impl Server {
     pub fn start_kind(kind: ServerKind, args: &[&str]) -> Server {
         if kind == ServerKind::Cluster3 {
             return Self::start_cluster(args);
+        }
+        if kind == ServerKind::WebSocket {
+            return Self::start_ws(args);
         }
         let mut cmd = Command::new(kind.binary());
         cmd.arg("--listen").arg("127.0.0.1:0").args(args);
@@ -115,9 +130,41 @@ impl Server {
         first
     }
 
+    /// `chatloop --listen none --ws-listen 127.0.0.1:0 ARGS...` and a relay in front of it
+    /// (tests/common/ws_proxy.rs): connections to [`Server::next_addr`] reach the server as
+    /// WebSockets; [`Server::addr`] is the server's WebSocket listener.
+    #[track_caller]
+    fn start_ws(args: &[&str]) -> Server {
+        // The relay keeps each message within the server's limit, max-frame + 8.
+        let flag = args
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix("--max-frame") {
+                Some("") => args.get(i + 1).copied(),
+                Some(v) => v.strip_prefix('='),
+                None => None,
+            });
+        let max_frame = flag.map_or(super::DEFAULT_MAX_FRAME as usize, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("--max-frame {v}: the relay needs a plain number"))
+        });
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--listen", "none", "--ws-listen", "127.0.0.1:0"])
+            .args(args);
+        let mut server = Self::spawn(cmd, ServerKind::WebSocket, &format!("{args:?}"));
+        server.relay = Some(super::ws_proxy::WsProxy::start(
+            server.addr,
+            max_frame + super::HEADER_LEN,
+        ));
+        server
+    }
+
     /// The address the next connection goes to: this server's, or, for a cluster, each
-    /// node's in turn.
+    /// node's in turn, or, for a WebSocket server, its relay's.
     pub fn next_addr(&self) -> SocketAddr {
+        if let Some(relay) = &self.relay {
+            return relay.addr();
+        }
         if self.peers.is_empty() {
             return self.addr;
         }
@@ -160,6 +207,7 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn the server {desc}: {e}"));
         let name = kind.name();
+        let marker = listening_marker(kind);
         let pid = child.id();
         let stderr = child.stderr.take().expect("stderr piped");
         let stdout = child.stdout.take().expect("stdout piped");
@@ -179,7 +227,7 @@ impl Server {
                         l.push(line.to_string());
                     }
                     if tx.is_some() {
-                        if let Some(res) = parse_listening(line) {
+                        if let Some(res) = parse_listening(line, marker) {
                             let _ = tx.take().unwrap().send(res);
                         }
                     }
@@ -206,6 +254,7 @@ impl Server {
             peers: Vec::new(),
             redis: None,
             next: std::sync::atomic::AtomicUsize::new(0),
+            relay: None,
         };
         match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(Ok(addr)) => {
@@ -214,12 +263,12 @@ impl Server {
             }
             Ok(Err(e)) => panic!("{name} {desc}: {e}"),
             Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "{name} {desc} (pid {pid}) did not log `listening on IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
+                "{name} {desc} (pid {pid}) did not log `{marker}IP:PORT` on stderr within {STARTUP_TIMEOUT:?}"
             ),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = server.wait_exit(Duration::from_secs(2));
                 panic!(
-                    "{name} {desc} (pid {pid}) closed stderr without logging `listening on IP:PORT`; exit status: {status:?}"
+                    "{name} {desc} (pid {pid}) closed stderr without logging `{marker}IP:PORT`; exit status: {status:?}"
                 )
             }
         }

@@ -1,8 +1,10 @@
 //! The protocol cases: integration tests of wire protocol v1 (issue 2 and the decisions file)
 //! over real TCP sockets, against the server that the including test target names in
 //! `super::SERVER` (tests/protocol.rs: the mio `chatloop`; tests/protocol_async.rs: the tokio
-//! `async_server` example). Every test starts its own server on 127.0.0.1:0, and the test names
-//! are the same for both servers. The client side is the independent implementation in
+//! `async_server` example; tests/protocol_cluster.rs: three clustered nodes;
+//! tests/protocol_ws.rs: the mio server over WebSocket, through a TCP-to-WebSocket relay).
+//! Every test starts its own server on 127.0.0.1:0, and the test names are the same for
+//! every server. The client side is the independent implementation in
 //! `common` (no `chatloop` crate code).
 
 use super::SERVER;
