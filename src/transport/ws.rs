@@ -6,6 +6,8 @@
 //! `WebSocketContext` (sans-IO: the stream is an argument of each call) reads messages, checks
 //! the RFC's rules (masking, control frames, fragments, UTF-8 in close reasons, sizes) and
 //! answers pings and closes; each binary message's payload goes to the core as protocol bytes.
+//! It is given whole frames only and exists only while it may hold input (`Inbound`), so an
+//! idle WebSocket keeps no buffer.
 //! Output is framed with tungstenite's `FrameHeader`: everything one write carries (whole
 //! protocol frames: the core's output is chunked at frame boundaries) becomes one binary
 //! message, written with one `writev` after its header, so a frame is never split across
@@ -15,7 +17,10 @@
 //! - `wire` holds bytes for the link (HTTP response, WebSocket frames) the link did not take
 //!   yet; new output is accepted only once it is empty, so it never holds more than one
 //!   write's worth; it is freed when it empties, so an idle connection holds none;
-//! - `ready` holds the unread rest of one message (never more than the message size limit).
+//! - `ready` holds the unread rest of one message (never more than the message size limit);
+//! - `Inbound::buf` holds at most one partial frame beyond what tungstenite may take, and
+//!   tungstenite's context is dropped whenever it has taken every whole frame and no
+//!   fragmented message is open.
 
 mod upgrade;
 
@@ -63,9 +68,8 @@ impl TlsLayer {
 
 pub use upgrade::{PATH, SUBPROTOCOL};
 
-/// Bytes tungstenite reads per call, and the input buffer it keeps: small, since it stays
-/// allocated for the connection's life (chat messages are small; a big one takes a few calls).
-const READ_CHUNK: usize = 1024;
+/// Bytes read from the link per call, and the input buffer tungstenite starts with.
+const READ_CHUNK: usize = 4096;
 
 /// What a WebSocket listener needs to know.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,9 +97,125 @@ pub(crate) enum WsOutcome {
 enum State {
     /// Reading the HTTP request (bounded by `upgrade::MAX_REQUEST`).
     Request(Vec<u8>),
-    Open(Box<WebSocketContext>),
+    Open(Inbound),
     /// Answered (page or refusal) or closed: nothing more is read or framed.
     Done,
+}
+
+/// An open WebSocket's input side.
+///
+/// tungstenite's `WebSocketContext` keeps its input buffer as large as the largest message it
+/// has read, for as long as it lives; ten thousand connections that each sent one big message
+/// would keep ten thousand big buffers. So it is handed whole frames only (found with its own
+/// `FrameHeader::parse`), and it lives only while it may hold something: it is dropped once it
+/// has taken every whole frame and no fragmented message is open, and made again for the next
+/// input. An idle WebSocket then holds no buffer at all, like an idle TCP connection.
+struct Inbound {
+    ctx: Option<Box<WebSocketContext>>,
+    /// Bytes from the link tungstenite has not taken: `buf[fed..whole]` are whole frames it
+    /// may take, past `whole` the start of a frame (at most one frame of the size limit).
+    buf: Vec<u8>,
+    fed: usize,
+    whole: usize,
+    /// A data frame without FIN went to tungstenite: it holds the start of a message.
+    fragmented: bool,
+    /// tungstenite returned a message and may hold more whole frames: ask it before reading.
+    more: bool,
+}
+
+impl Inbound {
+    fn new(first: Vec<u8>, max_message: usize) -> Inbound {
+        let mut i = Inbound {
+            ctx: None,
+            buf: first,
+            fed: 0,
+            whole: 0,
+            fragmented: false,
+            more: false,
+        };
+        i.scan(max_message);
+        i
+    }
+
+    /// Moves `whole` past every whole frame in `buf`. A header tungstenite will refuse (bad,
+    /// or announcing more than the limit) exposes everything, so tungstenite says why.
+    fn scan(&mut self, max_message: usize) {
+        loop {
+            let mut cursor = io::Cursor::new(&self.buf[self.whole..]);
+            match FrameHeader::parse(&mut cursor) {
+                Ok(None) => return,
+                Ok(Some((header, len))) => {
+                    if len > max_message as u64 {
+                        self.whole = self.buf.len();
+                        return;
+                    }
+                    let end = self.whole + cursor.position() as usize + len as usize;
+                    if end > self.buf.len() {
+                        return;
+                    }
+                    self.whole = end;
+                    if let OpCode::Data(_) = header.opcode {
+                        self.fragmented = !header.is_final;
+                    }
+                }
+                Err(_) => {
+                    self.whole = self.buf.len();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops what tungstenite took, and the buffer itself when nothing is left in it.
+    fn compact(&mut self) {
+        if self.fed == self.buf.len() {
+            self.buf = Vec::new();
+        } else if self.fed > 0 {
+            self.buf.drain(..self.fed);
+        }
+        self.whole -= self.fed;
+        self.fed = 0;
+    }
+
+    /// Whether tungstenite holds nothing: every whole frame taken and answered, no message
+    /// half read, the WebSocket still open.
+    fn ctx_idle(&self) -> bool {
+        !self.more
+            && !self.fragmented
+            && self.fed == self.whole
+            && self.ctx.as_ref().is_some_and(|c| c.can_write())
+    }
+
+    fn can_write(&self) -> bool {
+        self.ctx.as_ref().is_none_or(|c| c.can_write())
+    }
+}
+
+/// Whole frames for tungstenite to read; `WouldBlock` past them.
+struct Feed<'a> {
+    bytes: &'a [u8],
+    taken: usize,
+}
+
+impl Read for Feed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let rest = &self.bytes[self.taken..];
+        if rest.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.taken += n;
+        Ok(n)
+    }
+}
+
+fn ws_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_CHUNK)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
 }
 
 /// One connection's WebSocket, over plain TCP or TLS.
@@ -154,20 +274,20 @@ impl<S: ReadWrite> Link<'_, S> {
     }
 }
 
-/// What tungstenite reads from and writes to: the link for input, `wire` for its own output
+/// What tungstenite reads from (whole frames) and writes to: `wire`, for its own output
 /// (pongs, close replies), which the layer sends in order with everything else.
-struct Pipe<'a, 'b, S> {
-    link: &'a mut Link<'b, S>,
+struct Pipe<'a, R> {
+    input: R,
     wire: &'a mut Vec<u8>,
 }
 
-impl<S: ReadWrite> Read for Pipe<'_, '_, S> {
+impl<R: Read> Read for Pipe<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.link.read(buf)
+        self.input.read(buf)
     }
 }
 
-impl<S> Write for Pipe<'_, '_, S> {
+impl<R> Write for Pipe<'_, R> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.wire.extend_from_slice(buf);
         Ok(buf.len())
@@ -278,27 +398,53 @@ impl WsLayer {
                         upgrade::Route::Upgrade { response, consumed } => {
                             self.wire.extend_from_slice(&response);
                             let rest = req[consumed..].to_vec();
-                            let config = WebSocketConfig::default()
-                                .read_buffer_size(READ_CHUNK)
-                                .write_buffer_size(0)
-                                .max_message_size(Some(self.max_message))
-                                .max_frame_size(Some(self.max_message));
-                            let ctx = WebSocketContext::from_partially_read(
-                                rest,
-                                Role::Server,
-                                Some(config),
-                            );
-                            self.state = State::Open(Box::new(ctx));
+                            self.state = State::Open(Inbound::new(rest, self.max_message));
                             self.outcome = Some(WsOutcome::Upgraded);
                         }
                     }
                 }
-                State::Open(ctx) => {
+                State::Open(inb) => {
+                    if inb.fed == inb.whole && !inb.more {
+                        // Nothing for tungstenite: read on.
+                        inb.compact();
+                        if inb.ctx_idle() {
+                            if let Some(mut ctx) = inb.ctx.take() {
+                                let _ = ctx.flush(&mut Pipe {
+                                    input: io::empty(),
+                                    wire: &mut self.wire,
+                                });
+                            }
+                        }
+                        let mut chunk = [0u8; READ_CHUNK];
+                        let n = link.read(&mut chunk)?;
+                        if n == 0 {
+                            self.state = State::Done;
+                            return Ok(0);
+                        }
+                        inb.buf.extend_from_slice(&chunk[..n]);
+                        inb.scan(self.max_message);
+                        continue;
+                    }
+                    let max = self.max_message;
+                    let ctx = inb.ctx.get_or_insert_with(|| {
+                        Box::new(WebSocketContext::new(Role::Server, Some(ws_config(max))))
+                    });
+                    let mut feed = Feed {
+                        bytes: &inb.buf[inb.fed..inb.whole],
+                        taken: 0,
+                    };
                     let mut pipe = Pipe {
-                        link: &mut link,
+                        input: &mut feed,
                         wire: &mut self.wire,
                     };
-                    let close = match ctx.read(&mut pipe) {
+                    let res = ctx.read(&mut pipe);
+                    if matches!(res, Ok(Message::Close(_))) {
+                        // tungstenite queued the reply; it goes out with the flush.
+                        let _ = ctx.flush(&mut pipe);
+                    }
+                    inb.fed += feed.taken;
+                    inb.more = res.is_ok();
+                    let close = match res {
                         Ok(Message::Binary(data)) => {
                             let n = data.len().min(buf.len());
                             buf[..n].copy_from_slice(&data[..n]);
@@ -313,17 +459,12 @@ impl WsLayer {
                         Ok(Message::Text(_)) => CloseCode::Unsupported,
                         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                         Ok(Message::Close(_)) => {
-                            // tungstenite queued the reply; it goes out with the flush.
-                            let _ = ctx.flush(&mut pipe);
                             self.state = State::Done;
                             return Ok(0);
                         }
-                        Err(WsError::Io(e)) => {
-                            if e.kind() == io::ErrorKind::WouldBlock {
-                                let _ = ctx.flush(&mut pipe);
-                            }
-                            return Err(e);
-                        }
+                        // Every whole frame taken: read on.
+                        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(WsError::Io(e)) => return Err(e),
                         Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
                             self.state = State::Done;
                             return Ok(0);
@@ -365,20 +506,19 @@ impl WsLayer {
         iov: &[IoSlice<'_>],
     ) -> io::Result<usize> {
         let total: usize = iov.iter().map(|s| s.len()).sum();
-        let State::Open(ctx) = &mut self.state else {
+        let State::Open(inb) = &mut self.state else {
             return Ok(total);
         };
-        if !ctx.can_write() {
+        if !inb.can_write() {
             return Ok(total);
         }
         // Control replies tungstenite still holds go first.
-        let _ = ctx.flush(&mut Pipe {
-            link: &mut Link {
-                sock: &mut *sock,
-                tls: self.tls.as_deref_mut(),
-            },
-            wire: &mut self.wire,
-        });
+        if let Some(ctx) = inb.ctx.as_mut() {
+            let _ = ctx.flush(&mut Pipe {
+                input: io::empty(),
+                wire: &mut self.wire,
+            });
+        }
         self.flush(sock)?;
         if total == 0 {
             return Ok(0);
@@ -450,7 +590,7 @@ impl WsLayer {
     /// Ends the connection politely, best effort: a close frame with `code` if the WebSocket
     /// is still open, then TLS's close_notify.
     pub(crate) fn close(&mut self, sock: &mut impl ReadWrite, code: u16) {
-        if matches!(&self.state, State::Open(ctx) if ctx.can_write()) {
+        if matches!(&self.state, State::Open(inb) if inb.can_write()) {
             self.close_with(CloseCode::from(code));
             self.outcome = None;
         }
@@ -556,6 +696,29 @@ mod tests {
             sock.output.ends_with(&[0x8A, 4, b'p', b'i', b'n', b'g']),
             "{out}"
         );
+    }
+
+    #[test]
+    fn an_idle_websocket_holds_no_buffer_after_a_big_message() {
+        let mut input = UPGRADE.to_vec();
+        input.extend(client_frame(0x2, true, &[7u8; 60_000]));
+        let mut sock = MemSock {
+            input,
+            at: 0,
+            output: Vec::new(),
+        };
+        let mut layer = WsLayer::new(None, 70_000);
+        let (got, ended) = drain(&mut layer, &mut sock);
+        assert_eq!((got.len(), ended), (60_000, false));
+        let State::Open(inb) = &layer.state else {
+            panic!("not open");
+        };
+        assert!(
+            inb.ctx.is_none(),
+            "tungstenite's context (and its buffer) kept"
+        );
+        assert_eq!(inb.buf.capacity(), 0);
+        assert_eq!(layer.ready.capacity() + layer.wire.capacity(), 0);
     }
 
     #[test]
