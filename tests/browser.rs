@@ -1,0 +1,509 @@
+//! The web chat page (assets/chat.html) in a real browser: headless Chromium driven over
+//! WebDriver (fantoccini talking to chromedriver) against a `chatloop` started with `--listen`
+//! and `--ws-listen`.
+//!
+//! - [`two_browsers_and_a_terminal_client_chat`]: alice and bob log in from two browser
+//!   sessions, join rooms (by `/join` and by the join form), see each other's presence and
+//!   member lists, exchange messages and a whisper; carol, a `chatloop-client` on plain TCP in
+//!   the same room, sees the browsers' messages and they see hers. Text from the network is
+//!   shown as text, never parsed as HTML. Saves a screenshot of alice's window to
+//!   target/browser-web-chat.png and, with `CHATLOOP_SAVE_SCREENSHOT=1`, to docs/web-chat.png.
+//! - [`phone_sized_window_is_usable`]: on a 375x667 phone screen (emulated), after login, the
+//!   log and the composer are within the viewport, a message can be sent, and the member list
+//!   opens from the ☰ button.
+//!
+//! Needs `chromedriver` on PATH and the Chromium it drives (Debian: `apt-get install chromium
+//! chromium-driver`; .ci/run installs them). Without them the tests fail, as the cluster tests
+//! do without `redis-server`. Each test starts its own server and its own chromedriver on a
+//! free loopback port and ends both (and the browser sessions) when it ends, also on panic.
+//! Every wait polls the page with a deadline ([`WAIT`]); nothing sleeps for a fixed time.
+
+mod common;
+
+use std::cell::RefCell;
+use std::fmt::Display;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Exe, STARTUP_TIMEOUT, Server};
+use fantoccini::{Client, ClientBuilder, Locator, key::Key};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+
+/// Bound for everything awaited: a page element, a log line, a client's output line.
+const WAIT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+/// The desktop viewport (the screenshot's size).
+const DESKTOP: (u32, u32) = (1100, 700);
+/// The phone's screen, emulated: Chromium's windows are at least 500 px wide.
+const PHONE: (u32, u32) = (375, 667);
+
+/// The value, or a panic saying what failed.
+fn must<T, E: Display>(r: Result<T, E>, what: impl Display) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// `chatloop --listen 127.0.0.1:0 --ws-listen 127.0.0.1:0` and the URL of its chat page.
+fn start_server() -> (Server, String) {
+    let server = Server::start(&["--ws-listen", "127.0.0.1:0"]);
+    let line = server
+        .wait_log(STARTUP_TIMEOUT, |l| l.contains("listening (ws) on "))
+        .expect("the server did not log `listening (ws) on ...`");
+    let url = line.split_once("the chat page is ").map(|(_, u)| u.trim());
+    let url = url.unwrap_or_else(|| panic!("no chat page URL in {line:?}"));
+    (server, url.to_string())
+}
+
+/// A chromedriver on a free loopback port. Dropping it ends the browser sessions still open
+/// (killing chromedriver alone would leave Chromium running), kills it by its PID and removes
+/// the browser profiles.
+struct Driver {
+    child: Child,
+    port: u16,
+    /// Open sessions: WebDriver session id and the profile directory given to Chromium.
+    sessions: RefCell<Vec<(String, PathBuf)>>,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        for _ in 0..5 {
+            let free = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
+            let port = must(free, "a free port").port();
+            let spawned = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "chromedriver is not on PATH: the browser tests need Chromium and its \
+                     WebDriver (Debian: apt-get install chromium chromium-driver; .ci/run does it)"
+                ),
+                r => must(r, "running chromedriver"),
+            };
+            let sessions = RefCell::default();
+            let mut d = Driver {
+                child,
+                port,
+                sessions,
+            };
+            let deadline = Instant::now() + WAIT;
+            while d.child.try_wait().ok().flatten().is_none() {
+                let status = d.http("GET", "/status").unwrap_or_default();
+                if status.replace(' ', "").contains("\"ready\":true") {
+                    return d;
+                }
+                let late = Instant::now() >= deadline;
+                assert!(!late, "chromedriver (port {port}) not ready in {WAIT:?}");
+                std::thread::sleep(POLL);
+            }
+            // It exited: most likely someone took the port meanwhile. Another one.
+        }
+        panic!("chromedriver exited at start 5 times in a row");
+    }
+
+    /// One blocking HTTP request without a body to chromedriver; the response body.
+    fn http(&self, method: &str, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n",
+            self.port
+        );
+        s.write_all(format!("{head}Content-Length: 0\r\n\r\n").as_bytes())
+            .ok()?;
+        // chromedriver keeps the connection open: read the headers, then Content-Length bytes.
+        let (mut r, mut head, mut len) = (BufReader::new(s), String::new(), 0);
+        while r.read_line(&mut head).ok()? > 2 {
+            let last = head.lines().last().unwrap_or_default().to_ascii_lowercase();
+            if let Some(v) = last.strip_prefix("content-length:") {
+                len = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for (id, profile) in self.sessions.take() {
+            // A session already closed is not found: harmless.
+            let _ = self.http("DELETE", &format!("/session/{id}"));
+            let _ = std::fs::remove_dir_all(profile);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One headless Chromium session with a fresh profile.
+struct Browser {
+    name: &'static str,
+    c: Client,
+}
+
+/// The log's `div.line`s as `{cls, room, from, body}` (`span.from`, `span.body` textContent).
+const LINES_JS: &str = "return [...document.querySelectorAll('#log div.line')].map(l => ({ \
+    cls: l.className, room: l.dataset.room, body: l.querySelector('span.body').textContent, \
+    from: (l.querySelector('span.from') || {}).textContent || '' }))";
+
+/// How many elements in the log are neither a line nor one of its spans, or are an image.
+const NOT_TEXT_JS: &str =
+    "return document.querySelectorAll('#log img, #log :not(div.line, div.line > span)').length";
+
+/// Whether a line from [`LINES_JS`] has `class`.
+fn is(line: &Value, class: &str) -> bool {
+    let classes = line["cls"].as_str().unwrap_or_default();
+    classes.split(' ').any(|c| c == class)
+}
+
+impl Browser {
+    async fn open(driver: &Driver, name: &'static str, phone: bool) -> Browser {
+        let dir = format!("chromium-{}-{}-{name}", std::process::id(), driver.port);
+        let profile = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
+        let _ = std::fs::remove_dir_all(&profile);
+        let args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            &format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
+            &format!("--user-data-dir={}", profile.display()),
+        ];
+        let mut options = json!({ "args": args });
+        if phone {
+            let (width, height) = PHONE;
+            let screen = json!({ "width": width, "height": height, "mobile": true });
+            options["mobileEmulation"] = json!({ "deviceMetrics": screen });
+        }
+        let caps = json!({ "browserName": "chrome", "goog:chromeOptions": options });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let session = ClientBuilder::new(HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
+            .await;
+        let c = must(session, format_args!("{name}: starting Chromium"));
+        let id = c.session_id().await.ok().flatten().expect("a session id");
+        driver.sessions.borrow_mut().push((id, profile));
+        let b = Browser { name, c };
+        if !phone {
+            // The window has a frame around the viewport: grow it by that much.
+            let frame = "return [outerWidth - innerWidth, outerHeight - innerHeight]";
+            let frame = b.js(frame).await;
+            let extra = |i: usize| frame[i].as_u64().unwrap_or_default() as u32;
+            let (w, h) = (DESKTOP.0 + extra(0), DESKTOP.1 + extra(1));
+            b.ok(b.c.set_window_size(w, h).await, "resizing the window");
+        }
+        b
+    }
+
+    /// Ends the session, which closes Chromium.
+    async fn close(self) {
+        self.ok(self.c.clone().close().await, "closing the session");
+    }
+
+    /// The value, or a panic saying which browser failed at what.
+    fn ok<T, E: Display>(&self, r: Result<T, E>, what: &str) -> T {
+        must(r, format_args!("{}: {what}", self.name))
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.ok(self.c.execute(script, vec![]).await, script)
+    }
+
+    async fn click(&self, css: &str) {
+        let found = self.ok(self.c.find(Locator::Css(css)).await, css);
+        self.ok(found.click().await, css);
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let found = self.ok(self.c.find(Locator::Css(css)).await, css);
+        self.ok(found.send_keys(text).await, css);
+    }
+
+    /// Types `text` in the composer and presses Enter.
+    async fn say(&self, text: &str) {
+        let typed = format!("{text}{}", Key::Enter);
+        self.type_into("form#composer input#text", &typed).await;
+    }
+
+    /// Polls `script` until `ok` holds for its value (bounded); returns the value.
+    async fn wait_js(&self, what: &str, script: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.js(script).await;
+            if ok(&v) {
+                return v;
+            }
+            let late = Instant::now() >= deadline;
+            assert!(!late, "{}: no {what} in {WAIT:?}; last: {v:#}", self.name);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits (bounded) for a log line matching `pred`; returns it.
+    async fn wait_line(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let lines = |v: &Value| v.as_array().cloned().unwrap_or_default();
+        let what = format!("log line {what}");
+        let v = self
+            .wait_js(&what, LINES_JS, |v| lines(v).iter().any(&pred))
+            .await;
+        lines(&v)
+            .into_iter()
+            .find(|l| pred(l))
+            .expect("the line found")
+    }
+
+    async fn wait_presence(&self, room: &str, text: &str) {
+        let pred = |l: &Value| is(l, "presence") && l["room"] == room && l["body"] == text;
+        self.wait_line(&format!("{text:?} in {room}"), pred).await;
+    }
+
+    async fn wait_msg(&self, room: &str, from: &str, body: &str) -> Value {
+        let what = format!("<{from}> {body:?} in {room}");
+        let pred = |l: &Value| l["room"] == room && l["from"] == from && l["body"] == body;
+        self.wait_line(&what, |l| is(l, "msg") && pred(l)).await
+    }
+
+    async fn login(&self, page: &str, nick: &str) {
+        self.ok(self.c.goto(page).await, page);
+        self.type_into("form#login input#nick", nick).await;
+        self.click("form#login button#connect").await;
+        let state = "return window.chatloop.state()";
+        let connected = |v: &Value| v == "connected";
+        self.wait_js("state 'connected'", state, connected).await;
+        let shown = "return [document.querySelector('#app').hidden, \
+            document.querySelector('#login').hidden, document.querySelector('#status').textContent]";
+        let want = json!([false, true, format!("connected as {nick}")]);
+        assert_eq!(self.js(shown).await, want, "{}: after login", self.name);
+    }
+
+    /// Waits until `room` is listed and is the current room.
+    async fn wait_current(&self, room: &str) {
+        let li = format!("#rooms li.current[data-room=\"{room}\"]");
+        let js = format!("return !!document.querySelector('{li}')");
+        self.wait_js(&li, &js, |v| v == true).await;
+    }
+
+    /// Waits until the member list is exactly `nicks` (in the page's order).
+    async fn wait_members(&self, nicks: &[&str]) {
+        let js = "return [...document.querySelectorAll('#members li[data-nick]')]\
+            .map(li => li.dataset.nick)";
+        let what = format!("members {nicks:?}");
+        self.wait_js(&what, js, |v| v == &json!(nicks)).await;
+    }
+
+    /// Saves a screenshot of the viewport as `target/NAME`, and as `also` if given.
+    async fn screenshot(&self, name: &str, also: Option<PathBuf>) {
+        let png = self.ok(self.c.screenshot().await, "screenshot");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent();
+        for path in [target.unwrap().join(name)].into_iter().chain(also) {
+            must(std::fs::write(&path, &png), path.display());
+            eprintln!("{}: screenshot saved to {}", self.name, path.display());
+        }
+    }
+}
+
+/// `chatloop-client` on plain TCP in scripted mode (piped stdin and stdout); killed on drop.
+struct Cli {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<Vec<String>>>,
+}
+
+impl Cli {
+    fn spawn(addr: SocketAddr, nick: &str, room: &str) -> Cli {
+        let addr = addr.to_string();
+        let mut child = Command::new(Exe::Client.path())
+            .args(["--connect", &addr, "--nick", nick, "--join", room])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chatloop-client");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&out);
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("[chatloop-client] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stdin = child.stdin.take().expect("piped");
+        Cli { child, stdin, out }
+    }
+
+    fn send(&mut self, line: &str) {
+        let written = writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush());
+        must(written, "chatloop-client's stdin");
+    }
+
+    /// Waits (bounded) for an output line that is `want` after its `HH:MM:SS ` timestamp.
+    async fn wait(&self, want: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self.out.lock().unwrap().clone();
+            let text = |l: &String| l.split_once(' ').map(|(_, t)| t == want);
+            if out.iter().any(|l| text(l) == Some(true)) {
+                return;
+            }
+            let late = Instant::now() >= deadline;
+            assert!(!late, "chatloop-client: no {want:?} in {WAIT:?}: {out:#?}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_browsers_and_a_terminal_client_chat() {
+    let (server, page) = start_server();
+    Exe::Client.path(); // built (if needed) before the browsers start
+    let driver = Driver::start();
+    let alice = Browser::open(&driver, "alice", false).await;
+    let bob = Browser::open(&driver, "bob", false).await;
+    alice.login(&page, "alice").await;
+    bob.login(&page, "bob").await;
+
+    // Joining by `/join` (alice) and by the join form (bob); each sees the other arrive.
+    alice.say("/join lobby").await;
+    alice.wait_current("lobby").await;
+    bob.type_into("form#joinform input#room", "lobby").await;
+    bob.click("form#joinform button#join").await;
+    bob.wait_current("lobby").await;
+    alice.wait_presence("lobby", "* bob joined lobby").await;
+    bob.say("/join random").await;
+    bob.wait_current("random").await;
+    alice.type_into("#room", "random").await;
+    alice.click("#join").await;
+    alice.wait_current("random").await;
+    bob.wait_presence("random", "* alice joined random").await;
+
+    // Text from the network is inserted as text: markup arrives literally, makes no element.
+    let markup = "<b>bold</b><img src=x onerror=alert(1)>";
+    alice.say(markup).await;
+    bob.wait_msg("random", "alice", markup).await;
+    alice.wait_msg("random", "alice", markup).await;
+    for b in [&alice, &bob] {
+        // The log holds lines of spans, nothing else: no <b>, no <img>.
+        let n = b.js(NOT_TEXT_JS).await;
+        assert_eq!(n, json!(0), "{}: elements made of network text", b.name);
+    }
+    bob.say("nice try :)").await;
+    alice.wait_msg("random", "bob", "nice try :)").await;
+
+    // Back to the lobby by clicking it in the room list.
+    for b in [&alice, &bob] {
+        b.click("#rooms li[data-room=lobby]").await;
+        b.wait_current("lobby").await;
+    }
+
+    // carol, on plain TCP.
+    let mut carol = Cli::spawn(server.addr(), "carol", "lobby");
+    carol.wait("* carol joined lobby").await;
+    alice.wait_presence("lobby", "* carol joined lobby").await;
+    bob.wait_presence("lobby", "* carol joined lobby").await;
+
+    // A conversation: each message is seen by the two others (and echoed to its sender).
+    let said = [
+        ("alice", "morning! the web client is up on the ws listener"),
+        ("bob", "works here: two tabs, one room, presence and all"),
+        ("carol", "hello from the terminal client, over TCP"),
+        ("alice", "hi carol! same rooms, different transport"),
+        ("carol", "nice. I'll keep my terminal, thanks"),
+    ];
+    for (from, text) in said {
+        match from {
+            "alice" => alice.say(text).await,
+            "bob" => bob.say(text).await,
+            _ => carol.send(text),
+        }
+        for b in [&alice, &bob] {
+            let line = b.wait_msg("lobby", from, text).await;
+            assert_eq!(is(&line, "mine"), b.name == from, "{}: {line}", b.name);
+        }
+        if from != "carol" {
+            carol.wait(&format!("[lobby] <{from}> {text}")).await;
+        }
+    }
+
+    // A whisper: shown to alice as one, and settled (no longer pending) on bob's side.
+    let psst = "lunch after the release?";
+    bob.say(&format!("/w alice {psst}")).await;
+    let whisper = |l: &Value| is(l, "whisper") && l["from"].as_str().unwrap().starts_with("bob");
+    let whisper = |l: &Value| whisper(l) && l["body"] == psst;
+    alice.wait_line("bob's whisper", whisper).await;
+    let settled = |l: &Value| is(l, "whisper") && !is(l, "pending") && l["body"] == psst;
+    bob.wait_line("bob's settled whisper", settled).await;
+
+    for b in [&alice, &bob] {
+        b.wait_members(&["alice", "bob", "carol"]).await;
+    }
+    let docs = std::env::var("CHATLOOP_SAVE_SCREENSHOT").is_ok_and(|v| v == "1");
+    let docs = docs.then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/web-chat.png"));
+    alice.screenshot("browser-web-chat.png", docs).await;
+
+    // carol quits: the browsers see her go.
+    carol.send("/quit bye");
+    for b in [&alice, &bob] {
+        b.wait_presence("lobby", "* carol left lobby (quit)").await;
+        b.wait_members(&["alice", "bob"]).await;
+    }
+    alice.close().await;
+    bob.close().await;
+}
+
+/// Problems of the page on a phone of size (arguments[0], arguments[1]), as strings.
+const PHONE_JS: &str = "const [w, h] = arguments, problems = []; \
+    if (innerWidth !== w || innerHeight !== h) problems.push(`viewport ${innerWidth}x${innerHeight}`); \
+    if (document.documentElement.scrollWidth > w) problems.push('the page scrolls sideways'); \
+    for (const s of ['#log', 'form#composer', 'input#text', 'form#composer button']) { \
+      const r = document.querySelector(s).getBoundingClientRect(); \
+      if (r.left < 0 || r.top < 0 || r.right > w || r.bottom > h || r.width < 24 || r.height < 24) \
+        problems.push(s + ' at ' + JSON.stringify(r)); } \
+    const log = document.querySelector('#log').getBoundingClientRect().height; \
+    if (log < h / 3) problems.push(`the log is ${log}px high`); \
+    return problems;";
+
+#[tokio::test]
+async fn phone_sized_window_is_usable() {
+    let (_server, page) = start_server();
+    let driver = Driver::start();
+    let eve = Browser::open(&driver, "eve", true).await;
+    eve.login(&page, "eve").await;
+    eve.say("/join lobby").await;
+    eve.wait_current("lobby").await;
+    eve.say("hello from a phone").await;
+    eve.wait_msg("lobby", "eve", "hello from a phone").await;
+
+    // The viewport is the phone's; the log and the composer are within it, big enough to use.
+    let problems = eve
+        .c
+        .execute(PHONE_JS, vec![json!(PHONE.0), json!(PHONE.1)]);
+    let problems = eve.ok(problems.await, "measuring the page");
+    assert_eq!(problems, json!([]), "the page on a phone");
+    eve.screenshot("browser-web-chat-phone.png", None).await;
+
+    // The member list is behind the ☰ button on a narrow screen.
+    eve.click("button#toggle").await;
+    let me = "return document.querySelector('#members li[data-nick=eve]').getBoundingClientRect()";
+    let open = |r: &Value| r["height"].as_f64() > Some(0.0) && r["right"].as_u64() <= Some(375);
+    eve.wait_js("eve in the opened member list", me, open).await;
+    eve.close().await;
+}
