@@ -721,3 +721,106 @@ fn the_server_closes_a_websocket_with_a_code_that_says_why() {
     );
     assert_eq!(ws_close_code(&mut ws), Some(1008));
 }
+
+// ----- WebSocket over TLS -----
+
+type Wss = tungstenite::WebSocket<TlsStream>;
+
+/// A WebSocket over TLS flattened into a byte stream, as [`WsStream`] is for plain TCP; a
+/// message longer than the reader's buffer is handed out over several reads.
+struct WssStream {
+    ws: Wss,
+    rest: Vec<u8>,
+}
+
+impl Read for WssStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.rest.is_empty() {
+            match self.ws.read() {
+                Ok(WsMessage::Binary(b)) => self.rest = b.to_vec(),
+                Ok(WsMessage::Close(_)) => return Ok(0),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) => return Err(e),
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        let n = self.rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest.drain(..n);
+        Ok(n)
+    }
+}
+
+impl Write for WssStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ws
+            .send(WsMessage::Binary(buf.to_vec().into()))
+            .map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_wss_client_chats_with_a_plain_client() {
+    use tungstenite::client::IntoClientRequest;
+    let cert = Cert::new("wss");
+    let server = start_with_tls(&cert, &["--wss-listen", "127.0.0.1:0"]);
+    let wss_addr = listener_addr(&server, "wss");
+    // What browsers offer for a WebSocket: http/1.1.
+    let tls = tls_connect_alpn(wss_addr, &cert.der, &[b"http/1.1"]).expect("TLS handshake");
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut req = format!("wss://{wss_addr}/chat")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chatloop.v1".parse().expect("value"),
+    );
+    let (ws, resp) = tungstenite::client(req, tls).expect("upgrade over TLS");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"chatloop.v1"[..])
+    );
+    let mut w = Framed {
+        s: WssStream {
+            ws,
+            rest: Vec::new(),
+        },
+        buf: Vec::new(),
+    };
+    w.hello("sally");
+    w.join("lobby", "sally");
+    let mut p = Client::connect(server.addr());
+    p.hello("paul");
+    p.send_join("lobby");
+    p.expect_presence(kind::JOIN, "lobby", "paul");
+    w.send(op::SAY, &pstr_rest("lobby", b"over WSS"));
+    p.expect_message("lobby", "sally", "over WSS");
+    p.send_say("lobby", "over TCP");
+    p.expect_message("lobby", "paul", "over TCP");
+    let m = w.message_from("paul");
+    assert_eq!(m.text, "over TCP");
+    // A big message crosses TLS records both ways, in one WebSocket message each way.
+    let big = "w".repeat(60_000);
+    p.send_say("lobby", &big);
+    p.expect_message("lobby", "paul", &big);
+    let m = w.message_from("paul");
+    assert_eq!(m.text.len(), big.len());
+    w.send(op::SAY, &pstr_rest("lobby", big.as_bytes()));
+    p.expect_message("lobby", "sally", &big);
+    // The chat page is served over TLS too.
+    let mut page = tls_connect_alpn(wss_addr, &cert.der, &[b"http/1.1"]).expect("TLS handshake");
+    page.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut all = Vec::new();
+    let _ = page.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:.100}");
+    assert!(text.contains("chatloop.v1"), "not the page");
+}
