@@ -824,3 +824,78 @@ fn a_wss_client_chats_with_a_plain_client() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text:.100}");
     assert!(text.contains("chatloop.v1"), "not the page");
 }
+
+/// A connection to `addr` whose receive buffer is `rcvbuf` bytes, set before the connect.
+fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf).expect("SO_RCVBUF");
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("connect");
+    TcpStream::from(fd)
+}
+
+#[test]
+fn a_silent_tls_session_is_pinged_then_evicted_by_the_idle_timeout() {
+    let cert = Cert::new("idle");
+    let server = start_with_tls(
+        &cert,
+        &[
+            "--heartbeat",
+            "200ms",
+            "--idle-timeout",
+            "600ms",
+            "--tick",
+            "20ms",
+        ],
+    );
+    let tls_addr = listener_addr(&server, "TLS");
+    let mut t = tls_framed(tls_addr, &cert.der);
+    t.hello("sleepy");
+    // The server's PING through TLS, unanswered, then the eviction.
+    assert!(matches!(t.recv_msg(), ServerMsg::Ping(_)), "no PING");
+    match t.recv_msg() {
+        ServerMsg::Error(e) => assert_eq!(e.code, code::IDLE_TIMEOUT),
+        other => panic!("expected idle_timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_websocket_that_does_not_read_is_cut_as_a_slow_consumer_and_nobody_else_is() {
+    let (server, ws_addr) = start_with_ws(&["--max-pending", "256KiB", "--send-buffer", "16KiB"]);
+    let tcp = connect_with_rcvbuf(ws_addr, 4096);
+    tcp.set_read_timeout(Some(DEFAULT_TIMEOUT))
+        .expect("timeout");
+    let req = ws_request(ws_addr, &[("sec-websocket-protocol", "chatloop.v1")]);
+    let (mut ws, _) = tungstenite::client(req, tcp).expect("upgrade");
+    let mut hello = frame(op::HELLO, &pstr_rest("stuck", &[]));
+    hello.extend(frame(op::JOIN, &pstr("side")));
+    ws.send(WsMessage::Binary(hello.into())).expect("send");
+    let mut watcher = Client::connect(server.addr());
+    watcher.hello("watcher");
+    watcher.send_join("side");
+    watcher.expect_presence(kind::JOIN, "side", "watcher");
+    // Whispers, so that nobody but the member that does not read gets this output: ~3 MB,
+    // far past max-pending plus every buffer between.
+    let mut flooder = Client::connect(server.addr());
+    flooder.hello("flooder");
+    let big = "z".repeat(30_000);
+    for _ in 0..100 {
+        flooder.send_whisper("stuck", &big);
+    }
+    watcher.recv_until(|f| {
+        matches!(f.try_decode(), Ok(ServerMsg::Presence(p)) if p.kind == kind::GONE && p.nick == "stuck")
+    });
+    watcher.send_ping(b"fine");
+    watcher.recv_until(|f| f.op == sop::PONG);
+    assert!(server.log_lines().iter().all(|l| !l.contains("panicked")));
+    drop(ws);
+}
