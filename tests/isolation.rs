@@ -43,25 +43,6 @@ fn peer_text_in_logs_cannot_forge_lines_or_escape_to_the_terminal() {
 // Fan-out amplification
 // ---------------------------------------------------------------------------------------------
 
-/// A connection to `addr` whose receive buffer is `rcvbuf` bytes, set before the connect (the
-/// window it advertises is then small from the first segment on).
-fn connect_with_rcvbuf(addr: std::net::SocketAddr, rcvbuf: usize) -> std::net::TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
-    };
-    use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf).expect("SO_RCVBUF");
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("connect");
-    std::net::TcpStream::from(fd)
-}
-
 /// The slowest loop iteration the server has seen, in microseconds.
 fn slowest_iteration_us(server: &Server) -> u64 {
     server

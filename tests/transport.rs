@@ -825,24 +825,6 @@ fn a_wss_client_chats_with_a_plain_client() {
     assert!(text.contains("chatloop.v1"), "not the page");
 }
 
-/// A connection to `addr` whose receive buffer is `rcvbuf` bytes, set before the connect.
-fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
-    };
-    use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf).expect("SO_RCVBUF");
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("connect");
-    TcpStream::from(fd)
-}
-
 #[test]
 fn a_silent_tls_session_is_pinged_then_evicted_by_the_idle_timeout() {
     let cert = Cert::new("idle");

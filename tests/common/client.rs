@@ -848,3 +848,22 @@ pub enum ProbeAnswer {
     /// A close without a word (the server could not take the connection at all).
     Closed,
 }
+
+/// A connection to `addr` whose receive buffer is `rcvbuf` bytes, set before the connect (the
+/// window it advertises is then small from the first segment on).
+pub fn connect_with_rcvbuf(addr: std::net::SocketAddr, rcvbuf: usize) -> std::net::TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &rcvbuf).expect("SO_RCVBUF");
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
