@@ -1,15 +1,20 @@
 //! Command-line flags (clap derive).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatloop::config::{parse_bytes, parse_duration};
 use clap::{Args, Parser, Subcommand};
+use rustls::pki_types::ServerName;
 
 use super::stamp::STAMP_LEN;
+use super::transport::{Dialer, Kind, parse_server_name};
 
 /// Load generator for chatloop (loopback only): fan-out throughput and latency, rate sweeps,
-/// idle memory per connection, connection rate, round trips under load, and attacks.
+/// idle memory per connection, connection rate, round trips under load, and attacks; over
+/// plain TCP, TLS, WebSocket or WebSocket over TLS (--transport).
 #[derive(Debug, Parser)]
 #[command(name = "chatloop-bench", version)]
 pub struct Cli {
@@ -19,9 +24,65 @@ pub struct Cli {
     /// No progress lines on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// What the connections speak under the protocol.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// The scenario.
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// `--transport`, `--ca`, `--server-name`: accepted before or after the scenario's name.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TransportArgs {
+    /// What every connection speaks under the protocol: tcp (the protocol as is), tls (over
+    /// TLS, ALPN chatloop/1: the server's --tls-listen), ws (WebSocket at /chat with
+    /// subprotocol chatloop.v1, one binary message per write: --ws-listen), wss (WebSocket
+    /// over TLS: --wss-listen). The transport's handshake completes before HELLO. TLS makes
+    /// full handshakes (no session resumption). The attacks speak tcp only.
+    #[arg(long, value_enum, default_value_t = Kind::Tcp, global = true)]
+    pub transport: Kind,
+    /// With --transport tls or wss: trust the certificates in FILE (PEM), such as the server's
+    /// self-signed certificate (required: the generator has no built-in roots).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
+    /// With --transport tls or wss: the name the server's certificate must be valid for, sent
+    /// as SNI (a DNS name or an IP address) [default: the IP address of --addr].
+    #[arg(long, value_name = "NAME", global = true, value_parser = parse_server_name)]
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl TransportArgs {
+    /// The transport of a run against `addr` (`None`: plain TCP), its files read.
+    pub fn dialer(&self, addr: SocketAddr) -> Result<Option<Arc<Dialer>>, String> {
+        Dialer::new(
+            self.transport,
+            self.ca.as_deref(),
+            self.server_name.as_ref(),
+            addr,
+        )
+    }
+
+    /// Refuses anything but plain TCP (for the attacks).
+    pub fn tcp_only(&self, what: &str) -> Result<(), String> {
+        let mut given = Vec::new();
+        if self.transport != Kind::Tcp {
+            given.push(format!("--transport {}", self.transport.name()));
+        }
+        if self.ca.is_some() {
+            given.push("--ca".to_string());
+        }
+        if self.server_name.is_some() {
+            given.push("--server-name".to_string());
+        }
+        if given.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} speaks plain TCP only: drop {}",
+            given.join(", ")
+        ))
+    }
 }
 
 /// Scenarios.
@@ -32,14 +93,17 @@ pub enum Cmd {
     /// Fanout steps at rising rates (doubling, then bisection) to find the highest rate with
     /// at least 99.9% delivered and p99 under --p99-ms.
     Sweep(SweepArgs),
-    /// N welcomed idle connections; the server's RSS before and after.
+    /// N welcomed idle connections; the server's RSS before and after (over a transport: its
+    /// memory per idle TLS or WebSocket connection).
     Idle(IdleArgs),
-    /// C dialers in a loop: connect, HELLO, WELCOME, QUIT, wait for the server's close.
+    /// C dialers in a loop: connect, the transport's handshake (TLS: a full handshake), HELLO,
+    /// WELCOME, QUIT, wait for the server's close. Connections per second, and with
+    /// --server-pid the server's CPU per connection.
     Connect(ConnectArgs),
     /// Sequential PING/PONG round trips, optionally under a background fanout.
     Rtt(RttArgs),
     /// Hostile clients (issue 13): fan-out amplification, partial frames, slow HTTP headers.
-    /// Reports what the server did, never judges it.
+    /// Reports what the server did, never judges it. Plain TCP only.
     #[command(subcommand)]
     Attack(AttackCmd),
 }
@@ -268,6 +332,10 @@ pub struct ConnectArgs {
     /// How long to keep dialing.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// The server's process id (same machine): its CPU time while dialing, per connection
+    /// (with --transport tls: per handshake).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 /// `rtt` flags.
@@ -328,4 +396,96 @@ pub fn validate_size(size: usize, room: &str) -> Result<(), String> {
         return Err(format!("--room {room:?} is not a valid room name"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("chatloop-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn transport_flags_default_to_tcp_and_go_anywhere() {
+        let c = parse(&["connect"]).unwrap();
+        assert_eq!(c.transport.transport, Kind::Tcp);
+        assert!(c.transport.ca.is_none() && c.transport.server_name.is_none());
+        let addr: SocketAddr = "127.0.0.1:7878".parse().unwrap();
+        assert!(c.transport.dialer(addr).unwrap().is_none());
+        // After the scenario's name, or before it.
+        let c = parse(&[
+            "connect",
+            "--transport",
+            "tls",
+            "--ca",
+            "/tmp/cert.pem",
+            "--server-name",
+            "localhost",
+            "--server-pid",
+            "42",
+        ])
+        .unwrap();
+        assert_eq!(c.transport.transport, Kind::Tls);
+        assert_eq!(c.transport.ca, Some(PathBuf::from("/tmp/cert.pem")));
+        assert_eq!(
+            c.transport.server_name,
+            Some(ServerName::try_from("localhost").unwrap())
+        );
+        let Cmd::Connect(a) = c.cmd else {
+            panic!("not connect")
+        };
+        assert_eq!(a.server_pid, Some(42));
+        for (word, kind) in [
+            ("tcp", Kind::Tcp),
+            ("tls", Kind::Tls),
+            ("ws", Kind::Ws),
+            ("wss", Kind::Wss),
+        ] {
+            let c = parse(&["--transport", word, "fanout", "--subs", "3"]).unwrap();
+            assert_eq!(c.transport.transport, kind);
+            assert_eq!(kind.name(), word);
+            for scenario in ["sweep", "idle", "rtt"] {
+                let mut args = vec![scenario, "--transport", word];
+                if scenario == "idle" {
+                    args.extend(["--server-pid", "1"]);
+                }
+                assert_eq!(parse(&args).unwrap().transport.transport, kind);
+            }
+        }
+        let c = parse(&["--server-name", "127.0.0.1", "idle", "--server-pid", "1"]).unwrap();
+        assert!(matches!(
+            c.transport.server_name,
+            Some(ServerName::IpAddress(_))
+        ));
+    }
+
+    #[test]
+    fn bad_transport_flags_are_refused() {
+        assert!(parse(&["connect", "--transport", "quic"]).is_err());
+        assert!(parse(&["connect", "--server-name", "not a name"]).is_err());
+        let addr: SocketAddr = "127.0.0.1:7878".parse().unwrap();
+        let c = parse(&["connect", "--transport", "wss"]).unwrap();
+        let e = c.transport.dialer(addr).unwrap_err();
+        assert!(e.contains("--transport wss needs --ca FILE"), "{e}");
+        let c = parse(&["connect", "--ca", "/tmp/x.pem"]).unwrap();
+        let e = c.transport.dialer(addr).unwrap_err();
+        assert!(e.contains("not tcp"), "{e}");
+        // The attacks speak plain TCP only.
+        let c = parse(&[
+            "--transport",
+            "tls",
+            "attack",
+            "partial",
+            "--server-pid",
+            "1",
+        ])
+        .unwrap();
+        let e = c.transport.tcp_only("attack").unwrap_err();
+        assert_eq!(e, "attack speaks plain TCP only: drop --transport tls");
+        assert!(TransportArgs::default().tcp_only("attack").is_ok());
+        let c = parse(&["attack", "partial", "--server-pid", "1", "--ca", "c.pem"]).unwrap();
+        let e = c.transport.tcp_only("attack").unwrap_err();
+        assert_eq!(e, "attack speaks plain TCP only: drop --ca");
+    }
 }

@@ -5,14 +5,20 @@
 //! and frames are parsed in place there by the crate's `Deframer`; only the incomplete frame
 //! at the end of a read is copied, into the connection's deframer. Ten thousand idle
 //! subscribers thus cost no 64 KiB each.
+//!
+//! A connection with `--transport tls|ws|wss` also has a [`Layer`] (boxed: a plain TCP
+//! connection pays one null pointer): reads then take protocol bytes from the layer instead of
+//! the socket, into the same shared buffer, and writes hand the output to the layer a chunk at
+//! a time (one WebSocket message, or one TLS write), once what it held is out.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chatloop::protocol::{Deframer, FrameError};
 use mio::net::TcpStream;
 
 use super::sys::delay_acks;
+use super::transport::{Io, Layer, PassState};
 
 /// Bytes asked of one `read` call.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -26,6 +32,8 @@ pub enum State {
     Pending,
     /// `connect` issued, not yet established.
     Connecting,
+    /// TCP established; the transport's handshake (TLS, the WebSocket upgrade) under way.
+    Upgrading,
     /// HELLO (and JOIN) sent, waiting for WELCOME (or the barrier PONG).
     Handshaking,
     /// Welcomed (and joined).
@@ -65,6 +73,8 @@ pub enum ReadEnd {
 pub struct Conn {
     /// The socket, while open.
     pub sock: Option<TcpStream>,
+    /// The transport over the socket (TLS, WebSocket), while open; `None` for plain TCP.
+    pub layer: Option<Box<Layer>>,
     /// Life cycle.
     pub state: State,
     /// What to do once connected.
@@ -73,6 +83,11 @@ pub struct Conn {
     pub generation: u32,
     /// When the current state was entered (for HELLO: when HELLO was written).
     pub since: Instant,
+    /// When `connect` was issued for the current socket.
+    pub dialed: Instant,
+    /// How long the transport's handshake took (TCP established to TLS done and WebSocket
+    /// open); zero for plain TCP.
+    pub upgraded_in: Duration,
     /// The code of a fatal ERROR received, if any.
     pub fatal: Option<u16>,
     /// Whether the slot is in the pool's list of connections with output to flush.
@@ -87,10 +102,13 @@ impl Conn {
     pub fn new(handshake: Handshake, now: Instant) -> Self {
         Conn {
             sock: None,
+            layer: None,
             state: State::Pending,
             handshake,
             generation: 0,
             since: now,
+            dialed: now,
+            upgraded_in: Duration::ZERO,
             fatal: None,
             dirty: false,
             deframer: Deframer::new(),
@@ -102,8 +120,11 @@ impl Conn {
     /// Forgets everything about the previous socket (which must already be deregistered).
     pub fn reset(&mut self, state: State, now: Instant) {
         self.sock = None;
+        self.layer = None;
         self.state = state;
         self.since = now;
+        self.dialed = now;
+        self.upgraded_in = Duration::ZERO;
         self.fatal = None;
         self.deframer.clear();
         self.out.clear();
@@ -115,9 +136,24 @@ impl Conn {
         &mut self.out
     }
 
-    /// Bytes queued and not yet accepted by the socket.
+    /// Bytes queued and not yet accepted by the socket (with a transport: queued for it, and
+    /// what it holds beyond its bounded buffers).
     pub fn pending(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out.len() - self.out_pos + self.layer.as_ref().map_or(0, |l| l.pending())
+    }
+
+    /// Whether anything waits for the socket: queued output, or bytes a transport holds.
+    pub fn wants_flush(&self) -> bool {
+        self.out_pos < self.out.len() || self.layer.as_ref().is_some_and(|l| l.wants_write())
+    }
+
+    /// Advances the transport's handshake (see [`Layer::handshake`]); `to_end` as in
+    /// [`Conn::read_frames`].
+    pub fn upgrade(&mut self, to_end: bool) -> Result<bool, String> {
+        match (self.sock.as_mut(), self.layer.as_deref_mut()) {
+            (Some(sock), Some(layer)) => layer.handshake(&mut Io::new(sock, to_end)),
+            _ => Err("the connection has no transport to upgrade".into()),
+        }
     }
 
     /// Writes queued bytes until done or the socket is full.
@@ -125,6 +161,31 @@ impl Conn {
         let Some(sock) = self.sock.as_mut() else {
             return Ok(());
         };
+        if let Some(layer) = self.layer.as_deref_mut() {
+            let mut io = Io::new(sock, false);
+            loop {
+                match layer.flush(&mut io) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                if self.out_pos == self.out.len() || !layer.is_open() {
+                    break;
+                }
+                let rest = &self.out[self.out_pos..];
+                let chunk = layer.chunk(rest);
+                match layer.write(&mut io, &rest[..chunk]) {
+                    Ok(n) => self.out_pos += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.out_pos == self.out.len() {
+                self.out.clear();
+                self.out_pos = 0;
+            }
+            return Ok(());
+        }
         while self.out_pos < self.out.len() {
             match sock.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
@@ -151,6 +212,13 @@ impl Conn {
     where
         F: FnMut(&mut Conn, u8, &[u8], Instant),
     {
+        if self.layer.is_some() {
+            if buf.len() < 2 * READ_CHUNK {
+                buf.resize(2 * READ_CHUNK, 0);
+            }
+            let (plain, pre) = buf.split_at_mut(READ_CHUNK);
+            return self.read_layered(plain, pre, to_end, f);
+        }
         if buf.len() < READ_CHUNK {
             buf.resize(READ_CHUNK, 0);
         }
@@ -179,6 +247,46 @@ impl Conn {
             }
             self.deframer = deframer;
             if (n < READ_CHUNK && !to_end) || self.state == State::Dead {
+                return ReadEnd::Drained;
+            }
+        }
+    }
+
+    /// [`Conn::read_frames`] through the transport: protocol bytes from the layer into `buf`,
+    /// until it has nothing more (it stops reading the socket after a short read, as the plain
+    /// path does, unless `to_end`). The socket is read in 64 KiB gulps into `pre`, from which
+    /// the layer takes what it asks for.
+    fn read_layered<F>(&mut self, buf: &mut [u8], pre: &mut [u8], to_end: bool, mut f: F) -> ReadEnd
+    where
+        F: FnMut(&mut Conn, u8, &[u8], Instant),
+    {
+        let mut pass = PassState::default();
+        loop {
+            let (Some(sock), Some(layer)) = (self.sock.as_mut(), self.layer.as_deref_mut()) else {
+                return ReadEnd::Closed(None);
+            };
+            let mut io = Io::new(sock, to_end).with_prefetch(&mut *pre, pass);
+            let read = layer.read(&mut io, buf);
+            pass = io.state();
+            let n = match read {
+                Ok(0) => return ReadEnd::Closed(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return ReadEnd::Drained,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return ReadEnd::Closed(Some(e)),
+            };
+            let now = Instant::now();
+            let mut deframer = std::mem::take(&mut self.deframer);
+            let mut chunk = &buf[..n];
+            loop {
+                match deframer.next(&mut chunk, MAX_PAYLOAD) {
+                    Ok(Some(frame)) => f(self, frame.opcode, frame.payload, now),
+                    Ok(None) => break,
+                    Err(e) => return ReadEnd::Bad(e),
+                }
+            }
+            self.deframer = deframer;
+            if self.state == State::Dead {
                 return ReadEnd::Drained;
             }
         }

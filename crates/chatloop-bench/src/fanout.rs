@@ -2,6 +2,7 @@
 //! steps run on them (warm-up, measurement window, drain), each giving a [`StepResult`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatloop::protocol::op;
@@ -14,6 +15,7 @@ use super::result::StepResult;
 use super::stamp::{Stamp, message_text, parse_stamp, put_say};
 use super::sys::{CpuMark, ProcCpu, proc_cpu, run_prefix};
 use super::track::Tracker;
+use super::transport::Dialer;
 
 /// A publisher with this much unwritten output (the server is not reading) gets no more
 /// messages; they are counted as blocked.
@@ -96,6 +98,7 @@ impl Fanout {
     pub fn connect_to(
         addr: SocketAddr,
         more: &[SocketAddr],
+        transport: Option<Arc<Dialer>>,
         pubs: usize,
         subs: usize,
         room: &str,
@@ -106,6 +109,7 @@ impl Fanout {
         Self::connect_with(
             addr,
             more,
+            transport,
             pubs,
             subs,
             0,
@@ -117,10 +121,11 @@ impl Fanout {
     }
 
     /// Connects `pubs` publishers and `subs` subscribers (HELLO, JOIN `room`) and `extra`
-    /// plain welcomed connections, `max_in_flight` at a time.
+    /// plain welcomed connections, `max_in_flight` at a time, over `transport` (`None`: TCP).
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         addr: SocketAddr,
+        transport: Option<Arc<Dialer>>,
         pubs: usize,
         subs: usize,
         extra: usize,
@@ -132,6 +137,7 @@ impl Fanout {
         Self::connect_with(
             addr,
             &[],
+            transport,
             pubs,
             subs,
             extra,
@@ -146,6 +152,7 @@ impl Fanout {
     fn connect_with(
         addr: SocketAddr,
         more: &[SocketAddr],
+        transport: Option<Arc<Dialer>>,
         pubs: usize,
         subs: usize,
         extra: usize,
@@ -157,6 +164,7 @@ impl Fanout {
         let epoch = Instant::now();
         let mut pool = Pool::new(addr, &run_prefix(), room)?;
         pool.more_addrs = more.to_vec();
+        pool.transport = transport;
         pool.progress = progress;
         pool.add(pubs, Handshake::HelloJoin);
         pool.add(subs, Handshake::HelloJoin);
@@ -165,7 +173,8 @@ impl Fanout {
         pool.establish(max_in_flight, setup_timeout(n))?;
         if progress {
             eprintln!(
-                "connected {n} connections ({pubs} publishers, {subs} subscribers) in {:.2} s",
+                "connected {n} connections ({pubs} publishers, {subs} subscribers) over {} in {:.2} s",
+                super::report::transport_human(&pool),
                 epoch.elapsed().as_secs_f64()
             );
         }

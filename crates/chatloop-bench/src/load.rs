@@ -1,13 +1,14 @@
 //! The `fanout` and `sweep` commands, on the engine of `fanout.rs`.
 
-use super::cli::{FanoutArgs, LoadArgs, SweepArgs};
+use super::cli::{FanoutArgs, LoadArgs, SweepArgs, TransportArgs};
 use super::fanout::{Fanout, NoProbe, StepCfg};
-use super::report::{Fail, Json, Report, array};
+use super::report::{Fail, Json, Report, array, transport_human, transport_json};
 use super::result::StepResult;
 use super::sys::{ensure_fds, proc_cpu};
 
-fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
+fn connect(l: &LoadArgs, t: &TransportArgs, progress: bool) -> Result<Fanout, Fail> {
     l.validate().map_err(Fail::Usage)?;
+    let transport = t.dialer(l.addr).map_err(Fail::Usage)?;
     ensure_fds(l.subs + l.pubs).map_err(Fail::Usage)?;
     if let Some(pid) = l.server_pid {
         proc_cpu(pid).map_err(|e| Fail::Usage(format!("--server-pid {pid}: {e}")))?;
@@ -15,6 +16,7 @@ fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
     let mut f = Fanout::connect_to(
         l.addr,
         &l.also_addr,
+        transport,
         l.pubs,
         l.subs,
         &l.room,
@@ -30,11 +32,11 @@ fn connect(l: &LoadArgs, progress: bool) -> Result<Fanout, Fail> {
 }
 
 /// `fanout`: one measured step.
-pub fn fanout(a: &FanoutArgs, progress: bool) -> Result<Report, Fail> {
+pub fn fanout(a: &FanoutArgs, t: &TransportArgs, progress: bool) -> Result<Report, Fail> {
     if a.rate == 0 {
         return Err(Fail::Usage("--rate must be at least 1".into()));
     }
-    let mut f = connect(&a.load, progress)?;
+    let mut f = connect(&a.load, t, progress)?;
     let cfg = StepCfg {
         rate: a.rate,
         warmup: a.load.warmup,
@@ -45,12 +47,14 @@ pub fn fanout(a: &FanoutArgs, progress: bool) -> Result<Report, Fail> {
     let r = f.step(&cfg, &mut NoProbe);
     let mut j = Json::new();
     j.str("scenario", "fanout")
-        .str("addr", &a.load.addr.to_string())
-        .num("warmup_s", a.load.warmup.as_secs_f64(), 3);
+        .str("addr", &a.load.addr.to_string());
+    transport_json(&mut j, &f.pool);
+    j.num("warmup_s", a.load.warmup.as_secs_f64(), 3);
     r.fill(&mut j);
     let human = format!(
-        "fanout against {} (warm-up {:.1} s, window {:.1} s)\n{}",
+        "fanout against {} over {} (warm-up {:.1} s, window {:.1} s)\n{}",
         a.load.addr,
+        transport_human(&f.pool),
         a.load.warmup.as_secs_f64(),
         a.duration.as_secs_f64(),
         r.human()
@@ -65,13 +69,13 @@ pub fn fanout(a: &FanoutArgs, progress: bool) -> Result<Report, Fail> {
 
 /// `sweep`: doubling from --start-rate while steps pass, then bisection between the last pass
 /// and the first failure.
-pub fn sweep(a: &SweepArgs, progress: bool) -> Result<Report, Fail> {
+pub fn sweep(a: &SweepArgs, t: &TransportArgs, progress: bool) -> Result<Report, Fail> {
     if a.start_rate == 0 || a.max_rate < a.start_rate {
         return Err(Fail::Usage(
             "--start-rate must be at least 1 and at most --max-rate".into(),
         ));
     }
-    let mut f = connect(&a.load, progress)?;
+    let mut f = connect(&a.load, t, progress)?;
     let mut steps: Vec<(StepResult, bool)> = Vec::new();
     let mut run = |f: &mut Fanout, rate: u64| -> Result<bool, Fail> {
         let redialed = f.reconnect_dead().map_err(Fail::Run)?;
@@ -128,8 +132,9 @@ pub fn sweep(a: &SweepArgs, progress: bool) -> Result<Report, Fail> {
         .map(|(r, _)| r);
     let mut j = Json::new();
     j.str("scenario", "sweep")
-        .str("addr", &a.load.addr.to_string())
-        .int("subs", subs)
+        .str("addr", &a.load.addr.to_string());
+    transport_json(&mut j, &f.pool);
+    j.int("subs", subs)
         .int("pubs", a.load.pubs as u64)
         .int("size", a.load.size as u64)
         .num("p99_ms_bound", a.p99_ms, 3)
@@ -158,8 +163,9 @@ pub fn sweep(a: &SweepArgs, progress: bool) -> Result<Report, Fail> {
         )
         .num("p99_ms_at_max", best.map_or(f64::NAN, |r| r.lat.p99), 3);
     let mut human = format!(
-        "sweep against {} ({} subscribers, {} publishers, {} B; pass = delivered >= {}% and p99 < {} ms)\n",
+        "sweep against {} over {} ({} subscribers, {} publishers, {} B; pass = delivered >= {}% and p99 < {} ms)\n",
         a.load.addr,
+        transport_human(&f.pool),
         subs,
         a.load.pubs,
         a.load.size,

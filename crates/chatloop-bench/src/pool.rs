@@ -1,10 +1,12 @@
 //! The generator's event loop: one `mio::Poll` over every connection of a scenario, dialing in
-//! bounded batches, the handshake, answering server PINGs, counting ERRORs and closes, and
+//! bounded batches, the transport's handshake (`--transport tls|ws|wss`: TLS, the WebSocket
+//! upgrade), the protocol's handshake, answering server PINGs, counting ERRORs and closes, and
 //! handing every other frame to the scenario.
 
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatloop::protocol::{ClientMsg, ErrorCode, op};
@@ -14,6 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::conn::{Conn, Handshake, ReadEnd, State};
 use super::report::Progress;
 use super::sys::connect_with_rcvbuf;
+use super::transport::{Dialer, Kind};
 
 /// PING data that marks the end of a HelloJoin handshake.
 const READY_TAG: &[u8] = b"ready";
@@ -69,6 +72,10 @@ pub struct Pool {
     /// SO_RCVBUF for new sockets, set before `connect` (so the window scale the connection
     /// negotiates matches it); `None` leaves the kernel's default and its autotuning.
     pub rcvbuf: Option<usize>,
+    /// The transport every connection speaks under the protocol; `None`: plain TCP.
+    pub transport: Option<Arc<Dialer>>,
+    /// The TLS parameters the first TLS handshake negotiated (version, suite, group).
+    pub tls_info: Option<String>,
 }
 
 impl Pool {
@@ -102,7 +109,14 @@ impl Pool {
             progress: false,
             in_poll: Duration::ZERO,
             rcvbuf: None,
+            transport: None,
+            tls_info: None,
         })
+    }
+
+    /// What the connections speak under the protocol.
+    pub fn kind(&self) -> Kind {
+        self.transport.as_ref().map_or(Kind::Tcp, |d| d.kind())
     }
 
     /// Adds `n` slots to dial; returns the index of the first.
@@ -163,6 +177,7 @@ impl Pool {
                     let c = &mut self.conns[i];
                     c.reset(State::Connecting, now);
                     c.sock = Some(sock);
+                    c.dialed = now;
                     self.in_flight += 1;
                 }
                 Err(e) => {
@@ -244,6 +259,7 @@ impl Pool {
         if let Some(mut s) = self.conns[i].sock.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        self.conns[i].layer = None;
         self.conns[i].state = State::Dead;
     }
 
@@ -289,7 +305,26 @@ impl Pool {
         {
             return;
         }
-        if writable && self.conns[i].pending() > 0 {
+        let mut readable = readable;
+        if self.conns[i].state == State::Upgrading {
+            match self.conns[i].upgrade(fin) {
+                Ok(false) => return,
+                Ok(true) => {
+                    if !self.upgraded(i) {
+                        return;
+                    }
+                    // What came with the end of the handshake (already read into the layer)
+                    // is handed out now: no later event would report it.
+                    readable = true;
+                }
+                Err(msg) => {
+                    let msg = format!("{} with {}: {msg}", self.kind().name(), self.addr_of(i));
+                    self.close(i, Some(msg));
+                    return;
+                }
+            }
+        }
+        if writable && self.conns[i].wants_flush() {
             if let Err(e) = self.conns[i].flush() {
                 self.close(i, Some(e.to_string()));
                 return;
@@ -313,7 +348,7 @@ impl Pool {
             handler(i, c, opcode, payload, now);
         });
         let c = &mut self.conns[i];
-        if c.pending() > 0 && !c.dirty {
+        if c.wants_flush() && !c.dirty {
             c.dirty = true;
             self.dirty.push(i);
         }
@@ -353,6 +388,38 @@ impl Pool {
             self.in_flight -= 1;
             return true;
         }
+        if let Some(dialer) = &self.transport {
+            match dialer.layer() {
+                Ok(layer) => {
+                    c.layer = Some(layer);
+                    c.state = State::Upgrading;
+                    c.since = Instant::now();
+                    return true;
+                }
+                Err(e) => {
+                    self.close(i, Some(e));
+                    return false;
+                }
+            }
+        }
+        self.hello(i)
+    }
+
+    /// The transport of slot `i` finished its handshake: notes its time (and the first TLS
+    /// session's parameters) and sends HELLO.
+    fn upgraded(&mut self, i: usize) -> bool {
+        let c = &mut self.conns[i];
+        c.upgraded_in = c.since.elapsed();
+        if self.tls_info.is_none() {
+            self.tls_info = c.layer.as_ref().and_then(|l| l.tls_info());
+        }
+        self.hello(i)
+    }
+
+    /// Queues HELLO (and JOIN and the barrier PING) on slot `i` and writes it; false if the
+    /// write failed (the slot is closed).
+    fn hello(&mut self, i: usize) -> bool {
+        let c = &mut self.conns[i];
         let nick = if c.generation == 0 {
             format!("{}{i}", self.prefix)
         } else {
@@ -385,7 +452,7 @@ impl Pool {
     fn close(&mut self, i: usize, why: Option<String>) {
         let c = &mut self.conns[i];
         match c.state {
-            State::Connecting | State::Handshaking => {
+            State::Connecting | State::Upgrading | State::Handshaking => {
                 self.in_flight -= 1;
                 let code = c.fatal.map(code_name);
                 let msg = match (why, code) {
@@ -406,6 +473,7 @@ impl Pool {
         if let Some(mut s) = c.sock.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        c.layer = None;
         c.state = State::Dead;
         c.since = Instant::now();
     }

@@ -174,6 +174,23 @@ impl Lat {
     }
 }
 
+/// Adds what the connections spoke to a JSON report: `"transport":"tls"`, and for TLS the
+/// negotiated parameters, `"tls":"TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519"`.
+pub fn transport_json(j: &mut Json, pool: &super::pool::Pool) {
+    j.str("transport", pool.kind().name());
+    if let Some(info) = &pool.tls_info {
+        j.str("tls", info);
+    }
+}
+
+/// What the connections spoke, for a human report: `tcp`, `ws`, `tls (TLSv1_3 ...)`.
+pub fn transport_human(pool: &super::pool::Pool) -> String {
+    match &pool.tls_info {
+        Some(info) => format!("{} ({info})", pool.kind().name()),
+        None => pool.kind().name().to_string(),
+    }
+}
+
 /// The difference of two error-code maps (`after - before`), by code name.
 pub fn error_delta(before: &BTreeMap<u16, u64>, after: &BTreeMap<u16, u64>) -> Vec<(String, u64)> {
     after

@@ -6,11 +6,11 @@ use std::time::Instant;
 use chatloop::protocol::{ClientMsg, op};
 use hdrhistogram::Histogram;
 
-use super::cli::{RttArgs, validate_size};
+use super::cli::{RttArgs, TransportArgs, validate_size};
 use super::conn::{Conn, State};
 use super::fanout::{Fanout, Probe, StepCfg};
 use super::pool::Pool;
-use super::report::{Fail, Json, Lat, Report};
+use super::report::{Fail, Json, Lat, Report, transport_human, transport_json};
 use super::sys::ensure_fds;
 use super::track::new_hist;
 
@@ -61,7 +61,7 @@ impl Probe for RttProbe {
 }
 
 /// Runs `--count` round trips (bounded by `--timeout`).
-pub fn rtt(a: &RttArgs, progress: bool) -> Result<Report, Fail> {
+pub fn rtt(a: &RttArgs, t: &TransportArgs, progress: bool) -> Result<Report, Fail> {
     if a.count == 0 {
         return Err(Fail::Usage("--count must be at least 1".into()));
     }
@@ -71,8 +71,11 @@ pub fn rtt(a: &RttArgs, progress: bool) -> Result<Report, Fail> {
     }
     let pubs = usize::from(bg);
     ensure_fds(a.bg_subs + pubs + 1).map_err(Fail::Usage)?;
-    let mut f = Fanout::connect(a.addr, pubs, a.bg_subs, 1, &a.room, a.size, 500, progress)
-        .map_err(Fail::Run)?;
+    let transport = t.dialer(a.addr).map_err(Fail::Usage)?;
+    let mut f = Fanout::connect(
+        a.addr, transport, pubs, a.bg_subs, 1, &a.room, a.size, 500, progress,
+    )
+    .map_err(Fail::Run)?;
     let mut probe = RttProbe {
         idx: pubs + a.bg_subs,
         count: a.count,
@@ -94,9 +97,9 @@ pub fn rtt(a: &RttArgs, progress: bool) -> Result<Report, Fail> {
     let r = f.step(&cfg, &mut probe);
     let lat = Lat::from_us(&probe.hist);
     let mut j = Json::new();
-    j.str("scenario", "rtt")
-        .str("addr", &a.addr.to_string())
-        .int("count", a.count)
+    j.str("scenario", "rtt").str("addr", &a.addr.to_string());
+    transport_json(&mut j, &f.pool);
+    j.int("count", a.count)
         .int("completed", probe.done)
         .raw("rtt_ms", &lat.json())
         .int("bg_subs", a.bg_subs as u64)
@@ -107,11 +110,12 @@ pub fn rtt(a: &RttArgs, progress: bool) -> Result<Report, Fail> {
         .int("disconnected", r.disconnected)
         .num("cpu_pct", r.cpu.pct, 1);
     let human = format!(
-        "rtt against {}: {} of {} round trips\n\
+        "rtt against {} over {}: {} of {} round trips\n\
          \x20 rtt          {}\n\
          \x20 background   {} subscribers at {} msg/s: {:.0} deliveries/s, {:.4}% delivered, p99 {:.3} ms\n\
          \x20 generator    cpu {:.0}%",
         a.addr,
+        transport_human(&f.pool),
         probe.done,
         a.count,
         lat.human(),
