@@ -602,7 +602,12 @@ fn http(addr: SocketAddr, request: &str) -> (String, String) {
 
 #[test]
 fn the_page_is_served_and_bad_upgrades_get_a_4xx_with_a_reason() {
-    let (server, ws_addr) = start_with_ws(&["--ws-origin", "https://chat.example"]);
+    let (server, ws_addr) = start_with_ws(&[
+        "--ws-origin",
+        "https://chat.example",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     let (status, body) = http(ws_addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
@@ -643,7 +648,11 @@ fn the_page_is_served_and_bad_upgrades_get_a_4xx_with_a_reason() {
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     );
     assert!(status.contains("405"), "{status}");
-    drop(server);
+    let m = server.wait_metrics("the WebSocket counters", DEFAULT_TIMEOUT, |m| {
+        m.get("chatloop_ws_upgrades_total") >= 1
+    });
+    assert_eq!(m.get("chatloop_ws_pages_total"), 1);
+    assert_eq!(m.get("chatloop_ws_refused_total"), 4, "404, 400, 403, 405");
 }
 
 #[test]

@@ -105,13 +105,15 @@ impl Conn {
         was_established: bool,
         registry: &Registry,
         base: usize,
-    ) -> Option<Outcome> {
-        let t = self.transport.as_mut()?;
-        let outcome = t.take_outcome(was_established);
+        report: impl FnMut(Outcome),
+    ) {
+        let Some(t) = self.transport.as_mut() else {
+            return;
+        };
+        t.take_outcomes(was_established, report);
         if t.wants_write() != self.write_blocked && !self.deferred {
             self.settle(registry, base);
         }
-        outcome
     }
 
     /// Whether a TLS handshake, if any, is done.

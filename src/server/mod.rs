@@ -889,32 +889,41 @@ impl Server {
         else {
             return;
         };
-        let outcome = c.after_read(was_established, &self.registry, base);
-        let dead = matches!(c.phase, Phase::Dead(_));
-        match outcome {
-            None => {}
-            #[cfg(feature = "tls")]
-            Some(crate::transport::Outcome::TlsEstablished) => {
-                self.stats.tls_handshakes += 1;
-                log::debug!("conn {id}: TLS established");
-            }
-            #[cfg(feature = "websocket")]
-            Some(crate::transport::Outcome::Ws(w)) => {
-                use crate::transport::ws::WsOutcome;
-                match w {
-                    WsOutcome::Page => self.stats.ws_pages += 1,
-                    WsOutcome::Upgraded => {
-                        self.stats.ws_upgrades += 1;
-                        log::debug!("conn {id}: WebSocket open");
-                    }
-                    WsOutcome::Refused(_) => self.stats.ws_refused += 1,
-                    WsOutcome::Closed(code) => {
-                        self.stats.ws_violations += 1;
-                        log::debug!("conn {id}: WebSocket closed by us ({code})");
+        // (Without the `tls` and `websocket` features nothing is reported.)
+        #[cfg_attr(
+            not(any(feature = "tls", feature = "websocket")),
+            allow(unused_variables)
+        )]
+        let stats = &mut self.stats;
+        c.after_read(
+            was_established,
+            &self.registry,
+            base,
+            |outcome| match outcome {
+                #[cfg(feature = "tls")]
+                crate::transport::Outcome::TlsEstablished => {
+                    stats.tls_handshakes += 1;
+                    log::debug!("conn {id}: TLS established");
+                }
+                #[cfg(feature = "websocket")]
+                crate::transport::Outcome::Ws(w) => {
+                    use crate::transport::ws::WsOutcome;
+                    match w {
+                        WsOutcome::Page => stats.ws_pages += 1,
+                        WsOutcome::Upgraded => {
+                            stats.ws_upgrades += 1;
+                            log::debug!("conn {id}: WebSocket open");
+                        }
+                        WsOutcome::Refused(_) => stats.ws_refused += 1,
+                        WsOutcome::Closed(code) => {
+                            stats.ws_violations += 1;
+                            log::debug!("conn {id}: WebSocket closed by us ({code})");
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
+        let dead = matches!(c.phase, Phase::Dead(_));
         if dead {
             self.chat.handle_close(id, CloseReason::IoError);
             self.close_now(id, CloseReason::IoError);

@@ -179,17 +179,23 @@ impl Transport {
         }
     }
 
-    /// What the last read reported, once; a TLS handshake's end is reported by `was`, the
-    /// handshake state before it.
-    pub(crate) fn take_outcome(&mut self, was_established: bool) -> Option<Outcome> {
-        let _ = was_established;
+    /// Hands `f` what the last reads reported, each once; a TLS handshake's end is judged
+    /// against `was_established`, the handshake state before them.
+    pub(crate) fn take_outcomes(&mut self, was_established: bool, mut f: impl FnMut(Outcome)) {
+        let _ = (was_established, &mut f);
         match self {
             #[cfg(feature = "tls")]
             Transport::Tls(t) => {
-                (!was_established && t.is_established()).then_some(Outcome::TlsEstablished)
+                if !was_established && t.is_established() {
+                    f(Outcome::TlsEstablished);
+                }
             }
             #[cfg(feature = "websocket")]
-            Transport::Ws(w) => w.take_outcome().map(Outcome::Ws),
+            Transport::Ws(w) => {
+                while let Some(o) = w.take_outcome() {
+                    f(Outcome::Ws(o));
+                }
+            }
             #[cfg(not(any(feature = "tls", feature = "websocket")))]
             Transport::Never(n) => match *n {},
         }

@@ -230,6 +230,8 @@ pub(crate) struct WsLayer {
     ready_at: usize,
     max_message: usize,
     outcome: Option<WsOutcome>,
+    /// An upgrade not reported yet (kept apart: a violation may follow in the same read).
+    upgraded: bool,
 }
 
 impl fmt::Debug for WsLayer {
@@ -310,10 +312,15 @@ impl WsLayer {
             ready_at: 0,
             max_message,
             outcome: None,
+            upgraded: false,
         }
     }
 
     pub(crate) fn take_outcome(&mut self) -> Option<WsOutcome> {
+        if self.upgraded {
+            self.upgraded = false;
+            return Some(WsOutcome::Upgraded);
+        }
         self.outcome.take()
     }
 
@@ -399,7 +406,7 @@ impl WsLayer {
                             self.wire.extend_from_slice(&response);
                             let rest = req[consumed..].to_vec();
                             self.state = State::Open(Inbound::new(rest, self.max_message));
-                            self.outcome = Some(WsOutcome::Upgraded);
+                            self.upgraded = true;
                         }
                     }
                 }
@@ -695,6 +702,30 @@ mod tests {
         assert!(
             sock.output.ends_with(&[0x8A, 4, b'p', b'i', b'n', b'g']),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn a_fragmented_message_over_the_limit_is_closed_with_1009() {
+        let mut input = UPGRADE.to_vec();
+        input.extend(client_frame(0x2, false, &[1u8; 60]));
+        input.extend(client_frame(0x0, false, &[2u8; 60]));
+        input.extend(client_frame(0x0, true, &[3u8; 60]));
+        let mut sock = MemSock {
+            input,
+            at: 0,
+            output: Vec::new(),
+        };
+        let mut layer = WsLayer::new(None, 100);
+        let (got, ended) = drain(&mut layer, &mut sock);
+        assert!(got.is_empty() && ended, "{} bytes delivered", got.len());
+        assert_eq!(layer.take_outcome(), Some(WsOutcome::Upgraded));
+        assert_eq!(layer.take_outcome(), Some(WsOutcome::Closed(1009)));
+        // The close frame: FIN + close, length 2, code 1009.
+        assert!(
+            sock.output.ends_with(&[0x88, 2, 0x03, 0xF1]),
+            "{:?}",
+            sock.output
         );
     }
 
