@@ -31,6 +31,13 @@ impl fmt::Debug for TlsConfigs {
 }
 
 impl TlsConfigs {
+    /// The rustls configuration TLS listeners use (ALPN `chatloop/1`), for an application
+    /// that drives its own rustls sessions with the same certificate (or measures them:
+    /// benches/tls_handshake.rs).
+    pub fn chat_config(&self) -> Arc<rustls::ServerConfig> {
+        self.chat.clone()
+    }
+
     /// Loads a certificate chain (PEM, leaf first) and its private key (PEM: PKCS#8, PKCS#1
     /// or SEC1) and checks that they belong together. TLS 1.2 and 1.3, ring's cipher suites.
     pub fn load(cert: &Path, key: &Path) -> Result<TlsConfigs, String> {
