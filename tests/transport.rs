@@ -859,23 +859,15 @@ fn a_silent_tls_session_is_pinged_then_evicted_by_the_idle_timeout() {
     }
 }
 
-#[test]
-fn a_websocket_that_does_not_read_is_cut_as_a_slow_consumer_and_nobody_else_is() {
-    let (server, ws_addr) = start_with_ws(&["--max-pending", "256KiB", "--send-buffer", "16KiB"]);
-    let tcp = connect_with_rcvbuf(ws_addr, 4096);
-    tcp.set_read_timeout(Some(DEFAULT_TIMEOUT))
-        .expect("timeout");
-    let req = ws_request(ws_addr, &[("sec-websocket-protocol", "chatloop.v1")]);
-    let (mut ws, _) = tungstenite::client(req, tcp).expect("upgrade");
-    let mut hello = frame(op::HELLO, &pstr_rest("stuck", &[]));
-    hello.extend(frame(op::JOIN, &pstr("side")));
-    ws.send(WsMessage::Binary(hello.into())).expect("send");
+/// Floods `stuck` (a session in room `side` that does not read, over any transport) with
+/// ~3 MB of whispers, far past max-pending plus every buffer between, and waits for a
+/// watcher in `side` to see it gone; the watcher and the flooder are unharmed.
+fn flood_until_cut(server: &Server) {
     let mut watcher = Client::connect(server.addr());
     watcher.hello("watcher");
     watcher.send_join("side");
     watcher.expect_presence(kind::JOIN, "side", "watcher");
-    // Whispers, so that nobody but the member that does not read gets this output: ~3 MB,
-    // far past max-pending plus every buffer between.
+    // Whispers, so that nobody but the member that does not read gets this output.
     let mut flooder = Client::connect(server.addr());
     flooder.hello("flooder");
     let big = "z".repeat(30_000);
@@ -887,6 +879,82 @@ fn a_websocket_that_does_not_read_is_cut_as_a_slow_consumer_and_nobody_else_is()
     });
     watcher.send_ping(b"fine");
     watcher.recv_until(|f| f.op == sop::PONG);
-    assert!(server.log_lines().iter().all(|l| !l.contains("panicked")));
-    drop(ws);
+    flooder.send_ping(b"fine too");
+    flooder.recv_until(|f| f.op == sop::PONG);
+}
+
+const SLOW_CONSUMER_FLAGS: [&str; 4] = ["--max-pending", "256KiB", "--send-buffer", "16KiB"];
+
+#[test]
+fn a_websocket_that_does_not_read_is_cut_as_a_slow_consumer_and_nobody_else_is() {
+    let (server, ws_addr) = start_with_ws(&SLOW_CONSUMER_FLAGS);
+    let tcp = connect_with_rcvbuf(ws_addr, 4096);
+    tcp.set_read_timeout(Some(DEFAULT_TIMEOUT))
+        .expect("timeout");
+    let req = ws_request(ws_addr, &[("sec-websocket-protocol", "chatloop.v1")]);
+    let (mut ws, _) = tungstenite::client(req, tcp).expect("upgrade");
+    let mut hello = frame(op::HELLO, &pstr_rest("stuck", &[]));
+    hello.extend(frame(op::JOIN, &pstr("side")));
+    ws.send(WsMessage::Binary(hello.into())).expect("send");
+    // The WELCOME first, so the whispers find the nick.
+    assert!(matches!(ws.read(), Ok(WsMessage::Binary(_))));
+    flood_until_cut(&server);
+}
+
+#[test]
+fn a_tls_session_that_does_not_read_is_cut_as_a_slow_consumer_and_nobody_else_is() {
+    let cert = Cert::new("slow");
+    let server = start_with_tls(&cert, &SLOW_CONSUMER_FLAGS);
+    let tls_addr = listener_addr(&server, "TLS");
+    let tcp = connect_with_rcvbuf(tls_addr, 4096);
+    tcp.set_read_timeout(Some(DEFAULT_TIMEOUT))
+        .expect("timeout");
+    let name = ServerName::try_from("127.0.0.1").expect("name").to_owned();
+    let conn = rustls::ClientConnection::new(tls_client_config(&cert.der, &[b"chatloop/1"]), name)
+        .expect("client");
+    let mut t = Framed {
+        s: rustls::StreamOwned::new(conn, tcp),
+        buf: Vec::new(),
+    };
+    t.hello("stuck");
+    t.send(op::JOIN, &pstr("side"));
+    flood_until_cut(&server);
+}
+
+#[test]
+fn tls_connections_count_against_the_connection_limit() {
+    let cert = Cert::new("full");
+    let server = start_with_tls(&cert, &["--max-connections", "1"]);
+    let tls_addr = listener_addr(&server, "TLS");
+    let mut p = Client::connect(server.addr());
+    p.hello("only");
+    // Refused before its handshake: closed without a word (it could not read one).
+    assert!(
+        tls_connect(tls_addr, &cert.der).is_err(),
+        "served past the limit"
+    );
+    p.send_ping(b"still served");
+    p.expect_pong(b"still served");
+}
+
+#[test]
+fn a_silent_websocket_session_is_pinged_then_evicted_by_the_idle_timeout() {
+    let (_server, ws_addr) = start_with_ws(&[
+        "--heartbeat",
+        "200ms",
+        "--idle-timeout",
+        "600ms",
+        "--tick",
+        "20ms",
+    ]);
+    let mut w = Framed {
+        s: WsStream(ws_connect(ws_addr)),
+        buf: Vec::new(),
+    };
+    w.hello("sleepy");
+    assert!(matches!(w.recv_msg(), ServerMsg::Ping(_)), "no PING");
+    match w.recv_msg() {
+        ServerMsg::Error(e) => assert_eq!(e.code, code::IDLE_TIMEOUT),
+        other => panic!("expected idle_timeout, got {other:?}"),
+    }
 }
