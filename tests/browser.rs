@@ -11,6 +11,12 @@
 //! - [`phone_sized_window_is_usable`]: on a 375x667 phone screen (emulated), after login, the
 //!   log and the composer are within the viewport, a message can be sent, and the member list
 //!   opens from the ☰ button.
+//! - [`a_dropped_connection_reconnects_and_says_what_happened`]: a relay between the browser
+//!   and the server cuts the page's WebSocket. Cut on the browser's side only (the server
+//!   still holds the session), the page resumes it with its token and says so, and a TCP
+//!   client in the room saw no PRESENCE; cut on both sides (the server ends the session:
+//!   PRESENCE gone), the page starts a new session, rejoins its rooms and says that messages
+//!   sent meanwhile were missed.
 //!
 //! Needs `chromedriver` on PATH and the Chromium it drives (Debian: `apt-get install chromium
 //! chromium-driver`; .ci/run installs them). Without them the tests fail, as the cluster tests
@@ -506,4 +512,240 @@ async fn phone_sized_window_is_usable() {
     let open = |r: &Value| r["height"].as_f64() > Some(0.0) && r["right"].as_u64() <= Some(375);
     eve.wait_js("eve in the opened member list", me, open).await;
     eve.close().await;
+}
+
+/// One connection through a [`Relay`]: the browser's socket and the relay's own to the server.
+struct Relayed {
+    browser: TcpStream,
+    server: TcpStream,
+}
+
+type Conns = Arc<Mutex<Vec<Relayed>>>;
+
+/// A plain TCP relay on 127.0.0.1 in front of `target`: each accepted connection gets its own
+/// connection to `target` and two threads pumping bytes, one each way. What the browser sends
+/// goes to the server until the browser side ends, which is NOT passed on (cutting the browser
+/// side leaves the server's connection open); the server's end (EOF) is passed on to the browser.
+/// The WebSocket connections (those that begin with `GET /chat`) are kept, in order, so a test
+/// can cut them. Dropping the relay stops accepting and shuts every socket down, which ends the
+/// pumping threads.
+struct Relay {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    all: Conns,
+    ws: Conns,
+    accepting: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(target: SocketAddr) -> Relay {
+        let listener = must(TcpListener::bind("127.0.0.1:0"), "binding the relay");
+        let addr = must(listener.local_addr(), "the relay's address");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (all, ws): (Conns, Conns) = Default::default();
+        let (stopped, all2, ws2) = (Arc::clone(&stop), Arc::clone(&all), Arc::clone(&ws));
+        let accepting = std::thread::spawn(move || {
+            for browser in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(browser) = browser else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pair = |b: &TcpStream, s: &TcpStream| {
+                    let browser = must(b.try_clone(), "cloning a relayed socket");
+                    let server = must(s.try_clone(), "cloning a relayed socket");
+                    Relayed { browser, server }
+                };
+                all2.lock().unwrap().push(pair(&browser, &server));
+                let (up_from, up_to) = (pair(&browser, &server), Arc::clone(&ws2));
+                let this = pair(&browser, &server);
+                std::thread::spawn(move || {
+                    // Browser to server; the first bytes tell whether it is the WebSocket.
+                    let Relayed { browser, server } = up_from;
+                    pump(&browser, &server, |first| {
+                        if first.starts_with(b"GET /chat ") {
+                            up_to.lock().unwrap().push(this);
+                        }
+                    });
+                });
+                std::thread::spawn(move || {
+                    pump(&server, &browser, |_| {});
+                    // The server ended this connection: so does the relay, toward the browser.
+                    let _ = browser.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay {
+            addr,
+            stop,
+            all,
+            ws,
+            accepting: Some(accepting),
+        }
+    }
+
+    /// The URL of the chat page through the relay.
+    fn page(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// How many WebSocket connections went through the relay so far.
+    fn ws_count(&self) -> usize {
+        self.ws.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until `n` WebSocket connections went through the relay.
+    async fn wait_ws(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.ws_count() < n {
+            let late = Instant::now() >= deadline;
+            assert!(
+                !late,
+                "relay: {n} WebSocket connections awaited in {WAIT:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Shuts down the browser side of the latest WebSocket connection and, if `server_too`,
+    /// the server side as well.
+    fn cut_latest_ws(&self, server_too: bool) {
+        let ws = self.ws.lock().unwrap();
+        let last = ws.last().expect("a WebSocket connection through the relay");
+        must(
+            last.browser.shutdown(std::net::Shutdown::Both),
+            "cut (browser)",
+        );
+        if server_too {
+            must(
+                last.server.shutdown(std::net::Shutdown::Both),
+                "cut (server)",
+            );
+        }
+    }
+}
+
+/// Copies `from` to `to` until `from` ends or `to` fails; `first` sees the first bytes read.
+fn pump(mut from: &TcpStream, mut to: &TcpStream, first: impl FnOnce(&[u8])) {
+    let mut buf = vec![0; 64 * 1024];
+    let mut first = Some(first);
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if let Some(f) = first.take() {
+            f(&buf[..n]);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.accepting.take() {
+            let _ = t.join();
+        }
+        for c in self.all.lock().unwrap().drain(..) {
+            let _ = c.browser.shutdown(std::net::Shutdown::Both);
+            let _ = c.server.shutdown(std::net::Shutdown::Both);
+        }
+        self.ws.lock().unwrap().clear();
+    }
+}
+
+/// The server's address in a chat page URL `http://IP:PORT/`.
+fn page_addr(page: &str) -> SocketAddr {
+    let host = page.trim_start_matches("http://").trim_end_matches('/');
+    must(host.parse(), format_args!("the address in {page:?}"))
+}
+
+/// A PRESENCE saying that `nick` left `room` other than by LEAVE (quit or gone), if `f` is one.
+fn went_away(f: &common::Frame, room: &str, nick: &str) -> Option<u8> {
+    if f.op != common::sop::PRESENCE {
+        return None;
+    }
+    let p = f.presence();
+    let away = [common::kind::QUIT, common::kind::GONE].contains(&p.kind);
+    (away && p.room == room && p.nick == nick).then_some(p.kind)
+}
+
+#[tokio::test]
+async fn a_dropped_connection_reconnects_and_says_what_happened() {
+    let (server, page) = start_server();
+    let relay = Relay::start(page_addr(&page));
+    let driver = Driver::start();
+    let alice = Browser::open(&driver, "alice", false).await;
+
+    // 1. alice, through the relay, in the lobby; bob, on plain TCP, there too.
+    alice.login(&relay.page(), "alice").await;
+    alice.say("/join lobby").await;
+    alice.wait_presence("lobby", "* alice joined lobby").await;
+    let mut bob = common::Client::connect(server.addr());
+    bob.set_timeout(WAIT);
+    bob.hello("bob");
+    bob.join("lobby");
+    alice.wait_presence("lobby", "* bob joined lobby").await;
+    relay.wait_ws(1).await;
+    assert_eq!(
+        relay.ws_count(),
+        1,
+        "WebSocket connections before the first cut"
+    );
+
+    // 2. Only the browser's side is cut: the server still holds alice's session, and the page
+    // resumes it on a new connection; nobody sees alice go.
+    relay.cut_latest_ws(false);
+    let resumed = |l: &Value| is(l, "system") && l["body"] == "* session resumed";
+    alice.wait_line("'* session resumed'", resumed).await;
+    assert_eq!(
+        relay.ws_count(),
+        2,
+        "WebSocket connections after the resume"
+    );
+    let expired = "return [...document.querySelectorAll('#log div.line span.body')]\
+        .filter(b => b.textContent.includes('previous session expired')).length";
+    assert_eq!(
+        alice.js(expired).await,
+        json!(0),
+        "alice: 'expired' after a resume"
+    );
+    let text = "still there, alice?";
+    bob.send_say("lobby", text);
+    let echo = |f: &common::Frame| f.op == common::sop::MESSAGE && f.message().text == text;
+    let (mut seen, _) = bob.recv_until(echo);
+    alice.wait_msg("lobby", "bob", text).await;
+    seen.extend(bob.barrier());
+    let gone = seen.iter().filter_map(|f| went_away(f, "lobby", "alice"));
+    assert_eq!(gone.count(), 0, "bob saw alice leave on a resume: {seen:?}");
+
+    // 3. Both sides cut: the server ends alice's session (PRESENCE gone, 8.6); the page's
+    // token is unknown by then, so it gets a new session and joins the lobby again.
+    relay.cut_latest_ws(true);
+    let (_, left) = bob.recv_until(|f| went_away(f, "lobby", "alice").is_some());
+    assert_eq!(left.presence().kind, common::kind::GONE, "{left:?}");
+    let joined = |f: &common::Frame| {
+        f.op == common::sop::PRESENCE
+            && f.presence()
+                == common::Presence {
+                    kind: common::kind::JOIN,
+                    room: "lobby".into(),
+                    nick: "alice".into(),
+                }
+    };
+    bob.recv_until(joined);
+    let note = "* previous session expired; rejoined lobby — messages sent meanwhile were missed";
+    let rejoined = |l: &Value| is(l, "system") && l["body"] == note;
+    alice
+        .wait_line("'* previous session expired …'", rejoined)
+        .await;
+    assert_eq!(
+        relay.ws_count(),
+        3,
+        "WebSocket connections after the rejoin"
+    );
+    alice.close().await;
 }
