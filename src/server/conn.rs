@@ -18,7 +18,6 @@
 //!   accepted first).
 
 use std::io::{self, IoSlice, Write};
-use std::net::SocketAddr;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -47,7 +46,6 @@ pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
     /// TLS or WebSocket between the socket and the core; `None` for plain TCP.
     pub(crate) transport: Option<Transport>,
-    pub(crate) peer: SocketAddr,
     /// Output the socket refused, waiting for WRITABLE (boxed: most connections have none,
     /// and an idle one should cost a pointer, not a queue).
     pub(crate) backlog: Option<Box<Backlog>>,
