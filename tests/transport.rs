@@ -958,3 +958,29 @@ fn a_silent_websocket_session_is_pinged_then_evicted_by_the_idle_timeout() {
         other => panic!("expected idle_timeout, got {other:?}"),
     }
 }
+
+#[test]
+fn a_storm_of_tls_handshakes_is_served_whole_and_counted() {
+    let cert = Cert::new("storm");
+    let server = start_with_tls(&cert, &["--metrics", "127.0.0.1:0"]);
+    let tls_addr = listener_addr(&server, "TLS");
+    // 200 handshakes at once: more than one iteration serves (64), so some wait for the next
+    // iterations; none may be lost.
+    let der = cert.der.clone();
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let der = der.clone();
+            std::thread::spawn(move || {
+                let mut t = tls_framed(tls_addr, &der);
+                t.hello(&format!("storm{i}"));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a handshake and its HELLO");
+    }
+    let m = server.wait_metrics("the handshakes counted", DEFAULT_TIMEOUT, |m| {
+        m.get("chatloop_tls_handshakes_total") >= 200
+    });
+    assert_eq!(m.get("chatloop_tls_handshakes_total"), 200);
+}

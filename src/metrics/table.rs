@@ -354,6 +354,12 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.tls_failures),
     },
     Metric {
+        name: "chatloop_tls_handshakes_deferred_total",
+        kind: Kind::Counter,
+        help: "Times a connection in its TLS handshake was read in the next loop iteration, this one having served its share of 64 handshakes.",
+        series: Series::Single(|s| s.shell.handshakes_deferred),
+    },
+    Metric {
         name: "chatloop_ws_upgrades_total",
         kind: Kind::Counter,
         help: "WebSocket upgrades completed (WS and WSS listeners).",

@@ -75,6 +75,10 @@ const FANOUT_BUDGETS: usize = 16;
 /// thousand members of one room cut at once would be half a million frames in one iteration.
 const CUTS_PER_ITERATION: usize = 16;
 
+/// Reads of connections still in their TLS handshake per iteration (each may cost a
+/// handshake's crypto, about 150 us here: 64 of them, about 10 ms); the rest wait for the next.
+const HANDSHAKES_PER_ITERATION: usize = 64;
+
 /// Slow consumers closed per iteration at most (each close frees what the kernel held for
 /// the peer, up to a send buffer; the rest are closed in the next iterations).
 const RESETS_PER_ITERATION: usize = 32;
@@ -205,6 +209,9 @@ pub struct ServerStats {
     /// TLS sessions that failed: a bad handshake (garbage, a plain client on a TLS port, no
     /// common version or ALPN) or a bad record later.
     pub tls_failures: u64,
+    /// Times a connection in its TLS handshake waited for the next iteration, this one having
+    /// served its share of handshakes (a storm of new TLS connections, sliced).
+    pub handshakes_deferred: u64,
     /// WebSocket upgrades completed.
     pub ws_upgrades: u64,
     /// HTTP requests on a WebSocket listener answered with a 4xx (bad upgrade, origin, path).
@@ -271,6 +278,8 @@ pub struct Server {
     cuts: VecDeque<ConnId>,
     /// Slow consumers cut in this iteration.
     cuts_made: usize,
+    /// Reads of connections in their TLS handshake in this iteration.
+    handshakes: usize,
     /// Connections whose output waits for the write budget, oldest first (an id whose
     /// connection is no longer deferred is skipped).
     write_queue: VecDeque<ConnId>,
@@ -366,6 +375,7 @@ impl Server {
             frames_at_start: 0,
             cuts: VecDeque::new(),
             cuts_made: 0,
+            handshakes: 0,
             write_queue: VecDeque::new(),
             paused: BinaryHeap::new(),
             closing: Vec::new(),
@@ -795,11 +805,25 @@ impl Server {
 
     /// Reads until WouldBlock or the per-iteration budget, feeding the core.
     fn read(&mut self, id: ConnId, now: Instant) {
+        let was_established = self.conn(id).is_none_or(|c| c.is_established());
+        if !was_established {
+            // A TLS handshake costs the server about 150 us of crypto: a storm of them must
+            // not make one iteration long. Past the iteration's share, the rest wait (their
+            // bytes stay in the kernel) for the next.
+            if self.handshakes >= HANDSHAKES_PER_ITERATION {
+                self.stats.handshakes_deferred += 1;
+                if let Some(c) = self.conn(id).filter(|c| !c.read_again) {
+                    c.read_again = true;
+                    self.read_again.push(id);
+                }
+                return;
+            }
+            self.handshakes += 1;
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let budget = self.read_budget();
         let fanout_budget = self.fanout_budget();
         let epoch = self.stats.iterations as u32;
-        let was_established = self.conn(id).is_none_or(|c| c.is_established());
         loop {
             let iteration_full = self.chat.frames_addressed() - self.frames_at_start
                 >= self.cfg.iteration_frames.max(1);
@@ -1178,6 +1202,7 @@ impl Server {
         }
         self.frames_at_start = self.chat.frames_addressed();
         self.cuts_made = 0;
+        self.handshakes = 0;
     }
 
     /// A connection whose parked output would exceed max-pending. The core decides what that

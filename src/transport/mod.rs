@@ -192,6 +192,10 @@ impl Transport {
             }
             #[cfg(feature = "websocket")]
             Transport::Ws(w) => {
+                #[cfg(feature = "tls")]
+                if !was_established && w.tls.is_some() && w.is_established() {
+                    f(Outcome::TlsEstablished);
+                }
                 while let Some(o) = w.take_outcome() {
                     f(Outcome::Ws(o));
                 }
@@ -207,7 +211,7 @@ impl Transport {
             #[cfg(feature = "tls")]
             Transport::Tls(t) => t.is_established(),
             #[cfg(feature = "websocket")]
-            Transport::Ws(_) => true,
+            Transport::Ws(w) => w.is_established(),
             #[cfg(not(any(feature = "tls", feature = "websocket")))]
             Transport::Never(n) => match *n {},
         }

@@ -61,6 +61,9 @@ impl TlsLayer {
     fn wants_write(&self) -> bool {
         match *self {}
     }
+    fn is_established(&self) -> bool {
+        match *self {}
+    }
     fn close(&mut self, _: &mut impl ReadWrite) {
         match *self {}
     }
@@ -333,6 +336,11 @@ impl WsLayer {
         !self.wire.is_empty() || self.tls.as_deref().is_some_and(TlsLayer::wants_write)
     }
 
+    /// Whether the TLS handshake under it, if any, is done.
+    pub(crate) fn is_established(&self) -> bool {
+        self.tls.as_deref().is_none_or(TlsLayer::is_established)
+    }
+
     /// Protocol bytes from the peer into `buf`. `Ok(0)` ends the session: the peer's close
     /// or end of stream, an answered HTTP request, or a WebSocket we closed for a violation
     /// (the close frame waits in `wire`).
@@ -535,11 +543,15 @@ impl WsLayer {
             opcode: OpCode::Data(Data::Binary),
             ..FrameHeader::default()
         };
-        let mut head = Vec::with_capacity(10);
-        // Formatting into a Vec cannot fail.
-        let _ = header.format(total as u64, &mut head);
+        // On the stack: this runs once per recipient of every flush.
+        let mut head_buf = [0u8; 14];
+        let mut cursor = io::Cursor::new(&mut head_buf[..]);
+        // 14 bytes hold the longest header (unmasked, 64-bit length: 10), so this cannot fail.
+        let _ = header.format(total as u64, &mut cursor);
+        let head_len = cursor.position() as usize;
+        let head = &head_buf[..head_len];
         let mut all = [IoSlice::new(&[]); MAX_IOV + 1];
-        all[0] = IoSlice::new(&head);
+        all[0] = IoSlice::new(head);
         let n_iov = iov.len().min(MAX_IOV);
         all[1..=n_iov].copy_from_slice(&iov[..n_iov]);
         let mut link = Link {
