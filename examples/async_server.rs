@@ -1061,7 +1061,7 @@ impl Actor {
                         self.stats.reads += 1; // the read that returned 0
                     }
                     log::debug!("conn {id}: transport closed ({reason})");
-                    self.chat.handle_close(id, reason);
+                    self.chat.handle_close(now, id, reason);
                     h.close(if reason == CloseReason::Eof {
                         Ctl::Flush(now + self.grace)
                     } else {

@@ -254,6 +254,21 @@ pub struct Args {
     /// Flood control: input bytes one connection may send in a burst above the rate.
     #[arg(long, default_value = "8MiB", value_parser = parse_u32_bytes)]
     pub input_burst: u32,
+    /// How long a session outlives a lost connection (EOF, reset, idle timeout, slow
+    /// consumer), so that a HELLO with its token resumes it, rooms and all, with no PRESENCE
+    /// (0 = it ends with its connection, as PROTOCOL.md v1 says).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub resume_window: Duration,
+    /// Messages kept per room for HISTORY (recovery after a reconnect, scrollback; 0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub history: usize,
+    /// Kept messages older than this are dropped (0 = no age limit).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub history_age: Duration,
+    /// Memory all kept messages and held whispers may take together (each counts its frame
+    /// plus about 100 bytes); beyond it the oldest go first, whatever their room.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub history_bytes: usize,
 }
 
 #[cfg(feature = "cli")]
@@ -278,6 +293,10 @@ impl Args {
                 burst: self.input_burst,
             },
             relay: self.cluster.is_some(),
+            resume_window: self.resume_window,
+            history: self.history,
+            history_age: self.history_age,
+            history_bytes: self.history_bytes,
         }
     }
 
@@ -333,6 +352,15 @@ impl Args {
         }
         if self.max_connections == Some(0) {
             return Err("--max-connections must be at least 1".into());
+        }
+        if self.cluster.is_some() && (!self.resume_window.is_zero() || self.history > 0) {
+            return Err(
+                "--resume-window and --history do not work across a cluster yet (docs/CLUSTER.md)"
+                    .into(),
+            );
+        }
+        if self.history > 1_000_000 {
+            return Err("--history is at most 1000000 messages per room".into());
         }
         Ok(())
     }

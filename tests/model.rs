@@ -506,6 +506,7 @@ fn chat_config(cfg: &Config) -> ChatConfig {
         input_limit: chatloop::core::Limit::OFF,
         // One process: the model has no cluster mode yet (issue 12).
         relay: false,
+        ..ChatConfig::default()
     }
 }
 
@@ -876,7 +877,7 @@ impl Run {
                     Transport::TimedOut => CloseReason::TimedOut,
                     Transport::IoError => CloseReason::IoError,
                 };
-                self.chat.handle_close(id, reason);
+                self.chat.handle_close(now, id, reason);
                 self.live[k] = false;
                 self.states
                     .iter()

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::outbox::Outbox;
 use super::{
     Awaiting, Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold,
-    os_token, token_key,
+    is_held, os_token, token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -185,12 +185,17 @@ impl Chat {
 
     /// `new` takes over the session of `old`: nick, rooms and membership order, without PRESENCE.
     /// `old` gets session_taken_over and is closed; the old token stops working.
+    /// A held session (`old` is its held id) is resumed the same way, without the ERROR and
+    /// the close: its connection is gone already.
     pub(super) fn resume(&mut self, now: Instant, new: ConnId, old: ConnId) {
-        let Some(mut prev) = self.conns[old.slot()].take().filter(|s| s.id == old) else {
+        let was_held = is_held(old);
+        let Some(mut prev) = self.take_state(old) else {
             return;
         };
         self.timers.cancel(prev.timer);
-        self.open -= 1;
+        if !was_held {
+            self.open -= 1;
+        }
         self.tokens.remove(&token_key(&prev.token));
         let token = self.fresh_token();
         self.tokens.insert(token_key(&token), new);
@@ -202,14 +207,21 @@ impl Chat {
                 old: Some(prev.token),
             });
         }
+        // From now on the new connection receives its rooms live; a HISTORY recovers what
+        // came before (what the old connection missed, or never wrote out).
+        let mark = self.next_msg_id;
         for &(rid, idx) in &prev.rooms {
             let room = &mut self.rooms[rid.0];
             debug_assert_eq!(room.members[idx as usize], old);
             room.members[idx as usize] = new;
+            if let Some(m) = room.marks.get_mut(idx as usize) {
+                *m = mark;
+            }
             for j in room.joining.iter_mut().filter(|j| **j == old) {
                 *j = new;
             }
         }
+        self.rekey_whispers(old, new);
         log::debug!(
             "conn {new}: resumed the session of {} ({})",
             Untrusted(&prev.nick),
@@ -224,6 +236,19 @@ impl Chat {
             s.token = token;
         }
         self.stats.resumes += 1;
+        if was_held {
+            self.stats.held_resumed += 1;
+            if let Some(s) = self.state(new) {
+                let nick = s.nick.clone();
+                self.event(|| Event::Welcomed {
+                    conn: new,
+                    nick,
+                    resumed_from: Some(old),
+                });
+            }
+            self.welcome(now, new);
+            return;
+        }
         self.send_error(
             old,
             ErrorCode::SessionTakenOver,
@@ -301,6 +326,8 @@ impl Chat {
                 name: room.into(),
                 members: Vec::new(),
                 joining: Vec::new(),
+                history: super::history::Stream::starting_after(self.next_msg_id - 1),
+                marks: Vec::new(),
             }));
             self.room_index.insert(room.into(), id);
             if self.cfg.relay {
@@ -308,9 +335,14 @@ impl Chat {
             }
             id
         });
-        let members = &mut self.rooms[rid.0].members;
-        let idx = members.len() as u32;
-        members.push(conn);
+        let keep = self.cfg.history > 0;
+        let mark = self.next_msg_id;
+        let room = &mut self.rooms[rid.0];
+        let idx = room.members.len() as u32;
+        room.members.push(conn);
+        if keep {
+            room.marks.push(mark);
+        }
         self.state_mut(conn)?.rooms.push((rid, idx));
         Some(rid)
     }
@@ -394,6 +426,7 @@ impl Chat {
         let receivers = room.receivers();
         self.outbox.send_all(&receivers, None, start, end);
         let recipients = receivers.len();
+        self.record_message(rid, msg_id, start, end);
         self.stats.messages += 1;
         self.stats.deliveries += recipients as u64;
         if self.events_enabled() {
@@ -503,7 +536,12 @@ impl Chat {
         let (buf, start) = self.outbox.buf();
         encode::whisper(buf, msg_id, from, text);
         let end = buf.len();
-        self.outbox.send(to, start, end);
+        if is_held(to) {
+            // Its connection is gone: kept for its HISTORY after a resume.
+            self.hold_whisper(to, msg_id, start, end);
+        } else {
+            self.outbox.send(to, start, end);
+        }
         self.stats.whispers += 1;
         self.stats.deliveries += 1;
         self.event(|| Event::Whispered {
@@ -529,10 +567,16 @@ impl Chat {
         }
         let rid = self.room_index.get(room).copied();
         let members = rid.map_or(&[][..], |rid| &self.rooms[rid.0].members[..]);
-        let conns = &self.conns;
-        let nicks = members
-            .iter()
-            .filter_map(|m| conns[m.slot()].as_ref().map(|s| &*s.nick));
+        let (conns, held) = (&self.conns, &self.held);
+        // Held members are members: WHO lists them, as PRESENCE told nobody they left.
+        let nicks = members.iter().filter_map(|m| {
+            let s = if is_held(*m) {
+                held.get(m.slot() - super::HELD_BASE)
+            } else {
+                conns[m.slot()].as_ref()
+            };
+            s.map(|s| &*s.nick)
+        });
         let budget = self.cfg.max_frame as usize + SERVER_SLACK as usize;
         send_roster(&mut self.outbox, budget, conn, room, nicks);
     }

@@ -78,6 +78,20 @@ pub enum Event {
         /// The sender.
         conn: ConnId,
     },
+    /// A welcomed connection was lost (`reason`) and its session is held for its resume
+    /// window under the id `held`: its nick, token and rooms stay, nobody is told. A HELLO
+    /// with its token resumes it (`Welcomed` with `resumed_from: Some(held)`); otherwise it
+    /// ends when the window does (`Left` and `Closed` for `held`, reason `ResumeExpired`).
+    Held {
+        /// The connection that was lost.
+        conn: ConnId,
+        /// The id the session is held under (no connection's).
+        held: ConnId,
+        /// The session's nick.
+        nick: Box<str>,
+        /// Why the connection closed.
+        reason: CloseReason,
+    },
     /// A connection's session ended; the core has forgotten it.
     Closed {
         /// The connection.

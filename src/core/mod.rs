@@ -24,8 +24,10 @@
 //! - every open session has exactly one live timer.
 
 mod commands;
+mod continuity;
 mod event;
 mod flood;
+mod history;
 mod hooks;
 mod outbox;
 mod relay;
@@ -34,6 +36,7 @@ mod stats;
 
 pub use event::{Event, MAX_EVENTS};
 pub use flood::Limit;
+pub use history::Evictions;
 pub use hooks::{HelloInfo, Hooks, NoHooks, Rejection, Verdict};
 pub use outbox::{Chunks, Output, PAGE_SIZE, SharedBytes};
 pub use relay::Relay;
@@ -89,6 +92,17 @@ pub struct ChatConfig {
     /// Rooms span nodes (default false): SAYs go out through [`Chat::poll_relay`] and come
     /// back through [`Chat::handle_remote_message`] (see [`Relay`]).
     pub relay: bool,
+    /// How long a session outlives a lost connection (EOF, reset, idle timeout, slow
+    /// consumer), waiting for a HELLO with its token (default 0: it ends with its
+    /// connection, as PROTOCOL.md v1 says). Not with `relay`.
+    pub resume_window: Duration,
+    /// MESSAGEs kept per room for HISTORY (default 0: none).
+    pub history: usize,
+    /// Kept messages older than this are dropped (default 0: no age limit).
+    pub history_age: Duration,
+    /// What all kept messages and held whispers may cost together, in bytes (frames plus
+    /// about 100 bytes each); the oldest go first beyond it (default 64 MiB).
+    pub history_bytes: usize,
 }
 
 impl ChatConfig {
@@ -122,6 +136,10 @@ impl Default for ChatConfig {
                 burst: 8 << 20,
             },
             relay: false,
+            resume_window: Duration::ZERO,
+            history: 0,
+            history_age: Duration::ZERO,
+            history_bytes: 64 << 20,
         }
     }
 }
@@ -158,6 +176,9 @@ pub enum CloseReason {
     Shutdown,
     /// Kicked by the application or operator.
     Kicked,
+    /// A held session's resume window ended without a HELLO resuming it (its connection
+    /// closed earlier, for the reason given then).
+    ResumeExpired,
 }
 
 impl CloseReason {
@@ -178,6 +199,7 @@ impl CloseReason {
             CloseReason::TakenOver => "session_taken_over",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Kicked => "kicked",
+            CloseReason::ResumeExpired => "resume_expired",
         }
     }
 }
@@ -217,6 +239,12 @@ struct Room {
     /// In a cluster: members whose JOIN's PRESENCE has not come back yet. They get nothing
     /// of the room until it does, so their JOIN's answer comes first (empty otherwise).
     joining: Vec<ConnId>,
+    /// Its kept MESSAGEs (`ChatConfig::history`), and which were lost.
+    history: history::Stream,
+    /// With history kept: for each member (same index as `members`), the first msg_id it
+    /// received live (the counter at its JOIN or resume). A HISTORY answers only what came
+    /// before it, so nothing reaches a member twice. Empty without history.
+    marks: Vec<u64>,
 }
 
 impl Room {
@@ -351,6 +379,31 @@ pub struct Chat {
     crossing: std::collections::HashSet<ConnId>,
     /// The folded nicks of `awaiting` claims, so a second local HELLO for one finds it taken.
     claimed: HashMap<Box<str>, ConnId>,
+    /// Sessions whose connection was lost, held for `resume_window` (see `continuity`),
+    /// under ids whose slot is `HELD_BASE` + their key here.
+    held: Slab<ConnState>,
+    held_gens: crate::id::Generations,
+    /// Whispers that reached held sessions, by a key of their own (`whisper_keys` maps the
+    /// session's current id, held or resumed, to it), kept until the session ends.
+    held_whispers: HashMap<u64, history::Stream>,
+    whisper_keys: HashMap<ConnId, u64>,
+    next_whisper_key: u64,
+    /// Kept messages: bounds and counters (`history`).
+    store: history::Store,
+    /// This run's history epoch (HISTORY_END): msg_ids of another run mean nothing here.
+    epoch_id: u64,
+    /// The latest `now` any input brought, in microseconds since the epoch: when a session
+    /// is held, for inputs that end one without a time of their own.
+    latest_us: u64,
+}
+
+/// Held sessions' ids have slots from here up: no driver's slab comes near 2^31 entries, so
+/// they never collide with a connection's, and a glance at the slot tells them apart.
+pub(crate) const HELD_BASE: usize = 1 << 31;
+
+/// Whether `conn` names a held session (see [`Chat::held_sessions`]), not a connection.
+pub(crate) fn is_held(conn: ConnId) -> bool {
+    conn.slot() >= HELD_BASE
 }
 
 impl std::fmt::Debug for Chat {
@@ -422,6 +475,17 @@ impl Chat {
         token_source: TokenSource,
     ) -> Chat {
         let timers = TimerWheel::new(now, cfg.tick, WHEEL_SLOTS);
+        let store = history::Store::new(
+            cfg.history,
+            cfg.history_age.as_millis() as u64,
+            cfg.history_bytes,
+        );
+        // Not from `token_source`: drivers that fix their tokens expect them in order.
+        let seed = os_token();
+        let epoch_id = u64::from_be_bytes([
+            seed[0], seed[1], seed[2], seed[3], seed[4], seed[5], seed[6], seed[7],
+        ])
+        .max(1);
         Chat {
             cfg,
             epoch: now,
@@ -450,6 +514,14 @@ impl Chat {
             crossing: std::collections::HashSet::new(),
             wire_ids: None,
             claimed: HashMap::new(),
+            held: Slab::new(),
+            held_gens: crate::id::Generations::new(),
+            held_whispers: HashMap::new(),
+            whisper_keys: HashMap::new(),
+            next_whisper_key: 0,
+            store,
+            epoch_id,
+            latest_us: 0,
         }
     }
 
@@ -516,9 +588,37 @@ impl Chat {
         self.open
     }
 
-    /// Welcomed sessions.
+    /// Welcomed sessions, held ones included.
     pub fn sessions(&self) -> usize {
         self.nicks.len()
+    }
+
+    /// Sessions held in their resume window, waiting for a HELLO with their token
+    /// ([`ChatConfig::resume_window`]). Their ids (in [`Event`]s, [`members`](Self::members),
+    /// [`conn_of`](Self::conn_of)) are no connection's.
+    pub fn held_sessions(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Entries kept for HISTORY (room messages and held whispers), and what they cost in
+    /// bytes (as `ChatConfig::history_bytes` counts it).
+    pub fn history_size(&self) -> (usize, usize) {
+        (self.store.len(), self.store.bytes())
+    }
+
+    /// Kept entries evicted so far, by cause.
+    pub fn history_evictions(&self) -> Evictions {
+        self.store.evicted
+    }
+
+    /// This run's history epoch (HISTORY_END's `epoch`): random, never 0.
+    pub fn history_epoch(&self) -> u64 {
+        self.epoch_id
+    }
+
+    /// Sets the history epoch (simulations that compare bytes fix it; 0 is taken as 1).
+    pub fn set_history_epoch(&mut self, epoch: u64) {
+        self.epoch_id = epoch.max(1);
     }
 
     /// Rooms with at least one member.
@@ -531,9 +631,10 @@ impl Chat {
         self.timers.len()
     }
 
-    /// Whether `conn` is open as far as the core is concerned.
+    /// Whether `conn` is open as far as the core is concerned (a held session is not: its
+    /// connection is gone).
     pub fn is_open(&self, conn: ConnId) -> bool {
-        self.state(conn).is_some()
+        !is_held(conn) && self.state(conn).is_some()
     }
 
     /// Bytes of an incomplete frame the core holds for `conn` (0 between frames, or if it is
@@ -575,6 +676,12 @@ impl Chat {
     }
 
     fn state(&self, conn: ConnId) -> Option<&ConnState> {
+        if is_held(conn) {
+            return self
+                .held
+                .get(conn.slot() - HELD_BASE)
+                .filter(|s| s.id == conn);
+        }
         self.conns
             .get(conn.slot())?
             .as_ref()
@@ -582,10 +689,26 @@ impl Chat {
     }
 
     fn state_mut(&mut self, conn: ConnId) -> Option<&mut ConnState> {
+        if is_held(conn) {
+            return self
+                .held
+                .get_mut(conn.slot() - HELD_BASE)
+                .filter(|s| s.id == conn);
+        }
         self.conns
             .get_mut(conn.slot())?
             .as_mut()
             .filter(|s| s.id == conn)
+    }
+
+    /// Takes `conn`'s state out (a connection's slot, or a held session's entry).
+    fn take_state(&mut self, conn: ConnId) -> Option<ConnState> {
+        self.state(conn)?;
+        if is_held(conn) {
+            Some(self.held.remove(conn.slot() - HELD_BASE))
+        } else {
+            self.conns.get_mut(conn.slot())?.take()
+        }
     }
 
     /// `now` in microseconds since the epoch, rounded down (for "is it due yet?").
@@ -633,6 +756,7 @@ impl Chat {
             self.remove_session(stale, Some(PresenceKind::Gone), CloseReason::IoError);
         }
         let now_us = self.us_ceil(now);
+        self.latest_us = self.latest_us.max(now_us);
         let now_ms = self.ms(now);
         let timer = self
             .timers
@@ -668,6 +792,7 @@ impl Chat {
     /// it is read. Bytes for a connection that is not open are ignored.
     pub fn handle_data(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
         let now_us = self.us_ceil(now);
+        self.latest_us = self.latest_us.max(now_us);
         if self.cfg.relay {
             if let Some((_, held)) = self.awaiting.get_mut(&conn) {
                 // Its HELLO or WHISPER waits for the cluster; what follows it waits too,
@@ -822,7 +947,7 @@ impl Chat {
         let welcomed = s.welcomed;
         self.stats.frames_in[usize::from(opcode)] += 1;
         log::trace!("conn {conn}: frame 0x{opcode:02x}, {} bytes", payload.len());
-        if !(op::HELLO..=op::QUIT).contains(&opcode) {
+        if !(op::HELLO..=op::LAST_CLIENT).contains(&opcode) {
             self.send_error(
                 conn,
                 ErrorCode::UnknownOpcode,
@@ -862,6 +987,7 @@ impl Chat {
                 self.outbox.send(conn, start, end);
             }
             ClientMsg::Pong { .. } => {}
+            ClientMsg::History(q) => self.history_request(conn, &q),
             ClientMsg::Quit { reason } => {
                 log::debug!("conn {conn}: quit ({})", Untrusted(reason));
                 let welcomed = self.state(conn).is_some_and(|s| s.welcomed);
@@ -877,10 +1003,12 @@ impl Chat {
         }
     }
 
-    /// The transport closed `conn` (EOF, reset, write failure...). Its rooms get PRESENCE gone.
-    /// Nothing is asked back through `poll_close`: the driver already knows. A no-op for a
-    /// connection that is not open.
-    pub fn handle_close(&mut self, conn: ConnId, reason: CloseReason) {
+    /// The transport closed `conn` (EOF, reset, write failure...) at `now`. Its rooms get
+    /// PRESENCE gone, or, with a [resume window](ChatConfig::resume_window), its session is
+    /// held for a HELLO with its token. Nothing is asked back through `poll_close`: the
+    /// driver already knows. A no-op for a connection that is not open.
+    pub fn handle_close(&mut self, now: Instant, conn: ConnId, reason: CloseReason) {
+        self.latest_us = self.latest_us.max(self.us_ceil(now));
         if self.is_open(conn) {
             self.remove_session(conn, Some(PresenceKind::Gone), reason);
         }
@@ -893,6 +1021,7 @@ impl Chat {
     /// PRESENCE gone, and its close comes out of [`poll_close`](Self::poll_close) with
     /// [`CloseReason::SlowConsumer`]. A no-op for a connection that is not open.
     pub fn handle_slow_consumer(&mut self, now: Instant, conn: ConnId, queued: usize) {
+        self.latest_us = self.latest_us.max(self.us_ceil(now));
         if self.is_open(conn) {
             let max = self.cfg.max_pending;
             self.slow_consumer(
@@ -906,7 +1035,9 @@ impl Chat {
     /// Runs every timer due by `now`: hello timeouts, heartbeats, idle eviction. Calling it
     /// early or twice is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.latest_us = self.latest_us.max(self.us_floor(now));
         self.warn_slow.poll_summary(now);
+        self.trim_history();
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.expire(now, &mut fired);
         let now_us = self.us_floor(now);
@@ -923,6 +1054,11 @@ impl Chat {
         let hello_us = self.cfg.hello_timeout.as_micros() as u64;
         let hb_us = self.cfg.heartbeat.as_micros() as u64;
         let idle_us = self.cfg.idle_timeout.as_micros() as u64;
+        if is_held(conn) {
+            // A held session's only timer is the end of its window.
+            self.expire_held(conn);
+            return;
+        }
         let Some(s) = self.state(conn) else { return };
         let (welcomed, opened, last, pinged) = (s.welcomed, s.opened_us, s.last_read_us, s.pinged);
         // The wheel is re-armed here, at the true deadline, rather than on every frame:
@@ -1018,7 +1154,14 @@ impl Chat {
     /// When [`handle_timeout`](Self::handle_timeout) should next be called (`None`: no timer).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next_deadline()
+        let aging = self
+            .store
+            .next_expiry_ms()
+            .map(|ms| self.epoch + Duration::from_millis(ms));
+        match (self.timers.next_deadline(), aging) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ----- commands -----
@@ -1378,9 +1521,10 @@ impl Chat {
     }
 
     /// Closes `conn` with ERROR kicked and `detail` (cut to 120 bytes); its rooms get PRESENCE
-    /// gone. Returns false if it is not open.
+    /// gone. A held session (its id from [`conn_of`](Self::conn_of)) ends at once. Returns
+    /// false if it is neither open nor held.
     pub fn kick(&mut self, conn: ConnId, detail: &str) -> bool {
-        if !self.is_open(conn) {
+        if self.state(conn).is_none() {
             return false;
         }
         log::debug!("conn {conn}: kicked ({})", Untrusted(detail));
@@ -1429,6 +1573,11 @@ impl Chat {
             self.remove_session(conn, None, CloseReason::Shutdown);
             self.closes.push_back((conn, CloseReason::Shutdown));
         }
+        // Held sessions end with the process; nobody is told (everyone is leaving).
+        let held: Vec<ConnId> = self.held.iter().map(|(_, s)| s.id).collect();
+        for conn in held {
+            self.remove_session(conn, None, CloseReason::Shutdown);
+        }
     }
 
     /// Checks the cross-structure invariants listed in the module docs. O(everything): for
@@ -1456,9 +1605,14 @@ impl Chat {
         }
         let mut open = 0;
         let mut welcomed = 0;
-        for (slot, s) in self.conns.iter().enumerate() {
-            let Some(s) = s else { continue };
-            open += 1;
+        let held = self.held.iter().map(|(key, s)| (key + HELD_BASE, s));
+        let live = self.conns.iter().enumerate();
+        for (slot, s) in live.filter_map(|(i, s)| Some((i, s.as_ref()?))).chain(held) {
+            if is_held(s.id) {
+                assert!(s.welcomed && s.deframer.capacity() == 0, "{}", s.id);
+            } else {
+                open += 1;
+            }
             assert_eq!(s.id.slot(), slot);
             if s.welcomed {
                 welcomed += 1;
@@ -1472,14 +1626,29 @@ impl Chat {
         assert_eq!(open, self.open);
         assert_eq!(welcomed, self.nicks.len());
         assert_eq!(welcomed, self.tokens.len());
-        assert_eq!(open, self.timers.len());
+        assert_eq!(open + self.held.len(), self.timers.len());
         assert_eq!(self.rooms.len(), self.room_index.len());
+        for (conn, key) in &self.whisper_keys {
+            assert!(self.state(*conn).is_some_and(|s| s.welcomed), "{conn}");
+            assert!(self.held_whispers.contains_key(key));
+        }
+        assert_eq!(self.whisper_keys.len(), self.held_whispers.len());
+        let mut kept = self.held_whispers.values().map(|w| w.entries().len()).sum::<usize>();
         for (_, room) in &self.rooms {
             assert!(!room.members.is_empty());
+            kept += room.history.entries().len();
+            if self.cfg.history > 0 {
+                assert_eq!(room.marks.len(), room.members.len());
+            } else {
+                assert!(room.marks.is_empty());
+            }
+            let ids = room.history.entries().iter().map(|e| e.id);
+            assert!(ids.clone().zip(ids.skip(1)).all(|(a, b)| a < b));
             for &m in &room.members {
                 assert!(self.state(m).is_some_and(|s| s.welcomed));
             }
         }
+        assert_eq!(kept, self.store.len());
     }
 }
 

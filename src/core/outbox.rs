@@ -208,9 +208,17 @@ impl Outbox {
         self.pages.len().saturating_sub(1) as u32
     }
 
+    /// The bytes `page[start..end]` of the page `buf` last returned (a frame just encoded).
+    pub(crate) fn encoded(&self, start: usize, end: usize) -> &[u8] {
+        self.pages.last().map_or(&[][..], |p| &p[start..end])
+    }
+
     /// Sends `page[start..end]` (one frame, already encoded into the page `buf` returned) to
-    /// `to`.
+    /// `to`. A held session (no connection) gets nothing.
     pub(crate) fn send(&mut self, to: ConnId, start: usize, end: usize) {
+        if super::is_held(to) {
+            return;
+        }
         self.count(start, 1);
         self.addressed += (end - start) as u64;
         let page = self.current_page();
@@ -229,7 +237,7 @@ impl Outbox {
         let page = self.current_page();
         let mut n = 0;
         for &c in to {
-            if Some(c) != except {
+            if Some(c) != except && !super::is_held(c) {
                 self.push(c, page, start, end);
                 n += 1;
             }

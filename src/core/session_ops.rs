@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{Awaiting, Chat, CloseReason, Event, Relay, RoomId, fold, token_key};
+use super::{Awaiting, Chat, CloseReason, Event, Relay, RoomId, fold, is_held, token_key};
 use crate::id::ConnId;
 use crate::protocol::{ErrorCode, PresenceKind, encode};
 
@@ -46,7 +46,9 @@ impl Chat {
         debug_assert!(code.is_fatal());
         self.send_error(conn, code, detail);
         self.remove_session(conn, Some(PresenceKind::Gone), reason);
-        self.closes.push_back((conn, reason));
+        if !is_held(conn) {
+            self.closes.push_back((conn, reason));
+        }
     }
 
     /// Ends `conn` as a slow consumer: what the core queued for it in this round is dropped,
@@ -122,17 +124,21 @@ impl Chat {
         let room = &mut self.rooms[rid.0];
         debug_assert_eq!(room.members[idx as usize], conn);
         room.members.swap_remove(idx as usize);
+        if !room.marks.is_empty() {
+            room.marks.swap_remove(idx as usize);
+        }
         room.joining.retain(|&c| c != conn);
         if let Some(&moved) = room.members.get(idx as usize) {
             // The last member took the leaver's place: record its new index.
-            if let Some(ms) = self.conns[moved.slot()].as_mut() {
+            if let Some(ms) = self.state_mut(moved) {
                 if let Some(e) = ms.rooms.iter_mut().find(|e| e.0 == rid) {
                     e.1 = idx;
                 }
             }
         }
         if self.rooms[rid.0].members.is_empty() {
-            let room = self.rooms.remove(rid.0);
+            let mut room = self.rooms.remove(rid.0);
+            self.store.drop_stream(std::mem::take(&mut room.history));
             self.room_index.remove(&room.name);
             if self.cfg.relay {
                 self.relay.push_back(Relay::Closed { room: room.name });
@@ -148,9 +154,14 @@ impl Chat {
         kind: Option<PresenceKind>,
         reason: CloseReason,
     ) {
+        if kind == Some(PresenceKind::Gone) && self.holds(conn, reason) {
+            self.hold(conn, reason);
+            return;
+        }
         let Some(s) = self.state(conn) else { return };
         let nick = s.nick.clone();
         let welcomed = s.welcomed;
+        let held = is_held(conn);
         while let Some(&(rid, _)) = self.state(conn).and_then(|s| s.rooms.last()) {
             if let Some(kind) = kind {
                 self.presence(rid, kind, conn, &nick);
@@ -165,10 +176,11 @@ impl Chat {
                 room: name,
             });
         }
-        let Some(s) = self.conns[conn.slot()].take() else {
+        let Some(s) = self.take_state(conn) else {
             return;
         };
         self.timers.cancel(s.timer);
+        self.drop_whispers(conn);
         if welcomed {
             self.nicks.remove(&fold(&s.nick));
             self.tokens.remove(&token_key(&s.token));
@@ -186,8 +198,11 @@ impl Chat {
             // Its answer will find no one (`handle_claim` hands a granted nick back).
             self.claimed.remove(&fold(&nick));
         }
-        self.open -= 1;
-        self.stats.closed.count(reason);
+        if !held {
+            // A held session's connection was counted when it was lost.
+            self.open -= 1;
+            self.stats.closed.count(reason);
+        }
         log::debug!("conn {conn}: session ended ({reason})");
         self.hooks
             .on_close(conn, welcomed.then_some(&*s.nick), reason);

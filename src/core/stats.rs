@@ -57,6 +57,9 @@ impl CloseCounts {
             CloseReason::TakenOver => self.taken_over += 1,
             CloseReason::Shutdown => self.shutdown += 1,
             CloseReason::Kicked => self.kicked += 1,
+            // Its connection's loss was counted when the session was held
+            // (`Stats::held_expired` counts these).
+            CloseReason::ResumeExpired => {}
         }
     }
 
@@ -122,6 +125,19 @@ pub struct Stats {
     pub errors_sent: [u64; 32],
     /// Sessions ended, by reason.
     pub closed: CloseCounts,
+    /// Sessions held after their connection was lost (`ChatConfig::resume_window`).
+    pub held: u64,
+    /// Held sessions resumed by a new connection within their window (also in `resumes`).
+    pub held_resumed: u64,
+    /// Held sessions whose window ended without a resume (their rooms then got PRESENCE
+    /// gone).
+    pub held_expired: u64,
+    /// WHISPERs kept for a held session, to be asked for with HISTORY.
+    pub whispers_held: u64,
+    /// HISTORY requests answered (with HISTORY_END; errors not included).
+    pub history_requests: u64,
+    /// HISTORY and HISTORY_WHISPER frames sent in answers.
+    pub history_replayed: u64,
 }
 
 impl Default for Stats {
@@ -144,6 +160,12 @@ impl Default for Stats {
             frames_in: [0; 256],
             errors_sent: [0; 32],
             closed: CloseCounts::default(),
+            held: 0,
+            held_resumed: 0,
+            held_expired: 0,
+            whispers_held: 0,
+            history_requests: 0,
+            history_replayed: 0,
         }
     }
 }

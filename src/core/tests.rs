@@ -93,6 +93,22 @@ enum Msg {
         fatal: bool,
         detail: String,
     },
+    History {
+        msg_id: u64,
+        room: String,
+        from: String,
+        text: String,
+    },
+    HistoryWhisper {
+        msg_id: u64,
+        from: String,
+        text: String,
+    },
+    HistoryEnd {
+        room: String,
+        status: crate::protocol::HistoryStatus,
+        count: u32,
+    },
 }
 
 impl Msg {
@@ -153,6 +169,33 @@ impl Msg {
                 code,
                 fatal,
                 detail: detail.into(),
+            },
+            ServerMsg::History {
+                msg_id,
+                room,
+                from,
+                text,
+            } => Msg::History {
+                msg_id,
+                room: room.into(),
+                from: from.into(),
+                text: text.into(),
+            },
+            ServerMsg::HistoryWhisper { msg_id, from, text } => Msg::HistoryWhisper {
+                msg_id,
+                from: from.into(),
+                text: text.into(),
+            },
+            // The epoch is random per run: tests compare everything else.
+            ServerMsg::HistoryEnd {
+                room,
+                status,
+                count,
+                ..
+            } => Msg::HistoryEnd {
+                room: room.into(),
+                status,
+                count,
             },
         }
     }
@@ -674,7 +717,7 @@ fn quit_before_welcome_closes_quietly() {
 fn unknown_opcodes_are_refused_but_the_connection_stays() {
     let mut sim = Sim::new();
     let a = sim.open();
-    let unknown = [0x00, 0x0A, 0x10, 0x7F, 0x80, 0x81, 0x86, 0x8F, 0xFF];
+    let unknown = [0x00, 0x0B, 0x10, 0x7F, 0x80, 0x81, 0x86, 0x8F, 0xFF];
     for opcode in unknown {
         sim.send_raw(a, opcode, b"whatever");
         sim.expect_error(a, ErrorCode::UnknownOpcode);
@@ -1153,7 +1196,7 @@ fn presence_limit_counts_the_member_concerned() {
     sim.expect_nothing(c);
     sim.join(d, "r");
     sim.expect(d, &[presence(Join, "r", "d")]);
-    sim.chat.handle_close(d, CloseReason::Reset);
+    sim.chat.handle_close(sim.now, d, CloseReason::Reset);
     sim.check();
     sim.expect_nothing(a);
     sim.expect_nothing(b);
@@ -1232,7 +1275,7 @@ fn a_transport_close_sends_presence_gone_and_asks_for_nothing() {
     sim.join(a, "r");
     sim.join(b, "r");
     sim.clear();
-    sim.chat.handle_close(a, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, a, CloseReason::Eof);
     sim.check();
     sim.expect(b, &[presence(Gone, "r", "alice")]);
     sim.expect_nothing(a);
@@ -1241,14 +1284,14 @@ fn a_transport_close_sends_presence_gone_and_asks_for_nothing() {
     assert_eq!(sim.chat.conn_of("alice"), None);
     assert_eq!(sim.chat.stats().closed.eof, 1);
     // Closing again, or closing a never-opened id, is a no-op.
-    sim.chat.handle_close(a, CloseReason::Reset);
+    sim.chat.handle_close(sim.now, a, CloseReason::Reset);
     sim.chat
-        .handle_close(ConnId::new(999, 1), CloseReason::Reset);
+        .handle_close(sim.now, ConnId::new(999, 1), CloseReason::Reset);
     sim.check();
     sim.expect_nothing(b);
     // A connection that never said HELLO just goes.
     let p = sim.open();
-    sim.chat.handle_close(p, CloseReason::Reset);
+    sim.chat.handle_close(sim.now, p, CloseReason::Reset);
     sim.check();
     assert_eq!(sim.chat.connections(), 1);
 }
@@ -1257,7 +1300,7 @@ fn a_transport_close_sends_presence_gone_and_asks_for_nothing() {
 fn a_stale_conn_id_from_a_reused_slot_is_ignored() {
     let mut sim = Sim::new();
     let old = sim.hello("alice");
-    sim.chat.handle_close(old, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, old, CloseReason::Eof);
     let new = sim.open_slot(old.slot());
     assert_eq!(new.slot(), old.slot());
     assert_ne!(new, old);
@@ -1677,7 +1720,7 @@ fn poll_timeout_follows_the_connections() {
     let d = sim.chat.poll_timeout().unwrap();
     assert!(d >= sim.t0 + secs(30) && d <= sim.t0 + secs(30) + TICK);
     assert_eq!(sim.chat.timers(), 1);
-    sim.chat.handle_close(a, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, a, CloseReason::Eof);
     assert_eq!(sim.chat.poll_timeout(), None);
     assert_eq!(sim.chat.timers(), 0);
     // Calling handle_timeout early, twice or with no timers is harmless.
@@ -1741,7 +1784,7 @@ fn resume_takes_over_nick_and_rooms_without_presence() {
     sim.send(c, ClientMsg::Who { room: "r1" });
     sim.expect(c, &[roster("r1", false, &["alice", "bob"])]);
     // The driver closing the old connection afterwards changes nothing.
-    sim.chat.handle_close(a, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, a, CloseReason::Eof);
     sim.check();
     sim.expect_nothing(b);
     // Whispers to alice reach the new connection.
@@ -1881,7 +1924,7 @@ fn a_resumed_session_ends_with_its_new_connection() {
         },
     );
     sim.clear();
-    sim.chat.handle_close(c, CloseReason::Reset);
+    sim.chat.handle_close(sim.now, c, CloseReason::Reset);
     sim.check();
     sim.expect(b, &[presence(Gone, "r1", "alice")]);
     assert_eq!(sim.chat.rooms(), 1);
@@ -2283,7 +2326,7 @@ fn closing_many_connections_keeps_the_invariants() {
     for (i, &c) in conns.iter().enumerate() {
         match i % 4 {
             0 => sim.send(c, ClientMsg::Quit { reason: "" }),
-            1 => sim.chat.handle_close(c, CloseReason::Reset),
+            1 => sim.chat.handle_close(sim.now, c, CloseReason::Reset),
             2 => {
                 sim.send(c, ClientMsg::Leave { room: "room1" });
                 sim.send(c, ClientMsg::Leave { room: "room2" });
@@ -2297,7 +2340,7 @@ fn closing_many_connections_keeps_the_invariants() {
     }
     sim.clear();
     for &c in &conns {
-        sim.chat.handle_close(c, CloseReason::Eof);
+        sim.chat.handle_close(sim.now, c, CloseReason::Eof);
         sim.check();
     }
     assert_eq!(sim.chat.connections(), 0);
@@ -2358,7 +2401,7 @@ fn events_tell_what_happened_in_order_and_only_when_asked_for() {
     );
     assert!(sim.chat.post("r", "system"));
     sim.send(b, ClientMsg::Leave { room: "r" });
-    sim.chat.handle_close(a, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, a, CloseReason::Eof);
     let mut got = Vec::new();
     while let Some(e) = sim.chat.poll_event() {
         got.push(e);
@@ -2651,7 +2694,7 @@ fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_t
         },
     );
     let _ = relayed(&mut sim);
-    sim.chat.handle_close(e, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, e, CloseReason::Eof);
     sim.chat.handle_claim(sim.now, e, "carol", true);
     assert!(relayed(&mut sim).contains(&Relay::Release {
         nick: "carol".into(),
@@ -2659,7 +2702,7 @@ fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_t
     }));
     // And a session that ends hands its nick and its token back too.
     let token = sim.chat.state(c).map(|s| s.token).expect("alice's session");
-    sim.chat.handle_close(c, CloseReason::Eof);
+    sim.chat.handle_close(sim.now, c, CloseReason::Eof);
     assert!(relayed(&mut sim).contains(&Relay::Release {
         nick: "Alice".into(),
         token: Some(token),

@@ -6,7 +6,7 @@
 use super::wire::{
     FieldError, Reader, begin_frame, end_frame, put_str, put_u8, put_u16, put_u32, put_u64,
 };
-use super::{ErrorCode, PresenceKind, SessionToken, TOKEN_LEN, op};
+use super::{ErrorCode, HistoryStatus, PresenceKind, SessionToken, TOKEN_LEN, op};
 
 /// Why a frame's payload could not be decoded into a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,24 @@ pub enum ClientMsg<'a> {
         /// Free text.
         reason: &'a str,
     },
+    /// A room's kept messages, or (an empty room) the whispers held for the session while
+    /// it was away.
+    History(HistoryQuery<'a>),
+}
+
+/// The fields of a HISTORY request (PROTOCOL.md section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery<'a> {
+    /// The room; empty for the whispers held for the session.
+    pub room: &'a str,
+    /// The server run `since` belongs to (a HISTORY_END's `epoch`); 0 if unknown.
+    pub epoch: u64,
+    /// Only messages with a msg_id above this (0: from the oldest kept).
+    pub since: u64,
+    /// Only messages with a msg_id below this (0: no bound).
+    pub before: u64,
+    /// At most this many: the newest of the range.
+    pub limit: u32,
 }
 
 impl<'a> ClientMsg<'a> {
@@ -151,6 +169,13 @@ impl<'a> ClientMsg<'a> {
             op::QUIT => ClientMsg::Quit {
                 reason: r.rest_str()?,
             },
+            op::HISTORY => ClientMsg::History(HistoryQuery {
+                room: r.str()?,
+                epoch: r.u64()?,
+                since: r.u64()?,
+                before: r.u64()?,
+                limit: r.u32()?,
+            }),
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
         r.finish()?;
@@ -169,6 +194,7 @@ impl<'a> ClientMsg<'a> {
             ClientMsg::Ping { .. } => op::PING,
             ClientMsg::Pong { .. } => op::PONG,
             ClientMsg::Quit { .. } => op::QUIT,
+            ClientMsg::History(_) => op::HISTORY,
         }
     }
 
@@ -195,6 +221,13 @@ impl<'a> ClientMsg<'a> {
             }
             ClientMsg::Ping { data } | ClientMsg::Pong { data } => out.extend_from_slice(data),
             ClientMsg::Quit { reason } => out.extend_from_slice(reason.as_bytes()),
+            ClientMsg::History(q) => {
+                put_str(out, q.room);
+                put_u64(out, q.epoch);
+                put_u64(out, q.since);
+                put_u64(out, q.before);
+                put_u32(out, q.limit);
+            }
         }
         end_frame(out, start);
     }
@@ -299,6 +332,38 @@ pub enum ServerMsg<'a> {
         /// Human-readable text.
         detail: &'a str,
     },
+    /// HISTORY (0x88): a room message from history, with MESSAGE's fields.
+    History {
+        /// Its msg_id, as first delivered.
+        msg_id: u64,
+        /// The room.
+        room: &'a str,
+        /// The sender's nick (empty: the server).
+        from: &'a str,
+        /// The text.
+        text: &'a str,
+    },
+    /// HISTORY_WHISPER (0x89): a whisper held while the session was away, with WHISPER's
+    /// fields.
+    HistoryWhisper {
+        /// Its msg_id.
+        msg_id: u64,
+        /// The sender's nick (empty: the server).
+        from: &'a str,
+        /// The text.
+        text: &'a str,
+    },
+    /// HISTORY_END (0x8A): the end of a HISTORY answer.
+    HistoryEnd {
+        /// The room asked for (empty: whispers).
+        room: &'a str,
+        /// This server run's history epoch, for the next request's `epoch`.
+        epoch: u64,
+        /// How complete the answer is.
+        status: HistoryStatus,
+        /// HISTORY or HISTORY_WHISPER frames sent before it.
+        count: u32,
+    },
 }
 
 impl<'a> ServerMsg<'a> {
@@ -346,6 +411,24 @@ impl<'a> ServerMsg<'a> {
                     nicks: RosterNicks { count, raw },
                 }
             }
+            op::S_HISTORY => ServerMsg::History {
+                msg_id: r.u64()?,
+                room: r.str()?,
+                from: r.str()?,
+                text: r.rest_str()?,
+            },
+            op::S_HISTORY_WHISPER => ServerMsg::HistoryWhisper {
+                msg_id: r.u64()?,
+                from: r.str()?,
+                text: r.rest_str()?,
+            },
+            op::S_HISTORY_END => ServerMsg::HistoryEnd {
+                room: r.str()?,
+                epoch: r.u64()?,
+                status: HistoryStatus::from_u8(r.u8()?)
+                    .ok_or(DecodeError::BadPayload("unknown history status"))?,
+                count: r.u32()?,
+            },
             op::S_PING => ServerMsg::Ping { data: r.rest() },
             op::S_PONG => ServerMsg::Pong { data: r.rest() },
             op::S_ERROR => ServerMsg::Error {
@@ -391,6 +474,27 @@ impl<'a> ServerMsg<'a> {
                 fatal,
                 detail,
             } => encode::error_raw(out, code, fatal, detail),
+            ServerMsg::History {
+                msg_id,
+                room,
+                from,
+                text,
+            } => {
+                let at = out.len();
+                encode::message(out, msg_id, room, from, text);
+                out[at + 3] = op::S_HISTORY;
+            }
+            ServerMsg::HistoryWhisper { msg_id, from, text } => {
+                let at = out.len();
+                encode::whisper(out, msg_id, from, text);
+                out[at + 3] = op::S_HISTORY_WHISPER;
+            }
+            ServerMsg::HistoryEnd {
+                room,
+                epoch,
+                status,
+                count,
+            } => encode::history_end(out, room, epoch, status, count),
         }
     }
 }
@@ -505,6 +609,22 @@ pub mod encode {
         put_u16(out, code);
         put_u8(out, u8::from(fatal));
         out.extend_from_slice(detail.as_bytes());
+        end_frame(out, s);
+    }
+
+    /// HISTORY_END: the end of a HISTORY answer.
+    pub fn history_end(
+        out: &mut Vec<u8>,
+        room: &str,
+        epoch: u64,
+        status: HistoryStatus,
+        count: u32,
+    ) {
+        let s = begin_frame(out, op::S_HISTORY_END);
+        put_str(out, room);
+        put_u64(out, epoch);
+        put_u8(out, status as u8);
+        put_u32(out, count);
         end_frame(out, s);
     }
 }
@@ -681,7 +801,7 @@ mod tests {
         assert!(matches!(bad(op::WHISPER, &[0, 2, b'a']), BadPayload(_)));
         assert!(matches!(bad(op::WHO, &[0, 0, 0]), BadPayload(_)));
         assert_eq!(bad(0x00, &[]), UnknownOpcode(0));
-        assert_eq!(bad(0x0A, &[]), UnknownOpcode(0x0A));
+        assert_eq!(bad(0x0B, &[]), UnknownOpcode(0x0B));
         assert_eq!(bad(op::S_WELCOME, &[]), UnknownOpcode(0x81));
         // PING and PONG data is opaque: anything goes.
         assert_eq!(

@@ -21,7 +21,7 @@ mod wire;
 
 pub use deframer::Deframer;
 pub use frame::{FrameError, Header, RawFrame, check_header, split_frame};
-pub use message::{ClientMsg, DecodeError, RosterNicks, ServerMsg, encode};
+pub use message::{ClientMsg, DecodeError, HistoryQuery, RosterNicks, ServerMsg, encode};
 
 /// The two magic bytes that open every frame: ASCII "CL".
 pub const MAGIC: [u8; 2] = [0x43, 0x4C];
@@ -42,7 +42,7 @@ pub const MAX_ROOM: usize = 64;
 /// A session token: 16 bytes from the OS's random source.
 pub type SessionToken = [u8; TOKEN_LEN];
 
-/// Opcodes, client to server (`0x01..=0x09`) and server to client (`0x81..=0x8F`).
+/// Opcodes, client to server (`0x01..=0x0A`) and server to client (`0x81..=0x8A`, `0x8F`).
 pub mod op {
     /// Client: start or resume a session.
     pub const HELLO: u8 = 0x01;
@@ -62,6 +62,11 @@ pub mod op {
     pub const PONG: u8 = 0x08;
     /// Client: end the session.
     pub const QUIT: u8 = 0x09;
+    /// Client: ask for a room's kept messages, or the whispers held for the session
+    /// (an extension of v1, docs/PROTOCOL.md section 12).
+    pub const HISTORY: u8 = 0x0A;
+    /// The highest client opcode the server serves.
+    pub const LAST_CLIENT: u8 = HISTORY;
     /// Server: session established.
     pub const S_WELCOME: u8 = 0x81;
     /// Server: a room message.
@@ -76,6 +81,13 @@ pub mod op {
     pub const S_PING: u8 = 0x86;
     /// Server: answer to a client PING.
     pub const S_PONG: u8 = 0x87;
+    /// Server: a room message from history (MESSAGE's layout), answering HISTORY.
+    pub const S_HISTORY: u8 = 0x88;
+    /// Server: a whisper held while the session was away (WHISPER's layout), answering
+    /// HISTORY.
+    pub const S_HISTORY_WHISPER: u8 = 0x89;
+    /// Server: the end of a HISTORY answer.
+    pub const S_HISTORY_END: u8 = 0x8A;
     /// Server: an error, fatal or not.
     pub const S_ERROR: u8 = 0x8F;
 }
@@ -167,6 +179,32 @@ error_codes! {
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// How complete a HISTORY answer is: the `status` byte of HISTORY_END (PROTOCOL.md 12.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HistoryStatus {
+    /// Every message of the asked range was sent.
+    Complete = 0,
+    /// The answer was cut (by its limit or its size): older messages of the range are kept;
+    /// ask again with `before` = the oldest msg_id received.
+    More = 1,
+    /// Some messages of the range are no longer kept (evicted, or from another server run):
+    /// every kept one up to the newest was sent.
+    Gap = 2,
+}
+
+impl HistoryStatus {
+    /// The status for a wire value, if it is one.
+    pub fn from_u8(v: u8) -> Option<HistoryStatus> {
+        match v {
+            0 => Some(HistoryStatus::Complete),
+            1 => Some(HistoryStatus::More),
+            2 => Some(HistoryStatus::Gap),
+            _ => None,
+        }
     }
 }
 

@@ -291,6 +291,9 @@ pub struct Server {
     expired: Vec<u64>,
     shutdown_deadline: Option<Instant>,
     iteration_start: Option<Instant>,
+    /// The latest `now` a call brought: the time of closes found where no `now` is passed
+    /// (a failed write, a dead transport).
+    now: Instant,
     stats: ServerStats,
     /// When the server was created: the instant `poll_timeout` returns for "now".
     origin: Instant,
@@ -361,6 +364,7 @@ impl Server {
         );
         let linger = TimerWheel::new(now, cfg.chat.tick, 256);
         Ok(Server {
+            now,
             cfg,
             registry,
             base: base.0,
@@ -532,6 +536,7 @@ impl Server {
     /// Handles one event. Events for tokens the server does not own, or for connections that
     /// no longer exist, are ignored (readiness is a hint; sporadic events happen).
     pub fn handle_event(&mut self, event: &Event, now: Instant) {
+        self.now = self.now.max(now);
         self.iteration_start.get_or_insert(now);
         let t = event.token().0;
         if t == self.base {
@@ -805,6 +810,7 @@ impl Server {
 
     /// Reads until WouldBlock or the per-iteration budget, feeding the core.
     fn read(&mut self, id: ConnId, now: Instant) {
+        self.now = self.now.max(now);
         let was_established = self.conn(id).is_none_or(|c| c.is_established());
         if !was_established {
             // A TLS handshake costs the server about 150 us of crypto: a storm of them must
@@ -857,7 +863,7 @@ impl Server {
                 Ok(0) => {
                     self.stats.reads += 1;
                     log::debug!("conn {id}: peer closed");
-                    self.chat.handle_close(id, CloseReason::Eof);
+                    self.chat.handle_close(self.now, id, CloseReason::Eof);
                     self.begin_close(id, CloseReason::Eof);
                     break;
                 }
@@ -896,7 +902,7 @@ impl Server {
                         self.stats.tls_failures += 1;
                     }
                     log::debug!("conn {id}: read failed: {e}");
-                    self.chat.handle_close(id, reason);
+                    self.chat.handle_close(self.now, id, reason);
                     self.close_now(id, reason);
                     break;
                 }
@@ -953,7 +959,7 @@ impl Server {
         );
         let dead = matches!(c.phase, Phase::Dead(_));
         if dead {
-            self.chat.handle_close(id, CloseReason::IoError);
+            self.chat.handle_close(self.now, id, CloseReason::IoError);
             self.close_now(id, CloseReason::IoError);
         }
     }
@@ -997,7 +1003,7 @@ impl Server {
             Wrote::Bytes(_) => {}
             Wrote::Failed(reason) => {
                 log::debug!("conn {id}: write failed ({reason})");
-                self.chat.handle_close(id, reason);
+                self.chat.handle_close(self.now, id, reason);
                 self.close_now(id, reason);
             }
             Wrote::LastBytes(reason) => self.close_now(id, reason),
@@ -1026,7 +1032,7 @@ impl Server {
             return;
         }
         // The core must never know a connection the shell has dropped.
-        self.chat.handle_close(id, reason);
+        self.chat.handle_close(self.now, id, reason);
         let mut c = self.conns.remove(id.slot());
         if let Some(ip) = self.ip_of.remove(&id) {
             if let Some(n) = self.per_ip.get_mut(&ip) {
@@ -1068,6 +1074,7 @@ impl Server {
     /// last call goes out (one `writev` per connection) and the closes it asked for happen.
     /// Call once per loop iteration, every iteration, after the events and `handle_timeout`.
     pub fn flush(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         // A new read epoch first: the deferred reads spend the next iteration's budget.
         self.stats.iterations += 1;
         let start = *self.iteration_start.get_or_insert(now);
@@ -1146,7 +1153,7 @@ impl Server {
                     WriteError::Overflow => self.overflow(now, id),
                     WriteError::Io(reason) => {
                         log::debug!("conn {id}: write failed ({reason})");
-                        self.chat.handle_close(id, reason);
+                        self.chat.handle_close(self.now, id, reason);
                         self.close_now(id, reason);
                     }
                 }
@@ -1246,6 +1253,7 @@ impl Server {
     /// evictions), close deadlines and the end of a shutdown's grace period. A spurious call
     /// is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         self.iteration_start.get_or_insert(now);
         // Paused connections whose time has come read on at this iteration's flush (no new
         // edge will announce what waits in their sockets).
@@ -1327,6 +1335,7 @@ impl Server {
     /// Stops accepting, sends `shutting_down` to every connection and keeps flushing for up to
     /// the grace period; [`is_shut_down`](Self::is_shut_down) then turns true.
     pub fn begin_shutdown(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         if self.shutdown_deadline.is_some() {
             return;
         }

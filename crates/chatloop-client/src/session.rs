@@ -931,6 +931,10 @@ impl Session {
                 fatal,
                 detail,
             } => self.error(now, code, fatal, detail),
+            // Never asked for yet.
+            ServerMsg::History { .. }
+            | ServerMsg::HistoryWhisper { .. }
+            | ServerMsg::HistoryEnd { .. } => {}
         }
     }
 

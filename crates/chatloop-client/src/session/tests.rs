@@ -113,6 +113,10 @@ fn show(frame: &[u8]) -> String {
         ClientMsg::Ping { data } => format!("PING {}", text(data)),
         ClientMsg::Pong { data } => format!("PONG {}", text(data)),
         ClientMsg::Quit { reason } => format!("QUIT {reason}").trim_end().to_string(),
+        ClientMsg::History(q) => format!(
+            "HISTORY {} {} {} {} {}",
+            q.room, q.epoch, q.since, q.before, q.limit
+        ),
     }
 }
 
