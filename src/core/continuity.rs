@@ -24,7 +24,7 @@ use super::{
 };
 use crate::id::ConnId;
 use crate::protocol::{
-    self, ErrorCode, HistoryQuery, HistoryStatus, PresenceKind, Deframer, encode, op,
+    self, Deframer, ErrorCode, HistoryQuery, HistoryStatus, PresenceKind, encode, op,
 };
 use crate::untrusted::Untrusted;
 
@@ -152,8 +152,14 @@ impl Chat {
             self.outbox.encoded(start, end)
         };
         let room = &mut self.rooms[rid.0];
-        self.store
-            .push(&mut room.history, Key::Room(rid.0), cap, msg_id, now_ms, frame);
+        self.store.push(
+            &mut room.history,
+            Key::Room(rid.0),
+            cap,
+            msg_id,
+            now_ms,
+            frame,
+        );
         if cap > 0 {
             self.trim_history();
         }
@@ -199,8 +205,7 @@ impl Chat {
             }
             let id = self.room_index.get(room_name).copied();
             let Some(s) = self.state(conn) else { return };
-            let Some(&(id, idx)) = id.and_then(|id| s.rooms.iter().find(|&&(r, _)| r == id))
-            else {
+            let Some(&(id, idx)) = id.and_then(|id| s.rooms.iter().find(|&&(r, _)| r == id)) else {
                 self.send_error(conn, ErrorCode::NotInRoom, "not in that room");
                 return;
             };

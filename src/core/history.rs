@@ -314,14 +314,26 @@ mod tests {
         assert_eq!(store.bytes(), 3 * (10 + ENTRY_OVERHEAD));
         assert_eq!(store.evicted.count, 2);
         // Since 2: complete. Since 1: message 2 was lost.
-        assert_eq!(s.select(2, u64::MAX, 10, 1 << 20), (0..3, HistoryStatus::Complete));
-        assert_eq!(s.select(1, u64::MAX, 10, 1 << 20), (0..3, HistoryStatus::Gap));
+        assert_eq!(
+            s.select(2, u64::MAX, 10, 1 << 20),
+            (0..3, HistoryStatus::Complete)
+        );
+        assert_eq!(
+            s.select(1, u64::MAX, 10, 1 << 20),
+            (0..3, HistoryStatus::Gap)
+        );
         // A limit or a budget cuts the oldest: More.
-        assert_eq!(s.select(2, u64::MAX, 2, 1 << 20), (1..3, HistoryStatus::More));
+        assert_eq!(
+            s.select(2, u64::MAX, 2, 1 << 20),
+            (1..3, HistoryStatus::More)
+        );
         assert_eq!(s.select(2, u64::MAX, 10, 25), (1..3, HistoryStatus::More));
         // An upper bound, and a since from the future.
         assert_eq!(s.select(2, 5, 10, 1 << 20), (0..2, HistoryStatus::Complete));
-        assert_eq!(s.select(9, u64::MAX, 10, 1 << 20), (3..3, HistoryStatus::Complete));
+        assert_eq!(
+            s.select(9, u64::MAX, 10, 1 << 20),
+            (3..3, HistoryStatus::Complete)
+        );
         store.drop_stream(s);
         assert_eq!((store.len(), store.bytes()), (0, 0));
     }
@@ -332,8 +344,14 @@ mod tests {
         let mut s = Stream::default();
         store.push(&mut s, Key::Room(0), 0, 7, 0, &frame(7));
         assert_eq!(store.len(), 0);
-        assert_eq!(s.select(0, u64::MAX, 10, 1 << 20), (0..0, HistoryStatus::Gap));
-        assert_eq!(s.select(7, u64::MAX, 10, 1 << 20), (0..0, HistoryStatus::Complete));
+        assert_eq!(
+            s.select(0, u64::MAX, 10, 1 << 20),
+            (0..0, HistoryStatus::Gap)
+        );
+        assert_eq!(
+            s.select(7, u64::MAX, 10, 1 << 20),
+            (0..0, HistoryStatus::Complete)
+        );
     }
 
     #[test]
@@ -367,6 +385,10 @@ mod tests {
             store.trim(0, &mut Rooms(std::slice::from_mut(&mut s)));
         }
         assert_eq!(store.len(), 1);
-        assert!(store.order.len() <= 2 * store.len() + 65, "{}", store.order.len());
+        assert!(
+            store.order.len() <= 2 * store.len() + 65,
+            "{}",
+            store.order.len()
+        );
     }
 }

@@ -1633,7 +1633,11 @@ impl Chat {
             assert!(self.held_whispers.contains_key(key));
         }
         assert_eq!(self.whisper_keys.len(), self.held_whispers.len());
-        let mut kept = self.held_whispers.values().map(|w| w.entries().len()).sum::<usize>();
+        let mut kept = self
+            .held_whispers
+            .values()
+            .map(|w| w.entries().len())
+            .sum::<usize>();
         for (_, room) in &self.rooms {
             assert!(!room.members.is_empty());
             kept += room.history.entries().len();

@@ -2709,3 +2709,5 @@ fn relay_mode_welcomes_when_the_cluster_grants_the_nick_and_holds_what_follows_t
     }));
     sim.check();
 }
+
+mod continuity;
