@@ -1162,6 +1162,7 @@ impl Actor {
             partial_frames: partial as u64,
             partial_frame_bytes: partial_bytes as u64,
             shutting_down: self.shutdown.is_some(),
+            continuity: chatloop::metrics::Continuity::of(&self.chat),
         }
     }
 

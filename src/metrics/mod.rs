@@ -48,6 +48,6 @@ pub mod table;
 pub use endpoint::MetricsEndpoint;
 pub use http::{ACCEPT_RETRY, MAX_CLIENTS, MAX_DISCARD, MAX_REQUEST, REQUEST_TIMEOUT};
 pub use render::render;
-pub use snapshot::Snapshot;
+pub use snapshot::{Continuity, Snapshot};
 pub use stats_line::StatsLine;
 pub use table::TABLE;

@@ -6,7 +6,7 @@
 //! ([`super::StatsLine`]) serve both shells: the mio server fills it here, the async version
 //! (examples/async_server.rs) fills it in its chat actor and sends it over a channel.
 
-use crate::core::Stats;
+use crate::core::{Chat, Evictions, Stats};
 use crate::server::{Server, ServerStats};
 
 /// The counters and gauges of a chat server at one instant, for the metrics, `/healthz` and
@@ -55,6 +55,34 @@ pub struct Snapshot {
     pub partial_frame_bytes: u64,
     /// A shutdown has begun (`/healthz` answers 503).
     pub shutting_down: bool,
+    /// Held sessions and kept messages (PROTOCOL.md section 12).
+    pub continuity: Continuity,
+}
+
+/// The gauges of held sessions and history, read from the core by either shell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Continuity {
+    /// Sessions held in their resume window.
+    pub held_sessions: u64,
+    /// Messages and held whispers kept for HISTORY.
+    pub history_entries: u64,
+    /// What they cost, in bytes, as `--history-bytes` counts it.
+    pub history_bytes: u64,
+    /// Kept entries evicted so far, by cause.
+    pub evicted: Evictions,
+}
+
+impl Continuity {
+    /// The numbers of `chat`.
+    pub fn of(chat: &Chat) -> Continuity {
+        let (entries, bytes) = chat.history_size();
+        Continuity {
+            held_sessions: chat.held_sessions() as u64,
+            history_entries: entries as u64,
+            history_bytes: bytes as u64,
+            evicted: chat.history_evictions(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -89,6 +117,7 @@ impl Server {
             partial_frames: partial as u64,
             partial_frame_bytes: partial_bytes as u64,
             shutting_down: self.is_shutting_down(),
+            continuity: Continuity::of(chat),
         }
     }
 }

@@ -270,6 +270,74 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.partial_frame_bytes),
     },
     Metric {
+        name: "chatloop_sessions_held",
+        kind: Kind::Gauge,
+        help: "Sessions whose connection was lost, held for their resume window (--resume-window).",
+        series: Series::Single(|s| s.continuity.held_sessions),
+    },
+    Metric {
+        name: "chatloop_sessions_held_total",
+        kind: Kind::Counter,
+        help: "Sessions held after their connection was lost.",
+        series: Series::Single(|s| s.chat.held),
+    },
+    Metric {
+        name: "chatloop_sessions_held_resumed_total",
+        kind: Kind::Counter,
+        help: "Held sessions resumed within their window (also in chatloop_resumes_total).",
+        series: Series::Single(|s| s.chat.held_resumed),
+    },
+    Metric {
+        name: "chatloop_sessions_held_expired_total",
+        kind: Kind::Counter,
+        help: "Held sessions whose window ended without a resume (their rooms got PRESENCE gone).",
+        series: Series::Single(|s| s.chat.held_expired),
+    },
+    Metric {
+        name: "chatloop_whispers_held_total",
+        kind: Kind::Counter,
+        help: "WHISPERs kept for a held session, for its HISTORY after a resume.",
+        series: Series::Single(|s| s.chat.whispers_held),
+    },
+    Metric {
+        name: "chatloop_history_entries",
+        kind: Kind::Gauge,
+        help: "Room messages and held whispers kept for HISTORY (--history).",
+        series: Series::Single(|s| s.continuity.history_entries),
+    },
+    Metric {
+        name: "chatloop_history_bytes",
+        kind: Kind::Gauge,
+        help: "What kept messages cost, frames plus per-entry overhead, against --history-bytes.",
+        series: Series::Single(|s| s.continuity.history_bytes),
+    },
+    Metric {
+        name: "chatloop_history_evicted_total",
+        kind: Kind::Counter,
+        help: "Kept messages evicted, by cause: count (--history), age (--history-age), bytes (--history-bytes).",
+        series: Series::Labelled {
+            label: "cause",
+            values: |s, out| {
+                let e = s.continuity.evicted;
+                out(Sample::new("count", e.count));
+                out(Sample::new("age", e.age));
+                out(Sample::new("bytes", e.bytes));
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_history_requests_total",
+        kind: Kind::Counter,
+        help: "HISTORY requests answered.",
+        series: Series::Single(|s| s.chat.history_requests),
+    },
+    Metric {
+        name: "chatloop_history_replayed_total",
+        kind: Kind::Counter,
+        help: "HISTORY and HISTORY_WHISPER frames sent in answers.",
+        series: Series::Single(|s| s.chat.history_replayed),
+    },
+    Metric {
         name: "chatloop_buffers_in_use",
         kind: Kind::Gauge,
         help: "Connections holding output their socket refused (a backlog, mostly references to shared frames).",

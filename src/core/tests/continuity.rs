@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::protocol::{HistoryQuery, HistoryStatus};
-use PresenceKind::*;
 
 fn continuity(window: Duration, history: usize) -> ChatConfig {
     ChatConfig {
