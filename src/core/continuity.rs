@@ -229,8 +229,8 @@ impl Chat {
         } else {
             self.store.per_room
         });
-        // One answer stays well inside what a reading client may have queued.
-        let budget = self.cfg.max_pending / 2;
+        // Answers stay well inside what a reading client may have queued (`replay_left`).
+        let budget = self.replay_left;
         let stream = match rid {
             Some(id) => Some(&self.rooms[id.0].history),
             None => self
@@ -251,6 +251,7 @@ impl Chat {
             op::S_HISTORY
         };
         let count = range.len();
+        let mut sent = 0;
         for i in range {
             let stream = match rid {
                 Some(id) => &self.rooms[id.0].history,
@@ -264,6 +265,7 @@ impl Chat {
                 },
             };
             let frame = &stream.entries()[i].frame;
+            sent += frame.len();
             let (buf, start) = self.outbox.buf();
             buf.extend_from_slice(frame);
             buf[start + 3] = replay_op;
@@ -275,6 +277,7 @@ impl Chat {
         encode::history_end(buf, name, self.epoch_id, status, count as u32);
         let end = buf.len();
         self.outbox.send(conn, start, end);
+        self.replay_left = self.replay_left.saturating_sub(sent);
         self.stats.history_requests += 1;
         self.stats.history_replayed += count as u64;
         log::trace!("conn {conn}: HISTORY answered with {count} frames ({status:?})");

@@ -395,6 +395,10 @@ pub struct Chat {
     /// The latest `now` any input brought, in microseconds since the epoch: when a session
     /// is held, for inputs that end one without a time of their own.
     latest_us: u64,
+    /// Bytes of HISTORY answers the current `handle_data` may still produce: together its
+    /// answers stay within half of max_pending, so pipelined requests cannot make the core's
+    /// own output check (in `handle_chunk`) cut a client that reads.
+    replay_left: usize,
 }
 
 /// Held sessions' ids have slots from here up: no driver's slab comes near 2^31 entries, so
@@ -522,6 +526,7 @@ impl Chat {
             store,
             epoch_id,
             latest_us: 0,
+            replay_left: 0,
         }
     }
 
@@ -858,6 +863,7 @@ impl Chat {
         mut data: &[u8],
     ) -> Option<u32> {
         self.stats.bytes_in += data.len() as u64;
+        self.replay_left = self.cfg.max_pending / 2;
         let produced_before = self.outbox.produced();
         let mut handled = 0u64;
         let mut frames = 0u32;
@@ -886,7 +892,7 @@ impl Chat {
                     }
                     handled += f.frame_len() as u64;
                     frames += 1;
-                    self.handle_frame(now, conn, f.opcode, f.payload);
+                    self.serve_frame(now, conn, f.opcode, f.payload);
                     if !self.is_open(conn) {
                         return None;
                     }
@@ -943,6 +949,12 @@ impl Chat {
 
     /// One whole frame from `conn` (for drivers that split frames themselves).
     pub fn handle_frame(&mut self, now: Instant, conn: ConnId, opcode: u8, payload: &[u8]) {
+        self.replay_left = self.cfg.max_pending / 2;
+        self.serve_frame(now, conn, opcode, payload);
+    }
+
+    /// One whole frame, within a `handle_data` or a `handle_frame`.
+    fn serve_frame(&mut self, now: Instant, conn: ConnId, opcode: u8, payload: &[u8]) {
         let Some(s) = self.state(conn) else { return };
         let welcomed = s.welcomed;
         self.stats.frames_in[usize::from(opcode)] += 1;
