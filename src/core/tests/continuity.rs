@@ -375,6 +375,14 @@ fn eviction_limit_and_size_say_gap_or_more() {
             ..
         }
     ));
+    // Pipelined requests share that bound: the second gets nothing and "more"; nobody is cut.
+    let mut two = history("r", 0, 100);
+    two.extend(history("r", 0, 100));
+    sim.feed(c, &two);
+    let got = sim.take(c);
+    assert_eq!(got.len(), 4, "{}", summary(&got));
+    assert_eq!(got[3], end("r", HistoryStatus::More, 0));
+    assert!(sim.take_closes().is_empty());
 }
 
 #[test]
