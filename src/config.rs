@@ -353,12 +353,6 @@ impl Args {
         if self.max_connections == Some(0) {
             return Err("--max-connections must be at least 1".into());
         }
-        if self.cluster.is_some() && (!self.resume_window.is_zero() || self.history > 0) {
-            return Err(
-                "--resume-window and --history do not work across a cluster yet (docs/CLUSTER.md)"
-                    .into(),
-            );
-        }
         if self.history > 1_000_000 {
             return Err("--history is at most 1000000 messages per room".into());
         }

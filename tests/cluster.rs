@@ -822,3 +822,113 @@ fn input_piled_up_before_welcome_is_bounded() {
     // The other connection still waits for its WELCOME, untouched.
     other.assert_no_frame(Duration::from_millis(200));
 }
+
+fn start_node_with(url: &str, name: &str, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--cluster",
+        url,
+        "--node-id",
+        name,
+        "--metrics",
+        "127.0.0.1:0",
+        "--log-level",
+        "debug",
+    ];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args);
+    wait_connected(&s, 1);
+    s
+}
+
+/// HISTORY (PROTOCOL.md 12.2) for `room` since `since`; returns the replayed (msg_id, text)
+/// pairs and the HISTORY_END status.
+fn history(c: &mut Client, room: &str, since: u64) -> (Vec<(u64, String)>, u8) {
+    let mut p = Vec::new();
+    p.extend_from_slice(&(room.len() as u16).to_be_bytes());
+    p.extend_from_slice(room.as_bytes());
+    for v in [0u64, since, 0] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&1000u32.to_be_bytes());
+    c.send_frame(0x0A, &p);
+    let mut got = Vec::new();
+    loop {
+        let f = c.recv_what("a HISTORY answer");
+        match chatloop::protocol::ServerMsg::decode(f.op, &f.payload) {
+            Ok(chatloop::protocol::ServerMsg::History { msg_id, text, .. }) => {
+                got.push((msg_id, text.to_string()))
+            }
+            Ok(chatloop::protocol::ServerMsg::HistoryEnd { status, count, .. }) => {
+                assert_eq!(count as usize, got.len());
+                return (got, status as u8);
+            }
+            other => panic!("unexpected frame in a HISTORY answer: {other:?}"),
+        }
+    }
+}
+
+/// A session whose connection drops is held by its node (--resume-window): the others see no
+/// PRESENCE, and a HELLO with its token on another node takes it over from there, rooms and
+/// all; that node kept the room's messages, so HISTORY gives what the client missed.
+#[test]
+fn a_held_session_resumes_on_another_node_and_recovers() {
+    let redis = Redis::start();
+    let extra = ["--resume-window", "30s", "--history", "100"];
+    let a = start_node_with(&redis.url(), "a", &extra);
+    let b = start_node_with(&redis.url(), "b", &extra);
+    let mut old = a.connect();
+    let w = old.hello("alice");
+    let mut bob = b.login("bob");
+    join_across(&mut old, "lobby");
+    join_across(&mut bob, "lobby");
+    old.expect_presence(kind::JOIN, "lobby", "bob");
+    let seen = old.expect_message("lobby", "bob", "bob is here").msg_id;
+    // The connection drops; a holds the session.
+    drop(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.scrape().get("chatloop_sessions_held") != 1 {
+        assert!(Instant::now() < deadline, "a never held alice's session");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let m1 = bob.say("lobby", "one");
+    let m2 = bob.say("lobby", "two");
+    // The nick is still taken everywhere.
+    let mut other = b.connect();
+    other.send_hello("alice", &[]);
+    other.expect_error(code::NICK_TAKEN);
+    // alice comes back on b.
+    let mut new = b.connect();
+    new.send_hello("alice", &w.token);
+    assert_eq!(new.expect_welcome().nick, "alice");
+    new.send_join("lobby");
+    new.expect_error(code::ALREADY_IN_ROOM);
+    let (got, status) = history(&mut new, "lobby", seen);
+    assert_eq!(
+        got,
+        vec![(m1.msg_id, "one".to_string()), (m2.msg_id, "two".to_string())]
+    );
+    assert_eq!(status, 0, "complete");
+    new.say("lobby", "back");
+    bob.expect_message("lobby", "alice", "back");
+    bob.assert_no_pending();
+    assert_eq!(a.scrape().get("chatloop_sessions_held"), 0);
+}
+
+/// A held session whose window ends is reported gone on every node, and its nick is free.
+#[test]
+fn a_held_sessions_window_ends_with_presence_gone_everywhere() {
+    let redis = Redis::start();
+    let extra = ["--resume-window", "1s"];
+    let a = start_node_with(&redis.url(), "a", &extra);
+    let b = start_node_with(&redis.url(), "b", &extra);
+    let (alice, mut bob) = alice_and_bob(&a, &b);
+    let t0 = Instant::now();
+    drop(alice);
+    bob.expect_presence(kind::GONE, "lobby", "alice");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "gone only after the window: {:?}",
+        t0.elapsed()
+    );
+    b.login_retrying("alice");
+}

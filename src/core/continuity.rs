@@ -61,8 +61,10 @@ impl Chat {
                 | CloseReason::IdleTimeout
                 | CloseReason::SlowConsumer
         );
-        lost && !self.cfg.resume_window.is_zero()
-            && !self.cfg.relay
+        // A QUIT waiting for its barrier (in a cluster) has ended the session already.
+        let quitting = matches!(self.awaiting.get(&conn), Some((super::Awaiting::Quit, _)));
+        lost && !quitting
+            && !self.cfg.resume_window.is_zero()
             && !self.shutting_down
             && !is_held(conn)
             && self.state(conn).is_some_and(|s| s.welcomed)
@@ -93,8 +95,17 @@ impl Chat {
             let room = &mut self.rooms[rid.0];
             debug_assert_eq!(room.members[idx as usize], conn);
             room.members[idx as usize] = id;
+            // In a cluster, a JOIN whose PRESENCE has not come back: the held session is
+            // still joining.
+            for j in room.joining.iter_mut().filter(|j| **j == conn) {
+                *j = id;
+            }
         }
         self.rekey_whispers(conn, id);
+        // Whatever it waited for from the cluster (a WHISPER's answer, a barrier) has no
+        // connection to answer any more; its nick claim cannot be pending (it is welcomed).
+        self.crossing.remove(&conn);
+        self.awaiting.remove(&conn);
         let nick = s.nick.clone();
         self.held.insert(s);
         self.stats.held += 1;

@@ -94,7 +94,8 @@ pub struct ChatConfig {
     pub relay: bool,
     /// How long a session outlives a lost connection (EOF, reset, idle timeout, slow
     /// consumer), waiting for a HELLO with its token (default 0: it ends with its
-    /// connection, as PROTOCOL.md v1 says). Not with `relay`.
+    /// connection, as PROTOCOL.md v1 says). With `relay`, a HELLO on another node resumes it
+    /// through the cluster's takeover.
     pub resume_window: Duration,
     /// MESSAGEs kept per room for HISTORY (default 0: none).
     pub history: usize,
@@ -1342,13 +1343,18 @@ impl Chat {
             Untrusted(&nick)
         );
         self.stats.resumes += 1;
-        self.send_error(
-            conn,
-            ErrorCode::SessionTakenOver,
-            "another connection resumed this session",
-        );
+        if is_held(conn) {
+            // Held here: no connection to tell or close.
+            self.stats.held_resumed += 1;
+        } else {
+            self.send_error(
+                conn,
+                ErrorCode::SessionTakenOver,
+                "another connection resumed this session",
+            );
+            self.closes.push_back((conn, CloseReason::TakenOver));
+        }
         self.remove_session(conn, None, CloseReason::TakenOver);
-        self.closes.push_back((conn, CloseReason::TakenOver));
         Some((nick, rooms))
     }
 
@@ -1487,8 +1493,16 @@ impl Chat {
         // lapse (the others were told it was gone); it knows it is there.
         let joining = concerned.filter(|c| join && self.rooms[rid.0].joining.contains(c));
         if let Some(joiner) = joining {
-            // Its JOIN's answer: from now on it receives the room.
-            self.rooms[rid.0].joining.retain(|&c| c != joiner);
+            // Its JOIN's answer: from now on it receives the room; what the room said before
+            // is history to it.
+            let mark = self.next_msg_id;
+            let room = &mut self.rooms[rid.0];
+            room.joining.retain(|&c| c != joiner);
+            if let Some(i) = room.members.iter().position(|&m| m == joiner) {
+                if let Some(m) = room.marks.get_mut(i) {
+                    *m = mark;
+                }
+            }
         }
         let room = &self.rooms[rid.0];
         if members > self.cfg.presence_limit as u64 {
