@@ -49,6 +49,11 @@ struct Limits {
     hello_ms: u16,
     max_pending: u16,
     tick_ms: u8,
+    /// Resume window, 0 (off) most often.
+    resume_ms: u16,
+    /// Messages kept per room, and the byte cap over all of them.
+    history: u8,
+    history_bytes: u16,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -64,6 +69,8 @@ enum Msg {
     Ping(Vec<u8>),
     Pong(Vec<u8>),
     Quit(String),
+    /// HISTORY: a room (or the empty one), epoch, since, before, limit.
+    History(u8, u64, u64, u64, u32),
     Any { opcode: u8, payload: Vec<u8> },
 }
 
@@ -131,6 +138,15 @@ impl Driver {
                 let len = (out.len() - start - 8) as u32;
                 out[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
                 return;
+            }
+            Msg::History(r, epoch, since, before, limit) => {
+                ClientMsg::History(chatloop::protocol::HistoryQuery {
+                    room: if *r == 0 { "" } else { room(r) },
+                    epoch: *epoch,
+                    since: *since % 64,
+                    before: *before % 64,
+                    limit: *limit,
+                })
             }
             Msg::Join(r) => ClientMsg::Join { room: room(r) },
             Msg::JoinRaw(r) => ClientMsg::Join { room: r },
@@ -260,7 +276,7 @@ impl Driver {
                         3 => CloseReason::TimedOut,
                         _ => CloseReason::IoError,
                     };
-                    self.chat.handle_close(id, reason);
+                    self.chat.handle_close(self.now, id, reason);
                     self.open[k] = false;
                 }
             }
@@ -320,7 +336,12 @@ fuzz_target!(|input: Input| {
         cmd_limit: chatloop::core::Limit { rate: 50, burst: 20 },
         input_limit: chatloop::core::Limit { rate: 4096, burst: 2048 },
         relay: false,
+        resume_window: ms(u64::from(l.resume_ms % 4000) * u64::from(l.resume_ms % 3 == 0)),
+        history: usize::from(l.history % 5),
+        history_age: ms(u64::from(l.history) * 20),
+        history_bytes: usize::from(l.history_bytes),
     };
+    let window = cfg.resume_window + cfg.tick * 2;
     let t0 = Instant::now();
     let mut n: u128 = 0;
     let tokens = Box::new(move || {
@@ -342,11 +363,16 @@ fuzz_target!(|input: Input| {
     // Everyone leaves: the core must come back to empty.
     for k in 0..SLOTS {
         if let Some(id) = d.ids[k] {
-            d.chat.handle_close(id, CloseReason::Eof);
+            d.chat.handle_close(d.now, id, CloseReason::Eof);
             d.open[k] = false;
         }
     }
     d.drain();
+    // Held sessions end when their window does.
+    d.now += window;
+    d.chat.handle_timeout(d.now);
+    d.drain();
+    assert_eq!(d.chat.held_sessions(), 0);
     d.chat.check_invariants();
     assert_eq!(
         (

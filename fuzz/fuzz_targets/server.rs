@@ -210,7 +210,7 @@ fuzz_target!(|steps: Vec<Step>| {
             (0, 0, 0)
         );
         assert_eq!(
-            w.server.buffers().0,
+            w.server.backlogs(),
             0,
             "buffers still in use with no connection"
         );
