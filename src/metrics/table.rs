@@ -135,7 +135,7 @@ pub static TABLE: &[Metric] = &[
     Metric {
         name: "chatloop_sessions",
         kind: Kind::Gauge,
-        help: "Welcomed sessions.",
+        help: "Welcomed sessions, those held in their resume window included.",
         series: Series::Single(|s| s.sessions),
     },
     Metric {
