@@ -905,7 +905,10 @@ fn a_held_session_resumes_on_another_node_and_recovers() {
     let (got, status) = history(&mut new, "lobby", seen);
     assert_eq!(
         got,
-        vec![(m1.msg_id, "one".to_string()), (m2.msg_id, "two".to_string())]
+        vec![
+            (m1.msg_id, "one".to_string()),
+            (m2.msg_id, "two".to_string())
+        ]
     );
     assert_eq!(status, 0, "complete");
     new.say("lobby", "back");
