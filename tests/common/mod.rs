@@ -33,6 +33,7 @@
 #![allow(dead_code)]
 
 mod client;
+pub mod cut_proxy;
 mod exe;
 pub mod flood;
 mod metrics;
