@@ -17,6 +17,14 @@
 //!   client in the room saw no PRESENCE; cut on both sides (the server ends the session:
 //!   PRESENCE gone), the page starts a new session, rejoins its rooms and says that messages
 //!   sent meanwhile were missed.
+//! - [`messages_missed_while_away_are_recovered_in_order`]: with `--resume-window` and
+//!   `--history`, the relay cuts both sides (the server holds the session) and holds the
+//!   page's reconnect back while a TCP client says three things and whispers; the page resumes
+//!   the session, shows the three (marked `recovered`), once each and in order, then
+//!   "* recovered 3 messages", and the whisper; a message that arrives live while its HISTORY
+//!   is answered (the page's request is held back to make sure), and what is said afterwards,
+//!   come after them; the TCP client saw no PRESENCE of the page's nick. Then joining another room shows the
+//!   messages said there before (marked `history`) above the JOIN's line.
 //!
 //! Needs `chromedriver` on PATH and the Chromium it drives (Debian: `apt-get install chromium
 //! chromium-driver`; .ci/run installs them). Without them the tests fail, as the cluster tests
@@ -55,7 +63,12 @@ fn must<T, E: Display>(r: Result<T, E>, what: impl Display) -> T {
 
 /// `chatloop --listen 127.0.0.1:0 --ws-listen 127.0.0.1:0` and the URL of its chat page.
 fn start_server() -> (Server, String) {
-    let server = Server::start(&["--ws-listen", "127.0.0.1:0"]);
+    start_server_with(&[])
+}
+
+/// [`start_server`] with more flags.
+fn start_server_with(args: &[&str]) -> (Server, String) {
+    let server = Server::start(&[&["--ws-listen", "127.0.0.1:0"], args].concat());
     let line = server
         .wait_log(STARTUP_TIMEOUT, |l| l.contains("listening (ws) on "))
         .expect("the server did not log `listening (ws) on ...`");
@@ -527,11 +540,13 @@ type Conns = Arc<Mutex<Vec<Relayed>>>;
 /// goes to the server until the browser side ends, which is NOT passed on (cutting the browser
 /// side leaves the server's connection open); the server's end (EOF) is passed on to the browser.
 /// The WebSocket connections (those that begin with `GET /chat`) are kept, in order, so a test
-/// can cut them. Dropping the relay stops accepting and shuts every socket down, which ends the
-/// pumping threads.
+/// can cut them. While paused ([`Relay::pause`]), a new connection waits before it is connected
+/// to `target`, so a test can act while the browser's reconnect cannot reach the server.
+/// Dropping the relay stops accepting and shuts every socket down, which ends the pumping threads.
 struct Relay {
     addr: SocketAddr,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
     all: Conns,
     ws: Conns,
     accepting: Option<std::thread::JoinHandle<()>>,
@@ -542,11 +557,20 @@ impl Relay {
         let listener = must(TcpListener::bind("127.0.0.1:0"), "binding the relay");
         let addr = must(listener.local_addr(), "the relay's address");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (all, ws): (Conns, Conns) = Default::default();
         let (stopped, all2, ws2) = (Arc::clone(&stop), Arc::clone(&all), Arc::clone(&ws));
+        let held = Arc::clone(&paused);
         let accepting = std::thread::spawn(move || {
+            let on = |flag: &std::sync::atomic::AtomicBool| {
+                flag.load(std::sync::atomic::Ordering::SeqCst)
+            };
             for browser in listener.incoming() {
-                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                // Paused: the connection waits (the browser sees a slow server, not an error).
+                while on(&held) && !on(&stopped) {
+                    std::thread::sleep(POLL);
+                }
+                if on(&stopped) {
                     return;
                 }
                 let Ok(browser) = browser else { continue };
@@ -580,6 +604,7 @@ impl Relay {
         Relay {
             addr,
             stop,
+            paused,
             all,
             ws,
             accepting: Some(accepting),
@@ -589,6 +614,11 @@ impl Relay {
     /// The URL of the chat page through the relay.
     fn page(&self) -> String {
         format!("http://{}/", self.addr)
+    }
+
+    /// While `on`, new connections wait before they are connected to the server.
+    fn pause(&self, on: bool) {
+        self.paused.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// How many WebSocket connections went through the relay so far.
@@ -701,6 +731,10 @@ async fn a_dropped_connection_reconnects_and_says_what_happened() {
     relay.cut_latest_ws(false);
     let resumed = |l: &Value| is(l, "system") && l["body"] == "* session resumed";
     alice.wait_line("'* session resumed'", resumed).await;
+    // The server keeps no history (--history 0), and nothing was said meanwhile.
+    let nothing =
+        |l: &Value| is(l, "system") && l["room"] == "lobby" && l["body"] == "* nothing missed";
+    alice.wait_line("'* nothing missed'", nothing).await;
     assert_eq!(
         relay.ws_count(),
         2,
@@ -747,5 +781,181 @@ async fn a_dropped_connection_reconnects_and_says_what_happened() {
         3,
         "WebSocket connections after the rejoin"
     );
+    alice.close().await;
+}
+
+/// Holds back the HISTORY frames (opcode 0x0A) the page sends, in `window.heldHistory`, until
+/// `window.releaseHistory()` sends them (in order) and stops holding.
+const HOLD_HISTORY_JS: &str = "const send = WebSocket.prototype.send; \
+    window.heldHistory = []; \
+    WebSocket.prototype.send = function (b) { \
+      if (window.heldHistory && b instanceof Uint8Array && b[3] === 0x0A) \
+        return void window.heldHistory.push([this, b]); \
+      return send.call(this, b); }; \
+    window.releaseHistory = () => { const held = window.heldHistory; window.heldHistory = null; \
+      for (const [ws, b] of held) send.call(ws, b); return held.length; };";
+
+/// bob (TCP) says `text` in the lobby; every frame he receives until its echo goes to `seen`.
+fn say_tcp(bob: &mut common::Client, seen: &mut Vec<common::Frame>, text: &str) {
+    bob.send_say("lobby", text);
+    let echo = |f: &common::Frame| f.op == common::sop::MESSAGE && f.message().text == text;
+    let (before, echo) = bob.recv_until(echo);
+    seen.extend(before);
+    seen.push(echo);
+}
+
+/// The lines of `room` from [`LINES_JS`], each as `KIND [FROM: ]BODY`, KIND being the first of
+/// `recovered`, `history`, `msg`, `whisper`, `system`, `presence` or `error` it has.
+fn room_lines(lines: &Value, room: &str) -> Vec<String> {
+    let kinds = [
+        "recovered",
+        "history",
+        "msg",
+        "whisper",
+        "system",
+        "presence",
+        "error",
+    ];
+    let lines = lines.as_array().cloned().unwrap_or_default();
+    let in_room = lines.into_iter().filter(|l| l["room"] == room);
+    let show = |l: Value| {
+        let kind = kinds.into_iter().find(|k| is(&l, k)).unwrap_or("?");
+        let (from, body) = (l["from"].as_str().unwrap(), l["body"].as_str().unwrap());
+        match from {
+            "" => format!("{kind} {body}"),
+            _ => format!("{kind} {from}: {body}"),
+        }
+    };
+    in_room.map(show).collect()
+}
+
+#[tokio::test]
+async fn messages_missed_while_away_are_recovered_in_order() {
+    let flags = ["--resume-window", "30s", "--history", "100"];
+    let (server, page) = start_server_with(&[&flags[..], &["--metrics", "127.0.0.1:0"]].concat());
+    let relay = Relay::start(page_addr(&page));
+    let driver = Driver::start();
+    let alice = Browser::open(&driver, "alice", false).await;
+
+    // 1. alice, through the relay, in the lobby; bob, on plain TCP, there too. What bob says
+    // before the cut reaches alice live.
+    alice.login(&relay.page(), "alice").await;
+    alice.say("/join lobby").await;
+    alice.wait_presence("lobby", "* alice joined lobby").await;
+    let mut bob = common::Client::connect(server.addr());
+    bob.set_timeout(WAIT);
+    bob.hello("bob");
+    bob.join("lobby");
+    alice.wait_presence("lobby", "* bob joined lobby").await;
+    let mut seen = Vec::new(); // every frame bob receives from now on
+    say_tcp(&mut bob, &mut seen, "before the cut");
+    alice.wait_msg("lobby", "bob", "before the cut").await;
+    relay.wait_ws(1).await;
+
+    // 2. The relay cuts both sides of the page's WebSocket and holds its reconnect back: the
+    // server sees the loss and holds alice's session (no PRESENCE for anyone). Meanwhile bob
+    // says three things in the lobby and whispers to alice.
+    relay.pause(true);
+    relay.cut_latest_ws(true);
+    let held = |m: &common::Metrics| m.get("chatloop_sessions_held") == 1;
+    server.wait_metrics("alice's session held", WAIT, held);
+    let missed = [
+        "first, while you were away",
+        "second <b>not bold</b>",
+        "third and last",
+    ];
+    for text in missed {
+        say_tcp(&mut bob, &mut seen, text);
+    }
+    let psst = "psst: whispered while you were away";
+    bob.whisper("alice", psst);
+    seen.extend(bob.barrier());
+    let errors = seen.iter().filter(|f| f.op == common::sop::ERROR);
+    assert_eq!(errors.count(), 0, "bob got an ERROR: {seen:?}");
+    assert_eq!(relay.ws_count(), 1, "the page got through the paused relay");
+
+    // 3. The page reconnects by itself, resumes the session (its JOIN: already_in_room) and
+    // asks what it missed. Its HISTORY requests are held back in the page until bob has said
+    // something more: that arrives live before the answer, and must be shown after it.
+    alice.js(HOLD_HISTORY_JS).await;
+    relay.pause(false);
+    let held = "return window.heldHistory.length";
+    alice
+        .wait_js("HISTORY (lobby, whispers) held", held, |v| v == 2)
+        .await;
+    say_tcp(&mut bob, &mut seen, "said during the recovery");
+    alice.js("return window.releaseHistory()").await;
+    let recovered = |l: &Value| {
+        is(l, "system") && l["room"] == "lobby" && l["body"] == "* recovered 3 messages"
+    };
+    alice.wait_line("'* recovered 3 messages'", recovered).await;
+    let whisper = |l: &Value| is(l, "whisper") && is(l, "recovered") && l["body"] == psst;
+    let whisper = alice.wait_line("bob's recovered whisper", whisper).await;
+    assert_eq!(whisper["from"], "bob → you", "{whisper}");
+    let note = |l: &Value| is(l, "system") && l["body"] == "* recovered 1 whisper";
+    alice.wait_line("'* recovered 1 whisper'", note).await;
+    let resumed = |l: &Value| is(l, "system") && l["body"] == "* session resumed";
+    alice.wait_line("'* session resumed'", resumed).await;
+    assert_eq!(
+        relay.ws_count(),
+        2,
+        "WebSocket connections after the resume"
+    );
+
+    // 4. What bob says now comes after the recovered messages, as a live message.
+    say_tcp(&mut bob, &mut seen, "welcome back");
+    alice.wait_msg("lobby", "bob", "welcome back").await;
+    let lines = room_lines(&alice.js(LINES_JS).await, "lobby");
+    let want = [
+        "presence * alice joined lobby",
+        "presence * bob joined lobby",
+        "msg bob: before the cut",
+        "recovered bob: first, while you were away",
+        "recovered bob: second <b>not bold</b>",
+        "recovered bob: third and last",
+        "system * recovered 3 messages",
+        "msg bob: said during the recovery",
+        "msg bob: welcome back",
+    ];
+    assert_eq!(lines, want, "alice: the lobby's lines");
+    let n = alice.js(NOT_TEXT_JS).await;
+    assert_eq!(n, json!(0), "alice: elements made of network text");
+
+    // Nobody saw alice go or come back; the server resumed the held session.
+    seen.extend(bob.barrier());
+    let presence =
+        |f: &&common::Frame| f.op == common::sop::PRESENCE && f.presence().nick == "alice";
+    let presence: Vec<_> = seen.iter().filter(presence).collect();
+    assert!(
+        presence.is_empty(),
+        "bob saw alice's presence: {presence:?}"
+    );
+    let resumed = |m: &common::Metrics| {
+        m.get("chatloop_sessions_held") == 0 && m.get("chatloop_sessions_held_resumed_total") == 1
+    };
+    server.wait_metrics("alice's held session resumed", WAIT, resumed);
+    alice
+        .screenshot("browser-web-chat-recovered.png", None)
+        .await;
+
+    // 5. Scrollback: joining a room shows what was said there before, above the JOIN's line.
+    bob.join("random");
+    for text in ["said before alice came", "and this too"] {
+        bob.send_say("random", text);
+    }
+    bob.barrier();
+    alice.say("/join random").await;
+    alice.wait_current("random").await;
+    bob.recv_until(|f| f.op == common::sop::PRESENCE && f.presence().nick == "alice");
+    bob.send_say("random", "hello alice");
+    alice.wait_msg("random", "bob", "hello alice").await;
+    let lines = room_lines(&alice.js(LINES_JS).await, "random");
+    let want = [
+        "history bob: said before alice came",
+        "history bob: and this too",
+        "presence * alice joined random",
+        "msg bob: hello alice",
+    ];
+    assert_eq!(lines, want, "alice: the lines of random");
     alice.close().await;
 }
