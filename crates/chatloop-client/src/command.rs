@@ -18,6 +18,13 @@ pub enum Command {
     },
     /// `/who [ROOM]`: list a room's members (the current room by default).
     Who(Option<String>),
+    /// `/history ROOM [K]`: the last K messages the server keeps of a room we are in.
+    History {
+        /// The room.
+        room: String,
+        /// How many, at most (at least 1).
+        count: u32,
+    },
     /// `/quit [REASON]`.
     Quit(String),
     /// `/help`.
@@ -34,9 +41,13 @@ commands:
   /switch ROOM      make ROOM (already joined) the current room
   /msg NICK TEXT    whisper TEXT to NICK
   /who [ROOM]       list the members of ROOM (default: the current room)
+  /history ROOM [K] the last K (default 20) messages the server keeps of ROOM
   /quit [REASON]    leave the chat and exit
   /help             this text
   any other line is said in the current room; start it with // to say a line beginning with /";
+
+/// How many messages `/history ROOM` shows without a count.
+pub const HISTORY_DEFAULT: u32 = 20;
 
 /// Parses one line (without its line ending). `Ok(None)` for a blank line; `Err` is a
 /// one-line `name: detail` message for the user.
@@ -82,6 +93,18 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             [room] => Command::Who(Some(room.to_string())),
             _ => return Err("usage: /who [ROOM]".into()),
         },
+        "history" => {
+            let usage = || "usage: /history ROOM [K] (K from 1 to 4294967295)".to_string();
+            let (room, count) = match words.as_slice() {
+                [room] => (room, HISTORY_DEFAULT),
+                [room, k] => (room, k.parse().ok().filter(|&k| k > 0).ok_or_else(usage)?),
+                _ => return Err(usage()),
+            };
+            Command::History {
+                room: room.to_string(),
+                count,
+            }
+        }
         "quit" => Command::Quit(args.trim_end().to_string()),
         "help" => Command::Help,
         _ => {
@@ -116,6 +139,20 @@ mod tests {
         );
         assert_eq!(p("/who"), Command::Who(None));
         assert_eq!(p("/who dev"), Command::Who(Some("dev".into())));
+        assert_eq!(
+            p("/history lobby"),
+            Command::History {
+                room: "lobby".into(),
+                count: HISTORY_DEFAULT
+            }
+        );
+        assert_eq!(
+            p("/history dev 5"),
+            Command::History {
+                room: "dev".into(),
+                count: 5
+            }
+        );
         assert_eq!(p("/quit"), Command::Quit(String::new()));
         assert_eq!(
             p("/quit gone fishing"),
@@ -134,6 +171,18 @@ mod tests {
         assert!(parse("/join a b").is_err());
         assert!(parse("/msg bob").is_err());
         assert!(parse("/who a b").is_err());
+        for bad in [
+            "/history",
+            "/history a 0",
+            "/history a -1",
+            "/history a x",
+            "/history a 1 2",
+        ] {
+            assert!(
+                parse(bad).unwrap_err().starts_with("usage: /history"),
+                "{bad}"
+            );
+        }
         assert!(
             parse("/frobnicate now")
                 .unwrap_err()

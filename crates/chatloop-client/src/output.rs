@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chatloop::protocol::{ErrorCode, PresenceKind};
+use chatloop::protocol::{ErrorCode, HistoryStatus, PresenceKind};
 use time::{OffsetDateTime, UtcOffset};
 
 use super::session::Line;
@@ -258,7 +258,78 @@ impl fmt::Display for Line {
                 }
                 Ok(())
             }
+            // The marker comes first, so that a replayed line still contains what the live
+            // one would have said (`[lobby] <bob> hi`).
+            Line::Replayed { scrollback, line } => write!(
+                f,
+                "{} {line}",
+                if *scrollback { "(history)" } else { "(missed)" }
+            ),
+            Line::Recovered {
+                room,
+                count,
+                status,
+            } => recovered(f, room, *count, *status),
+            Line::NewSession { room } => write!(
+                f,
+                "* new session: messages in {} while disconnected may have been missed",
+                clean(room)
+            ),
+            Line::Scrollback {
+                room,
+                count,
+                status,
+            } => {
+                let room = clean(room);
+                let n = messages(*count);
+                match status {
+                    HistoryStatus::Complete if *count == 0 => {
+                        write!(f, "* history of {room}: no messages kept")
+                    }
+                    HistoryStatus::Complete => write!(f, "* history of {room}: {n}, nothing older"),
+                    HistoryStatus::More => {
+                        write!(f, "* history of {room}: the last {n}; older ones are kept")
+                    }
+                    HistoryStatus::Gap => {
+                        write!(f, "* history of {room}: {n}; older ones were lost")
+                    }
+                }
+            }
+            Line::NoHistory => f.write_str("! no_history: this server keeps no history"),
         }
+    }
+}
+
+/// `1 message`, `12 messages`.
+fn messages(n: usize) -> String {
+    format!("{n} message{}", if n == 1 { "" } else { "s" })
+}
+
+/// The line that ends a recovery (an empty room: the held whispers).
+fn recovered(
+    f: &mut fmt::Formatter<'_>,
+    room: &str,
+    n: usize,
+    status: HistoryStatus,
+) -> fmt::Result {
+    let (what, whats) = if room.is_empty() {
+        (
+            "whispers".to_string(),
+            format!("{n} whisper{}", if n == 1 { "" } else { "s" }),
+        )
+    } else {
+        (format!("messages in {}", clean(room)), messages(n))
+    };
+    match status {
+        HistoryStatus::Complete if n == 0 => write!(f, "* nothing missed in {}", clean(room)),
+        HistoryStatus::Complete if room.is_empty() => write!(f, "* recovered {whats}"),
+        HistoryStatus::Complete => write!(f, "* recovered {whats} in {}", clean(room)),
+        HistoryStatus::More => write!(f, "* recovered {whats}; older {what} were left out"),
+        HistoryStatus::Gap if n == 0 => write!(f, "* some {what} were lost (history exhausted)"),
+        HistoryStatus::Gap => write!(
+            f,
+            "* some {what} were lost (history exhausted); {n} recovered"
+        ),
     }
 }
 

@@ -45,6 +45,10 @@ pub(super) enum Sent {
     Whispers(u64),
     /// Answered by the PONG carrying this data; never refused.
     Ping(Vec<u8>),
+    /// A HISTORY of this room (empty: the held whispers), answered by its HISTORY_END (after
+    /// its HISTORY frames), or an ERROR. What the answer is for is kept beside, in the
+    /// session's replays (`replay.rs`), one per `History` here, in the same order.
+    History(String),
 }
 
 /// Adds a command just sent to `sent`, merging a whisper into the whispers just before it.
@@ -103,8 +107,9 @@ pub(super) fn take_refused(sent: &mut VecDeque<Sent>, code: u16) -> Option<Sent>
 /// Whether a non-fatal ERROR with `code` can be the answer to `s`: the errors PROTOCOL.md
 /// 5.3 lists for the command, bad_payload (4.3), which every command but PING can get, and
 /// refused (5.8), which an embedding application's policy may give a SAY or a WHISPER.
-/// Not the others: unknown_opcode answers an opcode outside 0x01-0x09, which the client
-/// never sends; hello_required a command sent before WELCOME, which tracked ones never are;
+/// unknown_opcode answers only a HISTORY (0x0A): a server without section 12 of the protocol
+/// does not know it, and the client sends no other opcode outside 0x01-0x09.
+/// Not the others: hello_required a command sent before WELCOME, which tracked ones never are;
 /// bad_nick, nick_taken and already_welcomed a HELLO, which is not tracked (nor is refused
 /// for a HELLO: the session takes an ERROR before WELCOME as the HELLO's). An unknown code
 /// answers none (PROTOCOL.md 6: a client goes by its fatal flag only).
@@ -130,6 +135,11 @@ pub(super) fn refuses(code: u16, s: &Sent) -> bool {
         Sent::Whispers(_) => matches!(code, E::BadPayload | E::NoSuchUser | E::Refused),
         // PING's data is opaque: nothing in it can fail to decode.
         Sent::Ping(_) => false,
+        // PROTOCOL.md 12.2; not_in_room and bad_room only for a room, not for the whispers.
+        Sent::History(_) => matches!(
+            code,
+            E::BadPayload | E::BadRoom | E::NotInRoom | E::UnknownOpcode
+        ),
     }
 }
 
@@ -242,14 +252,16 @@ mod tests {
         let who = || Sent::Who("a".into());
         let ping = || Sent::Ping(b"p".to_vec());
         let whispers = || Sent::Whispers(1);
+        let history = || Sent::History("a".into());
         type Made = fn() -> Sent;
-        let cases: [(&str, Made, &[u16]); 6] = [
+        let cases: [(&str, Made, &[u16]); 7] = [
             ("JOIN", || join("a"), &[5, 10, 12, 20]),
             ("LEAVE", leave, &[5, 10, 11]),
             ("SAY", say, &[5, 10, 11, 22]),
             ("WHO", who, &[5, 10]),
             ("WHISPER", whispers, &[5, 13, 22]),
             ("PING", ping, &[]),
+            ("HISTORY", history, &[4, 5, 10, 11]),
         ];
         for (name, made, codes) in cases {
             for code in (0..=30).chain([999, u16::MAX]) {

@@ -36,6 +36,10 @@
 //!   and for the first connection, attempts are spaced by [`Backoff`] (100 ms doubling to 5 s,
 //!   each drawn from [d/2, d]; see `backoff`) and counted against `attempts`. HELLO carries the last token; on
 //!   WELCOME the LEAVEs and JOINs lost in flight are sent again and every room re-JOINed.
+//! - **Continuity** (PROTOCOL.md 12; `history`). After a reconnect, what was missed is asked
+//!   for with HISTORY and shown, in order, before the live messages that came meanwhile (held
+//!   back until then); `/history` shows a room's kept messages. A server without HISTORY
+//!   answers `unknown_opcode`, quietly taken as "never ask again".
 //! - **The end.** `/quit`: QUIT, then exit 0 when the server closes (or after
 //!   [`QUIT_LINGER`]). End of piped input: a barrier PING after everything queued; its PONG
 //!   means every command was answered, so QUIT and exit 0; `wait` after the end of input (or
@@ -59,17 +63,24 @@
 //!    to be re-JOINed (`retry`) and to be left again (`releave`); nothing is sent or tracked
 //!    on a connection still being opened.
 //! 5. Connection attempts in a row never exceed `attempts`.
+//! 6. Every HISTORY in flight has its replay: until the exit, a connection's `replays` match
+//!    the `Sent::History` entries of its `sent` one for one, in order; replays and held-back
+//!    lines exist only on a welcomed connection.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use chatloop::protocol::{
-    ClientMsg, DecodeError, ErrorCode, HEADER_LEN, PresenceKind, ServerMsg, SessionToken,
+    ClientMsg, DecodeError, ErrorCode, HEADER_LEN, HistoryQuery, HistoryStatus, PresenceKind,
+    ServerMsg, SessionToken,
 };
 
 use super::backoff::{Backoff, Rng};
 use super::command::Command;
 use super::sent::{JoinWhy, Sent, take_answered, take_refused, track};
+use history::{Ask, Held, Marks, Replay, Support};
+
+mod history;
 
 /// How long to wait for WELCOME after the connection opened (HELLO goes out at once).
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,6 +193,28 @@ pub enum Line {
     },
     /// `[ROOM] 2 members: a, b`: a whole roster, sorted case-insensitively.
     Roster { room: String, nicks: Vec<String> },
+    /// `(missed) LINE` (what a recovery brought back) or `(history) LINE` (`/history`): a
+    /// message or whisper from a HISTORY answer.
+    Replayed { scrollback: bool, line: Box<Line> },
+    /// `* recovered 12 messages in ROOM`, `* nothing missed in ROOM`, `* some messages in
+    /// ROOM were lost (history exhausted)`, ...: the end of a recovery (ROOM empty: the held
+    /// whispers; `More`: older ones were left out).
+    Recovered {
+        room: String,
+        count: usize,
+        status: HistoryStatus,
+    },
+    /// `* new session: messages in ROOM while disconnected may have been missed`: a re-JOIN
+    /// answered by PRESENCE join.
+    NewSession { room: String },
+    /// `* history of ROOM: 20 messages; older ones were lost`: the end of `/history`.
+    Scrollback {
+        room: String,
+        count: usize,
+        status: HistoryStatus,
+    },
+    /// `! no_history: this server keeps no history`: `/history` on a server without HISTORY.
+    NoHistory,
 }
 
 /// Whether a fatal ERROR with this code is worth a reconnect.
@@ -211,6 +244,7 @@ enum Pending {
     Say { room: String, text: String },
     Whisper { nick: String, text: String },
     Who(String),
+    History { room: String, count: u32 },
     Quit(String),
 }
 
@@ -241,6 +275,11 @@ struct Conn {
     ctl: VecDeque<Vec<u8>>,
     /// Commands sent on this connection and not answered yet, oldest first.
     sent: VecDeque<Sent>,
+    /// What each HISTORY in flight is for, and its answer so far; one per `Sent::History` in
+    /// `sent`, in the same order (see `history`).
+    replays: VecDeque<Replay>,
+    /// Live lines held back until a recovery's answer is shown (see `history`).
+    held: Vec<Held>,
 }
 
 /// The client's session; see the [module documentation](self).
@@ -279,6 +318,14 @@ pub struct Session {
     resume_seen: bool,
     /// A roster being collected (ROSTER frames with `more`).
     roster: Option<(String, Vec<String>)>,
+    /// Whether the server answers HISTORY (learnt from its first answer).
+    support: Support,
+    /// The server run's history epoch, from the last HISTORY_END (0: none yet).
+    epoch: u64,
+    /// Where we stand in each room's messages and in our whispers (see `history`).
+    marks: Marks,
+    /// Connections opened so far (tells the marks of this connection from older ones).
+    conns: u64,
     input_ended: bool,
     /// End of input: exit 0 at this time, answered or not.
     drain_until: Option<Instant>,
@@ -317,6 +364,10 @@ impl Session {
             rejoin_resumed: true,
             resume_seen: false,
             roster: None,
+            support: Support::Unknown,
+            epoch: 0,
+            marks: Marks::default(),
+            conns: 0,
             input_ended: false,
             drain_until: None,
             quit_until: None,
@@ -351,7 +402,9 @@ impl Session {
         if self.exit.is_none() && self.conn.is_some() {
             if self.quit_until.is_some() {
                 // The server closed after our QUIT, as it should.
-                self.conn = None;
+                if let Some(c) = self.conn.take() {
+                    self.interrupted(c.replays, c.held);
+                }
                 self.finish(0);
             } else {
                 self.connection_ended(now, why, false);
@@ -501,6 +554,11 @@ impl Session {
     fn finish(&mut self, code: u8) {
         if self.exit.is_none() {
             self.exit = Some(code);
+            // What a HISTORY answer brought so far is shown: there is no next time.
+            if let Some(c) = self.conn.as_mut() {
+                let (replays, held) = (std::mem::take(&mut c.replays), std::mem::take(&mut c.held));
+                self.interrupted(replays, held);
+            }
             self.actions.push_back(Action::Exit(code));
         }
     }
@@ -549,10 +607,13 @@ impl Session {
         debug_assert!(self.conn.is_none());
         let attempt = self.backoff.begin_attempt();
         log::debug!("connecting to {} (attempt {attempt})", self.cfg.addr);
+        self.conns += 1;
         self.conn = Some(Conn {
             phase: Phase::Connecting,
             ctl: VecDeque::new(),
             sent: VecDeque::new(),
+            replays: VecDeque::new(),
+            held: Vec::new(),
         });
         self.actions.push_back(Action::Connect);
     }
@@ -619,6 +680,7 @@ impl Session {
             }
         }
         self.roster = None;
+        self.interrupted(c.replays, c.held);
     }
 
     /// A connection attempt failed (connect, or refused before WELCOME).
@@ -705,7 +767,10 @@ impl Session {
 
     /// Removes the command this frame answers from the current connection's list, if any.
     fn answered(&mut self, answers: impl Fn(&Sent) -> bool) -> Option<Sent> {
-        take_answered(&mut self.conn.as_mut()?.sent, answers)
+        let s = take_answered(&mut self.conn.as_mut()?.sent, answers);
+        // A HISTORY before it that a (misbehaving) server left unanswered will not be.
+        self.sync_replays(0);
+        s
     }
 
     /// Whether a JOIN of `room` is still queued, or sent and unanswered.
@@ -747,6 +812,21 @@ impl Session {
                 (ClientMsg::Whisper { nick, text }, Some(Sent::Whispers(1)))
             }
             Pending::Who(room) => (ClientMsg::Who { room }, Some(Sent::Who(room.clone()))),
+            Pending::History { room, count } => {
+                if self.support == Support::No {
+                    // Learnt since the command was queued.
+                    self.say(Line::NoHistory);
+                    return false;
+                }
+                let q = HistoryQuery {
+                    room,
+                    epoch: self.epoch,
+                    since: 0,
+                    before: 0,
+                    limit: *count,
+                };
+                (ClientMsg::History(q), Some(Sent::History(room.clone())))
+            }
             // No answer: the server closes.
             Pending::Quit(reason) => (ClientMsg::Quit { reason }, None),
         };
@@ -773,6 +853,10 @@ impl Session {
         }
         if let (Some(sent), Some(c)) = (sent, self.conn.as_mut()) {
             track(&mut c.sent, sent);
+            if let Pending::History { room, .. } = &p {
+                c.replays
+                    .push_back(Replay::new(room.clone(), Ask::Scrollback, 0));
+            }
         }
         if let Pending::Quit(_) = p {
             self.queue.clear();
@@ -844,6 +928,18 @@ impl Session {
                 return;
             }
             Command::Msg { nick, text } => Pending::Whisper { nick, text },
+            Command::History { room, count } => {
+                if !self.rooms.contains(&room) && !self.joining.contains(&room) {
+                    // The server would say not_in_room; say it without asking.
+                    self.say(Line::NotJoined(room));
+                    return;
+                }
+                if self.support == Support::No {
+                    self.say(Line::NoHistory);
+                    return;
+                }
+                Pending::History { room, count }
+            }
             Command::Who(room) => match room.or_else(|| self.current.clone()) {
                 Some(room) => Pending::Who(room),
                 None => {
@@ -875,21 +971,17 @@ impl Session {
                 nick,
             } => self.welcome(now, conn_id, token, max_frame, heartbeat_ms, nick),
             ServerMsg::Message {
-                room, from, text, ..
+                msg_id,
+                room,
+                from,
+                text,
             } => {
                 if same_nick(from, &self.nick) {
                     self.answered(|s| matches!(s, Sent::Say(r) if r == room));
                 }
-                self.say(Line::Message {
-                    room: room.to_string(),
-                    from: from.to_string(),
-                    text: text.to_string(),
-                });
+                self.live_message(msg_id, room, from, text);
             }
-            ServerMsg::Whisper { from, text, .. } => self.say(Line::Whisper {
-                from: from.to_string(),
-                text: text.to_string(),
-            }),
+            ServerMsg::Whisper { msg_id, from, text } => self.live_whisper(msg_id, from, text),
             ServerMsg::Presence { kind, room, nick } => self.presence(kind, room, nick),
             ServerMsg::Roster { room, more, nicks } => {
                 let mut acc = match self.roster.take() {
@@ -931,10 +1023,21 @@ impl Session {
                 fatal,
                 detail,
             } => self.error(now, code, fatal, detail),
-            // Never asked for yet.
-            ServerMsg::History { .. }
-            | ServerMsg::HistoryWhisper { .. }
-            | ServerMsg::HistoryEnd { .. } => {}
+            ServerMsg::History {
+                msg_id,
+                room,
+                from,
+                text,
+            } => self.history_frame(msg_id, Some(room), from, text),
+            ServerMsg::HistoryWhisper { msg_id, from, text } => {
+                self.history_frame(msg_id, None, from, text)
+            }
+            ServerMsg::HistoryEnd {
+                room,
+                epoch,
+                status,
+                count,
+            } => self.history_end(room, epoch, status, count),
         }
     }
 
@@ -1033,6 +1136,7 @@ impl Session {
             };
             self.push_ctl(&msg, Some(sent));
         }
+        self.begin_recovery();
     }
 
     fn presence(&mut self, kind: PresenceKind, room: &str, nick: &str) {
@@ -1055,6 +1159,9 @@ impl Session {
                 if why == Some(JoinWhy::Rejoin) {
                     // A room we were in is joined anew: the session is new.
                     self.rejoin_resumed = false;
+                } else {
+                    // A membership that starts now: nothing before it is ours to recover.
+                    self.marks.start(room);
                 }
                 if !self.rooms.iter().any(|r| r == room) {
                     self.rooms.push(room.to_string());
@@ -1063,6 +1170,10 @@ impl Session {
                 if self.current.is_none() {
                     self.set_current(Some(room.to_string()));
                 }
+                if why == Some(JoinWhy::Rejoin) {
+                    self.rejoined(room, false);
+                }
+                self.probe(room);
                 if matches!(why, Some(JoinWhy::Rejoin | JoinWhy::Retry)) {
                     self.rejoin_answered();
                 }
@@ -1086,6 +1197,7 @@ impl Session {
     /// We are out of `room` (our own PRESENCE leave, or not_in_room for our LEAVE).
     fn left(&mut self, room: &str) {
         self.rooms.retain(|r| r != room);
+        self.marks.forget(room);
         self.not_joining(room);
     }
 
@@ -1136,8 +1248,18 @@ impl Session {
             if !self.rooms.contains(&room) {
                 self.rooms.push(room.clone());
             }
+            if why == JoinWhy::Rejoin {
+                // The session was resumed: what the room said meanwhile can be asked for.
+                self.rejoined(&room, true);
+            } else {
+                self.marks.start_unless_known(&room);
+            }
         } else {
             self.rooms.retain(|r| *r != room);
+            if why == JoinWhy::Rejoin {
+                // Nothing to recover in a room we could not get back into.
+                self.release(&room);
+            }
         }
         self.not_joining(&room);
         match why {
@@ -1192,6 +1314,7 @@ impl Session {
                 Some(Sent::Leave { room, resent }) => {
                     return self.leave_error(code, detail, &room, resent);
                 }
+                Some(Sent::History(room)) => return self.history_refused(code, detail, &room),
                 // A refused SAY, WHO or whisper is only shown.
                 _ => {}
             }
@@ -1332,6 +1455,29 @@ impl Session {
         }
         // 5. Attempts.
         assert!(self.backoff.attempts() <= self.cfg.attempts);
+        // 6. Replays.
+        if let (Some(c), None) = (&self.conn, self.exit) {
+            let asked: Vec<&String> = c
+                .sent
+                .iter()
+                .filter_map(|s| match s {
+                    Sent::History(room) => Some(room),
+                    _ => None,
+                })
+                .collect();
+            let replays: Vec<&String> = c.replays.iter().map(|r| &r.room).collect();
+            assert_eq!(asked, replays, "a replay for each HISTORY in flight");
+            if !matches!(c.phase, Phase::Welcomed { .. }) {
+                assert!(c.replays.is_empty() && c.held.is_empty());
+            }
+            for (i, h) in c.held.iter().enumerate() {
+                assert!(
+                    !c.held[i + 1..].iter().any(|o| o.key == h.key),
+                    "{:?} held twice",
+                    h.key
+                );
+            }
+        }
     }
 }
 

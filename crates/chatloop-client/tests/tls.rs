@@ -1,7 +1,8 @@
 //! `--tls` end to end: the built `chatloop-client`, in its scripted mode (stdin piped), against
 //! a small TLS server in the test (rustls over a std listener, a self-signed certificate made
 //! by rcgen and handed to the client with `--ca`) that speaks just enough of
-//! docs/PROTOCOL.md: WELCOME to HELLO, PRESENCE to JOIN, the echo of a SAY, PONG to PING.
+//! docs/PROTOCOL.md: WELCOME to HELLO, PRESENCE to JOIN, the echo of a SAY, PONG to PING,
+//! `unknown_opcode` to HISTORY (a server without section 12).
 //! No chatloop server is needed.
 //!
 //! Every wait is bounded: output is awaited line by line through channels, never slept for.
@@ -181,6 +182,19 @@ fn serve(tcp: TcpStream, config: Arc<ServerConfig>, tx: &Sender<Seen>) -> io::Re
             ClientMsg::Ping { data } => {
                 ServerMsg::Pong { data }.encode(&mut out);
                 "PING".to_string()
+            }
+            // As a v1 server: the client's HISTORY (its probe after the first JOIN comes
+            // whenever that JOIN's answer arrives, so it is not reported).
+            ClientMsg::History(_) => {
+                ServerMsg::Error {
+                    code: 4,
+                    fatal: false,
+                    detail: "unknown opcode",
+                }
+                .encode(&mut out);
+                tls.write_all(&out)?;
+                tls.flush()?;
+                continue;
             }
             ClientMsg::Quit { .. } => {
                 let _ = tx.send(Seen::Frame("QUIT".into()));

@@ -8,11 +8,15 @@
 
 use chatloop::protocol::{Deframer, encode, split_frame};
 
+use super::history::RECOVER_MAX;
+
 use super::*;
 use crate::command;
 
 const TOKEN: SessionToken = *b"0123456789abcdef";
 const CONN_ID: u64 = 1 << 32 | 1;
+/// The history epoch of the test server's run.
+const EPOCH: u64 = 0x5A17_C0DE_0000_002A;
 
 fn cfg(joins: &[&str]) -> Config {
     Config {
@@ -64,6 +68,53 @@ fn message(room: &str, from: &str, text: &str) -> Vec<u8> {
     let mut o = Vec::new();
     encode::message(&mut o, 1, room, from, text);
     o
+}
+
+fn message_id(id: u64, room: &str, from: &str, text: &str) -> Vec<u8> {
+    let mut o = Vec::new();
+    encode::message(&mut o, id, room, from, text);
+    o
+}
+
+fn whisper_id(id: u64, from: &str, text: &str) -> Vec<u8> {
+    let mut o = Vec::new();
+    encode::whisper(&mut o, id, from, text);
+    o
+}
+
+/// A HISTORY (0x88) frame.
+fn kept(id: u64, room: &str, from: &str, text: &str) -> Vec<u8> {
+    let mut o = Vec::new();
+    ServerMsg::History {
+        msg_id: id,
+        room,
+        from,
+        text,
+    }
+    .encode(&mut o);
+    o
+}
+
+/// A HISTORY_WHISPER (0x89) frame.
+fn kept_whisper(id: u64, from: &str, text: &str) -> Vec<u8> {
+    let mut o = Vec::new();
+    ServerMsg::HistoryWhisper {
+        msg_id: id,
+        from,
+        text,
+    }
+    .encode(&mut o);
+    o
+}
+
+fn history_end_epoch(room: &str, epoch: u64, status: HistoryStatus, count: u32) -> Vec<u8> {
+    let mut o = Vec::new();
+    encode::history_end(&mut o, room, epoch, status, count);
+    o
+}
+
+fn history_end(room: &str, status: HistoryStatus, count: u32) -> Vec<u8> {
+    history_end_epoch(room, EPOCH, status, count)
 }
 
 fn roster(room: &str, more: bool, nicks: &[&str]) -> Vec<u8> {
@@ -360,14 +411,37 @@ impl T {
         t
     }
 
-    /// Welcomed and confirmed in `rooms` (the --join rooms); frames and lines taken.
+    /// Welcomed and confirmed in `rooms` (the --join rooms) by a server without HISTORY (a
+    /// v1 server): the probe that follows the first JOIN gets unknown_opcode. Frames and
+    /// lines taken.
     fn in_rooms(rooms: &[&str]) -> T {
+        let mut t = T::joined(rooms);
+        t.recv(&error(ErrorCode::UnknownOpcode, "unknown opcode"));
+        assert!(t.lines().is_empty(), "the probe's refusal is quiet");
+        t
+    }
+
+    /// As `in_rooms`, with a server that keeps history: the probe learns its epoch.
+    fn in_rooms_kept(rooms: &[&str]) -> T {
+        let mut t = T::joined(rooms);
+        t.recv(&history_end(rooms[0], HistoryStatus::Complete, 0));
+        assert!(t.lines().is_empty(), "the probe's answer is quiet");
+        t
+    }
+
+    /// Welcomed and confirmed in `rooms`; the probe sent, not answered.
+    fn joined(rooms: &[&str]) -> T {
         let mut t = T::welcomed(rooms);
         let joins: Vec<String> = rooms.iter().map(|r| format!("JOIN {r}")).collect();
         assert_eq!(t.sent(), joins);
         for r in rooms {
             t.recv(&joined(r));
         }
+        assert_eq!(
+            t.sent(),
+            [format!("HISTORY {} 0 0 0 0", rooms[0])],
+            "the probe"
+        );
         t.lines();
         t
     }
@@ -809,7 +883,10 @@ fn a_presence_join_after_the_reconnect_means_a_new_session() {
     t.sent();
     t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
     t.recv(&joined("dev"));
-    t.expect_lines(&["* alice joined dev"]);
+    t.expect_lines(&[
+        "* alice joined dev",
+        "* new session: messages in dev while disconnected may have been missed",
+    ]);
     assert!(!t.printed("session resumed"));
 }
 
@@ -822,6 +899,7 @@ fn a_refused_rejoin_says_which_room_and_gives_the_current_room_back() {
     t.recv(&error(ErrorCode::TooManyRooms, "too many rooms"));
     t.expect_lines(&[
         "* alice joined lobby",
+        "* new session: messages in lobby while disconnected may have been missed",
         "* current room: lobby",
         "! too_many_rooms: cannot rejoin dev: too many rooms",
     ]);
@@ -878,12 +956,20 @@ fn a_join_in_flight_is_sent_again_unless_queued_again_or_left_after() {
     t.sent();
     t.recv(&welcome());
     t.typed("made it");
+    // (Whether the server keeps history is not known yet: the held whispers are asked for.)
     assert_eq!(
         t.sent(),
-        ["LEAVE gone", "JOIN lobby", "JOIN dev", "SAY dev made it"]
+        [
+            "LEAVE gone",
+            "JOIN lobby",
+            "HISTORY  0 0 0 100",
+            "JOIN dev",
+            "SAY dev made it"
+        ]
     );
     t.recv(&error(ErrorCode::NotInRoom, "not in room"));
     t.recv(&joined("lobby"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
     t.recv(&joined("dev"));
     t.recv(&message("dev", "alice", "made it"));
     t.expect_lines(&[
@@ -901,10 +987,14 @@ fn a_retried_join_that_finds_us_in_the_room_is_quiet() {
     t.typed("/join lobby");
     t.sent();
     t.reconnect();
-    assert_eq!(t.sent(), ["JOIN lobby"]);
+    // Whether the server keeps history is not known yet: the held whispers are asked for.
+    assert_eq!(t.sent(), ["JOIN lobby", "HISTORY  0 0 0 100"]);
     // The first JOIN had been served, and the session resumed.
     t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
     t.expect_lines(&["* session resumed"]);
+    // A v1 server: quietly never asked again.
+    t.recv(&error(ErrorCode::UnknownOpcode, "unknown opcode"));
+    assert!(t.lines().is_empty());
     // Refused as it would have been without the reconnect: shown.
     t.typed("/join full");
     t.sent();
@@ -1260,6 +1350,8 @@ fn end_of_input_sends_a_barrier_after_everything_and_quits_on_its_pong() {
         ]
     );
     t.recv(&joined("lobby"));
+    // The first JOIN confirmed: the probe (the client's own, not waited for).
+    assert_eq!(t.sent(), ["HISTORY lobby 0 0 0 0"]);
     t.recv(&message("lobby", "alice", "hello"));
     t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
     assert!(t.sent().is_empty(), "not before the PONG");
@@ -1406,6 +1498,8 @@ fn random_runs_keep_every_invariant() {
         "/switch a",
         "/switch b",
         "/who c",
+        "/history a",
+        "/history b 3",
     ];
     let (mut steps, mut connections, mut lines, mut exits) = (0, 0, 0, [0; 2]);
     for seed in 0..300u64 {
@@ -1447,7 +1541,7 @@ fn random_runs_keep_every_invariant() {
                     _ => t.recv(&welcome_with(1000 * roll(3) as u32, 100)),
                 }
             } else {
-                match roll(20) {
+                match roll(22) {
                     0..=4 => t.typed(commands[roll(commands.len() as u64) as usize]),
                     5 if roll(30) == 0 => t.typed("/quit"),
                     6 | 7 if t.welcomed => {
@@ -1481,6 +1575,25 @@ fn random_runs_keep_every_invariant() {
                         pings.clear();
                     }
                     15 if roll(20) == 0 => t.end_input(),
+                    // HISTORY answers, asked for or not, in order or not.
+                    16 | 17 if t.welcomed => {
+                        let key = ["a", "b", "c", ""][roll(4) as usize];
+                        let id = roll(50);
+                        match roll(4) {
+                            0 if key.is_empty() => t.recv(&kept_whisper(id, "bob", "x")),
+                            0 | 1 => t.recv(&kept(id, room, "bob", "x")),
+                            2 => t.recv(&message_id(id, room, "bob", "x")),
+                            _ => {
+                                let status = [
+                                    HistoryStatus::Complete,
+                                    HistoryStatus::More,
+                                    HistoryStatus::Gap,
+                                ][roll(3) as usize];
+                                let epoch = [EPOCH, 77][roll(2) as usize];
+                                t.recv(&history_end_epoch(key, epoch, status, 1));
+                            }
+                        }
+                    }
                     _ => {
                         if t.s.poll_timeout().is_some() {
                             t.jump();
@@ -1505,4 +1618,396 @@ fn random_runs_keep_every_invariant() {
     assert!(connections > 300 * 10, "{connections} connections");
     assert!(lines > 300 * 50, "{lines} lines");
     assert!(exits[0] > 10 && exits[1] > 10, "{exits:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Continuity: recovery after a reconnect, /history (PROTOCOL.md 12; history.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// `HISTORY room epoch since before limit`, as `show` prints it.
+fn asked(room: &str, epoch: u64, since: u64, before: u64, limit: u32) -> String {
+    format!("HISTORY {room} {epoch} {since} {before} {limit}")
+}
+
+#[test]
+fn a_resumed_session_shows_what_it_missed_in_order_then_what_came_live() {
+    let mut t = T::in_rooms_kept(&["lobby", "dev"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.expect_lines(&["[lobby] <bob> before"]);
+    t.reconnect();
+    // The re-JOINs, then the held whispers (none shown yet: from the start).
+    assert_eq!(
+        t.sent(),
+        ["JOIN lobby", "JOIN dev", &asked("", EPOCH, 0, 0, 100)]
+    );
+    // Live messages and whispers that come before the answers are held back.
+    t.recv(&message_id(9, "lobby", "bob", "three"));
+    t.recv(&whisper_id(10, "bob", "are you back?"));
+    assert!(t.lines().is_empty(), "held back");
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.expect_lines(&["* session resumed"]);
+    // Resumed: each room is asked for what came after the last message shown in it (dev:
+    // after the last one shown anywhere when it was joined).
+    assert_eq!(
+        t.sent(),
+        [
+            asked("lobby", EPOCH, 5, 0, 1000),
+            asked("dev", EPOCH, 0, 0, 1000)
+        ]
+    );
+    t.recv(&kept_whisper(7, "bob", "psst"));
+    t.recv(&history_end("", HistoryStatus::Complete, 1));
+    t.recv(&kept(6, "lobby", "bob", "one"));
+    t.recv(&kept(8, "lobby", "bob", "two"));
+    t.recv(&history_end("lobby", HistoryStatus::Complete, 2));
+    t.recv(&history_end("dev", HistoryStatus::Complete, 0));
+    t.expect_lines(&[
+        "(missed) *bob* psst",
+        "* recovered 1 whisper",
+        "*bob* are you back?",
+        "(missed) [lobby] <bob> one",
+        "(missed) [lobby] <bob> two",
+        "* recovered 2 messages in lobby",
+        "[lobby] <bob> three",
+        "* nothing missed in dev",
+    ]);
+    // From now on, live lines are shown at once.
+    t.recv(&message_id(11, "lobby", "bob", "four"));
+    t.expect_lines(&["[lobby] <bob> four"]);
+    // The next recovery starts after everything shown: nothing is shown twice.
+    t.reconnect();
+    assert_eq!(
+        t.sent(),
+        ["JOIN lobby", "JOIN dev", &asked("", EPOCH, 10, 0, 100)]
+    );
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    assert_eq!(
+        t.sent(),
+        [
+            asked("lobby", EPOCH, 11, 0, 1000),
+            asked("dev", EPOCH, 0, 0, 1000)
+        ]
+    );
+}
+
+#[test]
+fn a_gap_says_that_messages_were_lost() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.lines();
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.sent();
+    t.recv(&kept(40, "lobby", "bob", "the oldest kept"));
+    t.recv(&history_end("lobby", HistoryStatus::Gap, 1));
+    t.expect_lines(&[
+        "* session resumed",
+        "(missed) [lobby] <bob> the oldest kept",
+        "* some messages in lobby were lost (history exhausted); 1 recovered",
+    ]);
+    // Nothing kept at all.
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    assert_eq!(
+        t.sent(),
+        [
+            "JOIN lobby".to_string(),
+            asked("", EPOCH, 0, 0, 100),
+            asked("lobby", EPOCH, 40, 0, 1000)
+        ]
+    );
+    t.recv(&history_end("lobby", HistoryStatus::Gap, 0));
+    t.expect_lines(&[
+        "* session resumed",
+        "* some messages in lobby were lost (history exhausted)",
+    ]);
+}
+
+#[test]
+fn more_asks_again_for_the_older_ones_before_showing_anything() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.lines();
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.sent();
+    t.lines();
+    t.recv(&message_id(60, "lobby", "bob", "live"));
+    t.recv(&kept(50, "lobby", "bob", "c"));
+    t.recv(&kept(51, "lobby", "bob", "d"));
+    t.recv(&history_end("lobby", HistoryStatus::More, 2));
+    assert!(t.lines().is_empty(), "nothing before the whole answer");
+    assert_eq!(t.sent(), [asked("lobby", EPOCH, 5, 50, 1000)]);
+    t.recv(&kept(7, "lobby", "bob", "a"));
+    t.recv(&kept(30, "lobby", "bob", "b"));
+    t.recv(&history_end("lobby", HistoryStatus::Complete, 2));
+    t.expect_lines(&[
+        "(missed) [lobby] <bob> a",
+        "(missed) [lobby] <bob> b",
+        "(missed) [lobby] <bob> c",
+        "(missed) [lobby] <bob> d",
+        "* recovered 4 messages in lobby",
+        "[lobby] <bob> live",
+    ]);
+}
+
+#[test]
+fn a_recovery_stops_asking_for_more_at_its_cap_and_says_so() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.sent();
+    t.lines();
+    let mut next = 1_000_000u64;
+    let mut got = 0;
+    loop {
+        // Answers of 1,000, newest first, until the cap.
+        let mut bytes = Vec::new();
+        for i in 0..1000 {
+            bytes.extend(kept(next - 1000 + i, "lobby", "bob", "x"));
+        }
+        bytes.extend(history_end("lobby", HistoryStatus::More, 1000));
+        t.recv(&bytes);
+        got += 1000;
+        next -= 1000;
+        let sent = t.sent();
+        if got >= RECOVER_MAX {
+            assert!(sent.is_empty(), "asked past the cap");
+            break;
+        }
+        assert_eq!(sent, [asked("lobby", EPOCH, 0, next, 1000)]);
+    }
+    let lines = t.lines();
+    assert_eq!(lines.len(), RECOVER_MAX + 1);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("* recovered 10000 messages; older messages in lobby were left out")
+    );
+}
+
+#[test]
+fn a_new_session_says_so_and_shows_what_the_room_kept_even_from_another_run() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.lines();
+    t.reconnect();
+    t.sent();
+    // The server restarted: the session is new, and msg_ids count from 1 again.
+    const EPOCH2: u64 = 77;
+    t.recv(&joined("lobby"));
+    t.expect_lines(&[
+        "* alice joined lobby",
+        "* new session: messages in lobby while disconnected may have been missed",
+    ]);
+    // The mark is asked for with its run's epoch; the server treats it as 0.
+    assert_eq!(t.sent(), [asked("lobby", EPOCH, 5, 0, 1000)]);
+    t.recv(&history_end_epoch("", EPOCH2, HistoryStatus::Complete, 0));
+    t.recv(&message_id(3, "lobby", "bob", "live"));
+    t.recv(&kept(2, "lobby", "bob", "after the restart"));
+    t.recv(&history_end_epoch("lobby", EPOCH2, HistoryStatus::Gap, 1));
+    t.expect_lines(&[
+        "(missed) [lobby] <bob> after the restart",
+        "* some messages in lobby were lost (history exhausted); 1 recovered",
+        "[lobby] <bob> live",
+    ]);
+    // The marks of the old run are gone: the next recovery asks from the new run's.
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    assert_eq!(
+        t.sent(),
+        [
+            "JOIN lobby".to_string(),
+            asked("", EPOCH2, 0, 0, 100),
+            asked("lobby", EPOCH2, 3, 0, 1000)
+        ]
+    );
+}
+
+#[test]
+fn a_recovery_cut_short_is_asked_again_whole_and_shows_nothing_twice() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.lines();
+    t.reconnect();
+    t.recv(&message_id(9, "lobby", "bob", "live"));
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.recv(&kept(6, "lobby", "bob", "missed"));
+    // Lost before HISTORY_END: nothing of the answer, nor of what was held back.
+    t.cut();
+    t.expect_lines(&[
+        "* session resumed",
+        "* connection lost: the server closed the connection",
+        "* reconnecting in ...",
+    ]);
+    t.jump();
+    t.open();
+    t.recv(&welcome());
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.sent();
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.recv(&kept(6, "lobby", "bob", "missed"));
+    t.recv(&kept(9, "lobby", "bob", "live"));
+    t.recv(&history_end("lobby", HistoryStatus::Complete, 2));
+    t.expect_lines(&[
+        "* reconnected as alice",
+        "* session resumed",
+        "(missed) [lobby] <bob> missed",
+        "(missed) [lobby] <bob> live",
+        "* recovered 2 messages in lobby",
+    ]);
+    assert!(
+        t.all_lines
+            .iter()
+            .filter(|l| l.contains("<bob> live"))
+            .count()
+            == 1
+    );
+}
+
+#[test]
+fn a_server_without_history_answers_unknown_opcode_and_is_never_asked_again() {
+    // The probe after the first JOIN is refused quietly (in_rooms).
+    let mut t = T::in_rooms(&["lobby"]);
+    t.recv(&message_id(5, "lobby", "bob", "before"));
+    t.lines();
+    t.reconnect();
+    assert_eq!(t.sent(), ["JOIN lobby"], "no HISTORY");
+    // Nothing is held back either.
+    t.recv(&message_id(6, "lobby", "bob", "live"));
+    t.expect_lines(&["[lobby] <bob> live"]);
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.expect_lines(&["* session resumed"]);
+    assert!(t.sent().is_empty());
+    // /history says so without asking.
+    t.typed("/history lobby");
+    t.expect_lines(&["! no_history: this server keeps no history"]);
+    assert!(t.sent().is_empty());
+    assert!(!t.printed("unknown_opcode"));
+
+    // Not known yet when /history is typed: the server's answer says it, once.
+    let mut t = T::joined(&["lobby"]);
+    t.typed("/history lobby 5");
+    assert_eq!(t.sent(), [asked("lobby", 0, 0, 0, 5)]);
+    t.recv(&error(ErrorCode::UnknownOpcode, "unknown opcode"));
+    t.recv(&error(ErrorCode::UnknownOpcode, "unknown opcode"));
+    t.expect_lines(&["! no_history: this server keeps no history"]);
+    // The re-JOIN of a new session then says that messages may have been missed.
+    t.reconnect();
+    assert_eq!(t.sent(), ["JOIN lobby"]);
+    t.recv(&joined("lobby"));
+    t.expect_lines(&[
+        "* alice joined lobby",
+        "* new session: messages in lobby while disconnected may have been missed",
+    ]);
+    assert!(t.sent().is_empty());
+}
+
+#[test]
+fn history_asks_for_the_last_k_and_prints_them_with_how_complete_they_are() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.typed("/history lobby 2");
+    assert_eq!(t.sent(), [asked("lobby", EPOCH, 0, 0, 2)]);
+    // Answers are shown whole, once complete; a live line meanwhile is not held.
+    t.recv(&kept(3, "lobby", "bob", "older"));
+    t.recv(&kept(4, "lobby", "carol", "newer\x1b[2J"));
+    assert!(t.lines().is_empty());
+    t.recv(&history_end("lobby", HistoryStatus::More, 2));
+    t.expect_lines(&[
+        "(history) [lobby] <bob> older",
+        "(history) [lobby] <carol> newer\u{FFFD}[2J",
+        "* history of lobby: the last 2 messages; older ones are kept",
+    ]);
+    // K defaults to 20.
+    t.typed("/history lobby");
+    assert_eq!(t.sent(), [asked("lobby", EPOCH, 0, 0, 20)]);
+    t.recv(&kept(4, "lobby", "carol", "newer"));
+    t.recv(&history_end("lobby", HistoryStatus::Gap, 1));
+    t.typed("/history lobby");
+    t.recv(&history_end("lobby", HistoryStatus::Complete, 0));
+    t.expect_lines(&[
+        "(history) [lobby] <carol> newer",
+        "* history of lobby: 1 message; older ones were lost",
+        "* history of lobby: no messages kept",
+    ]);
+    // Only a room we are in; the server's refusal is shown.
+    t.typed("/history dev");
+    t.expect_lines(&["! not_in_room: not in dev (/join it first)"]);
+    assert_eq!(t.sent(), [asked("lobby", EPOCH, 0, 0, 20)]);
+    t.typed("/leave lobby");
+    t.typed("/history lobby");
+    t.recv(&presence(PresenceKind::Leave, "lobby", "alice"));
+    t.recv(&error(ErrorCode::NotInRoom, "not in room"));
+    t.expect_lines(&[
+        "* alice left lobby",
+        "* no current room",
+        "! not_in_room: not in room",
+    ]);
+    // Typed during an outage, it waits for the reconnect like any command.
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.cut();
+    t.typed("/history lobby 3");
+    t.jump();
+    t.open();
+    t.recv(&welcome());
+    assert_eq!(
+        t.sent(),
+        [
+            "HELLO alice token".to_string(),
+            "JOIN lobby".to_string(),
+            asked("", EPOCH, 0, 0, 100),
+            asked("lobby", EPOCH, 0, 0, 3)
+        ]
+    );
+}
+
+#[test]
+fn quitting_during_a_recovery_shows_what_came() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.recv(&message_id(9, "lobby", "bob", "live"));
+    assert_eq!(t.sent()[2..], [asked("lobby", EPOCH, 0, 0, 1000)]);
+    t.typed("/quit");
+    assert_eq!(t.sent(), ["QUIT"]);
+    t.recv(&kept_whisper(4, "bob", "psst"));
+    // A re-JOIN answered after QUIT asks for nothing (the harness checks: nothing after QUIT).
+    t.cut();
+    assert_eq!(t.exit, Some(0));
+    t.expect_lines(&[
+        "* session resumed",
+        "(missed) *bob* psst",
+        "[lobby] <bob> live",
+    ]);
+}
+
+#[test]
+fn lines_held_back_for_an_answer_that_does_not_come_are_bounded() {
+    let mut t = T::in_rooms_kept(&["lobby"]);
+    t.reconnect();
+    t.recv(&error(ErrorCode::AlreadyInRoom, "already in room"));
+    t.lines();
+    let mut bytes = Vec::new();
+    for id in 1..=super::history::HOLD_MAX as u64 {
+        bytes.extend(message_id(id, "lobby", "bob", "x"));
+    }
+    t.recv(&bytes);
+    assert!(t.lines().is_empty(), "held back");
+    t.recv(&message_id(1_000_000, "lobby", "bob", "one too many"));
+    let lines = t.lines();
+    assert_eq!(lines.len(), super::history::HOLD_MAX + 1);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("[lobby] <bob> one too many")
+    );
+    // The answer, when it comes, is still shown.
+    t.recv(&history_end("", HistoryStatus::Complete, 0));
+    t.recv(&history_end("lobby", HistoryStatus::Complete, 0));
+    t.expect_lines(&["* nothing missed in lobby"]);
 }
