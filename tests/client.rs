@@ -477,13 +477,21 @@ const TOKEN: [u8; 16] = *b"0123456789abcdef";
 
 fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     s.set_read_timeout(Some(LINE_TIMEOUT)).expect("timeout");
-    let mut h = [0u8; 8];
-    s.read_exact(&mut h).expect("frame header from the client");
-    assert_eq!(&h[..3], &[0x43, 0x4C, 1], "client frame header");
-    let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
-    let mut p = vec![0; len];
-    s.read_exact(&mut p).expect("frame payload from the client");
-    (h[3], p)
+    loop {
+        let mut h = [0u8; 8];
+        s.read_exact(&mut h).expect("frame header from the client");
+        assert_eq!(&h[..3], &[0x43, 0x4C, 1], "client frame header");
+        let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        let mut p = vec![0; len];
+        s.read_exact(&mut p).expect("frame payload from the client");
+        // The client's HISTORY (PROTOCOL.md 12): answered as a server without it does.
+        if h[3] == 0x0A {
+            s.write_all(&error(code::UNKNOWN_OPCODE, false, "unknown opcode"))
+                .expect("write");
+            continue;
+        }
+        return (h[3], p);
+    }
 }
 
 fn welcome(heartbeat_ms: u32) -> Vec<u8> {

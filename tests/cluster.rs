@@ -840,16 +840,16 @@ fn start_node_with(url: &str, name: &str, extra: &[&str]) -> Server {
     s
 }
 
-/// HISTORY (PROTOCOL.md 12.2) for `room` since `since`; returns the replayed (msg_id, text)
-/// pairs and the HISTORY_END status.
-fn history(c: &mut Client, room: &str, since: u64) -> (Vec<(u64, String)>, u8) {
+/// HISTORY (PROTOCOL.md 12.2) for `room` since `since`, at most `limit`; returns the
+/// replayed (msg_id, text) pairs, the HISTORY_END status and its epoch.
+fn history_of(c: &mut Client, room: &str, since: u64, limit: u32) -> (Vec<(u64, String)>, u8, u64) {
     let mut p = Vec::new();
     p.extend_from_slice(&(room.len() as u16).to_be_bytes());
     p.extend_from_slice(room.as_bytes());
     for v in [0u64, since, 0] {
         p.extend_from_slice(&v.to_be_bytes());
     }
-    p.extend_from_slice(&1000u32.to_be_bytes());
+    p.extend_from_slice(&limit.to_be_bytes());
     c.send_frame(0x0A, &p);
     let mut got = Vec::new();
     loop {
@@ -858,24 +858,37 @@ fn history(c: &mut Client, room: &str, since: u64) -> (Vec<(u64, String)>, u8) {
             Ok(chatloop::protocol::ServerMsg::History { msg_id, text, .. }) => {
                 got.push((msg_id, text.to_string()))
             }
-            Ok(chatloop::protocol::ServerMsg::HistoryEnd { status, count, .. }) => {
+            Ok(chatloop::protocol::ServerMsg::HistoryEnd {
+                status,
+                count,
+                epoch,
+                ..
+            }) => {
                 assert_eq!(count as usize, got.len());
-                return (got, status as u8);
+                return (got, status as u8, epoch);
             }
             other => panic!("unexpected frame in a HISTORY answer: {other:?}"),
         }
     }
 }
 
+fn history(c: &mut Client, room: &str, since: u64) -> (Vec<(u64, String)>, u8) {
+    let (got, status, _) = history_of(c, room, since, 1000);
+    (got, status)
+}
+
 /// A session whose connection drops is held by its node (--resume-window): the others see no
 /// PRESENCE, and a HELLO with its token on another node takes it over from there, rooms and
-/// all; that node kept the room's messages, so HISTORY gives what the client missed.
+/// all; the room's history is the cluster's (Redis Streams), so HISTORY there gives exactly
+/// what the client missed, though that node never had the room.
 #[test]
 fn a_held_session_resumes_on_another_node_and_recovers() {
     let redis = Redis::start();
     let extra = ["--resume-window", "30s", "--history", "100"];
     let a = start_node_with(&redis.url(), "a", &extra);
     let b = start_node_with(&redis.url(), "b", &extra);
+    // c has never had a member in lobby: what it answers comes from the cluster's history.
+    let c = start_node_with(&redis.url(), "c", &extra);
     let mut old = a.connect();
     let w = old.hello("alice");
     let mut bob = b.login("bob");
@@ -896,8 +909,8 @@ fn a_held_session_resumes_on_another_node_and_recovers() {
     let mut other = b.connect();
     other.send_hello("alice", &[]);
     other.expect_error(code::NICK_TAKEN);
-    // alice comes back on b.
-    let mut new = b.connect();
+    // alice comes back on c.
+    let mut new = c.connect();
     new.send_hello("alice", &w.token);
     assert_eq!(new.expect_welcome().nick, "alice");
     new.send_join("lobby");
@@ -934,4 +947,38 @@ fn a_held_sessions_window_ends_with_presence_gone_everywhere() {
         t0.elapsed()
     );
     b.login_retrying("alice");
+}
+
+/// The cluster's history: scrollback on any node, one epoch for all of them, and `gap` once
+/// `--history` has evicted what was asked for.
+#[test]
+fn room_history_is_the_clusters() {
+    let redis = Redis::start();
+    let extra = ["--history", "3"];
+    let a = start_node_with(&redis.url(), "a", &extra);
+    let b = start_node_with(&redis.url(), "b", &extra);
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        let m = alice.say("lobby", &format!("m{i}"));
+        bob.expect_message("lobby", "alice", &format!("m{i}"));
+        ids.push(m.msg_id);
+    }
+    // carol joins on b: scrollback of the last 2, then of all that is kept (3), with a gap
+    // before them.
+    let mut carol = b.login("carol");
+    carol.join("lobby");
+    alice.expect_presence(kind::JOIN, "lobby", "carol");
+    let (got, status, epoch_b) = history_of(&mut carol, "lobby", 0, 2);
+    assert_eq!(got, vec![(ids[3], "m4".into()), (ids[4], "m5".into())]);
+    assert_eq!(status, 1, "more");
+    let (got, status, _) = history_of(&mut carol, "lobby", 0, 100);
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0], (ids[2], "m3".into()));
+    assert_eq!(status, 2, "gap: m1 and m2 were evicted");
+    // From m3 on nothing was lost; and bob, who saw everything live, gets nothing twice.
+    let (got, status, epoch_a) = history_of(&mut alice, "lobby", ids[2], 100);
+    assert_eq!(got, vec![], "alice received all of them live");
+    assert_eq!(status, 0);
+    assert_eq!(epoch_a, epoch_b, "one epoch for the cluster");
 }

@@ -138,8 +138,11 @@ fn run(args: &Args) -> Result<(), String> {
                 url.port,
                 url.db
             );
-            let b = BackboneSource::new(url, &node, poll.registry(), CLUSTER_BASE, now)
+            let mut b = BackboneSource::new(url, &node, poll.registry(), CLUSTER_BASE, now)
                 .map_err(|e| format!("cannot set up the cluster backbone: {e}"))?;
+            // Rooms' history lives in Redis, shared by every node (docs/CLUSTER.md).
+            b.backbone_mut()
+                .set_history(args.history, args.history_age.as_millis() as u64);
             Some(b)
         }
         None => None,

@@ -74,6 +74,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The channel prefix of rooms, and the msg_id counter's key.
 const ROOM_CHANNEL: &str = "chatloop:room:";
 const MSG_ID_KEY: &str = "chatloop:msg_id";
+/// A room's kept messages (`--history`): a stream whose entry ids are the msg_ids.
+const HISTORY_KEY: &str = "chatloop:history:";
+/// The cluster's history epoch (HISTORY_END's `epoch`): set once, by the first node.
+const EPOCH_KEY: &str = "chatloop:epoch";
+/// How long a room's history outlives its last message without `--history-age`.
+const HISTORY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Nick keys (the value is the holder's `ident`) and node leases (`chatloop:node:<ident>`).
 const NICK_KEY: &str = "chatloop:nick:";
 const NODE_KEY: &str = "chatloop:node:";
@@ -117,7 +123,48 @@ const LIBRARY: &str = "#!lua name=chatloop\n\
 redis.register_function('chatloop_say', function(keys, args)\n\
   local id = redis.call('INCRBY', keys[1], 2)\n\
   redis.call('PUBLISH', keys[2], id .. ':' .. args[1])\n\
+  if keys[3] then\n\
+    local t = redis.call('TIME')\n\
+    local ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))\n\
+    redis.pcall('XADD', keys[3], 'MAXLEN', args[2], id .. '-0', 'p', args[1], 't', ms)\n\
+    redis.call('PEXPIRE', keys[3], args[3])\n\
+  end\n\
   return id\n\
+end)\n\
+redis.register_function('chatloop_epoch', function(keys, args)\n\
+  redis.call('SET', keys[1], args[1], 'NX')\n\
+  return redis.call('GET', keys[1])\n\
+end)\n\
+redis.register_function('chatloop_history', function(keys, args)\n\
+  local limit, budget, age = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])\n\
+  local floor, cut, n, total, out = 0, 0, 0, 0, {}\n\
+  if redis.call('EXISTS', keys[1]) == 1 then\n\
+    local info = redis.call('XINFO', 'STREAM', keys[1])\n\
+    local len, added, first = 0, 0, nil\n\
+    for i = 1, #info, 2 do\n\
+      if info[i] == 'length' then len = info[i + 1]\n\
+      elseif info[i] == 'entries-added' then added = info[i + 1]\n\
+      elseif info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end\n\
+    end\n\
+    if added > len and first then floor = tonumber(string.match(first, '^(%d+)')) - 1 end\n\
+    local t = redis.call('TIME')\n\
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n\
+    for _, e in ipairs(redis.call('XREVRANGE', keys[1], args[5], args[4], 'COUNT', limit + 1)) do\n\
+      local id, p, at = tonumber(string.match(e[1], '^(%d+)')), e[2][2], tonumber(e[2][4])\n\
+      if age > 0 and at and at + age <= now then\n\
+        if id > floor then floor = id end\n\
+        break\n\
+      end\n\
+      if n >= limit or (total + #p > budget and (n > 0 or budget == 0)) then cut = 1 break end\n\
+      n = n + 1\n\
+      total = total + #p\n\
+      out[n] = string.format('%.0f', id) .. ' ' .. #p .. ' ' .. p\n\
+    end\n\
+  end\n\
+  local parts = {}\n\
+  for i = n, 1, -1 do parts[#parts + 1] = out[i] end\n\
+  redis.call('PUBLISH', args[1], 'R' .. args[2] .. ':' .. string.format('%.0f', floor) .. ':' .. cut .. ':' .. args[3] .. '\\n' .. table.concat(parts))\n\
+  return n\n\
 end)\n\
 redis.register_function('chatloop_floor', function(keys, args)\n\
   local cur = tonumber(redis.call('GET', keys[1]) or '0')\n\
@@ -355,6 +402,27 @@ pub enum Delivery {
         /// The room's members across the cluster (with the member concerned).
         members: u64,
     },
+    /// The answer to a [`Relay::History`], for [`Chat::handle_history_result`].
+    ///
+    /// [`Chat::handle_history_result`]: crate::core::Chat::handle_history_result
+    History {
+        /// The asker.
+        conn: ConnId,
+        /// The room.
+        room: String,
+        /// The kept messages asked for, oldest first: (msg_id, from, text).
+        entries: Vec<(u64, String, String)>,
+        /// The newest msg_id of the room's history no longer kept (0: none).
+        floor: u64,
+        /// Older messages of the range were left out (limit or budget).
+        cut: bool,
+        /// No answer could be had (Redis went away, or refused).
+        lost: bool,
+    },
+    /// The cluster's history epoch, for [`Chat::set_history_epoch`].
+    ///
+    /// [`Chat::set_history_epoch`]: crate::core::Chat::set_history_epoch
+    Epoch(u64),
     /// The answer to a [`Relay::Who`], for [`Chat::handle_who_result`].
     ///
     /// [`Chat::handle_who_result`]: crate::core::Chat::handle_who_result
@@ -383,6 +451,29 @@ enum Outgoing {
     Who {
         conn: ConnId,
     },
+    /// A HISTORY of such a room (`HistoryAsk`).
+    History(HistoryAsk),
+}
+
+/// A HISTORY for the cluster's history of a room (see [`Relay::History`]).
+#[derive(Debug, Clone, Copy)]
+struct HistoryAsk {
+    conn: ConnId,
+    since: u64,
+    until: u64,
+    limit: u32,
+    budget: u32,
+}
+
+/// An answer that comes back on this process's channel (`Backbone::answers_out`).
+#[derive(Debug)]
+enum Answer {
+    /// A WHO's list, for that room.
+    Who(Box<str>),
+    /// A whisper's result.
+    Whisper,
+    /// A HISTORY's messages, for that room.
+    History(Box<str>),
 }
 
 /// The backbone's counters, for /metrics.
@@ -449,6 +540,10 @@ enum Pending {
     Whisper(ConnId),
     /// A WHO from this connection.
     Who(ConnId),
+    /// A HISTORY from this connection.
+    History(ConnId),
+    /// The cluster's history epoch.
+    Epoch,
     /// A membership registered again (its answer does not matter).
     Register,
     /// A look for dead processes.
@@ -504,7 +599,10 @@ pub struct Backbone {
     barriers_out: Vec<ConnId>,
     /// WHO lists (with their room) and whisper results (`None`) that come back on this
     /// process's channel, in order with the room traffic before them; not yet back.
-    answers_out: Vec<(ConnId, Option<Box<str>>)>,
+    answers_out: Vec<(ConnId, Answer)>,
+    /// Messages kept per room in the cluster's history (`--history`; 0: none), and how long
+    /// a room's history outlives its last message (`--history-age`, or `HISTORY_TTL_MS`).
+    history: (usize, u64),
     /// This node's members, room → nicks, registered again on every connection.
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
     next_reap: Option<Instant>,
@@ -533,10 +631,26 @@ impl Backbone {
             barriers: Vec::new(),
             barriers_out: Vec::new(),
             answers_out: Vec::new(),
+            history: (0, 0),
             members: HashMap::new(),
             next_reap: None,
             stats: BackboneStats::default(),
         }
+    }
+
+    /// Keeps each room's last `per_room` messages in the cluster's history (a Redis stream
+    /// per room), for HISTORY on any node; `age_ms` (0: none) drops older ones, and a room's
+    /// stream expires that long (or a week, without it) after its last message.
+    pub fn set_history(&mut self, per_room: usize, age_ms: u64) {
+        self.history = (per_room, age_ms);
+    }
+
+    /// xorshift64: jitter, and a proposed history epoch.
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
     }
 
     /// The node's name.
@@ -608,6 +722,21 @@ impl Backbone {
                 self.renew_lease(now, Pending::Setup);
                 // A number of its own before any WELCOME, for cluster-unique conn_ids.
                 self.command(now, Pending::Process, &[b"INCR", b"chatloop:process"]);
+                if self.history.0 > 0 {
+                    // One epoch for the cluster's history, whichever node a client asks.
+                    let mine = (self.next_random() | 1).to_string();
+                    self.command(
+                        now,
+                        Pending::Epoch,
+                        &[
+                            b"FCALL",
+                            b"chatloop_epoch",
+                            b"1",
+                            EPOCH_KEY.as_bytes(),
+                            mine.as_bytes(),
+                        ],
+                    );
+                }
                 self.register_all(now, false);
                 for w in std::mem::take(&mut self.waiting) {
                     self.nick_op(now, w);
@@ -669,14 +798,15 @@ impl Backbone {
         self.waiting = again;
         // Answers that can no longer come: an empty WHO rather than a client waiting; a
         // whisper that may have been delivered (the sender is not told otherwise).
-        for (conn, room) in self.answers_out.drain(..) {
-            self.deliveries.push_back(match room {
-                Some(room) => Delivery::Who {
+        for (conn, answer) in self.answers_out.drain(..) {
+            self.deliveries.push_back(match answer {
+                Answer::Who(room) => Delivery::Who {
                     conn,
                     room: room.into(),
                     nicks: Vec::new(),
                 },
-                None => {
+                Answer::History(room) => lost_history(conn, &room),
+                Answer::Whisper => {
                     self.stats.dropped += 1;
                     Delivery::WhisperResult {
                         conn,
@@ -699,9 +829,7 @@ impl Backbone {
         self.next_ping = None;
         self.next_reap = None;
         // Jitter, so nodes that lost Redis together do not return in step.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
+        self.next_random();
         let spread = self.backoff.as_micros() as u64 / 2;
         let delay =
             self.backoff - self.backoff / 4 + Duration::from_micros(self.rng % spread.max(1));
@@ -843,7 +971,7 @@ impl Backbone {
                 payload.extend_from_slice(text.as_bytes());
                 let own = format!("{WHISPER_CHANNEL}{}", self.ident);
                 let conn_id = conn.to_u64().to_string();
-                self.answers_out.push((conn, None));
+                self.answers_out.push((conn, Answer::Whisper));
                 self.command(
                     now,
                     Pending::Whisper(conn),
@@ -889,6 +1017,33 @@ impl Backbone {
                     self.send_or_hold(now, &room.clone(), Outgoing::Who { conn });
                 } else {
                     self.who_op(now, conn, room);
+                }
+            }
+            Relay::History {
+                conn,
+                room,
+                since,
+                until,
+                limit,
+                budget,
+            } => {
+                if !self.links[0].connected {
+                    self.deliveries.push_back(lost_history(conn, &room));
+                    return;
+                }
+                let ask = HistoryAsk {
+                    conn,
+                    since,
+                    until,
+                    limit,
+                    budget,
+                };
+                if self.rooms.get(&*room).is_some_and(|r| !r.held.is_empty()) {
+                    // Behind this node's SAYs to the room still waiting for it: they are
+                    // history by the time it is read.
+                    self.send_or_hold(now, &room.clone(), Outgoing::History(ask));
+                } else {
+                    self.history_op(now, room, ask);
                 }
             }
             Relay::Presence { room, kind, nick } => {
@@ -993,7 +1148,7 @@ impl Backbone {
         let key = format!("{MEMBERS_KEY}{room}");
         let own = format!("{WHISPER_CHANNEL}{}", self.ident);
         let conn_id = conn.to_u64().to_string();
-        self.answers_out.push((conn, Some(room.clone())));
+        self.answers_out.push((conn, Answer::Who(room.clone())));
         self.command(
             now,
             Pending::Who(conn),
@@ -1006,6 +1161,46 @@ impl Backbone {
                 own.as_bytes(),
                 conn_id.as_bytes(),
                 room.as_bytes(),
+            ],
+        );
+    }
+
+    /// `chatloop_history` for `room`, answering `ask.conn` on this process's channel.
+    fn history_op(&mut self, now: Instant, room: Box<str>, ask: HistoryAsk) {
+        let key = format!("{HISTORY_KEY}{room}");
+        let own = format!("{WHISPER_CHANNEL}{}", self.ident);
+        let conn_id = ask.conn.to_u64().to_string();
+        // Stream ids are `<msg_id>-0`; `(` makes a bound exclusive.
+        let lo = if ask.since == 0 {
+            "-".to_string()
+        } else {
+            format!("({}-0", ask.since)
+        };
+        let hi = if ask.until == u64::MAX {
+            "+".to_string()
+        } else {
+            format!("({}-0", ask.until)
+        };
+        let (limit, budget) = (ask.limit.to_string(), ask.budget.to_string());
+        let age = self.history.1.to_string();
+        self.answers_out
+            .push((ask.conn, Answer::History(room.clone())));
+        self.command(
+            now,
+            Pending::History(ask.conn),
+            &[
+                b"FCALL",
+                b"chatloop_history",
+                b"1",
+                key.as_bytes(),
+                own.as_bytes(),
+                conn_id.as_bytes(),
+                room.as_bytes(),
+                lo.as_bytes(),
+                hi.as_bytes(),
+                limit.as_bytes(),
+                budget.as_bytes(),
+                age.as_bytes(),
             ],
         );
     }
@@ -1275,12 +1470,14 @@ impl Backbone {
     /// than left waiting.
     fn drop_outgoing(&mut self, room: &str, o: Outgoing) {
         self.stats.dropped += 1;
-        if let Outgoing::Who { conn } = o {
-            self.deliveries.push_back(Delivery::Who {
+        match o {
+            Outgoing::Who { conn } => self.deliveries.push_back(Delivery::Who {
                 conn,
                 room: room.to_string(),
                 nicks: Vec::new(),
-            });
+            }),
+            Outgoing::History(ask) => self.deliveries.push_back(lost_history(ask.conn, room)),
+            _ => {}
         }
     }
 
@@ -1297,6 +1494,7 @@ impl Backbone {
                 );
             }
             Outgoing::Who { conn } => self.who_op(now, conn, room.into()),
+            Outgoing::History(ask) => self.history_op(now, room.into(), ask),
         }
     }
 
@@ -1307,18 +1505,41 @@ impl Backbone {
         payload.push(from.len().min(255) as u8);
         payload.extend_from_slice(from.as_bytes());
         payload.extend_from_slice(text.as_bytes());
-        self.command(
-            now,
-            Pending::Say,
-            &[
-                b"FCALL",
-                b"chatloop_say",
-                b"2",
-                MSG_ID_KEY.as_bytes(),
-                channel.as_bytes(),
-                &payload,
-            ],
-        );
+        let (per_room, age_ms) = self.history;
+        if per_room > 0 {
+            // Kept in the room's stream too, in the same call: same id, same order.
+            let stream = format!("{HISTORY_KEY}{room}");
+            let n = per_room.to_string();
+            let ttl = if age_ms > 0 { age_ms } else { HISTORY_TTL_MS }.to_string();
+            self.command(
+                now,
+                Pending::Say,
+                &[
+                    b"FCALL",
+                    b"chatloop_say",
+                    b"3",
+                    MSG_ID_KEY.as_bytes(),
+                    channel.as_bytes(),
+                    stream.as_bytes(),
+                    &payload,
+                    n.as_bytes(),
+                    ttl.as_bytes(),
+                ],
+            );
+        } else {
+            self.command(
+                now,
+                Pending::Say,
+                &[
+                    b"FCALL",
+                    b"chatloop_say",
+                    b"2",
+                    MSG_ID_KEY.as_bytes(),
+                    channel.as_bytes(),
+                    &payload,
+                ],
+            );
+        }
         self.stats.published += 1;
     }
 
@@ -1412,12 +1633,27 @@ impl Backbone {
             (Pending::Who(conn), OwnedFrame::Error(e)) => {
                 log::warn!("cluster: a WHO was refused by Redis: {e}");
                 if let Some(i) = self.answers_out.iter().position(|(c, _)| *c == conn) {
-                    let (_, room) = self.answers_out.remove(i);
-                    self.deliveries.push_back(Delivery::Who {
-                        conn,
-                        room: room.map(String::from).unwrap_or_default(),
-                        nicks: Vec::new(),
-                    });
+                    if let (_, Answer::Who(room)) = self.answers_out.remove(i) {
+                        self.deliveries.push_back(Delivery::Who {
+                            conn,
+                            room: room.into(),
+                            nicks: Vec::new(),
+                        });
+                    }
+                }
+            }
+            (Pending::History(conn), OwnedFrame::Error(e)) => {
+                log::warn!("cluster: a HISTORY was refused by Redis: {e}");
+                if let Some(i) = self.answers_out.iter().position(|(c, _)| *c == conn) {
+                    if let (_, Answer::History(room)) = self.answers_out.remove(i) {
+                        self.deliveries.push_back(lost_history(conn, &room));
+                    }
+                }
+            }
+            (Pending::Epoch, OwnedFrame::BulkString(b)) => {
+                let epoch = std::str::from_utf8(b).ok().and_then(|s| s.parse().ok());
+                if let Some(epoch) = epoch {
+                    self.deliveries.push_back(Delivery::Epoch(epoch));
                 }
             }
             // The answer comes on this process's channel; an error means it will not.
@@ -1458,12 +1694,19 @@ impl Backbone {
             let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
             let parsed = match payload.first() {
                 Some(b'T' | b'H' | b'N' | b'B' | b'W' | b'X') => parse_session_message(payload),
+                Some(b'R') => parse_history(payload),
                 _ => parse_whisper(payload),
             };
             match parsed {
-                Some(d @ (Delivery::Who { .. } | Delivery::WhisperResult { .. })) => {
+                Some(
+                    d @ (Delivery::Who { .. }
+                    | Delivery::WhisperResult { .. }
+                    | Delivery::History { .. }),
+                ) => {
                     let conn = match &d {
-                        Delivery::Who { conn, .. } | Delivery::WhisperResult { conn, .. } => *conn,
+                        Delivery::Who { conn, .. }
+                        | Delivery::WhisperResult { conn, .. }
+                        | Delivery::History { conn, .. } => *conn,
                         _ => return Ok(()),
                     };
                     if self.answer_back(conn) {
@@ -1554,6 +1797,56 @@ fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
         msg_id,
         from: from.to_string(),
         text: text.to_string(),
+    })
+}
+
+/// A HISTORY that got no answer: nothing known to be kept.
+fn lost_history(conn: ConnId, room: &str) -> Delivery {
+    Delivery::History {
+        conn,
+        room: room.to_string(),
+        entries: Vec::new(),
+        floor: 0,
+        cut: false,
+        lost: true,
+    }
+}
+
+/// `R<conn>:<floor>:<cut>:<room>\n` then, per message, `<msg_id> <length> <payload>` with
+/// the payload as `chatloop_say` publishes it, as `chatloop_history` answers.
+fn parse_history(p: &[u8]) -> Option<Delivery> {
+    let nl = p.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&p[1..nl]).ok()?;
+    let mut fields = head.splitn(4, ':');
+    let conn = ConnId::from_u64(fields.next()?.parse().ok()?)?;
+    let floor = fields.next()?.parse().ok()?;
+    let cut = fields.next()? == "1";
+    let room = fields.next()?.to_string();
+    let mut rest = &p[nl + 1..];
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let mut number = || -> Option<usize> {
+            let sp = rest.iter().position(|&b| b == b' ')?;
+            let n = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+            rest = &rest[sp + 1..];
+            Some(n)
+        };
+        let msg_id = number()? as u64;
+        let len = number()?;
+        let payload = rest.get(..len)?;
+        rest = &rest[len..];
+        let n = usize::from(*payload.first()?);
+        let from = std::str::from_utf8(payload.get(1..1 + n)?).ok()?;
+        let text = std::str::from_utf8(payload.get(1 + n..)?).ok()?;
+        entries.push((msg_id, from.to_string(), text.to_string()));
+    }
+    Some(Delivery::History {
+        conn,
+        room,
+        entries,
+        floor,
+        cut,
+        lost: false,
     })
 }
 

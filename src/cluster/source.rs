@@ -81,6 +81,11 @@ impl BackboneSource {
         self.backbone.stats()
     }
 
+    /// The sans-IO part, to configure (`Backbone::set_history`).
+    pub fn backbone_mut(&mut self) -> &mut Backbone {
+        &mut self.backbone
+    }
+
     /// The sans-IO part.
     pub fn backbone(&self) -> &Backbone {
         &self.backbone
@@ -176,6 +181,21 @@ impl BackboneSource {
                 }
                 Delivery::Who { conn, room, nicks } => {
                     server.handle_who_result(now, conn, &room, &nicks);
+                    true
+                }
+                Delivery::History {
+                    conn,
+                    room,
+                    entries,
+                    floor,
+                    cut,
+                    lost,
+                } => {
+                    server.handle_history_result(now, conn, &room, &entries, floor, cut, lost);
+                    true
+                }
+                Delivery::Epoch(epoch) => {
+                    server.set_history_epoch(epoch);
                     true
                 }
                 Delivery::Claim {

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use super::outbox::Outbox;
 use super::{
-    Awaiting, Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, Verdict, ct_eq, fold,
-    is_held, os_token, token_key,
+    Awaiting, Chat, CloseReason, Event, HelloInfo, Relay, Room, RoomId, UNMARKED, Verdict, ct_eq,
+    fold, is_held, os_token, token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -207,16 +207,14 @@ impl Chat {
                 old: Some(prev.token),
             });
         }
-        // From now on the new connection receives its rooms live; a HISTORY recovers what
-        // came before (what the old connection missed, or never wrote out).
-        let mark = self.next_msg_id;
+        // The new connection has received nothing of its rooms: a HISTORY recovers all that
+        // came before its first live message (what the old connection missed, or never
+        // wrote out).
         for &(rid, idx) in &prev.rooms {
             let room = &mut self.rooms[rid.0];
             debug_assert_eq!(room.members[idx as usize], old);
             room.members[idx as usize] = new;
-            if let Some(m) = room.marks.get_mut(idx as usize) {
-                *m = mark;
-            }
+            room.unmark(idx as usize);
             for j in room.joining.iter_mut().filter(|j| **j == old) {
                 *j = new;
             }
@@ -326,8 +324,11 @@ impl Chat {
                 name: room.into(),
                 members: Vec::new(),
                 joining: Vec::new(),
-                history: super::history::Stream::starting_after(self.next_msg_id - 1),
+                history: super::history::Stream::starting_after(
+                    self.closed_rooms.remove(room).unwrap_or(self.closed_floor),
+                ),
                 marks: Vec::new(),
+                unmarked: 0,
             }));
             self.room_index.insert(room.into(), id);
             if self.cfg.relay {
@@ -336,12 +337,12 @@ impl Chat {
             id
         });
         let keep = self.cfg.history > 0;
-        let mark = self.next_msg_id;
         let room = &mut self.rooms[rid.0];
         let idx = room.members.len() as u32;
         room.members.push(conn);
         if keep {
-            room.marks.push(mark);
+            room.marks.push(UNMARKED);
+            room.unmarked += 1;
         }
         self.state_mut(conn)?.rooms.push((rid, idx));
         Some(rid)
@@ -426,6 +427,18 @@ impl Chat {
         let receivers = room.receivers();
         self.outbox.send_all(&receivers, None, start, end);
         let recipients = receivers.len();
+        if room.unmarked > 0 {
+            // Members receiving their first live message of the room: HISTORY gives them
+            // what came before it, never it or what follows.
+            let room = &mut self.rooms[rid.0];
+            for i in 0..room.members.len() {
+                let m = room.members[i];
+                if room.marks[i] == UNMARKED && !is_held(m) && !room.joining.contains(&m) {
+                    room.marks[i] = msg_id;
+                    room.unmarked -= 1;
+                }
+            }
+        }
         self.record_message(rid, msg_id, start, end);
         self.stats.messages += 1;
         self.stats.deliveries += recipients as u64;

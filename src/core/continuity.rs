@@ -11,8 +11,9 @@
 //!
 //! **History.** Each room keeps its last MESSAGE frames (`history`), bounded by count, age and
 //! a byte cap over all rooms. A member's HISTORY is answered only with messages from before
-//! it started receiving the room live (`Room::marks`: the counter at its JOIN or its resume),
-//! so a recovery never repeats a message the connection already got.
+//! the first one it received live since its JOIN or its resume (`Room::marks`, set by the
+//! delivery itself), so a recovery never repeats a message the connection already got, in a
+//! cluster too, where a node cannot know when a new member's first live message will come.
 //!
 //! Invariants (in `Chat::check_invariants`): a held session is welcomed, has no partial
 //! frame, and has exactly one timer; `Room::marks` parallels `Room::members` when history is
@@ -20,7 +21,8 @@
 
 use super::history::{Key, Stream, Streams};
 use super::{
-    Chat, CloseReason, Event, HELD_BASE, Room, RoomId, fold, is_held, session_ops, token_key,
+    Awaiting, Chat, CloseReason, Event, HELD_BASE, Relay, Room, RoomId, fold, is_held, session_ops,
+    token_key,
 };
 use crate::id::ConnId;
 use crate::protocol::{
@@ -155,6 +157,10 @@ impl Chat {
 
     /// Keeps the MESSAGE just encoded at `start..end` of the outbox's page in `rid`'s history.
     pub(super) fn record_message(&mut self, rid: RoomId, msg_id: u64, start: usize, end: usize) {
+        if self.cfg.relay && self.store.per_room > 0 {
+            // In a cluster the room's history is the cluster's (Redis Streams).
+            return;
+        }
         let now_ms = self.now_ms();
         let cap = self.store.per_room;
         let frame = if cap == 0 {
@@ -202,6 +208,44 @@ impl Chat {
         self.store.trim(now_ms, &mut streams);
     }
 
+    /// Sends HISTORY frames for `entries` (msg_id, from, text; oldest first) of `room`, and
+    /// the HISTORY_END judging them: `more` if `cut`, else `gap` if `gap` or if the stream
+    /// lost a message (its `floor`) inside the asked `range`, else `complete`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_history_answer(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        entries: &[(u64, String, String)],
+        (since, until): (u64, u64),
+        floor: u64,
+        cut: bool,
+        gap: bool,
+    ) {
+        let max = self.cfg.max_frame as usize;
+        for (id, from, text) in entries {
+            let text = session_ops::truncate(text, max);
+            let (buf, start) = self.outbox.buf();
+            encode::message(buf, *id, room, from, text);
+            buf[start + 3] = op::S_HISTORY;
+            let end = buf.len();
+            self.outbox.send(conn, start, end);
+        }
+        let status = if cut {
+            HistoryStatus::More
+        } else if gap || (floor > since && floor < until) {
+            HistoryStatus::Gap
+        } else {
+            HistoryStatus::Complete
+        };
+        let (buf, start) = self.outbox.buf();
+        encode::history_end(buf, room, self.epoch_id, status, entries.len() as u32);
+        let end = buf.len();
+        self.outbox.send(conn, start, end);
+        self.stats.history_requests += 1;
+        self.stats.history_replayed += entries.len() as u64;
+    }
+
     /// HISTORY: `conn` asks for a room's kept messages, or (an empty room) the whispers held
     /// for its session. Checks in the order of PROTOCOL.md 12.2, then the answer: HISTORY or
     /// HISTORY_WHISPER frames, oldest first, and HISTORY_END.
@@ -242,6 +286,30 @@ impl Chat {
         });
         // Answers stay well inside what a reading client may have queued (`replay_left`).
         let budget = self.replay_left;
+        if self.cfg.relay && self.relay_up && !whispers && self.store.per_room > 0 {
+            // The cluster keeps the room's history: it answers, in order with the rest.
+            self.awaiting.insert(
+                conn,
+                (
+                    Awaiting::History {
+                        since,
+                        until,
+                        other_run,
+                    },
+                    Vec::new(),
+                ),
+            );
+            self.relay.push_back(Relay::History {
+                conn,
+                room: room_name.into(),
+                since,
+                until,
+                limit: limit as u32,
+                budget: budget.min(u32::MAX as usize) as u32,
+            });
+            self.replay_left = self.replay_left.saturating_sub(budget);
+            return;
+        }
         let stream = match rid {
             Some(id) => Some(&self.rooms[id.0].history),
             None => self

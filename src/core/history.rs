@@ -71,13 +71,21 @@ impl Stream {
         self.floor
     }
 
+    /// The newest msg_id this stream has seen, kept or not (0: none).
+    pub(super) fn newest(&self) -> u64 {
+        self.entries
+            .back()
+            .map_or(self.floor, |e| e.id.max(self.floor))
+    }
+
     fn front_id(&self) -> Option<u64> {
         self.entries.front().map(|e| e.id)
     }
 
     /// Which entries answer a request for msg_ids in `(since, until)`, at most `limit` of
-    /// them and at most `budget` bytes of frames (the newest of the range), and how complete
-    /// that answer is.
+    /// them and at most `budget` bytes of frames (the newest of the range; with any budget at
+    /// all, at least one message, however large, so that every kept message can be had),
+    /// and how complete that answer is.
     pub(super) fn select(
         &self,
         since: u64,
@@ -93,7 +101,7 @@ impl Stream {
         let mut first = hi;
         while first > start {
             bytes += self.entries[first - 1].frame.len();
-            if bytes > budget {
+            if bytes > budget && (first < hi || budget == 0) {
                 break;
             }
             first -= 1;
@@ -228,10 +236,7 @@ impl Store {
     /// Evicts entries past the age limit at `now_ms` and, oldest first, beyond the byte cap.
     /// `streams` finds a record's stream (`None` if it no longer exists).
     pub(super) fn trim(&mut self, now_ms: u64, streams: &mut dyn Streams) {
-        loop {
-            let Some(&(id, key, at_ms)) = self.order.front() else {
-                break;
-            };
+        while let Some(&(id, key, at_ms)) = self.order.front() {
             let old = self.age_ms > 0 && at_ms.saturating_add(self.age_ms) <= now_ms;
             if !old && self.bytes <= self.max_bytes {
                 break;
@@ -328,6 +333,9 @@ mod tests {
             (1..3, HistoryStatus::More)
         );
         assert_eq!(s.select(2, u64::MAX, 10, 25), (1..3, HistoryStatus::More));
+        // One message larger than the budget still comes, alone; none with no budget.
+        assert_eq!(s.select(2, u64::MAX, 10, 5), (2..3, HistoryStatus::More));
+        assert_eq!(s.select(2, u64::MAX, 10, 0), (3..3, HistoryStatus::More));
         // An upper bound, and a since from the future.
         assert_eq!(s.select(2, 5, 10, 1 << 20), (0..2, HistoryStatus::Complete));
         assert_eq!(

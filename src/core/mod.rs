@@ -242,10 +242,31 @@ struct Room {
     joining: Vec<ConnId>,
     /// Its kept MESSAGEs (`ChatConfig::history`), and which were lost.
     history: history::Stream,
-    /// With history kept: for each member (same index as `members`), the first msg_id it
-    /// received live (the counter at its JOIN or resume). A HISTORY answers only what came
-    /// before it, so nothing reaches a member twice. Empty without history.
+    /// With history kept: for each member (same index as `members`), the msg_id of the
+    /// first MESSAGE of the room it received live since its JOIN or its resume
+    /// (`UNMARKED`: none yet). A HISTORY answers only what came before it, so nothing
+    /// reaches a connection twice. Empty without history.
     marks: Vec<u64>,
+    /// Members whose mark is `UNMARKED` (a delivery sets marks only while there are some).
+    unmarked: u32,
+}
+
+/// Names of closed rooms remembered with their last msg_id (`Chat::closed_rooms`).
+const CLOSED_ROOMS: usize = 4096;
+
+/// A member that has received no MESSAGE of the room live yet.
+const UNMARKED: u64 = u64::MAX;
+
+impl Room {
+    /// The member at `idx` starts over: it has received nothing live (a resume).
+    fn unmark(&mut self, idx: usize) {
+        if let Some(m) = self.marks.get_mut(idx) {
+            if *m != UNMARKED {
+                *m = UNMARKED;
+                self.unmarked += 1;
+            }
+        }
+    }
 }
 
 impl Room {
@@ -396,6 +417,13 @@ pub struct Chat {
     /// The latest `now` any input brought, in microseconds since the epoch: when a session
     /// is held, for inputs that end one without a time of their own.
     latest_us: u64,
+    /// Rooms that closed after messages, with the newest msg_id each had: a room opened
+    /// again under that name starts its history knowing those are lost (a client asking
+    /// from before is told `gap`), while a room never seen starts with nothing lost. At most
+    /// `CLOSED_ROOMS` names; beyond, they are forgotten into `closed_floor`, the newest id
+    /// of any forgotten one, which every new room then starts after (conservative).
+    closed_rooms: HashMap<Box<str>, u64>,
+    closed_floor: u64,
     /// Bytes of HISTORY answers the current `handle_data` may still produce: together its
     /// answers stay within half of max_pending, so pipelined requests cannot make the core's
     /// own output check (in `handle_chunk`) cut a client that reads.
@@ -438,6 +466,12 @@ enum Awaiting {
     Barrier,
     /// Its WHO's list.
     Who,
+    /// Its HISTORY's messages, from the cluster's history: how to judge them.
+    History {
+        since: u64,
+        until: u64,
+        other_run: bool,
+    },
     /// Its HELLO's token: another node's session, or none (then the HELLO goes on as a
     /// new session's, with this nick).
     Resume { nick: Box<str>, token: SessionToken },
@@ -528,6 +562,8 @@ impl Chat {
             epoch_id,
             latest_us: 0,
             replay_left: 0,
+            closed_rooms: HashMap::new(),
+            closed_floor: 0,
         }
     }
 
@@ -1427,6 +1463,47 @@ impl Chat {
         }
     }
 
+    /// The cluster's answer to a [`Relay::History`]: the kept messages of `room` in the
+    /// asked range, oldest first, as (msg_id, from, text); `floor`, the newest msg_id of the
+    /// room's history that is no longer kept (0: none lost); `cut`, whether the limit or the
+    /// budget left older ones out; `lost`, whether the answer could not be had (Redis went
+    /// away). Sent as HISTORY frames and HISTORY_END, as on one server; then the asker's
+    /// input that waited is handled. An answer for a connection gone is ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_history_result(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        room: &str,
+        entries: &[(u64, String, String)],
+        floor: u64,
+        cut: bool,
+        lost: bool,
+    ) {
+        let Some((Awaiting::History { .. }, _)) = self.awaiting.get(&conn) else {
+            return;
+        };
+        let Some((
+            Awaiting::History {
+                since,
+                until,
+                other_run,
+            },
+            held,
+        )) = self.awaiting.remove(&conn)
+        else {
+            return;
+        };
+        self.outbox.replying = conn.to_u64();
+        // Without an answer from the cluster, nothing is known to be kept: a gap.
+        let (cut, gap) = (cut && !lost, other_run || lost);
+        self.send_history_answer(conn, room, entries, (since, until), floor, cut, gap);
+        self.outbox.replying = 0;
+        if !held.is_empty() {
+            self.handle_data(now, conn, &held);
+        }
+    }
+
     /// A WHISPER another node (or this one) published for `to`, with the cluster's
     /// `msg_id`: delivered if `to` has a session here. Returns false if not (it ended while
     /// the whisper crossed).
@@ -1493,16 +1570,8 @@ impl Chat {
         // lapse (the others were told it was gone); it knows it is there.
         let joining = concerned.filter(|c| join && self.rooms[rid.0].joining.contains(c));
         if let Some(joiner) = joining {
-            // Its JOIN's answer: from now on it receives the room; what the room said before
-            // is history to it.
-            let mark = self.next_msg_id;
-            let room = &mut self.rooms[rid.0];
-            room.joining.retain(|&c| c != joiner);
-            if let Some(i) = room.members.iter().position(|&m| m == joiner) {
-                if let Some(m) = room.marks.get_mut(i) {
-                    *m = mark;
-                }
-            }
+            // Its JOIN's answer: from now on it receives the room.
+            self.rooms[rid.0].joining.retain(|&c| c != joiner);
         }
         let room = &self.rooms[rid.0];
         if members > self.cfg.presence_limit as u64 {
@@ -1669,6 +1738,8 @@ impl Chat {
             kept += room.history.entries().len();
             if self.cfg.history > 0 {
                 assert_eq!(room.marks.len(), room.members.len());
+                let unmarked = room.marks.iter().filter(|&&m| m == UNMARKED).count();
+                assert_eq!(unmarked, room.unmarked as usize);
             } else {
                 assert!(room.marks.is_empty());
             }

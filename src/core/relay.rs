@@ -107,6 +107,26 @@ pub enum Relay {
         /// The room.
         room: Box<str>,
     },
+    /// A HISTORY for a room: its kept messages are in the cluster's history (Redis
+    /// Streams), with msg_ids in (`since`, `until`), the newest `limit` of them within
+    /// `budget` bytes. The answer comes back through [`Chat::handle_history_result`]; the
+    /// asker's later input waits for it.
+    ///
+    /// [`Chat::handle_history_result`]: super::Chat::handle_history_result
+    History {
+        /// The asker.
+        conn: ConnId,
+        /// The room.
+        room: Box<str>,
+        /// Only msg_ids above this.
+        since: u64,
+        /// Only msg_ids below this (`u64::MAX`: no bound).
+        until: u64,
+        /// At most this many, the newest.
+        limit: u32,
+        /// At most this many bytes of messages.
+        budget: u32,
+    },
     /// A QUIT: what this connection's earlier commands sent through the cluster (its JOINs'
     /// answers, its SAYs' echoes) must reach it first. The barrier comes back, after all of
     /// it, as [`Chat::handle_barrier`], and the QUIT is carried out then.

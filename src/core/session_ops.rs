@@ -124,8 +124,8 @@ impl Chat {
         let room = &mut self.rooms[rid.0];
         debug_assert_eq!(room.members[idx as usize], conn);
         room.members.swap_remove(idx as usize);
-        if !room.marks.is_empty() {
-            room.marks.swap_remove(idx as usize);
+        if !room.marks.is_empty() && room.marks.swap_remove(idx as usize) == super::UNMARKED {
+            room.unmarked -= 1;
         }
         room.joining.retain(|&c| c != conn);
         if let Some(&moved) = room.members.get(idx as usize) {
@@ -138,6 +138,14 @@ impl Chat {
         }
         if self.rooms[rid.0].members.is_empty() {
             let mut room = self.rooms.remove(rid.0);
+            let newest = room.history.newest();
+            if newest > 0 {
+                if self.closed_rooms.len() >= super::CLOSED_ROOMS {
+                    let forgotten = self.closed_rooms.drain().map(|(_, id)| id).max();
+                    self.closed_floor = self.closed_floor.max(forgotten.unwrap_or(0));
+                }
+                self.closed_rooms.insert(room.name.clone(), newest);
+            }
             self.store.drop_stream(std::mem::take(&mut room.history));
             self.room_index.remove(&room.name);
             if self.cfg.relay {

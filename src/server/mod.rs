@@ -1482,6 +1482,27 @@ impl Server {
         self.chat.handle_who_result(now, conn, room, nicks);
     }
 
+    /// A cluster backbone's answer to a HISTORY ([`Chat::handle_history_result`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_history_result(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        room: &str,
+        entries: &[(u64, String, String)],
+        floor: u64,
+        cut: bool,
+        lost: bool,
+    ) {
+        self.chat
+            .handle_history_result(now, conn, room, entries, floor, cut, lost);
+    }
+
+    /// The cluster's history epoch ([`Chat::set_history_epoch`]).
+    pub fn set_history_epoch(&mut self, epoch: u64) {
+        self.chat.set_history_epoch(epoch);
+    }
+
     /// A cluster backbone's answer to a nick claim ([`Chat::handle_claim`]).
     pub fn handle_claim(&mut self, now: Instant, conn: ConnId, nick: &str, granted: bool) {
         self.chat.handle_claim(now, conn, nick, granted);

@@ -375,13 +375,16 @@ fn eviction_limit_and_size_say_gap_or_more() {
             ..
         }
     ));
-    // Pipelined requests share that bound: the second gets nothing and "more"; nobody is cut.
-    let mut two = history("r", 0, 100);
-    two.extend(history("r", 0, 100));
-    sim.feed(c, &two);
+    // Pipelined requests share that bound: the second gets what is left of it, at least one
+    // message while something is, then nothing; nobody is cut.
+    let mut three = history("r", 0, 100);
+    three.extend(history("r", 0, 100));
+    three.extend(history("r", 0, 100));
+    sim.feed(c, &three);
     let got = sim.take(c);
-    assert_eq!(got.len(), 4, "{}", summary(&got));
-    assert_eq!(got[3], end("r", HistoryStatus::More, 0));
+    assert_eq!(got.len(), 3 + 2 + 1, "{}", summary(&got));
+    assert_eq!(got[4], end("r", HistoryStatus::More, 1));
+    assert_eq!(got[5], end("r", HistoryStatus::More, 0));
     assert!(sim.take_closes().is_empty());
 }
 
