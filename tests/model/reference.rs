@@ -9,16 +9,28 @@
 //!   ([`Item::AnyOrder`]);
 //! - how a WHO is split into ROSTER frames, and the order of its nicks, is free
 //!   ([`Item::Roster`] holds the sorted nick multiset);
-//! - timers due at the same tick may fire in any order: [`Model::tick`] takes the order of the
-//!   closes from the core (after checking that the set is exactly the due one) and lets PINGs
-//!   float;
+//! - timers due at the same tick may fire in any order: [`Model::tick`] takes the order in
+//!   which the core closed connections and ended held sessions (after checking that the set is
+//!   exactly the due one) and lets PINGs float;
 //! - whether a connection crosses max-pending is decided on byte counts; an ERROR's detail (free
 //!   text) makes its size a range, so when a sender's count straddles the limit the model forks
 //!   ([`Model::data`] returns every possible outcome) and the harness keeps the ones that match.
+//!
+//! Continuity (section 12) is modelled from the spec too: a session lost without QUIT is held
+//! for the resume window (still a member, nick taken, no PRESENCE, MESSAGEs not delivered,
+//! WHISPERs kept), resumed by a HELLO with its token, or ended with PRESENCE gone when the
+//! window passes; each room keeps its last `history` MESSAGEs from its creation on (a room
+//! created again under the name of one that closed after messages knows those are lost),
+//! within an age and a byte cap over everything kept (entries cost their frame plus
+//! [`ENTRY_OVERHEAD`], the oldest go first); HISTORY answers with what a member did not
+//! receive live, within its `since`, `before` and `limit`, the answers to one batch of input
+//! sharing max-pending / 2 bytes (at least one message each while any is left).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 
-use super::wire::{self, Frame, GONE, HEADER, JOIN, LEAVE, MAX_DETAIL, QUIT, op};
+use super::wire::{
+    self, COMPLETE, Frame, GAP, GONE, HEADER, JOIN, LEAVE, MAX_DETAIL, MORE, QUIT, op,
+};
 
 /// The core's settings, as the model sees them (all durations in ms, multiples of the tick).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +43,35 @@ pub struct Config {
     pub hello_ms: u64,
     pub max_pending: usize,
     pub tick_ms: u64,
+    /// Section 12.1's resume window (0: off).
+    pub resume_ms: u64,
+    /// MESSAGEs kept per room (`--history`).
+    pub history: usize,
+    /// `--history-age` (0: none).
+    pub history_age_ms: u64,
+    /// `--history-bytes`.
+    pub history_bytes: usize,
+}
+
+/// The history epoch the harness gives the core (`Chat::set_history_epoch`).
+pub const EPOCH: u64 = 0x5A17_C0DE_0000_002A;
+
+/// What a kept entry costs beyond its frame, against `--history-bytes` (the core's documented
+/// accounting: frame length + 96).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+/// Whispers kept per held session: 100, or `--history` if larger (section 12.1).
+const MIN_HELD_WHISPERS: usize = 100;
+
+/// Where the core disagrees with PROTOCOL.md section 12 (test
+/// `history_zero_what_came_live_is_not_lost` in model.rs), the model follows the spec, so the
+/// property fails until the core is fixed. With `MODEL_FOLLOW_CORE=1` it follows the core
+/// there instead, so that the property can guard everything else meanwhile: with
+/// `--history 0` the core ignores a member's mark (it reports `gap` for messages the
+/// connection received live).
+pub fn follow_core() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MODEL_FOLLOW_CORE").is_some_and(|v| v == "1"))
 }
 
 /// Why a connection was closed (the closes the core reports through `poll_close`).
@@ -80,6 +121,13 @@ impl Obs {
         let b = self.bytes.entry(to).or_default();
         b.0 += cost.0;
         b.1 += cost.1;
+    }
+
+    /// A frame encoded for nobody (a WHISPER kept for a held session): it counts against the
+    /// sender's max-pending like any output the core encodes.
+    fn produce(&mut self, f: Frame) {
+        let cost = frame_cost(&f);
+        self.step.push((Item::One(f), cost));
     }
 
     fn send(&mut self, to: u64, f: Frame) {
@@ -161,6 +209,11 @@ fn frame_cost(f: &Frame) -> (usize, usize) {
         Frame::Ping => exact(8),
         Frame::Pong(d) => exact(d.len()),
         Frame::Error { .. } => (HEADER + 3, HEADER + 3 + MAX_DETAIL),
+        Frame::History {
+            room, from, text, ..
+        } => exact(8 + s(room) + s(from) + text.len()),
+        Frame::HistoryWhisper { from, text, .. } => exact(8 + s(from) + text.len()),
+        Frame::HistoryEnd { room, .. } => exact(s(room) + 8 + 1 + 4),
     }
 }
 
@@ -224,6 +277,16 @@ enum Msg {
     Ping(Vec<u8>),
     Pong,
     Quit,
+    History(Query),
+}
+
+/// A HISTORY request's fields (section 12.2).
+struct Query {
+    room: String,
+    epoch: u64,
+    since: u64,
+    before: u64,
+    limit: u32,
 }
 
 /// Decodes a payload field by field; `None` is bad_payload.
@@ -235,6 +298,9 @@ fn decode(opcode: u8, p: &[u8]) -> Option<Msg> {
     }
     fn text(p: &[u8]) -> Option<String> {
         String::from_utf8(p.to_vec()).ok()
+    }
+    fn u64_at(p: &[u8]) -> Option<(u64, &[u8])> {
+        Some((u64::from_be_bytes(p.get(..8)?.try_into().ok()?), &p[8..]))
     }
     fn only(p: &[u8]) -> Option<String> {
         let (s, rest) = str_at(p)?;
@@ -267,11 +333,78 @@ fn decode(opcode: u8, p: &[u8]) -> Option<Msg> {
             text(p)?;
             Msg::Quit
         }
+        op::HISTORY => {
+            let (room, p) = str_at(p)?;
+            let (epoch, p) = u64_at(p)?;
+            let (since, p) = u64_at(p)?;
+            let (before, p) = u64_at(p)?;
+            if p.len() != 4 {
+                return None;
+            }
+            let limit = u32::from_be_bytes(p.try_into().ok()?);
+            Msg::History(Query {
+                room,
+                epoch,
+                since,
+                before,
+                limit,
+            })
+        }
         _ => unreachable!(),
     })
 }
 
 // ----- the model -----
+
+/// A session's place in a room: an open connection's (by client), or a held session's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Who {
+    Conn(usize),
+    Held(u64),
+}
+
+/// A room member as the harness compares it with the core: an open connection, or a session
+/// held in its resume window (known by its nick; its id is no connection's).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Member {
+    Open(u64),
+    Held(String),
+}
+
+/// One kept MESSAGE (a room's) or WHISPER (a held session's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    id: u64,
+    /// When it was kept (ms).
+    at: u64,
+    frame: Frame,
+    /// The frame's bytes on the wire.
+    len: usize,
+}
+
+/// A room's kept MESSAGEs, or a session's kept WHISPERs, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Stream {
+    entries: VecDeque<Entry>,
+    /// The newest msg_id of this stream that is not kept (0: none lost).
+    floor: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Room {
+    /// Members, each with its mark: the msg_id counter when it started receiving the room live
+    /// (its JOIN, or the HELLO that resumed its session).
+    members: BTreeMap<Who, u64>,
+    history: Stream,
+}
+
+/// Where a stream lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Room(String),
+    Conn(usize),
+    Held(u64),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Conn {
@@ -284,6 +417,35 @@ struct Conn {
     pinged: bool,
     /// Received bytes not yet forming a whole frame.
     inbuf: Vec<u8>,
+    /// WHISPERs kept while the session was held (they follow the session).
+    whispers: Option<Stream>,
+}
+
+/// A session held in its resume window (section 12.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Held {
+    nick: String,
+    token: u128,
+    /// When the window ends (ms).
+    until: u64,
+    whispers: Option<Stream>,
+}
+
+/// Kept entries evicted, by cause (as `Chat::history_evictions` counts them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Evicted {
+    pub count: u64,
+    pub age: u64,
+    pub bytes: u64,
+}
+
+/// What ended in a tick, in the order the core did it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Act {
+    /// A connection closed by a timer (hello or idle timeout).
+    Close(u64, Close),
+    /// The window of the held session with this nick passed.
+    Expire(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,8 +455,12 @@ pub struct Model {
     pub now: u64,
     /// Open connections by client (= slot).
     conns: BTreeMap<usize, Conn>,
-    /// Rooms by name: the clients that are members.
-    rooms: BTreeMap<String, BTreeSet<usize>>,
+    /// Held sessions, by a number of the model's own.
+    held: BTreeMap<u64, Held>,
+    next_held: u64,
+    rooms: BTreeMap<String, Room>,
+    /// Rooms that closed after messages: the newest msg_id each had (section 12.3).
+    closed: BTreeMap<String, u64>,
     next_msg_id: u64,
     /// Tokens come from a counter: 1, 2, 3... as 16 big-endian bytes.
     next_token: u128,
@@ -302,6 +468,9 @@ pub struct Model {
     shutting_down: bool,
     /// The last token each client was given (live or not).
     pub last_token: Vec<Option<u128>>,
+    /// The nick of the last session welcomed on each client (live or not).
+    pub last_nick: Vec<Option<String>>,
+    pub evicted: Evicted,
 }
 
 pub fn token_bytes(t: u128) -> [u8; 16] {
@@ -314,12 +483,17 @@ impl Model {
             cfg,
             now: 0,
             conns: BTreeMap::new(),
+            held: BTreeMap::new(),
+            next_held: 0,
             rooms: BTreeMap::new(),
+            closed: BTreeMap::new(),
             next_msg_id: 1,
             next_token: 1,
             generations: vec![0; clients],
             shutting_down: false,
             last_token: vec![None; clients],
+            last_nick: vec![None; clients],
+            evicted: Evicted::default(),
         }
     }
 
@@ -335,6 +509,11 @@ impl Model {
         (g > 0).then_some((g as u64) << 32 | client as u64)
     }
 
+    /// The msg_id the next SAY or WHISPER gets.
+    pub fn next_msg_id(&self) -> u64 {
+        self.next_msg_id
+    }
+
     /// (conn_id, nick if welcomed) of every open connection.
     pub fn open_conns(&self) -> Vec<(u64, Option<&str>)> {
         self.conns
@@ -343,16 +522,36 @@ impl Model {
             .collect()
     }
 
-    /// Every room with its members' conn_ids, sorted.
-    pub fn rooms(&self) -> Vec<(&str, Vec<u64>)> {
+    /// The nicks of the sessions held in their resume window.
+    pub fn held_nicks(&self) -> Vec<&str> {
+        self.held.values().map(|h| &*h.nick).collect()
+    }
+
+    /// Every room with its members, sorted.
+    pub fn rooms(&self) -> Vec<(&str, Vec<Member>)> {
         self.rooms
             .iter()
-            .map(|(r, m)| {
-                let mut ids: Vec<u64> = m.iter().map(|c| self.conns[c].id).collect();
-                ids.sort();
-                (&**r, ids)
+            .map(|(r, room)| {
+                let mut ms: Vec<Member> = room
+                    .members
+                    .keys()
+                    .map(|&w| match w {
+                        Who::Conn(c) => Member::Open(self.conns[&c].id),
+                        Who::Held(h) => Member::Held(self.held[&h].nick.clone()),
+                    })
+                    .collect();
+                ms.sort();
+                (&**r, ms)
             })
             .collect()
+    }
+
+    /// Entries kept (room messages and held whispers) and what they cost against
+    /// `--history-bytes`.
+    pub fn kept(&self) -> (usize, usize) {
+        self.streams()
+            .flat_map(|(_, s)| s.entries.iter())
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.len + ENTRY_OVERHEAD))
     }
 
     /// Bytes of an incomplete frame the client has sent.
@@ -360,41 +559,66 @@ impl Model {
         self.conns.get(&client).map_or(0, |c| c.inbuf.len())
     }
 
-    /// When the next timer event is due (ms), if any connection is open.
+    /// When the next timer event is due (ms), if any: a connection's timeout or heartbeat, the
+    /// end of a resume window, a kept entry coming of age.
     pub fn next_deadline(&self) -> Option<u64> {
         let cfg = &self.cfg;
-        self.conns
-            .values()
-            .map(|c| {
-                if !c.welcomed {
-                    c.opened + cfg.hello_ms
-                } else if c.pinged {
-                    c.last_rx + cfg.idle_ms
-                } else {
-                    c.last_rx + cfg.heartbeat_ms
-                }
-            })
-            .min()
+        let conns = self.conns.values().map(|c| {
+            if !c.welcomed {
+                c.opened + cfg.hello_ms
+            } else if c.pinged {
+                c.last_rx + cfg.idle_ms
+            } else {
+                c.last_rx + cfg.heartbeat_ms
+            }
+        });
+        let held = self.held.values().map(|h| h.until);
+        let aging = self
+            .oldest()
+            .filter(|_| cfg.history_age_ms > 0)
+            .map(|(_, at, _)| at + cfg.history_age_ms);
+        conns.chain(held).chain(aging).min()
     }
 
     fn client_of(&self, id: u64) -> Option<usize> {
         self.conns.iter().find(|(_, c)| c.id == id).map(|(&k, _)| k)
     }
 
-    fn nick_holder(&self, nick: &str) -> Option<usize> {
+    /// The session holding `nick` (ASCII case folded): welcomed and open, or held.
+    fn nick_holder(&self, nick: &str) -> Option<Who> {
         let f = fold(nick);
-        self.conns
+        let open = self
+            .conns
             .iter()
             .find(|(_, c)| c.welcomed && fold(&c.nick) == f)
-            .map(|(&k, _)| k)
+            .map(|(&k, _)| Who::Conn(k));
+        open.or_else(|| {
+            self.held
+                .iter()
+                .find(|(_, h)| fold(&h.nick) == f)
+                .map(|(&h, _)| Who::Held(h))
+        })
     }
 
-    fn rooms_of(&self, client: usize) -> Vec<String> {
+    fn nick_of(&self, who: Who) -> &str {
+        match who {
+            Who::Conn(c) => &self.conns[&c].nick,
+            Who::Held(h) => &self.held[&h].nick,
+        }
+    }
+
+    fn rooms_of(&self, who: Who) -> Vec<String> {
         self.rooms
             .iter()
-            .filter(|(_, m)| m.contains(&client))
+            .filter(|(_, r)| r.members.contains_key(&who))
             .map(|(r, _)| r.clone())
             .collect()
+    }
+
+    fn is_member(&self, room: &str, client: usize) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.members.contains_key(&Who::Conn(client)))
     }
 
     fn id(&self, client: usize) -> u64 {
@@ -403,6 +627,103 @@ impl Model {
 
     fn error(&self, obs: &mut Obs, client: usize, code: u16, fatal: bool) {
         obs.send(self.id(client), Frame::Error { code, fatal });
+    }
+
+    // ----- kept messages (section 12) -----
+
+    fn per_held(&self) -> usize {
+        self.cfg.history.max(MIN_HELD_WHISPERS)
+    }
+
+    fn streams(&self) -> impl Iterator<Item = (Key, &Stream)> {
+        let rooms = self
+            .rooms
+            .iter()
+            .map(|(r, room)| (Key::Room(r.clone()), &room.history));
+        let conns = self
+            .conns
+            .iter()
+            .filter_map(|(&k, c)| Some((Key::Conn(k), c.whispers.as_ref()?)));
+        let held = self
+            .held
+            .iter()
+            .filter_map(|(&h, s)| Some((Key::Held(h), s.whispers.as_ref()?)));
+        rooms.chain(conns).chain(held)
+    }
+
+    fn stream_mut(&mut self, key: &Key) -> &mut Stream {
+        match key {
+            Key::Room(r) => &mut self.rooms.get_mut(r).unwrap().history,
+            Key::Conn(k) => self
+                .conns
+                .get_mut(k)
+                .unwrap()
+                .whispers
+                .get_or_insert_with(Stream::default),
+            Key::Held(h) => self
+                .held
+                .get_mut(h)
+                .unwrap()
+                .whispers
+                .get_or_insert_with(Stream::default),
+        }
+    }
+
+    /// The oldest kept entry of all: (msg_id, when kept, its stream).
+    fn oldest(&self) -> Option<(u64, u64, Key)> {
+        self.streams()
+            .filter_map(|(k, s)| s.entries.front().map(|e| (e.id, e.at, k)))
+            .min_by_key(|&(id, ..)| id)
+    }
+
+    /// Keeps `f` (a MESSAGE or WHISPER just sent) in the stream `key`, at most `cap` there;
+    /// then the age limit and the byte cap over everything kept.
+    fn keep(&mut self, key: Key, cap: usize, f: Frame) {
+        let id = match f {
+            Frame::Message { msg_id, .. } | Frame::Whisper { msg_id, .. } => msg_id,
+            _ => unreachable!(),
+        };
+        let len = frame_cost(&f).0;
+        let (now, max_bytes) = (self.now, self.cfg.history_bytes);
+        let s = self.stream_mut(&key);
+        if cap == 0 || max_bytes == 0 {
+            s.floor = s.floor.max(id);
+            return;
+        }
+        s.entries.push_back(Entry {
+            id,
+            at: now,
+            frame: f,
+            len,
+        });
+        let mut evicted = 0;
+        while s.entries.len() > cap {
+            let e = s.entries.pop_front().unwrap();
+            s.floor = s.floor.max(e.id);
+            evicted += 1;
+        }
+        self.evicted.count += evicted;
+        self.trim();
+    }
+
+    /// Evicts, oldest first over every stream, what is past the age limit or beyond the byte
+    /// cap.
+    fn trim(&mut self) {
+        while let Some((_, at, key)) = self.oldest() {
+            let age = self.cfg.history_age_ms;
+            let old = age > 0 && at + age <= self.now;
+            if !old && self.kept().1 <= self.cfg.history_bytes {
+                break;
+            }
+            let s = self.stream_mut(&key);
+            let e = s.entries.pop_front().unwrap();
+            s.floor = s.floor.max(e.id);
+            if old {
+                self.evicted.age += 1;
+            } else {
+                self.evicted.bytes += 1;
+            }
+        }
     }
 
     // ----- inputs -----
@@ -435,22 +756,31 @@ impl Model {
                 last_rx: self.now,
                 pinged: false,
                 inbuf: Vec::new(),
+                whispers: None,
             },
         );
         obs
     }
 
-    /// Bytes from `client`: every possible outcome (more than one only when a max-pending
-    /// decision depends on ERROR details).
-    pub fn data(&self, client: usize, bytes: &[u8]) -> Vec<(Model, Obs)> {
-        let mut m = self.clone();
-        let mut obs = Obs::default();
-        let mut forks = Vec::new();
-        m.feed(client, bytes, &mut obs, &mut forks);
-        forks.insert(0, (m, obs));
-        forks
+    /// Bytes from `client`, in the chunks the transport delivered (each one batch of input):
+    /// every possible outcome (more than one only when a max-pending decision depends on
+    /// ERROR details).
+    pub fn data(&self, client: usize, chunks: &[&[u8]]) -> Vec<(Model, Obs)> {
+        let mut states = vec![(self.clone(), Obs::default())];
+        for chunk in chunks {
+            let mut next = Vec::new();
+            for (mut m, mut obs) in states {
+                let mut forks = Vec::new();
+                m.feed(client, chunk, &mut obs, &mut forks);
+                next.push((m, obs));
+                next.extend(forks);
+            }
+            states = next;
+        }
+        states
     }
 
+    /// One batch of input (a `handle_data`).
     fn feed(&mut self, client: usize, bytes: &[u8], obs: &mut Obs, forks: &mut Vec<(Model, Obs)>) {
         let now = self.now;
         let max_frame = self.cfg.max_frame;
@@ -467,6 +797,9 @@ impl Model {
         // frame once) beyond twice the input consumed plus max-pending is a slow consumer.
         let mut consumed = 0usize;
         let mut produced = (0usize, 0usize);
+        // Section 12.2: the HISTORY answers of one batch carry max-pending / 2 bytes of frames
+        // in all.
+        let mut replay = self.cfg.max_pending / 2;
         obs.step.clear();
         loop {
             let c = &self.conns[&client];
@@ -502,7 +835,7 @@ impl Model {
                 .unwrap()
                 .inbuf
                 .drain(..HEADER + n);
-            self.frame(client, opcode, &payload, obs);
+            self.frame(client, opcode, &payload, &mut replay, obs);
             consumed += HEADER + n;
             let step = obs.take_step_cost();
             produced.0 += step.0;
@@ -526,9 +859,16 @@ impl Model {
     }
 
     /// One whole frame (section 4.3's order of checks).
-    fn frame(&mut self, client: usize, opcode: u8, payload: &[u8], obs: &mut Obs) {
+    fn frame(
+        &mut self,
+        client: usize,
+        opcode: u8,
+        payload: &[u8],
+        replay: &mut usize,
+        obs: &mut Obs,
+    ) {
         let welcomed = self.conns[&client].welcomed;
-        if !(op::HELLO..=op::QUIT).contains(&opcode) {
+        if !(op::HELLO..=op::HISTORY).contains(&opcode) {
             return self.error(obs, client, 4, false);
         }
         if !welcomed && !matches!(opcode, op::HELLO | op::PING | op::QUIT) {
@@ -547,7 +887,7 @@ impl Model {
                 if !valid_room(&room) {
                     return self.error(obs, client, 10, false);
                 }
-                if !self.rooms.get(&room).is_some_and(|m| m.contains(&client)) {
+                if !self.is_member(&room, client) {
                     return self.error(obs, client, 11, false);
                 }
                 let from = self.conns[&client].nick.clone();
@@ -567,7 +907,12 @@ impl Model {
                 let mut nicks: Vec<String> = self
                     .rooms
                     .get(&room)
-                    .map(|m| m.iter().map(|c| self.conns[c].nick.clone()).collect())
+                    .map(|r| {
+                        r.members
+                            .keys()
+                            .map(|&w| self.nick_of(w).to_string())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 nicks.sort();
                 let cost = self.roster_cost(&room, &nicks);
@@ -576,9 +921,10 @@ impl Model {
             Msg::Ping(data) => obs.send(id, Frame::Pong(data)),
             Msg::Pong => {}
             Msg::Quit => {
-                self.end_session(client, Some(QUIT), obs);
+                self.end_session(Who::Conn(client), Some(QUIT), obs);
                 obs.closes.push((id, Close::Quit));
             }
+            Msg::History(q) => self.history(client, q, replay, obs),
         }
     }
 
@@ -595,29 +941,49 @@ impl Model {
     }
 
     fn hello(&mut self, client: usize, nick: &str, token: Option<[u8; 16]>, obs: &mut Obs) {
-        // Section 4.5: a token that matches a live session resumes it, whatever the nick.
+        // Section 4.5 and 12.1: a token that matches a live session, open or held, resumes
+        // it, whatever the nick.
         let old = token.and_then(|t| {
-            self.conns
+            let open = self
+                .conns
                 .iter()
                 .find(|(_, c)| c.welcomed && token_bytes(c.token) == t)
-                .map(|(&k, _)| k)
+                .map(|(&k, _)| Who::Conn(k));
+            open.or_else(|| {
+                self.held
+                    .iter()
+                    .find(|(_, h)| token_bytes(h.token) == t)
+                    .map(|(&h, _)| Who::Held(h))
+            })
         });
         if let Some(old) = old {
-            let prev = self.conns.remove(&old).unwrap();
-            for members in self.rooms.values_mut() {
-                if members.remove(&old) {
-                    members.insert(client);
+            let (nick, whispers) = match old {
+                Who::Conn(k) => {
+                    let prev = self.conns.remove(&k).unwrap();
+                    obs.send(
+                        prev.id,
+                        Frame::Error {
+                            code: 18,
+                            fatal: true,
+                        },
+                    );
+                    obs.closes.push((prev.id, Close::TakenOver));
+                    (prev.nick, prev.whispers)
+                }
+                Who::Held(h) => {
+                    let prev = self.held.remove(&h).unwrap();
+                    (prev.nick, prev.whispers)
+                }
+            };
+            // From now on this connection receives the rooms live (section 12.2).
+            let mark = self.next_msg_id;
+            for room in self.rooms.values_mut() {
+                if room.members.remove(&old).is_some() {
+                    room.members.insert(Who::Conn(client), mark);
                 }
             }
-            obs.send(
-                prev.id,
-                Frame::Error {
-                    code: 18,
-                    fatal: true,
-                },
-            );
-            obs.closes.push((prev.id, Close::TakenOver));
-            return self.welcome(client, prev.nick, obs);
+            self.conns.get_mut(&client).unwrap().whispers = whispers;
+            return self.welcome(client, nick, obs);
         }
         if !valid_nick(nick) {
             return self.error(obs, client, 8, false);
@@ -632,6 +998,7 @@ impl Model {
         let token = self.next_token;
         self.next_token += 1;
         self.last_token[client] = Some(token);
+        self.last_nick[client] = Some(nick.clone());
         let (max_frame, heartbeat_ms) = (self.cfg.max_frame, self.cfg.heartbeat_ms as u32);
         let c = self.conns.get_mut(&client).unwrap();
         c.welcomed = true;
@@ -648,30 +1015,26 @@ impl Model {
     }
 
     /// PRESENCE `kind` about `who` in `room` (section 5.4), `who` still a member.
-    fn presence(&self, room: &str, kind: u8, who: usize, obs: &mut Obs) {
+    fn presence(&self, room: &str, kind: u8, who: Who, obs: &mut Obs) {
         let mut group = BTreeMap::new();
         self.presence_into(room, kind, who, &mut group);
         obs.send_group(group);
     }
 
-    fn presence_into(
-        &self,
-        room: &str,
-        kind: u8,
-        who: usize,
-        group: &mut BTreeMap<u64, Vec<Frame>>,
-    ) {
-        let members = &self.rooms[room];
+    /// Held members count towards the presence limit but receive nothing (no connection).
+    fn presence_into(&self, room: &str, kind: u8, who: Who, group: &mut BTreeMap<u64, Vec<Frame>>) {
+        let members = &self.rooms[room].members;
         let f = Frame::Presence {
             kind,
             room: room.to_string(),
-            nick: self.conns[&who].nick.clone(),
+            nick: self.nick_of(who).to_string(),
         };
         let self_too = kind == JOIN || kind == LEAVE;
         let to_all = members.len() <= self.cfg.presence_limit;
-        for &m in members {
+        for &m in members.keys() {
+            let Who::Conn(c) = m else { continue };
             if (m == who && self_too) || (m != who && to_all) {
-                group.entry(self.conns[&m].id).or_default().push(f.clone());
+                group.entry(self.conns[&c].id).or_default().push(f.clone());
             }
         }
     }
@@ -680,50 +1043,77 @@ impl Model {
         if !valid_room(&room) {
             return self.error(obs, client, 10, false);
         }
-        if self.rooms.get(&room).is_some_and(|m| m.contains(&client)) {
+        if self.is_member(&room, client) {
             return self.error(obs, client, 12, false);
         }
-        if self.rooms_of(client).len() >= self.cfg.max_rooms {
+        if self.rooms_of(Who::Conn(client)).len() >= self.cfg.max_rooms {
             return self.error(obs, client, 20, false);
         }
-        self.rooms.entry(room.clone()).or_default().insert(client);
-        self.presence(&room, JOIN, client, obs);
+        // Section 12.3: a room's history starts when it is created. A room never seen has lost
+        // nothing; one created again under the name of one that closed after messages knows
+        // those are gone.
+        let last = if self.rooms.contains_key(&room) {
+            0
+        } else {
+            self.closed.remove(&room).unwrap_or(0)
+        };
+        let mark = self.next_msg_id;
+        self.rooms
+            .entry(room.clone())
+            .or_insert_with(|| Room {
+                members: BTreeMap::new(),
+                history: Stream {
+                    entries: VecDeque::new(),
+                    floor: last,
+                },
+            })
+            .members
+            .insert(Who::Conn(client), mark);
+        self.presence(&room, JOIN, Who::Conn(client), obs);
     }
 
     fn leave(&mut self, client: usize, room: &str, obs: &mut Obs) {
         if !valid_room(room) {
             return self.error(obs, client, 10, false);
         }
-        if !self.rooms.get(room).is_some_and(|m| m.contains(&client)) {
+        if !self.is_member(room, client) {
             return self.error(obs, client, 11, false);
         }
-        self.presence(room, LEAVE, client, obs);
-        self.remove_member(room, client);
+        self.presence(room, LEAVE, Who::Conn(client), obs);
+        self.remove_member(room, Who::Conn(client));
     }
 
-    fn remove_member(&mut self, room: &str, client: usize) {
-        let members = self.rooms.get_mut(room).unwrap();
-        members.remove(&client);
-        if members.is_empty() {
-            self.rooms.remove(room);
+    /// Removes a member; a room without members is deleted, and its history with it.
+    fn remove_member(&mut self, room: &str, who: Who) {
+        let r = self.rooms.get_mut(room).unwrap();
+        r.members.remove(&who);
+        if r.members.is_empty() {
+            let h = &self.rooms.remove(room).unwrap().history;
+            let newest = h.entries.back().map_or(h.floor, |e| e.id.max(h.floor));
+            if newest > 0 {
+                self.closed.insert(room.to_string(), newest);
+            }
         }
     }
 
     fn broadcast(&mut self, room: &str, from: &str, text: &str, obs: &mut Obs) {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
-        for m in &self.rooms[room] {
-            let f = Frame::Message {
-                msg_id,
-                room: room.to_string(),
-                from: from.to_string(),
-                text: text.to_string(),
-            };
-            obs.send(self.conns[m].id, f);
+        let f = Frame::Message {
+            msg_id,
+            room: room.to_string(),
+            from: from.to_string(),
+            text: text.to_string(),
+        };
+        for &m in self.rooms[room].members.keys() {
+            if let Who::Conn(c) = m {
+                obs.send(self.conns[&c].id, f.clone());
+            }
         }
+        self.keep(Key::Room(room.to_string()), self.cfg.history, f);
     }
 
-    fn deliver_whisper(&mut self, to: usize, from: &str, text: &str, obs: &mut Obs) {
+    fn deliver_whisper(&mut self, to: Who, from: &str, text: &str, obs: &mut Obs) {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
         let f = Frame::Whisper {
@@ -731,29 +1121,172 @@ impl Model {
             from: from.to_string(),
             text: text.to_string(),
         };
-        obs.send(self.conns[&to].id, f);
+        match to {
+            Who::Conn(c) => obs.send(self.conns[&c].id, f),
+            Who::Held(h) => {
+                // Section 12.1: kept for the held session's HISTORY.
+                obs.produce(f.clone());
+                self.keep(Key::Held(h), self.per_held(), f);
+            }
+        }
     }
 
-    /// Ends `client`'s session: PRESENCE `kind` (if any) to its rooms, then forgets it.
-    fn end_session(&mut self, client: usize, kind: Option<u8>, obs: &mut Obs) {
-        if let Some(kind) = kind.filter(|_| self.conns[&client].welcomed) {
+    /// HISTORY (section 12.2).
+    fn history(&mut self, client: usize, q: Query, budget: &mut usize, obs: &mut Obs) {
+        let whispers = q.room.is_empty();
+        let me = Who::Conn(client);
+        let (stream, mut until) = if whispers {
+            (self.conns[&client].whispers.as_ref(), u64::MAX)
+        } else {
+            if !valid_room(&q.room) {
+                return self.error(obs, client, 10, false);
+            }
+            if !self.is_member(&q.room, client) {
+                return self.error(obs, client, 11, false);
+            }
+            // Only what was sent before this connection received the room live.
+            let room = &self.rooms[&q.room];
+            let mark = room.members[&me];
+            let until = if follow_core() && self.cfg.history == 0 {
+                u64::MAX
+            } else {
+                mark
+            };
+            (Some(&room.history), until)
+        };
+        if q.before > 0 {
+            until = until.min(q.before);
+        }
+        // A `since` of another server run is treated as 0, and the answer is at least gap.
+        let other_run = q.epoch != 0 && q.epoch != EPOCH && q.since > 0;
+        let since = if other_run { 0 } else { q.since };
+        let cap = if whispers {
+            self.per_held()
+        } else {
+            self.cfg.history
+        };
+        let limit = (q.limit as usize).min(cap);
+        let none = Stream::default();
+        let stream = stream.unwrap_or(&none);
+        let range: Vec<&Entry> = stream
+            .entries
+            .iter()
+            .filter(|e| since < e.id && e.id < until)
+            .collect();
+        // The newest of the range: at most `limit`, at most `budget` bytes of frames, but at
+        // least one message however large while any budget is left.
+        let mut sent = 0;
+        let mut bytes = 0;
+        for e in range.iter().rev().take(limit) {
+            if bytes + e.len > *budget && (sent > 0 || *budget == 0) {
+                break;
+            }
+            bytes += e.len;
+            sent += 1;
+        }
+        *budget = budget.saturating_sub(bytes);
+        let mut status = if sent < range.len() {
+            MORE
+        } else if since < stream.floor && stream.floor < until {
+            GAP
+        } else {
+            COMPLETE
+        };
+        if other_run && status == COMPLETE {
+            status = GAP;
+        }
+        let frames: Vec<Frame> = range[range.len() - sent..]
+            .iter()
+            .map(|e| match &e.frame {
+                Frame::Message {
+                    msg_id,
+                    room,
+                    from,
+                    text,
+                } => Frame::History {
+                    msg_id: *msg_id,
+                    room: room.clone(),
+                    from: from.clone(),
+                    text: text.clone(),
+                },
+                Frame::Whisper { msg_id, from, text } => Frame::HistoryWhisper {
+                    msg_id: *msg_id,
+                    from: from.clone(),
+                    text: text.clone(),
+                },
+                _ => unreachable!(),
+            })
+            .collect();
+        let id = self.id(client);
+        for f in frames {
+            obs.send(id, f);
+        }
+        obs.send(
+            id,
+            Frame::HistoryEnd {
+                room: q.room,
+                epoch: EPOCH,
+                status,
+                count: sent as u32,
+            },
+        );
+    }
+
+    /// Ends a session (open or held): PRESENCE `kind` (if any) to its rooms, then forgets it
+    /// and what was kept for it.
+    fn end_session(&mut self, who: Who, kind: Option<u8>, obs: &mut Obs) {
+        let welcomed = match who {
+            Who::Conn(c) => self.conns[&c].welcomed,
+            Who::Held(_) => true,
+        };
+        if let Some(kind) = kind.filter(|_| welcomed) {
             let mut group = BTreeMap::new();
-            for room in self.rooms_of(client) {
-                self.presence_into(&room, kind, client, &mut group);
+            for room in self.rooms_of(who) {
+                self.presence_into(&room, kind, who, &mut group);
             }
             obs.send_group(group);
         }
-        for room in self.rooms_of(client) {
-            self.remove_member(&room, client);
+        for room in self.rooms_of(who) {
+            self.remove_member(&room, who);
         }
-        self.conns.remove(&client);
+        match who {
+            Who::Conn(c) => self.conns.remove(&c).map(drop),
+            Who::Held(h) => self.held.remove(&h).map(drop),
+        };
     }
 
-    /// A fatal ERROR, PRESENCE gone, close.
+    /// `client`'s connection is lost (`lost`: without QUIT, by the transport, idle timeout or
+    /// slow consumer) or closed: with a resume window a lost welcomed session is held
+    /// (section 12.1), anything else ends with PRESENCE gone.
+    fn drop_conn(&mut self, client: usize, lost: bool, obs: &mut Obs) {
+        let welcomed = self.conns[&client].welcomed;
+        if !(lost && welcomed && self.cfg.resume_ms > 0 && !self.shutting_down) {
+            return self.end_session(Who::Conn(client), Some(GONE), obs);
+        }
+        let c = self.conns.remove(&client).unwrap();
+        let h = self.next_held;
+        self.next_held += 1;
+        for room in self.rooms.values_mut() {
+            if let Some(mark) = room.members.remove(&Who::Conn(client)) {
+                room.members.insert(Who::Held(h), mark);
+            }
+        }
+        self.held.insert(
+            h,
+            Held {
+                nick: c.nick,
+                token: c.token,
+                until: self.now + self.cfg.resume_ms,
+                whispers: c.whispers,
+            },
+        );
+    }
+
+    /// A fatal ERROR, then the session is held or ends (PRESENCE gone), close.
     fn fatal(&mut self, client: usize, code: u16, why: Close, obs: &mut Obs) {
         let id = self.id(client);
         obs.send(id, Frame::Error { code, fatal: true });
-        self.end_session(client, Some(GONE), obs);
+        self.drop_conn(client, matches!(why, Close::Idle | Close::Slow), obs);
         obs.closes.push((id, why));
     }
 
@@ -762,48 +1295,73 @@ impl Model {
         self.fatal(client, 15, Close::Slow, obs);
     }
 
-    /// The transport closed `client`'s connection.
-    pub fn close(&mut self, client: usize) -> Obs {
+    /// The transport holds more than max-pending of `client`'s output (section 8.1).
+    pub fn slow_consumer(&mut self, client: usize) -> Obs {
         let mut obs = Obs::default();
         if self.is_open(client) {
-            self.end_session(client, Some(GONE), &mut obs);
+            self.slow(client, &mut obs);
         }
         obs
     }
 
-    /// One tick of time. `core_closes` is the order in which the core closed connections in
-    /// this tick; the model checks it is exactly the set of closes due and follows it.
-    pub fn tick(&self, core_closes: &[(u64, Close)]) -> Result<(Model, Obs), String> {
+    /// The transport closed `client`'s connection.
+    pub fn close(&mut self, client: usize) -> Obs {
+        let mut obs = Obs::default();
+        if self.is_open(client) {
+            self.drop_conn(client, true, &mut obs);
+        }
+        obs
+    }
+
+    /// One tick of time. `order` is what the core's timers ended in this tick (closes and
+    /// resume windows), in the core's order; the model checks it is exactly what is due and
+    /// follows it.
+    pub fn tick(&self, order: &[Act]) -> Result<(Model, Obs), String> {
         let mut m = self.clone();
         m.now += m.cfg.tick_ms;
         let now = m.now;
+        // Kept entries come of age.
+        m.trim();
         let (hb, idle, hello) = (m.cfg.heartbeat_ms, m.cfg.idle_ms, m.cfg.hello_ms);
         let mut due = Vec::new();
         let mut pings = Vec::new();
         for (&k, c) in &m.conns {
             if !c.welcomed {
                 if now >= c.opened + hello {
-                    due.push((c.id, Close::Hello));
+                    due.push(Act::Close(c.id, Close::Hello));
                 }
             } else if now - c.last_rx >= idle {
-                due.push((c.id, Close::Idle));
+                due.push(Act::Close(c.id, Close::Idle));
             } else if now - c.last_rx >= hb && !c.pinged {
                 pings.push(k);
             }
         }
-        let mut got = core_closes.to_vec();
+        for h in m.held.values() {
+            if now >= h.until {
+                due.push(Act::Expire(h.nick.clone()));
+            }
+        }
+        let mut got = order.to_vec();
         got.sort();
         due.sort();
         if got != due {
             return Err(format!(
-                "at {now} ms the core closed {core_closes:?}; the model expects exactly {due:?}"
+                "at {now} ms the core's timers did {order:?}; the model expects exactly {due:?}"
             ));
         }
         let mut obs = Obs::default();
-        for &(id, why) in core_closes {
-            let k = m.client_of(id).unwrap();
-            let code = if why == Close::Hello { 17 } else { 16 };
-            m.fatal(k, code, why, &mut obs);
+        for act in order {
+            match act {
+                Act::Close(id, why) => {
+                    let k = m.client_of(*id).unwrap();
+                    let code = if *why == Close::Hello { 17 } else { 16 };
+                    m.fatal(k, code, *why, &mut obs);
+                }
+                Act::Expire(nick) => {
+                    let h = m.held.iter().find(|(_, h)| h.nick == *nick).unwrap().0;
+                    m.end_session(Who::Held(*h), Some(GONE), &mut obs);
+                }
+            }
         }
         for k in pings {
             let c = m.conns.get_mut(&k).unwrap();
@@ -822,6 +1380,22 @@ impl Model {
         };
         if self.is_open(client) {
             self.fatal(client, 21, Close::Kicked, &mut obs);
+        }
+        obs
+    }
+
+    /// `Chat::kick` of the session holding `nick` (`Chat::conn_of`): an open one is closed,
+    /// a held one ends at once (PRESENCE gone, no connection to close).
+    pub fn kick_nick(&mut self, nick: &str) -> Obs {
+        let who = self.nick_holder(nick);
+        let mut obs = Obs {
+            ret: Some(who.is_some()),
+            ..Obs::default()
+        };
+        match who {
+            Some(Who::Conn(c)) => self.fatal(c, 21, Close::Kicked, &mut obs),
+            Some(w) => self.end_session(w, Some(GONE), &mut obs),
+            None => {}
         }
         obs
     }
@@ -867,8 +1441,13 @@ impl Model {
                     fatal: true,
                 },
             );
-            self.end_session(k, None, &mut obs);
+            self.end_session(Who::Conn(k), None, &mut obs);
             obs.closes.push((id, Close::Shutdown));
+        }
+        // Held sessions end too, and nobody is told (section 12.1).
+        let held: Vec<u64> = self.held.keys().copied().collect();
+        for h in held {
+            self.end_session(Who::Held(h), None, &mut obs);
         }
         obs
     }

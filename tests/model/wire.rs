@@ -26,6 +26,7 @@ pub mod op {
     pub const PING: u8 = 0x07;
     pub const PONG: u8 = 0x08;
     pub const QUIT: u8 = 0x09;
+    pub const HISTORY: u8 = 0x0A;
 }
 
 /// A whole frame with any opcode and payload.
@@ -81,7 +82,32 @@ pub enum Frame {
         code: u16,
         fatal: bool,
     },
+    /// HISTORY (0x88): a kept MESSAGE, replayed.
+    History {
+        msg_id: u64,
+        room: String,
+        from: String,
+        text: String,
+    },
+    /// HISTORY_WHISPER (0x89): a WHISPER kept for a held session, replayed.
+    HistoryWhisper {
+        msg_id: u64,
+        from: String,
+        text: String,
+    },
+    /// HISTORY_END (0x8A).
+    HistoryEnd {
+        room: String,
+        epoch: u64,
+        status: u8,
+        count: u32,
+    },
 }
+
+/// HISTORY_END status values (PROTOCOL.md 12.3).
+pub const COMPLETE: u8 = 0;
+pub const MORE: u8 = 1;
+pub const GAP: u8 = 2;
 
 pub const JOIN: u8 = 1;
 pub const LEAVE: u8 = 2;
@@ -189,6 +215,34 @@ pub fn decode(opcode: u8, payload: &[u8]) -> Result<Frame, String> {
             Frame::Ping
         }
         0x87 => Frame::Pong(r.rest().to_vec()),
+        0x88 => Frame::History {
+            msg_id: r.u64()?,
+            room: r.str()?,
+            from: r.str()?,
+            text: r.rest_str()?,
+        },
+        0x89 => Frame::HistoryWhisper {
+            msg_id: r.u64()?,
+            from: r.str()?,
+            text: r.rest_str()?,
+        },
+        0x8A => {
+            let f = Frame::HistoryEnd {
+                room: r.str()?,
+                epoch: r.u64()?,
+                status: r.u8()?,
+                count: r.u32()?,
+            };
+            if let Frame::HistoryEnd { status, epoch, .. } = f {
+                if status > GAP {
+                    return Err(format!("HISTORY_END status {status}"));
+                }
+                if epoch == 0 {
+                    return Err("HISTORY_END epoch 0".into());
+                }
+            }
+            f
+        }
         0x8F => {
             let code = r.u16()?;
             let fatal = r.flag()?;
