@@ -1119,7 +1119,7 @@ fn bad_history_requests_are_refused_or_clamped() {
 }
 
 #[test]
-fn history_zero_keeps_nothing_and_reports_gap() {
+fn history_zero_keeps_nothing_and_reports_only_real_gaps() {
     let server = start(ServerKind::Mio, &["--history", "0"]);
     let mut bob = member(&server, "bob", "lobby");
     let mut alice = member(&server, "alice", "lobby");
@@ -1129,10 +1129,11 @@ fn history_zero_keeps_nothing_and_reports_gap() {
         let m = bob.say("lobby", &format!("live {i}"));
         last = alice.expect_message("lobby", "bob", &m.text).msg_id;
     }
-    // Nothing is kept: the range that had messages is a gap, with no frames.
+    // Nothing is kept, but everything since her JOIN reached her live (PROTOCOL 12.2: the
+    // range ends at her first live message): nothing of the range was lost.
     let a = history(&mut alice, "lobby", 0, 0, 0, 10);
     assert!(a.items.is_empty(), "{:?}", a.items);
-    assert_status(&a, GAP, "--history 0, messages sent since the join");
+    assert_status(&a, COMPLETE, "--history 0, everything came live");
     // Nothing after the last one received: complete.
     let b = history(&mut alice, "lobby", a.end.epoch, last, 0, 10);
     assert!(b.items.is_empty());

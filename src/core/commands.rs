@@ -328,7 +328,7 @@ impl Chat {
                     self.closed_rooms.remove(room).unwrap_or(self.closed_floor),
                 ),
                 marks: Vec::new(),
-                unmarked: 0,
+                unmarked: Vec::new(),
             }));
             self.room_index.insert(room.into(), id);
             if self.cfg.relay {
@@ -336,14 +336,11 @@ impl Chat {
             }
             id
         });
-        let keep = self.cfg.history > 0;
         let room = &mut self.rooms[rid.0];
         let idx = room.members.len() as u32;
         room.members.push(conn);
-        if keep {
-            room.marks.push(UNMARKED);
-            room.unmarked += 1;
-        }
+        room.marks.push(UNMARKED);
+        room.unmarked.push(idx);
         self.state_mut(conn)?.rooms.push((rid, idx));
         Some(rid)
     }
@@ -427,17 +424,10 @@ impl Chat {
         let receivers = room.receivers();
         self.outbox.send_all(&receivers, None, start, end);
         let recipients = receivers.len();
-        if room.unmarked > 0 {
+        if !room.unmarked.is_empty() {
             // Members receiving their first live message of the room: HISTORY gives them
             // what came before it, never it or what follows.
-            let room = &mut self.rooms[rid.0];
-            for i in 0..room.members.len() {
-                let m = room.members[i];
-                if room.marks[i] == UNMARKED && !is_held(m) && !room.joining.contains(&m) {
-                    room.marks[i] = msg_id;
-                    room.unmarked -= 1;
-                }
-            }
+            self.rooms[rid.0].mark_receivers(msg_id);
         }
         self.record_message(rid, msg_id, start, end);
         self.stats.messages += 1;

@@ -16,8 +16,8 @@
 //! cluster too, where a node cannot know when a new member's first live message will come.
 //!
 //! Invariants (in `Chat::check_invariants`): a held session is welcomed, has no partial
-//! frame, and has exactly one timer; `Room::marks` parallels `Room::members` when history is
-//! kept and is empty otherwise; held whispers belong to a session that exists.
+//! frame, and has exactly one timer; `Room::marks` parallels `Room::members`, and
+//! `Room::unmarked` lists exactly the members without a mark; held whispers belong to a session that exists.
 
 use super::history::{Key, Stream, Streams};
 use super::{

@@ -242,13 +242,14 @@ struct Room {
     joining: Vec<ConnId>,
     /// Its kept MESSAGEs (`ChatConfig::history`), and which were lost.
     history: history::Stream,
-    /// With history kept: for each member (same index as `members`), the msg_id of the
-    /// first MESSAGE of the room it received live since its JOIN or its resume
-    /// (`UNMARKED`: none yet). A HISTORY answers only what came before it, so nothing
-    /// reaches a connection twice. Empty without history.
+    /// For each member (same index as `members`), the msg_id of the first MESSAGE of the
+    /// room it received live since its JOIN or its resume (`UNMARKED`: none yet). A HISTORY
+    /// answers only what came before it, so nothing reaches a connection twice, and judges
+    /// what was lost only there (with no history kept at all, too).
     marks: Vec<u64>,
-    /// Members whose mark is `UNMARKED` (a delivery sets marks only while there are some).
-    unmarked: u32,
+    /// The indices of the members whose mark is `UNMARKED`: a delivery visits these, not
+    /// every member (held ones stay here, and cost one check per message, while held).
+    unmarked: Vec<u32>,
 }
 
 /// Names of closed rooms remembered with their last msg_id (`Chat::closed_rooms`).
@@ -263,13 +264,43 @@ impl Room {
         if let Some(m) = self.marks.get_mut(idx) {
             if *m != UNMARKED {
                 *m = UNMARKED;
-                self.unmarked += 1;
+                self.unmarked.push(idx as u32);
             }
         }
     }
-}
 
-impl Room {
+    /// The members that receive MESSAGE `msg_id` live and had received none: it is their
+    /// mark.
+    fn mark_receivers(&mut self, msg_id: u64) {
+        let Room {
+            members,
+            marks,
+            unmarked,
+            joining,
+            ..
+        } = self;
+        unmarked.retain(|&i| {
+            let m = members[i as usize];
+            if is_held(m) || joining.contains(&m) {
+                return true;
+            }
+            marks[i as usize] = msg_id;
+            false
+        });
+    }
+
+    /// Removes the member at `idx` from `marks` as `members.swap_remove(idx)` does from
+    /// `members` (call it before, while `members` still has its length).
+    fn unmark_removed(&mut self, idx: usize) {
+        let last = (self.members.len() - 1) as u32;
+        if self.marks.swap_remove(idx) == UNMARKED {
+            self.unmarked.retain(|&i| i as usize != idx);
+        }
+        for i in self.unmarked.iter_mut().filter(|i| **i == last) {
+            *i = idx as u32;
+        }
+    }
+
     /// The members a delivery goes to: all of them but those still joining.
     fn receivers(&self) -> std::borrow::Cow<'_, [ConnId]> {
         if self.joining.is_empty() {
@@ -1736,13 +1767,14 @@ impl Chat {
         for (_, room) in &self.rooms {
             assert!(!room.members.is_empty());
             kept += room.history.entries().len();
-            if self.cfg.history > 0 {
-                assert_eq!(room.marks.len(), room.members.len());
-                let unmarked = room.marks.iter().filter(|&&m| m == UNMARKED).count();
-                assert_eq!(unmarked, room.unmarked as usize);
-            } else {
-                assert!(room.marks.is_empty());
-            }
+            assert_eq!(room.marks.len(), room.members.len());
+            let mut unmarked: Vec<u32> = (0..room.marks.len() as u32)
+                .filter(|&i| room.marks[i as usize] == UNMARKED)
+                .collect();
+            let mut listed = room.unmarked.clone();
+            listed.sort_unstable();
+            unmarked.sort_unstable();
+            assert_eq!(listed, unmarked, "{}", room.name);
             let ids = room.history.entries().iter().map(|e| e.id);
             assert!(ids.clone().zip(ids.skip(1)).all(|(a, b)| a < b));
             for &m in &room.members {

@@ -123,10 +123,8 @@ impl Chat {
         let (rid, idx) = s.rooms.swap_remove(pos);
         let room = &mut self.rooms[rid.0];
         debug_assert_eq!(room.members[idx as usize], conn);
+        room.unmark_removed(idx as usize);
         room.members.swap_remove(idx as usize);
-        if !room.marks.is_empty() && room.marks.swap_remove(idx as usize) == super::UNMARKED {
-            room.unmarked -= 1;
-        }
         room.joining.retain(|&c| c != conn);
         if let Some(&moved) = room.members.get(idx as usize) {
             // The last member took the leaver's place: record its new index.
