@@ -19,9 +19,8 @@
 //!
 //! Frames are decoded with the test's own codec (`model/wire.rs`), not the crate's. Tokens
 //! come from a counter, so the model knows them. `PROPTEST_CASES` overrides the case count.
-//! Where the core is known to disagree with section 12 the model follows the spec (the test
-//! fails until the core is fixed); `MODEL_FOLLOW_CORE=1` makes it follow the core there, to
-//! keep the property useful meanwhile (see `reference::follow_core`).
+//! Where the core disagrees with PROTOCOL.md the model follows the spec: the test fails
+//! until the core is fixed.
 //! docs/RELIABILITY.md says what this proves and how long it takes.
 
 #[path = "model/reference.rs"]

@@ -63,16 +63,6 @@ pub const ENTRY_OVERHEAD: usize = 96;
 /// Whispers kept per held session: 100, or `--history` if larger (section 12.1).
 const MIN_HELD_WHISPERS: usize = 100;
 
-/// Where the core disagrees with PROTOCOL.md section 12 (test
-/// `history_zero_what_came_live_is_not_lost` in model.rs), the model follows the spec, so the
-/// property fails until the core is fixed. With `MODEL_FOLLOW_CORE=1` it follows the core
-/// there instead, so that the property can guard everything else meanwhile: with
-/// `--history 0` the core ignores a member's mark (it reports `gap` for messages the
-/// connection received live).
-pub fn follow_core() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("MODEL_FOLLOW_CORE").is_some_and(|v| v == "1"))
-}
 
 /// Why a connection was closed (the closes the core reports through `poll_close`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -1147,12 +1137,7 @@ impl Model {
             // Only what was sent before this connection received the room live.
             let room = &self.rooms[&q.room];
             let mark = room.members[&me];
-            let until = if follow_core() && self.cfg.history == 0 {
-                u64::MAX
-            } else {
-                mark
-            };
-            (Some(&room.history), until)
+            (Some(&room.history), mark)
         };
         if q.before > 0 {
             until = until.min(q.before);
