@@ -17,7 +17,7 @@
 //! | module | job |
 //! |---|---|
 //! | [`protocol`] | frame header validation, client and server messages, encoders |
-//! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, hooks, counters |
+//! | [`core`] | sessions, nicks, rooms, presence, heartbeats, resume, held sessions and room history (HISTORY), hooks, counters |
 //! | [`server`] | listener, connections in a slab (token = base + 1 + slot), reads, `writev` flushing, closes, events |
 //! | [`net`] | the shell toolkit both shells share: listener bind, EMFILE reserve, error classification, drain before close |
 //! | [`timer`] | hashed timing wheel |
