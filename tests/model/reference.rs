@@ -63,7 +63,6 @@ pub const ENTRY_OVERHEAD: usize = 96;
 /// Whispers kept per held session: 100, or `--history` if larger (section 12.1).
 const MIN_HELD_WHISPERS: usize = 100;
 
-
 /// Why a connection was closed (the closes the core reports through `poll_close`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Close {
