@@ -13,8 +13,9 @@ use super::stamp::STAMP_LEN;
 use super::transport::{Dialer, Kind, parse_server_name};
 
 /// Load generator for chatloop (loopback only): fan-out throughput and latency, rate sweeps,
-/// idle memory per connection, connection rate, round trips under load, and attacks; over
-/// plain TCP, TLS, WebSocket or WebSocket over TLS (--transport).
+/// idle memory per connection (and per held session), connection rate, round trips under
+/// load, recovery of missed messages, and attacks; over plain TCP, TLS, WebSocket or
+/// WebSocket over TLS (--transport).
 #[derive(Debug, Parser)]
 #[command(name = "chatloop-bench", version)]
 pub struct Cli {
@@ -94,7 +95,8 @@ pub enum Cmd {
     /// at least 99.9% delivered and p99 under --p99-ms.
     Sweep(SweepArgs),
     /// N welcomed idle connections; the server's RSS before and after (over a transport: its
-    /// memory per idle TLS or WebSocket connection).
+    /// memory per idle TLS or WebSocket connection); with --hold, after they are all lost and
+    /// held, and after they are all resumed.
     Idle(IdleArgs),
     /// C dialers in a loop: connect, the transport's handshake (TLS: a full handshake), HELLO,
     /// WELCOME, QUIT, wait for the server's close. Connections per second, and with
@@ -102,6 +104,17 @@ pub enum Cmd {
     Connect(ConnectArgs),
     /// Sequential PING/PONG round trips, optionally under a background fanout.
     Rtt(RttArgs),
+    /// The server's memory per session held in its resume window, alone: --sessions sessions
+    /// welcomed and lost --batch at a time (so the server never has more connections than
+    /// that), its RSS before and with all held; then each resumed with its token, checked.
+    /// The server needs a --resume-window longer than the run.
+    Held(HeldArgs),
+    /// Time to recover missed messages (PROTOCOL.md section 12): a subscriber's connection goes
+    /// away, a publisher sends --messages to its room, the subscriber comes back with its token,
+    /// re-JOINs and asks HISTORY for what it missed; timed from HISTORY to HISTORY_END, and
+    /// checked (exactly the missed messages, in order). The server needs --resume-window and
+    /// --history of at least --messages.
+    Recover(RecoverArgs),
     /// Hostile clients (issue 13): fan-out amplification, partial frames, slow HTTP headers.
     /// Reports what the server did, never judges it. Plain TCP only.
     #[command(subcommand)]
@@ -318,6 +331,66 @@ pub struct IdleArgs {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 500)]
     pub max_in_flight: usize,
+    /// Then held sessions (the server needs a --resume-window longer than the run): close
+    /// every connection, read the RSS after --settle (the server holds their sessions), then
+    /// reconnect each with its token, check that its session was resumed, and read the RSS
+    /// again.
+    #[arg(long)]
+    pub hold: bool,
+}
+
+/// `held` flags.
+#[derive(Debug, Clone, Args)]
+pub struct HeldArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+    /// Sessions to welcome, lose and hold.
+    #[arg(long, default_value_t = 10_000)]
+    pub sessions: usize,
+    /// Connections open at once: each batch is welcomed, then closed, before the next.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// The server's process id (its VmRSS is read from /proc/PID/status).
+    #[arg(long)]
+    pub server_pid: u32,
+    /// Wait after the last close, and after the last resume, before reading the RSS.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// Connections being set up at once when resuming.
+    #[arg(long, default_value_t = 500)]
+    pub max_in_flight: usize,
+}
+
+/// `recover` flags.
+#[derive(Debug, Clone, Args)]
+pub struct RecoverArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+    /// Messages the subscriber misses in each round (the server's --history must keep them).
+    #[arg(long, default_value_t = 1000)]
+    pub messages: u32,
+    /// Rounds: away, messages sent, back, HISTORY.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
+    /// SAY text size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Room name.
+    #[arg(long, default_value = "recover")]
+    pub room: String,
+    /// Wait after the subscriber's socket is closed, before the messages are sent, for the
+    /// server to notice the loss and hold the session.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// The server's process id (same machine): its CPU time per recovery, from HISTORY sent
+    /// to HISTORY_END received.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The longest any one wait may take (connecting, the publisher's messages, an answer).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `connect` flags.
@@ -445,9 +518,9 @@ mod tests {
             let c = parse(&["--transport", word, "fanout", "--subs", "3"]).unwrap();
             assert_eq!(c.transport.transport, kind);
             assert_eq!(kind.name(), word);
-            for scenario in ["sweep", "idle", "rtt"] {
+            for scenario in ["sweep", "idle", "held", "rtt", "recover"] {
                 let mut args = vec![scenario, "--transport", word];
-                if scenario == "idle" {
+                if scenario == "idle" || scenario == "held" {
                     args.extend(["--server-pid", "1"]);
                 }
                 assert_eq!(parse(&args).unwrap().transport.transport, kind);

@@ -14,7 +14,7 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use chatloop::protocol::{Deframer, FrameError};
+use chatloop::protocol::{Deframer, FrameError, SessionToken};
 use mio::net::TcpStream;
 
 use super::sys::delay_acks;
@@ -68,6 +68,15 @@ pub enum ReadEnd {
     Bad(FrameError),
 }
 
+/// The session a WELCOME gave a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Its token: a HELLO with it resumes the session.
+    pub token: SessionToken,
+    /// The session's nick (on a resume, the session's, whatever the HELLO said).
+    pub nick: String,
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -92,6 +101,11 @@ pub struct Conn {
     pub fatal: Option<u16>,
     /// Whether the slot is in the pool's list of connections with output to flush.
     pub dirty: bool,
+    /// The session of the last WELCOME on this slot (kept across redials).
+    pub session: Option<Session>,
+    /// Redials of this slot send HELLO with the session's token, to resume it (`recover`,
+    /// `idle --hold`); otherwise each dial starts a new session.
+    pub resume: bool,
     deframer: Deframer,
     out: Vec<u8>,
     out_pos: usize,
@@ -111,13 +125,16 @@ impl Conn {
             upgraded_in: Duration::ZERO,
             fatal: None,
             dirty: false,
+            session: None,
+            resume: false,
             deframer: Deframer::new(),
             out: Vec::new(),
             out_pos: 0,
         }
     }
 
-    /// Forgets everything about the previous socket (which must already be deregistered).
+    /// Forgets everything about the previous socket (which must already be deregistered);
+    /// the session and `resume` stay.
     pub fn reset(&mut self, state: State, now: Instant) {
         self.sock = None;
         self.layer = None;

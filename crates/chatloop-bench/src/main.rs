@@ -2,9 +2,9 @@
 //!
 //! One thread, one `mio::Poll`, every connection nonblocking; reads of 64 KiB into a shared
 //! buffer parsed in place (no allocation per message); writes batched per loop iteration.
-//! Scenarios: `fanout`, `sweep`, `idle`, `connect`, `rtt`, and the attacks of issue 13
-//! (`attack amp`, `attack partial`, `attack slowheaders`; see `--help` of each). Loopback use
-//! only: every loop is bounded in time and stops by itself.
+//! Scenarios: `fanout`, `sweep`, `idle`, `held`, `connect`, `rtt`, `recover`, and the attacks
+//! of issue 13 (`attack amp`, `attack partial`, `attack slowheaders`; see `--help` of each).
+//! Loopback use only: every loop is bounded in time and stops by itself.
 //!
 //! Every scenario but the attacks runs over the transport `--transport` names (`tcp`, the
 //! default; `tls`, `ws`, `wss`, against the server's `--tls-listen`, `--ws-listen`,
@@ -22,10 +22,11 @@
 //!   an X25519) costs the generator more than the server's side costs the server, so the
 //!   connection rate is then the generator's limit (its report says so when its loop was
 //!   saturated), and the server's CPU per connection is the server's figure;
-//! - `idle`: the server's memory per welcomed connection, TLS session and WebSocket included;
-//! - `fanout`, `sweep`, `rtt`: the same figures, each message encrypted and/or framed as a
-//!   WebSocket message by the server for every subscriber, and decrypted and/or unframed by
-//!   the generator (which then costs the generator more too: watch its `busy`).
+//! - `idle`, `held`: the server's memory per welcomed connection, TLS session and WebSocket
+//!   included, and per session held in its resume window;
+//! - `fanout`, `sweep`, `rtt`, `recover`: the same figures, each message encrypted and/or
+//!   framed as a WebSocket message by the server for every subscriber, and decrypted and/or
+//!   unframed by the generator (which then costs the generator more too: watch its `busy`).
 //!
 //! # Layout
 //!
@@ -47,9 +48,10 @@
 //! | `fanout` | publishers + subscribers, measurement steps |
 //! | `result` | one step's figures and their rendering |
 //! | `load` | the `fanout` and `sweep` commands |
-//! | `idle` | the `idle` command: the server's memory per idle connection |
+//! | `idle` | the `idle` and `held` commands: the server's memory per idle connection and per held session |
 //! | `dialers` | the `connect` command: connection + handshake + HELLO/WELCOME rate |
 //! | `rtt` | the `rtt` command: PING/PONG round trips, optionally under load |
+//! | `recover` | the `recover` command: a lost connection's missed messages, recovered by resume and HISTORY, timed and checked |
 //! | `attack` | the `attack` commands: hostile clients and what the server did (its own table) |
 //! | `report` | JSON and human output, latency summaries, progress |
 //! | `sys` | what it asks of the OS: CPU time, RSS, fd limit, delayed ACKs, small receive buffers |
@@ -67,6 +69,7 @@ mod idle;
 mod load;
 mod pacer;
 mod pool;
+mod recover;
 mod report;
 mod result;
 mod rtt;
@@ -86,8 +89,10 @@ fn main() -> ExitCode {
         Cmd::Fanout(a) => load::fanout(a, t, progress),
         Cmd::Sweep(a) => load::sweep(a, t, progress),
         Cmd::Idle(a) => idle::idle(a, t, progress),
+        Cmd::Held(a) => idle::held(a, t, progress),
         Cmd::Connect(a) => dialers::connect(a, t, progress),
         Cmd::Rtt(a) => rtt::rtt(a, t, progress),
+        Cmd::Recover(a) => recover::recover(a, t, progress),
         Cmd::Attack(a) => match t.tcp_only("attack") {
             Ok(()) => attack::run(a, progress),
             Err(e) => Err(Fail::Usage(e)),

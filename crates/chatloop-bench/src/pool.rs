@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatloop::protocol::{ClientMsg, ErrorCode, op};
+use chatloop::protocol::{ClientMsg, ErrorCode, ServerMsg, op};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::conn::{Conn, Handshake, ReadEnd, State};
+use super::conn::{Conn, Handshake, ReadEnd, Session, State};
 use super::report::Progress;
 use super::sys::connect_with_rcvbuf;
 use super::transport::{Dialer, Kind};
@@ -417,7 +417,8 @@ impl Pool {
     }
 
     /// Queues HELLO (and JOIN and the barrier PING) on slot `i` and writes it; false if the
-    /// write failed (the slot is closed).
+    /// write failed (the slot is closed). The HELLO carries the slot's session token when the
+    /// slot resumes (`Conn::resume`) and has had a WELCOME.
     fn hello(&mut self, i: usize) -> bool {
         let c = &mut self.conns[i];
         let nick = if c.generation == 0 {
@@ -426,12 +427,9 @@ impl Pool {
             format!("{}{i}-{}", self.prefix, c.generation)
         };
         let handshake = c.handshake;
+        let token = c.session.as_ref().filter(|_| c.resume).map(|s| s.token);
         let out = self.out(i);
-        ClientMsg::Hello {
-            nick: &nick,
-            token: None,
-        }
-        .encode(out);
+        ClientMsg::Hello { nick: &nick, token }.encode(out);
         if handshake == Handshake::HelloJoin {
             let room = self.room.clone();
             let out = self.out(i);
@@ -492,6 +490,14 @@ fn builtin(
     counters: &mut Counters,
     in_flight: &mut usize,
 ) {
+    if opcode == op::S_WELCOME {
+        if let Ok(ServerMsg::Welcome { token, nick, .. }) = ServerMsg::decode(opcode, payload) {
+            c.session = Some(Session {
+                token,
+                nick: nick.to_string(),
+            });
+        }
+    }
     match opcode {
         op::S_PING => ClientMsg::Pong { data: payload }.encode(c.out()),
         op::S_ERROR => {

@@ -1,0 +1,285 @@
+//! End-to-end checks of the continuity scenarios against the real `chatloop` server (started
+//! with a resume window and a history): `recover` runs a few short rounds and must report that
+//! every missed message was recovered, in order; `held` holds and resumes a few hundred
+//! sessions. Every wait is bounded: the server must say where it listens within [`STARTUP`],
+//! and a generator that outlives [`BUDGET`] is killed and fails the test.
+//!
+//! The server binary is built as tests/transports.rs builds it (cargo gives an integration
+//! test only its own package's binaries).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The generator under test.
+const BENCH: &str = env!("CARGO_BIN_EXE_chatloop-bench");
+/// How long the server may take to log its listener.
+const STARTUP: Duration = Duration::from_secs(10);
+/// Budget for one generator run.
+const BUDGET: Duration = Duration::from_secs(30);
+
+/// `target/<profile>/chatloop`, built first (once per test process).
+fn server_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile_dir = Path::new(BENCH)
+            .parent()
+            .expect("the generator is in a profile directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(p) => p,
+        };
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "chatloop", "--bin", "chatloop"])
+            .args(["--profile", profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null());
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target_dir);
+        }
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run cargo to build the server: {e}"));
+        assert!(
+            out.status.success(),
+            "building the chatloop server failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir.join("chatloop");
+        assert!(bin.is_file(), "cargo built no {}", bin.display());
+        bin
+    })
+}
+
+/// The server on a port of the OS's choosing, with `flags`; killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(flags: &[&str]) -> Server {
+        let bin = server_binary();
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--presence-limit", "0"])
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        // Reads (and echoes) the log until the server exits.
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[server] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + STARTUP;
+        let marker = "listening on ";
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not log its listener within {STARTUP:?}");
+            };
+            if let Some(at) = line.find(marker) {
+                let addr: String = line[at + marker.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+                    .collect();
+                let addr = addr
+                    .trim_end_matches(':')
+                    .parse()
+                    .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"));
+                return Server { child, addr };
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the generator with `args` (killed after [`BUDGET`]); returns its exit success, stdout
+/// and stderr.
+fn bench(args: &[String]) -> (bool, String, String) {
+    let mut child = Command::new(BENCH)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chatloop-bench");
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let reader = thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        (o, e)
+    });
+    let deadline = Instant::now() + BUDGET;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for chatloop-bench") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chatloop-bench {args:?} ran longer than {BUDGET:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (o, e) = reader.join().expect("reader thread");
+    (status.success(), o, e)
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn recover_reports_every_missed_message_recovered() {
+    let server = Server::start(&["--resume-window", "30s", "--history", "300"]);
+    let addr = server.addr.to_string();
+    let pid = server.pid().to_string();
+    let (ok, out, err) = bench(&args(&[
+        "--quiet",
+        "--json",
+        "recover",
+        "--addr",
+        &addr,
+        "--messages",
+        "300",
+        "--rounds",
+        "3",
+        "--server-pid",
+        &pid,
+    ]));
+    assert!(ok, "recover failed:\n{out}\n{err}");
+    for field in [
+        "\"scenario\":\"recover\"",
+        "\"all_recovered\":true",
+        "\"rounds_recovered\":3",
+        "\"messages_recovered\":900",
+        "\"max_requests_per_round\":1",
+    ] {
+        assert!(out.contains(field), "{field} not in {out}");
+    }
+    assert!(!out.contains("\"problem\""), "{out}");
+
+    // The human report says so too.
+    let (ok, out, err) = bench(&args(&[
+        "--quiet",
+        "recover",
+        "--addr",
+        &addr,
+        "--messages",
+        "50",
+        "--rounds",
+        "2",
+    ]));
+    assert!(ok, "recover failed:\n{out}\n{err}");
+    assert!(
+        out.contains("all 2 rounds recovered all 50 missed messages, in order"),
+        "{out}"
+    );
+}
+
+#[test]
+fn recover_says_what_was_not_recovered() {
+    // History shorter than the messages missed: the server answers `gap`, and the report
+    // (and the exit status) says the recovery was not complete.
+    let server = Server::start(&["--resume-window", "30s", "--history", "20"]);
+    let addr = server.addr.to_string();
+    let (ok, out, _) = bench(&args(&[
+        "--quiet",
+        "--json",
+        "recover",
+        "--addr",
+        &addr,
+        "--messages",
+        "50",
+        "--rounds",
+        "1",
+    ]));
+    assert!(!ok, "{out}");
+    assert!(out.contains("\"all_recovered\":false"), "{out}");
+    assert!(out.contains("Gap"), "{out}");
+    drop(server);
+
+    // No resume window: the session is not held, and the run stops at once saying so.
+    let server = Server::start(&["--history", "100"]);
+    let addr = server.addr.to_string();
+    let (ok, out, err) = bench(&args(&[
+        "--quiet",
+        "recover",
+        "--addr",
+        &addr,
+        "--messages",
+        "10",
+        "--rounds",
+        "1",
+    ]));
+    assert!(!ok, "{out}");
+    assert!(err.contains("the session was not resumed"), "{err}");
+}
+
+#[test]
+fn held_sessions_are_counted_and_resumed() {
+    let server = Server::start(&["--resume-window", "30s"]);
+    let addr = server.addr.to_string();
+    let pid = server.pid().to_string();
+    let (ok, out, err) = bench(&args(&[
+        "--quiet",
+        "--json",
+        "held",
+        "--addr",
+        &addr,
+        "--server-pid",
+        &pid,
+        "--sessions",
+        "300",
+        "--batch",
+        "50",
+        "--settle",
+        "200ms",
+    ]));
+    assert!(ok, "held failed:\n{out}\n{err}");
+    assert!(out.contains("\"resumed\":300"), "{out}");
+    let (ok, out, err) = bench(&args(&[
+        "--quiet",
+        "--json",
+        "idle",
+        "--addr",
+        &addr,
+        "--server-pid",
+        &pid,
+        "--conns",
+        "300",
+        "--settle",
+        "200ms",
+        "--hold",
+    ]));
+    assert!(ok, "idle --hold failed:\n{out}\n{err}");
+    assert!(out.contains("\"resumed\":300"), "{out}");
+}
