@@ -266,7 +266,7 @@ pub struct Args {
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     pub history_age: Duration,
     /// Memory all kept messages and held whispers may take together (each counts its frame
-    /// plus about 100 bytes); beyond it the oldest go first, whatever their room.
+    /// plus about 130 bytes); beyond it the oldest go first, whatever their room.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub history_bytes: usize,
 }

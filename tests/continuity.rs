@@ -1364,7 +1364,7 @@ fn history_age_drops_old_messages_without_new_traffic() {
 
 #[test]
 fn history_bytes_cap_evicts_the_oldest_of_all_rooms() {
-    // Each entry costs its frame (8 + 8 + 3 + 5 + 300 = 324 bytes) plus about 100: two fit in
+    // Each entry costs its frame (8 + 8 + 3 + 5 + 300 = 324 bytes) plus about 130: two fit in
     // 1000 bytes, three do not.
     let server = start(
         ServerKind::Mio,

@@ -358,7 +358,7 @@ fn resume_continuity() -> impl Strategy<Value = (u64, usize, u64, usize)> {
 
 /// Section 12's settings: (resume window, history, history age, history bytes). Windows of a
 /// few ticks, so that time passes them; a few messages per room; sometimes an age limit, and
-/// sometimes a byte cap that holds only a few entries (each costs its frame + 96 bytes).
+/// sometimes a byte cap that holds only a few entries (each costs its frame + 128 bytes).
 fn continuity() -> impl Strategy<Value = (u64, usize, u64, usize)> {
     prop_oneof![
         1 => Just((0, 0, 0, HISTORY_BYTES)),
@@ -1976,7 +1976,7 @@ fn recovery_reports_what_was_lost() {
         .collect();
     assert_eq!(ends, [(wire::GAP, 2), (wire::GAP, 2), (wire::MORE, 1)]);
 
-    // Each entry costs its frame (32 bytes here) + 96: 200 bytes hold one.
+    // Each entry costs its frame (32 bytes here) + 128: 200 bytes hold one.
     case.cfg.history_bytes = 200;
     let got = run_received(
         &case,

@@ -102,7 +102,7 @@ pub struct ChatConfig {
     /// Kept messages older than this are dropped (default 0: no age limit).
     pub history_age: Duration,
     /// What all kept messages and held whispers may cost together, in bytes (frames plus
-    /// about 100 bytes each); the oldest go first beyond it (default 64 MiB).
+    /// about 130 bytes each); the oldest go first beyond it (default 64 MiB).
     pub history_bytes: usize,
 }
 

@@ -57,8 +57,8 @@ pub struct Config {
 pub const EPOCH: u64 = 0x5A17_C0DE_0000_002A;
 
 /// What a kept entry costs beyond its frame, against `--history-bytes` (the core's documented
-/// accounting: frame length + 96).
-pub const ENTRY_OVERHEAD: usize = 96;
+/// accounting: frame length + 128).
+pub const ENTRY_OVERHEAD: usize = 128;
 
 /// Whispers kept per held session: 100, or `--history` if larger (section 12.1).
 const MIN_HELD_WHISPERS: usize = 100;
