@@ -982,3 +982,57 @@ fn room_history_is_the_clusters() {
     assert_eq!(status, 0);
     assert_eq!(epoch_a, epoch_b, "one epoch for the cluster");
 }
+
+/// Whispers that reached a held session go with it when it resumes on another node.
+#[test]
+fn whispers_held_on_one_node_follow_the_session_to_another() {
+    let redis = Redis::start();
+    let extra = ["--resume-window", "30s"];
+    let a = start_node_with(&redis.url(), "a", &extra);
+    let b = start_node_with(&redis.url(), "b", &extra);
+    let mut old = a.connect();
+    let w = old.hello("alice");
+    let mut bob = b.login("bob");
+    drop(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.scrape().get("chatloop_sessions_held") != 1 {
+        assert!(Instant::now() < deadline, "a never held alice's session");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // bob, on b, whispers the held alice twice: a keeps them (no no_such_user).
+    bob.whisper("alice", "psst");
+    bob.whisper("alice", "still there?");
+    bob.assert_no_pending();
+    // alice comes back on b: her whispers come with the session.
+    let mut new = b.connect();
+    new.send_hello("alice", &w.token);
+    assert_eq!(new.expect_welcome().nick, "alice");
+    let mut p = vec![0, 0];
+    for v in [0u64, 0, 0] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p.extend_from_slice(&100u32.to_be_bytes());
+    new.send_frame(0x0A, &p);
+    let mut got = Vec::new();
+    loop {
+        let f = new.recv_what("a HISTORY answer");
+        match chatloop::protocol::ServerMsg::decode(f.op, &f.payload) {
+            Ok(chatloop::protocol::ServerMsg::HistoryWhisper { from, text, .. }) => {
+                got.push((from.to_string(), text.to_string()))
+            }
+            Ok(chatloop::protocol::ServerMsg::HistoryEnd { status, count, .. }) => {
+                assert_eq!(count, 2);
+                assert_eq!(status as u8, 0);
+                break;
+            }
+            other => panic!("unexpected frame in a HISTORY answer: {other:?}"),
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("bob".to_string(), "psst".to_string()),
+            ("bob".to_string(), "still there?".to_string())
+        ]
+    );
+}

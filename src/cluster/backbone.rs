@@ -279,13 +279,13 @@ redis.register_function('chatloop_handover', function(keys, args)\n\
   redis.call('SET', 'chatloop:session:' .. redis.sha1hex(args[1]), args[2])\n\
   redis.call('SET', args[4], args[2])\n\
   local rooms = {}\n\
-  for i = 10, #args do\n\
+  for i = 11, #args do\n\
     redis.call('HSET', args[7] .. args[i], args[3], args[2])\n\
     redis.call('SADD', args[8] .. args[2], args[i])\n\
     rooms[#rooms + 1] = args[i]\n\
   end\n\
   redis.call('SADD', args[9], args[2])\n\
-  local msg = 'H' .. args[6] .. ':' .. args[3] .. '\\n' .. table.concat(rooms, '\\n')\n\
+  local msg = 'H' .. args[6] .. ':' .. args[3] .. '\\n' .. table.concat(rooms, '\\n') .. '\\n\\0' .. args[10]\n\
   redis.call('PUBLISH', args[5] .. args[2], msg)\n\
   return 0\n\
 end)\n";
@@ -364,6 +364,11 @@ pub enum Delivery {
         nick: String,
         /// Its rooms.
         rooms: Vec<String>,
+        /// The whispers held for it where it was (msg_id, from, text), for
+        /// [`Chat::handle_handover_whispers`].
+        ///
+        /// [`Chat::handle_handover_whispers`]: crate::core::Chat::handle_handover_whispers
+        whispers: Vec<(u64, String, String)>,
     },
     /// Another process asks for the session with this token (its client resumed there),
     /// for [`Chat::handle_takeover_request`]; then [`Backbone::handover`].
@@ -1382,6 +1387,7 @@ impl Backbone {
         conn: u64,
         token: &SessionToken,
         session: Option<(Box<str>, Vec<Box<str>>)>,
+        whispers: &[(u64, String, String)],
     ) {
         let channel = format!("{WHISPER_CHANNEL}{to}");
         let Some((nick, rooms)) = session else {
@@ -1407,6 +1413,16 @@ impl Backbone {
         let nick_key = format!("{NICK_KEY}{folded}");
         let conn_id = conn.to_string();
         let noderooms = NODEROOMS_KEY.to_string();
+        // `<msg_id> <length> <from length byte><from><text>` each, as a HISTORY answer's.
+        let mut held = Vec::new();
+        for (msg_id, from, text) in whispers {
+            let mut payload = Vec::with_capacity(1 + from.len() + text.len());
+            payload.push(from.len().min(255) as u8);
+            payload.extend_from_slice(from.as_bytes());
+            payload.extend_from_slice(text.as_bytes());
+            held.extend_from_slice(format!("{msg_id} {} ", payload.len()).as_bytes());
+            held.extend_from_slice(&payload);
+        }
         let mut cmd: Vec<&[u8]> = vec![
             b"FCALL",
             b"chatloop_handover",
@@ -1420,6 +1436,7 @@ impl Backbone {
             MEMBERS_KEY.as_bytes(),
             noderooms.as_bytes(),
             NODES_KEY.as_bytes(),
+            &held,
         ];
         cmd.extend(rooms.iter().map(|r| r.as_bytes()));
         push_command(&mut self.links[0].out, &cmd);
@@ -1822,7 +1839,18 @@ fn parse_history(p: &[u8]) -> Option<Delivery> {
     let floor = fields.next()?.parse().ok()?;
     let cut = fields.next()? == "1";
     let room = fields.next()?.to_string();
-    let mut rest = &p[nl + 1..];
+    Some(Delivery::History {
+        conn,
+        room,
+        entries: parse_entries(&p[nl + 1..])?,
+        floor,
+        cut,
+        lost: false,
+    })
+}
+
+/// `<msg_id> <length> <payload>` repeated, each payload `<from length byte><from><text>`.
+fn parse_entries(mut rest: &[u8]) -> Option<Vec<(u64, String, String)>> {
     let mut entries = Vec::new();
     while !rest.is_empty() {
         let mut number = || -> Option<usize> {
@@ -1840,14 +1868,7 @@ fn parse_history(p: &[u8]) -> Option<Delivery> {
         let text = std::str::from_utf8(payload.get(1 + n..)?).ok()?;
         entries.push((msg_id, from.to_string(), text.to_string()));
     }
-    Some(Delivery::History {
-        conn,
-        room,
-        entries,
-        floor,
-        cut,
-        lost: false,
-    })
+    Some(entries)
 }
 
 /// Nicks compare ASCII case folded (PROTOCOL.md 5.1), in Redis as in the core.
@@ -1917,7 +1938,13 @@ fn parse_session_message(p: &[u8]) -> Option<Delivery> {
             Some(Delivery::TakeoverRequest { token, to, conn })
         }
         b'H' => {
-            let text = std::str::from_utf8(body).ok()?;
+            // The session's lines, then `\n\0` and its held whispers (no name holds a NUL).
+            let cut = body.windows(2).position(|w| w == b"\n\0");
+            let (head, held) = match cut {
+                Some(i) => (&body[..i], &body[i + 2..]),
+                None => (body, &[][..]),
+            };
+            let text = std::str::from_utf8(head).ok()?;
             let mut lines = text.split('\n');
             let nick = lines.next()?.to_string();
             let rooms = lines
@@ -1928,6 +1955,7 @@ fn parse_session_message(p: &[u8]) -> Option<Delivery> {
                 conn: ConnId::from_u64(conn)?,
                 nick,
                 rooms,
+                whispers: parse_entries(held)?,
             })
         }
         _ => None,

@@ -166,8 +166,14 @@ impl BackboneSource {
                     server.handle_resume_result(now, conn);
                     true
                 }
-                Delivery::Handover { conn, nick, rooms } => {
+                Delivery::Handover {
+                    conn,
+                    nick,
+                    rooms,
+                    whispers,
+                } => {
                     if server.handle_resume_handover(now, conn, &nick, &rooms) {
+                        server.handle_handover_whispers(conn, &whispers);
                         self.backbone.adopt(&nick, &rooms);
                     } else {
                         self.backbone.release_handover(now, &nick);
@@ -175,8 +181,10 @@ impl BackboneSource {
                     true
                 }
                 Delivery::TakeoverRequest { token, to, conn } => {
+                    let whispers = server.chat().held_whispers_of(&token);
                     let session = server.handle_takeover_request(&token);
-                    self.backbone.handover(now, &to, conn, &token, session);
+                    self.backbone
+                        .handover(now, &to, conn, &token, session, &whispers);
                     true
                 }
                 Delivery::Who { conn, room, nicks } => {

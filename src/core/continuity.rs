@@ -26,7 +26,8 @@ use super::{
 };
 use crate::id::ConnId;
 use crate::protocol::{
-    self, Deframer, ErrorCode, HistoryQuery, HistoryStatus, PresenceKind, encode, op,
+    self, Deframer, ErrorCode, HistoryQuery, HistoryStatus, PresenceKind, ServerMsg, SessionToken,
+    encode, op, split_frame,
 };
 use crate::untrusted::Untrusted;
 
@@ -186,16 +187,74 @@ impl Chat {
     pub(super) fn hold_whisper(&mut self, to: ConnId, msg_id: u64, start: usize, end: usize) {
         let now_ms = self.now_ms();
         let cap = self.store.per_held;
-        let key = *self.whisper_keys.entry(to).or_insert_with(|| {
-            self.next_whisper_key += 1;
-            self.next_whisper_key
-        });
+        let key = self.whisper_key(to);
         let frame = self.outbox.encoded(start, end);
         let stream = self.held_whispers.entry(key).or_default();
         self.store
             .push(stream, Key::Held(key), cap, msg_id, now_ms, frame);
         self.stats.whispers_held += 1;
         self.trim_history();
+    }
+
+    /// The whispers held for the session whose token is `token`, oldest first, as (msg_id,
+    /// from, text): what a cluster's handover carries to the node the session resumes on
+    /// (before [`handle_takeover_request`](Self::handle_takeover_request) ends it here).
+    pub fn held_whispers_of(&self, token: &SessionToken) -> Vec<(u64, String, String)> {
+        let Some(conn) = self.session_by_token(token) else {
+            return Vec::new();
+        };
+        let Some(w) = self
+            .whisper_keys
+            .get(&conn)
+            .and_then(|k| self.held_whispers.get(k))
+        else {
+            return Vec::new();
+        };
+        w.entries()
+            .iter()
+            .filter_map(|e| {
+                let f = split_frame(&e.frame, u32::MAX).ok()??;
+                match ServerMsg::decode(f.opcode, f.payload) {
+                    Ok(ServerMsg::Whisper { msg_id, from, text }) => {
+                        Some((msg_id, from.to_string(), text.to_string()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Whispers another node held for the session `conn` just resumed here
+    /// ([`handle_resume_handover`](Self::handle_resume_handover)), from its
+    /// [`held_whispers_of`](Self::held_whispers_of): kept as if held here, for HISTORY.
+    pub fn handle_handover_whispers(&mut self, conn: ConnId, whispers: &[(u64, String, String)]) {
+        if !self.is_open(conn) || whispers.is_empty() {
+            return;
+        }
+        let now_ms = self.now_ms();
+        let cap = self.store.per_held;
+        let key = self.whisper_key(conn);
+        let mut frame = Vec::new();
+        for (msg_id, from, text) in whispers {
+            frame.clear();
+            let text = session_ops::truncate(text, self.cfg.max_frame as usize);
+            encode::whisper(&mut frame, *msg_id, from, text);
+            let stream = self.held_whispers.entry(key).or_default();
+            if stream.entries().back().is_some_and(|e| e.id >= *msg_id) {
+                continue; // out of order: not from a well-behaved node
+            }
+            self.store
+                .push(stream, Key::Held(key), cap, *msg_id, now_ms, &frame);
+        }
+        self.trim_history();
+    }
+
+    /// The key of `conn`'s held whispers, made if it has none.
+    fn whisper_key(&mut self, conn: ConnId) -> u64 {
+        *self.whisper_keys.entry(conn).or_insert_with(|| {
+            self.next_whisper_key += 1;
+            self.next_whisper_key
+        })
     }
 
     /// Applies the history's age limit and byte cap.

@@ -1469,6 +1469,12 @@ impl Server {
         self.chat.handle_resume_handover(now, conn, nick, rooms)
     }
 
+    /// Whispers held for a session another node handed over here
+    /// ([`Chat::handle_handover_whispers`]).
+    pub fn handle_handover_whispers(&mut self, conn: ConnId, whispers: &[(u64, String, String)]) {
+        self.chat.handle_handover_whispers(conn, whispers);
+    }
+
     /// Another node asks for a session here ([`Chat::handle_takeover_request`]).
     pub fn handle_takeover_request(
         &mut self,
