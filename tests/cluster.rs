@@ -1036,3 +1036,37 @@ fn whispers_held_on_one_node_follow_the_session_to_another() {
         ]
     );
 }
+
+/// `--history-bytes` bounds the cluster's history whatever the number of rooms: past it, the
+/// least recently written room's whole stream goes, and asking for it then says `gap`.
+#[test]
+fn the_clusters_history_is_bounded_by_history_bytes() {
+    let redis = Redis::start();
+    // Each message costs its payload (about 310 bytes here) plus 128: 2,000 bytes hold four.
+    let extra = ["--history", "100", "--history-bytes", "2000"];
+    let a = start_node_with(&redis.url(), "a", &extra);
+    let mut alice = a.login("alice");
+    let body = "x".repeat(300);
+    alice.join("old");
+    let first = alice.say("old", &format!("o1 {body}")).msg_id;
+    alice.say("old", &format!("o2 {body}"));
+    alice.join("new");
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        ids.push(alice.say("new", &format!("n{i} {body}")).msg_id);
+    }
+    // "old" was written least recently: its stream went to make room; "new" is whole. (alice
+    // received all of them live: a newcomer asks.)
+    let mut bob = a.login("bob");
+    bob.join("new");
+    alice.expect_presence(kind::JOIN, "new", "bob");
+    let (got, _, _) = history_of(&mut bob, "new", 0, 100);
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), ids);
+    bob.join("old");
+    alice.expect_presence(kind::JOIN, "old", "bob");
+    let (got, status, _) = history_of(&mut bob, "old", 0, 100);
+    assert!(got.is_empty(), "old's history was evicted: {got:?}");
+    assert_eq!(status, 2, "gap: what was lost with the stream is said");
+    let (_, status, _) = history_of(&mut bob, "old", first + 100, 100);
+    assert_eq!(status, 0, "nothing lost after the newest message");
+}

@@ -141,8 +141,11 @@ fn run(args: &Args) -> Result<(), String> {
             let mut b = BackboneSource::new(url, &node, poll.registry(), CLUSTER_BASE, now)
                 .map_err(|e| format!("cannot set up the cluster backbone: {e}"))?;
             // Rooms' history lives in Redis, shared by every node (docs/CLUSTER.md).
-            b.backbone_mut()
-                .set_history(args.history, args.history_age.as_millis() as u64);
+            b.backbone_mut().set_history(
+                args.history,
+                args.history_age.as_millis() as u64,
+                args.history_bytes,
+            );
             Some(b)
         }
         None => None,

@@ -76,6 +76,16 @@ const ROOM_CHANNEL: &str = "chatloop:room:";
 const MSG_ID_KEY: &str = "chatloop:msg_id";
 /// A room's kept messages (`--history`): a stream whose entry ids are the msg_ids.
 const HISTORY_KEY: &str = "chatloop:history:";
+/// Per room: the newest msg_id of its history lost with a whole stream (the stream evicted by
+/// the byte cap, or expired), and the newest msg_id ever written to it.
+const HISTORY_LOST_KEY: &str = "chatloop:history_lost:";
+const HISTORY_LAST_KEY: &str = "chatloop:history_last:";
+/// What every room's history costs in Redis (payloads plus 128 bytes each), the rooms by last
+/// write, and each room's cost: the byte cap (`--history-bytes`) evicts the least recently
+/// written room's whole stream first.
+const HISTORY_BYTES_KEY: &str = "chatloop:history_bytes";
+const HISTORY_ROOMS_KEY: &str = "chatloop:history_rooms";
+const HISTORY_SIZES_KEY: &str = "chatloop:history_sizes";
 /// The cluster's history epoch (HISTORY_END's `epoch`): set once, by the first node.
 const EPOCH_KEY: &str = "chatloop:epoch";
 /// How long a room's history outlives its last message without `--history-age`.
@@ -125,8 +135,40 @@ redis.register_function('chatloop_say', function(keys, args)\n\
   redis.call('PUBLISH', keys[2], id .. ':' .. args[1])\n\
   if keys[3] then\n\
     local t = redis.call('TIME')\n\
-    local ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))\n\
-    redis.pcall('XADD', keys[3], 'MAXLEN', args[2], id .. '-0', 'p', args[1], 't', ms)\n\
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n\
+    local keep = tonumber(args[3]) * 2\n\
+    local len, gone = redis.call('XLEN', keys[3]), 0\n\
+    if len == 0 then\n\
+      local last = redis.call('GET', keys[8])\n\
+      if last then redis.call('SET', keys[7], last, 'PX', keep) end\n\
+      local old = redis.call('HGET', keys[6], keys[3])\n\
+      if old then\n\
+        redis.call('DECRBY', keys[4], old)\n\
+        redis.call('HDEL', keys[6], keys[3])\n\
+      end\n\
+    elseif len >= tonumber(args[2]) then\n\
+      local first = redis.call('XRANGE', keys[3], '-', '+', 'COUNT', 1)[1]\n\
+      if first then gone = #first[2][2] + 128 end\n\
+    end\n\
+    local added = redis.pcall('XADD', keys[3], 'MAXLEN', args[2], id .. '-0', 'p', args[1], 't', string.format('%.0f', now))\n\
+    if type(added) == 'string' then\n\
+      redis.call('SET', keys[8], id, 'PX', keep)\n\
+      local delta = #args[1] + 128 - gone\n\
+      redis.call('HINCRBY', keys[6], keys[3], delta)\n\
+      local total = redis.call('INCRBY', keys[4], delta)\n\
+      redis.call('ZADD', keys[5], id, keys[3])\n\
+      while total > tonumber(args[4]) do\n\
+        local v = redis.call('ZPOPMIN', keys[5])[1]\n\
+        if not v or v == keys[3] then\n\
+          if v then redis.call('ZADD', keys[5], id, v) end\n\
+          break\n\
+        end\n\
+        local size = redis.call('HGET', keys[6], v) or '0'\n\
+        redis.call('HDEL', keys[6], v)\n\
+        redis.call('DEL', v)\n\
+        total = redis.call('DECRBY', keys[4], size)\n\
+      end\n\
+    end\n\
     redis.call('PEXPIRE', keys[3], args[3])\n\
   end\n\
   return id\n\
@@ -137,8 +179,10 @@ redis.register_function('chatloop_epoch', function(keys, args)\n\
 end)\n\
 redis.register_function('chatloop_history', function(keys, args)\n\
   local limit, budget, age = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])\n\
-  local floor, cut, n, total, out = 0, 0, 0, 0, {}\n\
-  if redis.call('EXISTS', keys[1]) == 1 then\n\
+  local floor, cut, n, total, out = tonumber(redis.call('GET', keys[2]) or '0'), 0, 0, 0, {}\n\
+  if redis.call('EXISTS', keys[1]) == 0 then\n\
+    floor = math.max(floor, tonumber(redis.call('GET', keys[3]) or '0'))\n\
+  else\n\
     local info = redis.call('XINFO', 'STREAM', keys[1])\n\
     local len, added, first = 0, 0, nil\n\
     for i = 1, #info, 2 do\n\
@@ -146,7 +190,7 @@ redis.register_function('chatloop_history', function(keys, args)\n\
       elseif info[i] == 'entries-added' then added = info[i + 1]\n\
       elseif info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end\n\
     end\n\
-    if added > len and first then floor = tonumber(string.match(first, '^(%d+)')) - 1 end\n\
+    if added > len and first then floor = math.max(floor, tonumber(string.match(first, '^(%d+)')) - 1) end\n\
     local t = redis.call('TIME')\n\
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n\
     for _, e in ipairs(redis.call('XREVRANGE', keys[1], args[5], args[4], 'COUNT', limit + 1)) do\n\
@@ -606,8 +650,9 @@ pub struct Backbone {
     /// process's channel, in order with the room traffic before them; not yet back.
     answers_out: Vec<(ConnId, Answer)>,
     /// Messages kept per room in the cluster's history (`--history`; 0: none), and how long
-    /// a room's history outlives its last message (`--history-age`, or `HISTORY_TTL_MS`).
-    history: (usize, u64),
+    /// a room's history outlives its last message (`--history-age`, or `HISTORY_TTL_MS`),
+    /// and the cluster's cap on all of it (`--history-bytes`).
+    history: (usize, u64, usize),
     /// This node's members, room → nicks, registered again on every connection.
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
     next_reap: Option<Instant>,
@@ -636,7 +681,7 @@ impl Backbone {
             barriers: Vec::new(),
             barriers_out: Vec::new(),
             answers_out: Vec::new(),
-            history: (0, 0),
+            history: (0, 0, 0),
             members: HashMap::new(),
             next_reap: None,
             stats: BackboneStats::default(),
@@ -646,8 +691,8 @@ impl Backbone {
     /// Keeps each room's last `per_room` messages in the cluster's history (a Redis stream
     /// per room), for HISTORY on any node; `age_ms` (0: none) drops older ones, and a room's
     /// stream expires that long (or a week, without it) after its last message.
-    pub fn set_history(&mut self, per_room: usize, age_ms: u64) {
-        self.history = (per_room, age_ms);
+    pub fn set_history(&mut self, per_room: usize, age_ms: u64, max_bytes: usize) {
+        self.history = (per_room, age_ms, max_bytes);
     }
 
     /// xorshift64: jitter, and a proposed history epoch.
@@ -1173,6 +1218,8 @@ impl Backbone {
     /// `chatloop_history` for `room`, answering `ask.conn` on this process's channel.
     fn history_op(&mut self, now: Instant, room: Box<str>, ask: HistoryAsk) {
         let key = format!("{HISTORY_KEY}{room}");
+        let lost = format!("{HISTORY_LOST_KEY}{room}");
+        let last = format!("{HISTORY_LAST_KEY}{room}");
         let own = format!("{WHISPER_CHANNEL}{}", self.ident);
         let conn_id = ask.conn.to_u64().to_string();
         // Stream ids are `<msg_id>-0`; `(` makes a bound exclusive.
@@ -1196,8 +1243,10 @@ impl Backbone {
             &[
                 b"FCALL",
                 b"chatloop_history",
-                b"1",
+                b"3",
                 key.as_bytes(),
+                lost.as_bytes(),
+                last.as_bytes(),
                 own.as_bytes(),
                 conn_id.as_bytes(),
                 room.as_bytes(),
@@ -1522,25 +1571,34 @@ impl Backbone {
         payload.push(from.len().min(255) as u8);
         payload.extend_from_slice(from.as_bytes());
         payload.extend_from_slice(text.as_bytes());
-        let (per_room, age_ms) = self.history;
+        let (per_room, age_ms, max_bytes) = self.history;
         if per_room > 0 {
             // Kept in the room's stream too, in the same call: same id, same order.
             let stream = format!("{HISTORY_KEY}{room}");
+            let lost = format!("{HISTORY_LOST_KEY}{room}");
+            let last = format!("{HISTORY_LAST_KEY}{room}");
             let n = per_room.to_string();
             let ttl = if age_ms > 0 { age_ms } else { HISTORY_TTL_MS }.to_string();
+            let cap = max_bytes.to_string();
             self.command(
                 now,
                 Pending::Say,
                 &[
                     b"FCALL",
                     b"chatloop_say",
-                    b"3",
+                    b"8",
                     MSG_ID_KEY.as_bytes(),
                     channel.as_bytes(),
                     stream.as_bytes(),
+                    HISTORY_BYTES_KEY.as_bytes(),
+                    HISTORY_ROOMS_KEY.as_bytes(),
+                    HISTORY_SIZES_KEY.as_bytes(),
+                    lost.as_bytes(),
+                    last.as_bytes(),
                     &payload,
                     n.as_bytes(),
                     ttl.as_bytes(),
+                    cap.as_bytes(),
                 ],
             );
         } else {
