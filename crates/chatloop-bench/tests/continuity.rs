@@ -7,12 +7,9 @@
 //! The server binary is built as tests/transports.rs builds it (cargo gives an integration
 //! test only its own package's binaries).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,99 +20,22 @@ const STARTUP: Duration = Duration::from_secs(10);
 /// Budget for one generator run.
 const BUDGET: Duration = Duration::from_secs(30);
 
-/// `target/<profile>/chatloop`, built first (once per test process).
-fn server_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile_dir = Path::new(BENCH)
-            .parent()
-            .expect("the generator is in a profile directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(p) => p,
-        };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "chatloop", "--bin", "chatloop"])
-            .args(["--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target_dir);
-        }
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the server: {e}"));
-        assert!(
-            out.status.success(),
-            "building the chatloop server failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("chatloop");
-        assert!(bin.is_file(), "cargo built no {}", bin.display());
-        bin
-    })
-}
-
 /// The server on a port of the OS's choosing, with `flags`; killed on drop.
 struct Server {
-    child: Child,
+    server: chatloop_testkit::Server,
     addr: SocketAddr,
 }
 
 impl Server {
     fn start(flags: &[&str]) -> Server {
-        let bin = server_binary();
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--presence-limit", "0"])
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = mpsc::channel();
-        // Reads (and echoes) the log until the server exits.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[server] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + STARTUP;
-        let marker = "listening on ";
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the server did not log its listener within {STARTUP:?}");
-            };
-            if let Some(at) = line.find(marker) {
-                let addr: String = line[at + marker.len()..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
-                    .collect();
-                let addr = addr
-                    .trim_end_matches(':')
-                    .parse()
-                    .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"));
-                return Server { child, addr };
-            }
-        }
+        let base = ["--listen", "127.0.0.1:0", "--presence-limit", "0"];
+        let mut server = chatloop_testkit::Server::start(BENCH, &[&base[..], flags].concat());
+        let addr = server.listener("listening on ", STARTUP);
+        Server { server, addr }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.pid()
     }
 }
 

@@ -4,19 +4,14 @@
 //! must say where it listens within [`STARTUP`], and a generator that outlives [`BUDGET`] is
 //! killed and fails the test.
 //!
-//! The server binary: cargo gives an integration test the path of its own package's binaries
-//! only (`CARGO_BIN_EXE_chatloop-bench`), so the `chatloop` server is built here, once per test
-//! process, with `cargo build -p chatloop --bin chatloop` in the same profile and target
-//! directory as the generator (a no-op when it is up to date), as the root package's tests do
-//! for the generator (tests/common/exe.rs).
+//! The server binary is built and started by `chatloop-testkit` (cargo gives an integration
+//! test only its own package's binaries).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,40 +21,6 @@ const BENCH: &str = env!("CARGO_BIN_EXE_chatloop-bench");
 const STARTUP: Duration = Duration::from_secs(10);
 /// Budget for one generator run.
 const BUDGET: Duration = Duration::from_secs(20);
-
-/// `target/<profile>/chatloop`, built first (once per test process).
-fn server_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile_dir = Path::new(BENCH)
-            .parent()
-            .expect("the generator is in a profile directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(p) => p,
-        };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "chatloop", "--bin", "chatloop"])
-            .args(["--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target_dir);
-        }
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the server: {e}"));
-        assert!(
-            out.status.success(),
-            "building the chatloop server failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("chatloop");
-        assert!(bin.is_file(), "cargo built no {}", bin.display());
-        bin
-    })
-}
 
 /// A directory of its own under the system's temporary directory, removed on drop.
 struct TempDir(PathBuf);
@@ -104,7 +65,7 @@ impl Drop for TempDir {
 /// The server with a TLS, a WebSocket and a WSS listener on ports of the OS's choosing (no
 /// plain TCP one); killed on drop.
 struct Server {
-    child: Child,
+    server: chatloop_testkit::Server,
     tls: SocketAddr,
     ws: SocketAddr,
     wss: SocketAddr,
@@ -115,87 +76,39 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
-        let bin = server_binary();
         let dir = TempDir::new();
         let cert = dir.self_signed("chatloop-test");
-        let mut child = Command::new(bin)
-            .args(["--listen", "none", "--presence-limit", "0"])
-            .args(["--tls-listen", "127.0.0.1:0"])
-            .args(["--ws-listen", "127.0.0.1:0"])
-            .args(["--wss-listen", "127.0.0.1:0"])
-            .arg("--tls-cert")
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(cert.with_extension("key"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = mpsc::channel();
-        // Reads (and echoes) the log until the server exits.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[server] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut found: [Option<SocketAddr>; 3] = [None; 3];
-        let deadline = Instant::now() + STARTUP;
-        while found.iter().any(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("the server did not log its three listeners within {STARTUP:?}");
-                }
-            };
-            for (k, marker) in [
-                "listening (TLS) on ",
-                "listening (ws) on ",
-                "listening (wss) on ",
-            ]
-            .iter()
-            .enumerate()
-            {
-                if let Some(at) = line.find(marker) {
-                    // `IP:PORT`, `IP:PORT: the chat page is ...` (colour codes, if any,
-                    // stop the address too).
-                    let addr: String = line[at + marker.len()..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
-                        .collect();
-                    let addr = addr.trim_end_matches(':');
-                    found[k] =
-                        Some(addr.parse().unwrap_or_else(|e| {
-                            panic!("cannot parse the address in {line:?}: {e}")
-                        }));
-                }
-            }
-        }
+        let key = cert.with_extension("key");
+        let args: Vec<&std::ffi::OsStr> = [
+            "--listen",
+            "none",
+            "--presence-limit",
+            "0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--wss-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+        ]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([cert.as_os_str(), "--tls-key".as_ref(), key.as_os_str()])
+        .collect();
+        let mut server = chatloop_testkit::Server::start(BENCH, &args);
         Server {
-            child,
-            tls: found[0].unwrap(),
-            ws: found[1].unwrap(),
-            wss: found[2].unwrap(),
+            tls: server.listener("listening (TLS) on ", STARTUP),
+            ws: server.listener("listening (ws) on ", STARTUP),
+            wss: server.listener("listening (wss) on ", STARTUP),
+            server,
             cert,
             _dir: dir,
         }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.pid()
     }
 }
 

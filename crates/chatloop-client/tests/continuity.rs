@@ -5,19 +5,16 @@
 //! cut the client must reconnect, resume, and show what bob said while it was away, once
 //! and in order, then the recovered lines, then what came live.
 //!
-//! The server binary: cargo gives an integration test the path of its own package's binaries
-//! only, so `chatloop` is built here once per test process, with `cargo build -p chatloop
-//! --bin chatloop` in the same profile and target directory (a no-op when it is up to date),
-//! as crates/chatloop-bench/tests/transports.rs does.
+//! The server binary is built and started by `chatloop-testkit` (cargo gives an integration
+//! test only its own package's binaries).
 //!
 //! Every wait is bounded: lines are awaited through channels, never slept for.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,107 +28,24 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_chatloop-client");
 // The server
 // ---------------------------------------------------------------------------------------------
 
-/// `target/<profile>/chatloop`, built first (once per test process).
-fn server_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile_dir = Path::new(CLIENT)
-            .parent()
-            .expect("the client is in a profile directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(p) => p,
-        };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "chatloop", "--bin", "chatloop"])
-            .args(["--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target_dir);
-        }
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the server: {e}"));
-        assert!(
-            out.status.success(),
-            "building the chatloop server failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("chatloop");
-        assert!(bin.is_file(), "cargo built no {}", bin.display());
-        bin
-    })
-}
-
 /// The server on a port of the OS's choosing, logging at debug level; killed on drop.
 struct Server {
-    child: Child,
+    server: chatloop_testkit::Server,
     addr: SocketAddr,
-    /// Its log lines, as they come.
-    log: Receiver<String>,
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let bin = server_binary();
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, log) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[server] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        let marker = "listening on ";
-        let line = server.await_log(marker);
-        let at = line.find(marker).expect("the marker") + marker.len();
-        let addr: String = line[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
-            .collect();
-        server.addr = addr
-            .parse()
-            .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"));
-        server
+        let base = ["--listen", "127.0.0.1:0", "--log-level", "debug"];
+        let mut server = chatloop_testkit::Server::start(CLIENT, &[&base[..], args].concat());
+        let addr = server.listener("listening on ", TIMEOUT);
+        Server { server, addr }
     }
 
-    /// Waits for a log line containing every one of `needles`; returns it.
+    /// Waits for a log line containing `needle` (after the last one awaited); returns it.
     #[track_caller]
     fn await_log(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self
-                .log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no server log line with {needle:?} within {TIMEOUT:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.await_log(needle, TIMEOUT)
     }
 }
 
