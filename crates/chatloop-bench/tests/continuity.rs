@@ -4,7 +4,7 @@
 //! sessions. Every wait is bounded: the server must say where it listens within [`STARTUP`],
 //! and a generator that outlives [`BUDGET`] is killed and fails the test.
 //!
-//! The server binary is built as tests/transports.rs builds it (cargo gives an integration
+//! The server binary is built and started by `chatloop-testkit` (cargo gives an integration
 //! test only its own package's binaries).
 
 use std::io::Read;
