@@ -88,6 +88,10 @@ const HISTORY_ROOMS_KEY: &str = "chatloop:history_rooms";
 const HISTORY_SIZES_KEY: &str = "chatloop:history_sizes";
 /// The cluster's history epoch (HISTORY_END's `epoch`): set once, by the first node.
 const EPOCH_KEY: &str = "chatloop:epoch";
+/// Most messages one HISTORY reads from Redis (`XREVRANGE ... COUNT`): Redis is every node's,
+/// and one call must stay short whatever `--history` and the asked limit are. A longer answer
+/// says `more`, and the client asks again.
+const HISTORY_PAGE: u32 = 4096;
 /// How long a room's history outlives its last message without `--history-age`.
 const HISTORY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Nick keys (the value is the holder's `ident`) and node leases (`chatloop:node:<ident>`).
@@ -1233,7 +1237,8 @@ impl Backbone {
         } else {
             format!("({}-0", ask.until)
         };
-        let (limit, budget) = (ask.limit.to_string(), ask.budget.to_string());
+        let limit = ask.limit.min(HISTORY_PAGE).to_string();
+        let budget = ask.budget.to_string();
         let age = self.history.1.to_string();
         self.answers_out
             .push((ask.conn, Answer::History(room.clone())));

@@ -158,12 +158,15 @@ impl Chat {
 
     /// Keeps the MESSAGE just encoded at `start..end` of the outbox's page in `rid`'s history.
     pub(super) fn record_message(&mut self, rid: RoomId, msg_id: u64, start: usize, end: usize) {
-        if self.cfg.relay && self.store.per_room > 0 {
-            // In a cluster the room's history is the cluster's (Redis Streams).
-            return;
-        }
         let now_ms = self.now_ms();
-        let cap = self.store.per_room;
+        // In a cluster the room's history is the cluster's (Redis Streams): here the room
+        // only records that it had the message, so that an answer given here while Redis is
+        // away says `gap` rather than `complete`.
+        let cap = if self.cfg.relay {
+            0
+        } else {
+            self.store.per_room
+        };
         let frame = if cap == 0 {
             &[][..]
         } else {

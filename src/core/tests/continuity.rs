@@ -517,3 +517,29 @@ fn held_sessions_report_events() {
     assert!(evs.iter().any(|e| matches!(e,
         Event::Welcomed { conn, resumed_from: Some(h), .. } if *conn == a2 && *h == held)));
 }
+
+#[test]
+fn in_a_cluster_an_answer_given_without_redis_says_what_it_cannot_know() {
+    // The room's history is the cluster's; while Redis is away (the backbone never said it
+    // was up here) the node answers itself and must not call lost messages complete.
+    let mut sim = Sim::with(ChatConfig {
+        relay: true,
+        ..continuity(Duration::ZERO, 10)
+    });
+    let alice = hello_granted(&mut sim, "alice");
+    sim.join(alice, "lobby");
+    let _ = relayed(&mut sim);
+    assert!(sim.chat.handle_remote_presence("lobby", Join, "alice", 1));
+    assert!(
+        sim.chat
+            .handle_remote_message("lobby", 2, "alice", "before carol")
+    );
+    let carol = hello_granted(&mut sim, "carol");
+    sim.join(carol, "lobby");
+    let _ = relayed(&mut sim);
+    assert!(sim.chat.handle_remote_presence("lobby", Join, "carol", 2));
+    sim.clear();
+    sim.feed(carol, &history("lobby", 0, 100));
+    sim.expect(carol, &[end("lobby", HistoryStatus::Gap, 0)]);
+    assert_eq!(sim.chat.history_size(), (0, 0), "nothing kept on the node");
+}
