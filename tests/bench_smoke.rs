@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Exe, Server};
 
@@ -19,41 +16,8 @@ const BUDGET: Duration = Duration::from_secs(9);
 fn bench(args: &[&str]) -> (bool, String) {
     // Built (if needed) before the budget starts: building is not the generator's time.
     let exe = Exe::Bench.path();
-    let start = Instant::now();
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn chatloop-bench");
-    let mut stdout = child.stdout.take().expect("stdout piped");
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for chatloop-bench") {
-            break st;
-        }
-        if start.elapsed() > BUDGET {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chatloop-bench {args:?} still running after {BUDGET:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let out = out.join().expect("stdout reader");
-    let err = err.join().expect("stderr reader");
-    eprintln!("chatloop-bench {args:?}: {status}\n--- stdout\n{out}--- stderr\n{err}");
-    (status.success(), out)
+    let r = chatloop_testkit::run_bounded(&exe, args, BUDGET);
+    (r.success, r.stdout)
 }
 
 /// The number after `"key":` in a flat JSON text.

@@ -2,7 +2,6 @@
 //! for an integration test (`BIN`, `ServerKind`, `Exe`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 /// Path of the mio server binary, `chatloop`.
@@ -86,36 +85,16 @@ impl Exe {
 fn built_profile_dir() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let profile_dir = Path::new(BIN)
-            .parent()
-            .expect("the chatloop binary is in a profile directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(p) => p,
-        };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "--workspace", "--bins"])
-            .args([
+        let profile_dir = chatloop_testkit::cargo_build(
+            BIN,
+            &[
+                "--workspace",
+                "--bins",
                 "--example",
                 "async_server",
                 "--example",
                 "embedded",
-                "--profile",
-            ])
-            .arg(profile)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target_dir);
-        }
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the test executables: {e}"));
-        assert!(
-            out.status.success(),
-            "building the test executables failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
         for path in [
             profile_dir.join("examples").join("async_server"),

@@ -7,11 +7,8 @@
 //! The server binary is built and started by `chatloop-testkit` (cargo gives an integration
 //! test only its own package's binaries).
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The generator under test.
 const BENCH: &str = env!("CARGO_BIN_EXE_chatloop-bench");
@@ -42,35 +39,8 @@ impl Server {
 /// Runs the generator with `args` (killed after [`BUDGET`]); returns its exit success, stdout
 /// and stderr.
 fn bench(args: &[String]) -> (bool, String, String) {
-    let mut child = Command::new(BENCH)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chatloop-bench");
-    let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
-    let reader = thread::spawn(move || {
-        let (mut o, mut e) = (String::new(), String::new());
-        let _ = out.read_to_string(&mut o);
-        let _ = err.read_to_string(&mut e);
-        (o, e)
-    });
-    let deadline = Instant::now() + BUDGET;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for chatloop-bench") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chatloop-bench {args:?} ran longer than {BUDGET:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let (o, e) = reader.join().expect("reader thread");
-    (status.success(), o, e)
+    let r = chatloop_testkit::run_bounded(std::path::Path::new(BENCH), args, BUDGET);
+    (r.success, r.stdout, r.stderr)
 }
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -7,13 +7,10 @@
 //! The server binary is built and started by `chatloop-testkit` (cargo gives an integration
 //! test only its own package's binaries).
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The generator under test.
 const BENCH: &str = env!("CARGO_BIN_EXE_chatloop-bench");
@@ -114,41 +111,8 @@ impl Server {
 
 /// Runs the generator with `args`; returns (success, stdout, stderr). Kills it at the budget.
 fn bench(args: &[&str]) -> (bool, String, String) {
-    let start = Instant::now();
-    let mut child = Command::new(BENCH)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn chatloop-bench");
-    let mut stdout = child.stdout.take().expect("stdout piped");
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for chatloop-bench") {
-            break st;
-        }
-        if start.elapsed() > BUDGET {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chatloop-bench {args:?} still running after {BUDGET:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let out = out.join().expect("stdout reader");
-    let err = err.join().expect("stderr reader");
-    eprintln!("chatloop-bench {args:?}: {status}\n--- stdout\n{out}--- stderr\n{err}");
-    (status.success(), out, err)
+    let r = chatloop_testkit::run_bounded(Path::new(BENCH), args, BUDGET);
+    (r.success, r.stdout, r.stderr)
 }
 
 /// The number after `"key":` in a flat JSON text.

@@ -1,19 +1,18 @@
-//! Test support for the packages of the chatloop workspace that test against the real server
-//! (the load generator's and the terminal client's integration tests).
+//! Test support for the chatloop workspace's integration tests, which run real binaries.
 //!
 //! Cargo gives an integration test the paths of its own package's binaries only
-//! (`CARGO_BIN_EXE_<name>`), so [`server_binary`] builds `chatloop` once per test process,
-//! with `cargo build -p chatloop --bin chatloop` in the same profile and target directory as
-//! the caller's binary (a no-op when it is up to date), and [`Server`] starts it, reads its
-//! log and finds its listeners. The root package's own tests have their richer harness
-//! (tests/common), which builds every binary the same way.
+//! (`CARGO_BIN_EXE_<name>`), so [`cargo_build`] builds others in the same profile and target
+//! directory as the caller's (a no-op when they are up to date): [`server_binary`] for the
+//! member packages' tests, and the root package's harness (tests/common/exe.rs) for every
+//! binary it runs. [`Server`] starts the server, reads its log and finds its listeners;
+//! [`run_bounded`] runs a program within a time budget, reading both its outputs.
 //!
 //! Every wait is bounded: a line that does not come within its bound fails the test with what
 //! was awaited.
 
 #![warn(missing_docs, missing_debug_implementations)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,40 +21,109 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/chatloop`, built first (once per test process) in the profile and target
-/// directory of `anchor`, the path of one of the calling package's binaries
-/// (`env!("CARGO_BIN_EXE_...")`).
+/// Runs `cargo build --quiet` with `args` in the profile and target directory of `anchor`, the
+/// path of a binary of the calling package (`env!("CARGO_BIN_EXE_...")`), so that what it
+/// builds lands beside it and reuses the test build's artifacts (a no-op when up to date);
+/// returns that profile directory. Panics with cargo's errors if the build fails.
+pub fn cargo_build(anchor: &str, args: &[&str]) -> PathBuf {
+    let profile_dir = Path::new(anchor)
+        .parent()
+        .expect("a package binary is in a profile directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(p) => p,
+    };
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .args(["--profile", profile])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null());
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    profile_dir.to_path_buf()
+}
+
+/// `target/<profile>/chatloop`, built first (once per test process) beside `anchor` (see
+/// [`cargo_build`]).
 pub fn server_binary(anchor: &str) -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let profile_dir = Path::new(anchor)
-            .parent()
-            .expect("a package binary is in a profile directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(p) => p,
-        };
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "chatloop", "--bin", "chatloop"])
-            .args(["--profile", profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.arg("--target-dir").arg(target_dir);
-        }
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the server: {e}"));
-        assert!(
-            out.status.success(),
-            "building the chatloop server failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("chatloop");
+        let bin = cargo_build(anchor, &["-p", "chatloop", "--bin", "chatloop"]).join("chatloop");
         assert!(bin.is_file(), "cargo built no {}", bin.display());
         bin
     })
+}
+
+/// What a bounded run of a program printed.
+#[derive(Debug)]
+pub struct Run {
+    /// It exited with status 0.
+    pub success: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs `exe` with `args` (stdin closed), both outputs read as they come (neither pipe can
+/// fill and stall it); kills it and panics if it runs longer than `budget`. Echoes what it
+/// printed to the test's stderr.
+#[track_caller]
+pub fn run_bounded<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    exe: &Path,
+    args: &[S],
+    budget: Duration,
+) -> Run {
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("stdout piped")));
+    let err = read_all(Box::new(child.stderr.take().expect("stderr piped")));
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for the child") {
+            break st;
+        }
+        if start.elapsed() > budget {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} {args:?} still running after {budget:?}", exe.display());
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().expect("stdout reader");
+    let stderr = err.join().expect("stderr reader");
+    eprintln!(
+        "{} {args:?}: {status}\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        exe.display()
+    );
+    Run {
+        success: status.success(),
+        stdout,
+        stderr,
+    }
 }
 
 /// The `chatloop` server, started with the caller's flags; killed on drop. Its log (stderr)
