@@ -1070,3 +1070,74 @@ fn the_clusters_history_is_bounded_by_history_bytes() {
     let (_, status, _) = history_of(&mut bob, "old", first + 100, 100);
     assert_eq!(status, 0, "nothing lost after the newest message");
 }
+
+/// A node cut off from Redis (a gate between them closed) for a second while the room chats
+/// on another node: when it is back, its members get what went by, from the room's history,
+/// once, in order, before anything newer, and its counters say how many it missed and
+/// recovered. Without `--history`, the same count, nothing recovered: the member sees the
+/// next message. A WHISPER to its member meanwhile is counted by the sender's node.
+fn cut_off_and_back(history: bool) {
+    let redis = Redis::start();
+    let gate = common::gate::Gate::start(([127, 0, 0, 1], redis.port()).into());
+    let extra: &[&str] = if history { &["--history", "100"] } else { &[] };
+    let a = start_node_with(&format!("redis://{}", gate.addr()), "a", extra);
+    let b = start_node_with(&redis.url(), "b", extra);
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
+    let before = alice.say("lobby", "before");
+    bob.expect_message("lobby", "alice", "before");
+
+    gate.close();
+    let deadline = Instant::now() + CONNECT;
+    while !a.log_lines().iter().any(|l| l.contains("lost Redis")) {
+        assert!(Instant::now() < deadline, "a did not notice the cut");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let missed: Vec<String> = (0..5).map(|i| format!("missed {i}")).collect();
+    for text in &missed {
+        bob.say("lobby", text);
+    }
+    bob.set_cluster(true);
+    bob.send_whisper("alice", "while you were away");
+    bob.assert_no_pending();
+    assert_eq!(cluster_metric(&b, "whispers_lost_total"), 1);
+
+    gate.open();
+    wait_connected(&a, 2);
+    let after = bob.say("lobby", "after");
+    alice.set_timeout(Duration::from_secs(10));
+    let mut last = before.msg_id;
+    if history {
+        for text in &missed {
+            let m = alice.expect_message("lobby", "bob", text);
+            assert!(m.msg_id > last, "ids increase: {m:?} after {last}");
+            last = m.msg_id;
+        }
+    }
+    let m = alice.expect_message("lobby", "bob", "after");
+    assert_eq!(m.msg_id, after.msg_id);
+    assert!(m.msg_id > last);
+    alice.set_cluster(true);
+    alice.assert_no_pending();
+    assert_eq!(cluster_metric(&a, "missed_total"), 5);
+    assert_eq!(
+        cluster_metric(&a, "recovered_total"),
+        if history { 5 } else { 0 }
+    );
+    assert!(
+        a.log_lines()
+            .iter()
+            .any(|l| l.contains("5 room messages were published while this node could not")),
+        "one line says what was missed: {:?}",
+        a.log_lines()
+    );
+}
+
+#[test]
+fn a_node_cut_off_from_redis_recovers_what_its_members_missed() {
+    cut_off_and_back(true);
+}
+
+#[test]
+fn a_node_cut_off_from_redis_without_history_counts_what_its_members_missed() {
+    cut_off_and_back(false);
+}

@@ -74,6 +74,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The channel prefix of rooms, and the msg_id counter's key.
 const ROOM_CHANNEL: &str = "chatloop:room:";
 const MSG_ID_KEY: &str = "chatloop:msg_id";
+/// Per room: how many messages it has had (`chatloop_say` counts them), so a node that was
+/// cut off tells exactly how many it missed. It expires `SEQ_TTL_MS` after the room's last
+/// message: a count that starts again (expired, or Redis lost its data) is not a gap.
+const SEQ_KEY: &str = "chatloop:seq:";
+const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Most bytes of messages one catch-up (`chatloop_catchup`) brings back per room from its
+/// history after a reconnection: one answer is one pushed message, read whole.
+const CATCHUP_BYTES: usize = 4 << 20;
 /// A room's kept messages (`--history`): a stream whose entry ids are the msg_ids.
 const HISTORY_KEY: &str = "chatloop:history:";
 /// Per room: the newest msg_id of its history lost with a whole stream (the stream evicted by
@@ -136,46 +144,61 @@ const WHISPER_CHANNEL: &str = "chatloop:whisper:";
 const LIBRARY: &str = "#!lua name=chatloop\n\
 redis.register_function('chatloop_say', function(keys, args)\n\
   local id = redis.call('INCRBY', keys[1], 2)\n\
-  redis.call('PUBLISH', keys[2], id .. ':' .. args[1])\n\
-  if keys[3] then\n\
+  local seq = redis.call('INCR', keys[3])\n\
+  redis.call('PEXPIRE', keys[3], args[2])\n\
+  redis.call('PUBLISH', keys[2], id .. ':' .. seq .. ':' .. args[1])\n\
+  if keys[4] then\n\
     local t = redis.call('TIME')\n\
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n\
-    local keep = tonumber(args[3]) * 2\n\
-    local len, gone = redis.call('XLEN', keys[3]), 0\n\
+    local keep = tonumber(args[4]) * 2\n\
+    local len, gone = redis.call('XLEN', keys[4]), 0\n\
     if len == 0 then\n\
-      local last = redis.call('GET', keys[8])\n\
-      if last then redis.call('SET', keys[7], last, 'PX', keep) end\n\
-      local old = redis.call('HGET', keys[6], keys[3])\n\
+      local last = redis.call('GET', keys[9])\n\
+      if last then redis.call('SET', keys[8], last, 'PX', keep) end\n\
+      local old = redis.call('HGET', keys[7], keys[4])\n\
       if old then\n\
-        redis.call('DECRBY', keys[4], old)\n\
-        redis.call('HDEL', keys[6], keys[3])\n\
+        redis.call('DECRBY', keys[5], old)\n\
+        redis.call('HDEL', keys[7], keys[4])\n\
       end\n\
-    elseif len >= tonumber(args[2]) then\n\
-      local first = redis.call('XRANGE', keys[3], '-', '+', 'COUNT', 1)[1]\n\
+    elseif len >= tonumber(args[3]) then\n\
+      local first = redis.call('XRANGE', keys[4], '-', '+', 'COUNT', 1)[1]\n\
       if first then gone = #first[2][2] + 128 end\n\
     end\n\
-    local added = redis.pcall('XADD', keys[3], 'MAXLEN', args[2], id .. '-0', 'p', args[1], 't', string.format('%.0f', now))\n\
+    local added = redis.pcall('XADD', keys[4], 'MAXLEN', args[3], id .. '-0', 'p', args[1], 't', string.format('%.0f', now))\n\
     if type(added) == 'string' then\n\
-      redis.call('SET', keys[8], id, 'PX', keep)\n\
+      redis.call('SET', keys[9], id, 'PX', keep)\n\
       local delta = #args[1] + 128 - gone\n\
-      redis.call('HINCRBY', keys[6], keys[3], delta)\n\
-      local total = redis.call('INCRBY', keys[4], delta)\n\
-      redis.call('ZADD', keys[5], id, keys[3])\n\
-      while total > tonumber(args[4]) do\n\
-        local v = redis.call('ZPOPMIN', keys[5])[1]\n\
-        if not v or v == keys[3] then\n\
-          if v then redis.call('ZADD', keys[5], id, v) end\n\
+      redis.call('HINCRBY', keys[7], keys[4], delta)\n\
+      local total = redis.call('INCRBY', keys[5], delta)\n\
+      redis.call('ZADD', keys[6], id, keys[4])\n\
+      while total > tonumber(args[5]) do\n\
+        local v = redis.call('ZPOPMIN', keys[6])[1]\n\
+        if not v or v == keys[4] then\n\
+          if v then redis.call('ZADD', keys[6], id, v) end\n\
           break\n\
         end\n\
-        local size = redis.call('HGET', keys[6], v) or '0'\n\
-        redis.call('HDEL', keys[6], v)\n\
+        local size = redis.call('HGET', keys[7], v) or '0'\n\
+        redis.call('HDEL', keys[7], v)\n\
         redis.call('DEL', v)\n\
-        total = redis.call('DECRBY', keys[4], size)\n\
+        total = redis.call('DECRBY', keys[5], size)\n\
       end\n\
     end\n\
-    redis.call('PEXPIRE', keys[3], args[3])\n\
+    redis.call('PEXPIRE', keys[4], args[4])\n\
   end\n\
   return id\n\
+end)\n\
+redis.register_function('chatloop_catchup', function(keys, args)\n\
+  local seq, out, total = redis.call('GET', keys[1]) or '0', {}, 0\n\
+  if keys[2] then\n\
+    for _, e in ipairs(redis.call('XRANGE', keys[2], '(' .. args[3] .. '-0', '+', 'COUNT', args[4])) do\n\
+      local p = e[2][2]\n\
+      if total + #p > tonumber(args[5]) and #out > 0 then break end\n\
+      total = total + #p\n\
+      out[#out + 1] = string.match(e[1], '^(%d+)') .. ' ' .. #p .. ' ' .. p\n\
+    end\n\
+  end\n\
+  redis.call('PUBLISH', args[1], 'G' .. seq .. ':' .. args[2] .. '\\n' .. table.concat(out))\n\
+  return #out\n\
 end)\n\
 redis.register_function('chatloop_epoch', function(keys, args)\n\
   redis.call('SET', keys[1], args[1], 'NX')\n\
@@ -235,8 +258,8 @@ redis.register_function('chatloop_whisper', function(keys, args)\n\
     return 0\n\
   end\n\
   local id = redis.call('INCRBY', keys[2], 2)\n\
-  redis.call('PUBLISH', args[2] .. holder, id .. ':' .. args[3])\n\
-  redis.call('PUBLISH', args[4], 'X' .. args[5] .. ':1')\n\
+  local got = redis.call('PUBLISH', args[2] .. holder, id .. ':' .. args[3])\n\
+  redis.call('PUBLISH', args[4], 'X' .. args[5] .. ':' .. (got > 0 and '1' or '2'))\n\
   return id\n\
 end)\n\
 redis.register_function('chatloop_presence', function(keys, args)\n\
@@ -559,6 +582,16 @@ pub struct BackboneStats {
     /// Times deliveries from Redis waited for the next loop iteration (this one had
     /// addressed its share of frames).
     pub deliveries_deferred: u64,
+    /// Room messages published for rooms this node had members in while it could not
+    /// receive them (cut off from Redis, or not yet subscribed again): its members missed
+    /// them, unless recovered.
+    pub missed: u64,
+    /// Of `missed`, those delivered late from the room's history (`--history`) once the
+    /// node was back, before anything newer.
+    pub recovered: u64,
+    /// WHISPERs this node sent to a nick whose node (its lease alive) was not subscribed
+    /// at that moment (cut off from Redis): not delivered, the sender not told.
+    pub whispers_lost: u64,
     /// The last lease renewal's round trip, in microseconds.
     pub rtt_us: u64,
 }
@@ -601,6 +634,8 @@ enum Pending {
     Register,
     /// A look for dead processes.
     Reap,
+    /// A room's catch-up after a reconnection (its answer comes on this process's channel).
+    CatchUp,
 }
 
 #[derive(Debug, Default)]
@@ -618,6 +653,12 @@ struct RoomSub {
     awaiting: u32,
     /// SAYs and PRESENCEs waiting for the room to be ready, in order.
     held: Vec<Outgoing>,
+    /// The last message received from the room's channel: its number in the room
+    /// (`SEQ_KEY`) and msg_id. Kept while the links are down: the next subscription's
+    /// catch-up starts from it.
+    last: Option<(u64, u64)>,
+    /// After a reconnection, until its catch-up is answered: the `last` it starts from.
+    catchup: Option<(u64, u64)>,
 }
 
 /// The sans-IO backbone (see the module documentation).
@@ -660,6 +701,24 @@ pub struct Backbone {
     /// This node's members, room → nicks, registered again on every connection.
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
     next_reap: Option<Instant>,
+    /// After a reconnection: subscription confirmations still to come for the rooms
+    /// subscribed again, then the catch-ups not answered yet. While either is non-zero,
+    /// what arrives on `Sub` is `stalled`.
+    resubscribing: usize,
+    catchups: usize,
+    /// Whether deliveries from `Sub` wait for the catch-ups (see `finish_catch_up`), and
+    /// `stats.missed` when they began (for the round's log line).
+    stalling: bool,
+    missed_before: u64,
+    /// What arrived on `Sub` while stalling, in order, with each room message's number in
+    /// its room (0 for anything else).
+    stalled: Vec<(Delivery, u64)>,
+    /// Messages the catch-ups brought back, not yet delivered: (msg_id, room, from, text).
+    recovered: Vec<(u64, Box<str>, String, String)>,
+    /// The core's highest msg_id (`set_floor`, not rounded): a recovered message at or
+    /// below it would break a connection's increasing msg_ids (an odd id the node gave a
+    /// local whisper while cut off), and is not delivered.
+    delivered: u64,
     stats: BackboneStats,
 }
 
@@ -688,6 +747,13 @@ impl Backbone {
             history: (0, 0, 0),
             members: HashMap::new(),
             next_reap: None,
+            resubscribing: 0,
+            catchups: 0,
+            stalling: false,
+            missed_before: 0,
+            stalled: Vec::new(),
+            recovered: Vec::new(),
+            delivered: 0,
             stats: BackboneStats::default(),
         }
     }
@@ -810,6 +876,18 @@ impl Backbone {
                     .filter(|(_, r)| r.wanted)
                     .map(|(n, _)| n.clone())
                     .collect();
+                // Rooms this node received before the links went down missed what was
+                // published meanwhile: each is caught up once every subscription is
+                // confirmed, and until then what arrives waits, so that what is recovered
+                // goes out first, in msg_id order with the rest.
+                for r in self.rooms.values_mut().filter(|r| r.wanted) {
+                    r.catchup = r.last.take();
+                    self.stalling |= r.catchup.is_some();
+                }
+                if self.stalling {
+                    self.resubscribing = rooms.len();
+                    self.missed_before = self.stats.missed;
+                }
                 for room in rooms {
                     self.subscribe(&room, true);
                 }
@@ -830,6 +908,10 @@ impl Backbone {
         let was_up = self.stats.up;
         self.stats.failures += 1;
         self.stats.up = false;
+        // Catch-ups that can no longer be answered: what waited for them goes out first.
+        self.resubscribing = 0;
+        self.catchups = 0;
+        self.finish_catch_up();
         let in_flight = self
             .pending
             .iter()
@@ -932,6 +1014,7 @@ impl Backbone {
     /// ([`Chat::last_msg_id`](crate::core::Chat::last_msg_id)): on every (re)connection the
     /// cluster's counter is raised to at least this.
     pub fn set_floor(&mut self, msg_id: u64) {
+        self.delivered = self.delivered.max(msg_id);
         // Rounded up to even: the next cluster id (counting in twos) stays even.
         self.floor = self.floor.max(msg_id + msg_id % 2);
     }
@@ -952,6 +1035,9 @@ impl Backbone {
                     return;
                 };
                 r.wanted = false;
+                // Its next members, if any, start from their JOIN: nothing to catch up.
+                r.last = None;
+                r.catchup = None;
                 let held = std::mem::take(&mut r.held);
                 // This node needs no copy of them now: they go out if Redis is there.
                 if self.is_up() {
@@ -1571,6 +1657,8 @@ impl Backbone {
 
     fn publish_say(&mut self, now: Instant, room: &str, from: &str, text: &str) {
         let channel = format!("{ROOM_CHANNEL}{room}");
+        let seq = format!("{SEQ_KEY}{room}");
+        let seq_ttl = SEQ_TTL_MS.to_string();
         let mut payload = Vec::with_capacity(1 + from.len() + text.len());
         // Nicks are at most 32 bytes (PROTOCOL.md 1.4), so one byte holds the length.
         payload.push(from.len().min(255) as u8);
@@ -1591,9 +1679,10 @@ impl Backbone {
                 &[
                     b"FCALL",
                     b"chatloop_say",
-                    b"8",
+                    b"9",
                     MSG_ID_KEY.as_bytes(),
                     channel.as_bytes(),
+                    seq.as_bytes(),
                     stream.as_bytes(),
                     HISTORY_BYTES_KEY.as_bytes(),
                     HISTORY_ROOMS_KEY.as_bytes(),
@@ -1601,6 +1690,7 @@ impl Backbone {
                     lost.as_bytes(),
                     last.as_bytes(),
                     &payload,
+                    seq_ttl.as_bytes(),
                     n.as_bytes(),
                     ttl.as_bytes(),
                     cap.as_bytes(),
@@ -1613,10 +1703,12 @@ impl Backbone {
                 &[
                     b"FCALL",
                     b"chatloop_say",
-                    b"2",
+                    b"3",
                     MSG_ID_KEY.as_bytes(),
                     channel.as_bytes(),
+                    seq.as_bytes(),
                     &payload,
+                    seq_ttl.as_bytes(),
                 ],
             );
         }
@@ -1745,6 +1837,11 @@ impl Backbone {
                     delivered: false,
                 });
             }
+            // The answer comes on this process's channel; an error means it will not.
+            (Pending::CatchUp, OwnedFrame::Error(e)) => {
+                log::warn!("cluster: a catch-up was refused by Redis: {e}");
+                self.catch_up_answered();
+            }
             (Pending::Reclaim { nick }, reply) => {
                 if matches!(reply, OwnedFrame::Integer(0)) {
                     self.registered.remove(&*fold(&nick));
@@ -1772,6 +1869,16 @@ impl Backbone {
             .and_then(|r| std::str::from_utf8(r).ok());
         if kind == b"message" && channel.starts_with(WHISPER_CHANNEL.as_bytes()) {
             let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
+            if payload.first() == Some(&b'G') {
+                match parse_catch_up(payload) {
+                    Some((room, seq, entries)) => self.handle_catch_up(&room, seq, entries),
+                    None => {
+                        log::warn!("cluster: a malformed catch-up ignored");
+                        self.catch_up_answered();
+                    }
+                }
+                return Ok(());
+            }
             let parsed = match payload.first() {
                 Some(b'T' | b'H' | b'N' | b'B' | b'W' | b'X') => parse_session_message(payload),
                 Some(b'R') => parse_history(payload),
@@ -1789,17 +1896,22 @@ impl Backbone {
                         | Delivery::History { conn, .. } => *conn,
                         _ => return Ok(()),
                     };
+                    if payload.first() == Some(&b'X') && payload.ends_with(b":2") {
+                        // Its node holds the nick but was not there to receive it.
+                        self.stats.whispers_lost += 1;
+                        log::debug!("cluster: a whisper found its node cut off from Redis");
+                    }
                     if self.answer_back(conn) {
-                        self.deliveries.push_back(d);
+                        self.push_sub(d, 0);
                     }
                 }
                 Some(Delivery::Barrier { conn }) => {
                     if let Some(i) = self.barriers_out.iter().position(|&c| c == conn) {
                         self.barriers_out.swap_remove(i);
-                        self.deliveries.push_back(Delivery::Barrier { conn });
+                        self.push_sub(Delivery::Barrier { conn }, 0);
                     }
                 }
-                Some(d) => self.deliveries.push_back(d),
+                Some(d) => self.push_sub(d, 0),
                 None => log::warn!("cluster: a malformed whisper ignored"),
             }
             return Ok(());
@@ -1811,11 +1923,12 @@ impl Backbone {
                 };
                 let payload = parts.get(2).and_then(|p| p.as_bytes()).unwrap_or_default();
                 match parse_payload(room, payload) {
-                    Some(d) => {
-                        if matches!(d, Delivery::Message { .. }) {
+                    Some((d, seq)) => {
+                        if let Delivery::Message { msg_id, .. } = d {
                             self.stats.received += 1;
+                            self.count_gap(room, seq, msg_id);
                         }
-                        self.deliveries.push_back(d);
+                        self.push_sub(d, seq);
                     }
                     None => log::warn!(
                         "cluster: a malformed message on {} ignored",
@@ -1831,12 +1944,211 @@ impl Backbone {
                             self.rooms.remove(room);
                         }
                     }
+                    if kind == b"subscribe" && self.resubscribing > 0 {
+                        // Confirmations come in the order of the SUBSCRIBEs: the first ones
+                        // after a reconnection are that burst's.
+                        self.resubscribing -= 1;
+                        if self.resubscribing == 0 {
+                            self.start_catch_ups(now);
+                        }
+                    }
                     self.release_ready(now);
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    // ----- catching up after a reconnection -----
+
+    /// A delivery from `Sub`: to the core, or, while catching up, to wait behind what the
+    /// catch-ups bring back.
+    fn push_sub(&mut self, d: Delivery, seq: u64) {
+        if self.stalling {
+            self.stalled.push((d, seq));
+        } else {
+            self.deliveries.push_back(d);
+        }
+    }
+
+    /// A room message numbered `seq` (0: a node of an older version published it) arrived
+    /// live. A number more than one past the room's last means messages went by while this
+    /// node could not receive them and no catch-up counted them (one could not be sent, or
+    /// failed): counted here.
+    fn count_gap(&mut self, room: &str, seq: u64, msg_id: u64) {
+        let Some(r) = self.rooms.get_mut(room).filter(|_| seq > 0) else {
+            return;
+        };
+        if let (None, Some((last, _))) = (r.catchup, r.last) {
+            if seq > last + 1 {
+                let missed = seq - last - 1;
+                self.stats.missed += missed;
+                log::warn!(
+                    "cluster: {missed} messages in room {} went by while this node could not \
+                     receive them",
+                    crate::untrusted::Untrusted(room)
+                );
+            }
+        }
+        r.last = Some((seq, msg_id));
+    }
+
+    /// Every room subscribed again after a reconnection is confirmed: each room that was
+    /// received before asks what it missed (`chatloop_catchup`: the room's count now, and
+    /// with `--history` the messages after the last one received). What arrives meanwhile
+    /// keeps waiting.
+    fn start_catch_ups(&mut self, now: Instant) {
+        if !self.links[0].connected {
+            self.finish_catch_up();
+            return;
+        }
+        let rooms: Vec<(Box<str>, u64)> = self
+            .rooms
+            .iter()
+            .filter_map(|(n, r)| Some((n.clone(), r.catchup.filter(|_| r.wanted)?.1)))
+            .collect();
+        let own = format!("{WHISPER_CHANNEL}{}", self.ident);
+        let budget = CATCHUP_BYTES.to_string();
+        let limit = HISTORY_PAGE.to_string();
+        for (room, since) in rooms {
+            let seq = format!("{SEQ_KEY}{room}");
+            let stream = format!("{HISTORY_KEY}{room}");
+            let since = since.to_string();
+            let mut args: Vec<&[u8]> = vec![b"FCALL", b"chatloop_catchup", b"1", seq.as_bytes()];
+            if self.history.0 > 0 {
+                args[2] = b"2";
+                args.push(stream.as_bytes());
+            }
+            args.extend([
+                own.as_bytes(),
+                room.as_bytes(),
+                since.as_bytes(),
+                limit.as_bytes(),
+                budget.as_bytes(),
+            ]);
+            self.command(now, Pending::CatchUp, &args);
+            self.catchups += 1;
+        }
+        if self.catchups == 0 {
+            self.finish_catch_up();
+        }
+    }
+
+    /// A catch-up's answer: the room's count `seq` when Redis ran it, and the messages of
+    /// its history after the last one received. The count says how many were missed: those
+    /// after the last received, less the ones that arrived live since the subscription (they
+    /// are `stalled`). Of the history, what came before the first of those is what was
+    /// missed; what follows it is a copy of what is stalled.
+    fn handle_catch_up(&mut self, room: &str, seq: u64, entries: Entries) {
+        let from = self
+            .rooms
+            .get_mut(room)
+            .filter(|r| r.wanted)
+            .and_then(|r| r.catchup.take());
+        if let Some((last_seq, last_id)) = from {
+            let mut live = 0;
+            let mut first_live = None;
+            for (d, s) in &self.stalled {
+                if let Delivery::Message {
+                    room: r, msg_id, ..
+                } = d
+                {
+                    if r == room {
+                        first_live.get_or_insert(*msg_id);
+                        live += u64::from(*s > 0 && *s <= seq);
+                    }
+                }
+            }
+            // A count below the last one seen started again (it expired, or Redis lost its
+            // data): what went by then cannot be counted.
+            let missed = if seq >= last_seq {
+                (seq - last_seq).saturating_sub(live)
+            } else {
+                0
+            };
+            self.stats.missed += missed;
+            let room: Box<str> = room.into();
+            self.recovered.extend(
+                entries
+                    .into_iter()
+                    .filter(|(id, _, _)| *id > last_id && first_live.is_none_or(|f| *id < f))
+                    .take(missed as usize)
+                    .map(|(id, from, text)| (id, room.clone(), from, text)),
+            );
+        }
+        self.catch_up_answered();
+    }
+
+    fn catch_up_answered(&mut self) {
+        self.catchups = self.catchups.saturating_sub(1);
+        if self.catchups == 0 && self.resubscribing == 0 {
+            self.finish_catch_up();
+        }
+    }
+
+    /// The catch-ups are answered (or can no longer be): the recovered messages go to the
+    /// core, merged with what waited so that msg_ids still increase on every connection
+    /// and each room keeps its order. What waited arrived in the order Redis ran it, and a
+    /// room's recovered messages were all published before its subscription, so before
+    /// anything of that room that waited: each room's recovered messages go before its
+    /// first waiting item, and every recovered message before the first waiting message
+    /// with a higher id.
+    fn finish_catch_up(&mut self) {
+        if !self.stalling {
+            return;
+        }
+        self.stalling = false;
+        for r in self.rooms.values_mut() {
+            // Not caught up: a room that received nothing since starts from where it was,
+            // and a later message's number counts the gap.
+            if let Some(from) = r.catchup.take() {
+                r.last = r.last.or(Some(from));
+            }
+        }
+        let mut recovered = std::mem::take(&mut self.recovered);
+        recovered.sort_unstable_by_key(|e| e.0);
+        let delivered = self.delivered;
+        recovered.retain(|e| e.0 > delivered);
+        self.stats.recovered += recovered.len() as u64;
+        let missed = self.stats.missed - self.missed_before;
+        if missed > 0 {
+            log::warn!(
+                "cluster: {missed} room messages were published while this node could not \
+                 receive them; {} of them delivered late from the rooms' history",
+                recovered.len()
+            );
+        }
+        let mut newest: HashMap<Box<str>, u64> = HashMap::new();
+        for (id, room, _, _) in &recovered {
+            newest.insert(room.clone(), *id);
+        }
+        let mut recovered = recovered.into_iter().peekable();
+        let mut emit_upto = |bound: u64, out: &mut VecDeque<Delivery>| {
+            while let Some((id, room, from, text)) = recovered.next_if(|e| e.0 <= bound) {
+                out.push_back(Delivery::Message {
+                    room: room.into(),
+                    msg_id: id,
+                    from,
+                    text,
+                });
+            }
+        };
+        for (d, _) in std::mem::take(&mut self.stalled) {
+            let bound = match &d {
+                Delivery::Message { room, msg_id, .. } => newest
+                    .get(room.as_str())
+                    .copied()
+                    .unwrap_or(0)
+                    .max(msg_id.saturating_sub(1)),
+                Delivery::Presence { room, .. } => newest.get(room.as_str()).copied().unwrap_or(0),
+                Delivery::Whisper { msg_id, .. } => msg_id.saturating_sub(1),
+                _ => 0,
+            };
+            emit_upto(bound, &mut self.deliveries);
+            self.deliveries.push_back(d);
+        }
+        emit_upto(u64::MAX, &mut self.deliveries);
     }
 }
 
@@ -1854,30 +2166,54 @@ fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.truncate(start + n);
 }
 
-/// A message, `<id>:<from length byte><from><text>` as the function publishes it, or a
-/// PRESENCE, `P<kind><nick>`.
-fn parse_payload(room: &str, p: &[u8]) -> Option<Delivery> {
+/// A message, `<id>:<seq>:<from length byte><from><text>` as `chatloop_say` publishes it
+/// (`<seq>:` absent from a node of an older version: 0), or a PRESENCE, `P<kind><nick>`;
+/// with the message's number in its room.
+fn parse_payload(room: &str, p: &[u8]) -> Option<(Delivery, u64)> {
     if let [b'P', kind, rest @ ..] = p {
         let colon = rest.iter().position(|&b| b == b':')?;
-        return Some(Delivery::Presence {
+        let d = Delivery::Presence {
             room: room.to_string(),
             kind: PresenceKind::from_u8(kind.checked_sub(b'0')?)?,
             members: std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?,
             nick: std::str::from_utf8(&rest[colon + 1..]).ok()?.to_string(),
-        });
+        };
+        return Some((d, 0));
     }
     let colon = p.iter().position(|&b| b == b':')?;
     let msg_id = std::str::from_utf8(&p[..colon]).ok()?.parse().ok()?;
-    let rest = &p[colon + 1..];
+    let mut rest = &p[colon + 1..];
+    // A nick's length byte is at most 32, never an ASCII digit: digits then `:` are the
+    // room's count.
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut seq = 0;
+    if digits > 0 && rest.get(digits) == Some(&b':') {
+        seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        rest = &rest[digits + 1..];
+    }
     let n = usize::from(*rest.first()?);
     let from = std::str::from_utf8(rest.get(1..1 + n)?).ok()?;
     let text = std::str::from_utf8(rest.get(1 + n..)?).ok()?;
-    Some(Delivery::Message {
+    let d = Delivery::Message {
         room: room.to_string(),
         msg_id,
         from: from.to_string(),
         text: text.to_string(),
-    })
+    };
+    Some((d, seq))
+}
+
+/// `G<seq>:<room>\n` then the entries as [`parse_entries`] reads them, as
+/// `chatloop_catchup` answers.
+fn parse_catch_up(p: &[u8]) -> Option<(String, u64, Entries)> {
+    let nl = p.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&p[1..nl]).ok()?;
+    let (seq, room) = head.split_once(':')?;
+    Some((
+        room.to_string(),
+        seq.parse().ok()?,
+        parse_entries(&p[nl + 1..])?,
+    ))
 }
 
 /// A HISTORY that got no answer: nothing known to be kept.
@@ -1912,8 +2248,11 @@ fn parse_history(p: &[u8]) -> Option<Delivery> {
     })
 }
 
+/// Kept messages, oldest first: (msg_id, from, text).
+type Entries = Vec<(u64, String, String)>;
+
 /// `<msg_id> <length> <payload>` repeated, each payload `<from length byte><from><text>`.
-fn parse_entries(mut rest: &[u8]) -> Option<Vec<(u64, String, String)>> {
+fn parse_entries(mut rest: &[u8]) -> Option<Entries> {
     let mut entries = Vec::new();
     while !rest.is_empty() {
         let mut number = || -> Option<usize> {
@@ -1970,9 +2309,11 @@ fn parse_session_message(p: &[u8]) -> Option<Delivery> {
     let conn: u64 = std::str::from_utf8(&rest[..conn_end]).ok()?.parse().ok()?;
     let body = rest.get(conn_end + 1..).unwrap_or_default();
     match kind {
+        // 1: delivered; 2: its node was not there to receive it (counted, the sender not
+        // told: as far as it can know, the nick was online).
         b'X' => Some(Delivery::WhisperResult {
             conn: ConnId::from_u64(conn)?,
-            delivered: body == b"1",
+            delivered: body != b"0",
         }),
         b'W' => {
             let text = std::str::from_utf8(body).ok()?;

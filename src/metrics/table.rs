@@ -608,6 +608,45 @@ pub static TABLE: &[Metric] = &[
         },
     },
     Metric {
+        name: "chatloop_cluster_missed_total",
+        kind: Kind::Counter,
+        help: "Room messages published for rooms this node had members in while it could not receive them (cut off from Redis, or not yet subscribed again): counted from the rooms' message counts when it is back.",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.missed))
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_cluster_recovered_total",
+        kind: Kind::Counter,
+        help: "Of the missed room messages, those delivered late from the rooms' history (--history) when this node was back, before anything newer; the rest were lost to its members.",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.recovered))
+                }
+            },
+        },
+    },
+    Metric {
+        name: "chatloop_cluster_whispers_lost_total",
+        kind: Kind::Counter,
+        help: "WHISPERs from this node to a nick whose node was not subscribed to Redis at that moment (cut off, its lease not yet ended): not delivered.",
+        series: Series::Labelled {
+            label: "backbone",
+            values: |s, f| {
+                if let Some(b) = &s.backbone {
+                    f(Sample::new("redis", b.whispers_lost))
+                }
+            },
+        },
+    },
+    Metric {
         name: "chatloop_cluster_rtt_microseconds",
         kind: Kind::Gauge,
         help: "The round trip of the last lease renewal to Redis (one a second).",

@@ -26,6 +26,7 @@
 //! - `metrics.rs`: scraping `/metrics` and waiting for a state (`Metrics`, `wait_state`).
 //! - `redis.rs`: a real `redis-server` for the cluster tests (`common::redis::Redis`).
 //! - `flood.rs`: the SAY flood with a slow consumer shared by faults, lifecycle and metrics.
+//! - `gate.rs`: a relay that can be closed, between a cluster node and Redis (`common::gate::Gate`).
 //! - `ws_proxy.rs`: a TCP-to-WebSocket relay, for the cases over WebSocket (`WsProxy`).
 //!
 //! Each test binary compiles this module on its own and uses part of it, hence the
@@ -36,6 +37,7 @@ mod client;
 pub mod cut_proxy;
 mod exe;
 pub mod flood;
+pub mod gate;
 mod metrics;
 mod process;
 pub mod redis;
