@@ -126,7 +126,7 @@ fn a_say_waits_for_its_room_subscription_then_crosses_and_comes_back() {
             "chatloop:room:lobby",
             "chatloop:seq:lobby",
             "\u{5}alicehi",
-            "86400000"
+            "604800000"
         ]]
     );
     // What Redis publishes, in two pieces (a frame may arrive in any number of reads).
