@@ -955,3 +955,162 @@ fn server_events_report_accepts_refusals_and_what_sessions_did() {
         "a closed connection has no token"
     );
 }
+
+// ----- a round written in slices -----
+
+/// One turn of a caller's loop: poll (for at most `wait`, or not at all when the server has
+/// work waiting), the events, the timers, the flush.
+fn turn(poll: &mut Poll, events: &mut Events, server: &mut Server, wait: Duration) {
+    let now = Instant::now();
+    let wait = match server.poll_timeout() {
+        Some(t) if t <= now => Duration::ZERO,
+        _ => wait,
+    };
+    if let Err(e) = poll.poll(events, Some(wait)) {
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted, "poll: {e}");
+    }
+    let now = Instant::now();
+    for e in events.iter() {
+        if server.owns(e.token()) {
+            server.handle_event(e, now);
+        }
+    }
+    server.handle_timeout(now);
+    server.flush(now);
+}
+
+/// Whether the server still has work no event will announce (the rest of a round).
+fn busy(server: &Server) -> bool {
+    server.poll_timeout().is_some_and(|t| t <= Instant::now())
+}
+
+/// Whether bytes wait in `c`'s socket (not read yet), without blocking.
+fn has_bytes(c: &Client) -> bool {
+    let s = c.stream();
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut b = [0u8; 1];
+    let got = matches!(s.peek(&mut b), Ok(n) if n > 0);
+    s.set_nonblocking(false).expect("blocking");
+    got
+}
+
+/// A message to 600 members is 600 `writev`s, written over several iterations (256 per
+/// `flush`, the default `flush_slice`), and a PING read between two of them is answered
+/// before the rest of the round: when its PONG is in the pinger's socket, most members have
+/// not been written yet. The server runs in this thread, turned by hand, so "while the round
+/// is being written" is exact and nothing depends on timing. Each member still gets the
+/// round's message once, then a second message sent meanwhile, in order; a member whose
+/// chain was still waiting when it sent its own PING gets the first message before its PONG.
+/// Before slicing (one `flush` wrote the whole round), the PONG came after all 600.
+#[test]
+fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
+    use chatloop::core::ChatConfig;
+
+    const MEMBERS: usize = 600;
+    let mut poll = Poll::new().expect("poll");
+    let cfg = ServerConfig {
+        chat: ChatConfig {
+            // Joins tell only the joiner: 600 joins are not 180,000 PRESENCE frames.
+            presence_limit: 1,
+            ..ChatConfig::default()
+        },
+        max_connections: MEMBERS + 16,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(cfg, poll.registry(), Token(0), Instant::now()).expect("server");
+    let addr = server.listen(any_port()).expect("listen");
+    let mut events = Events::with_capacity(1024);
+
+    // Connected (the kernel completes the handshake without the loop), their HELLO and
+    // JOIN written; the loop then serves them.
+    let mut members: Vec<Client> = (0..MEMBERS)
+        .map(|i| {
+            let mut c = Client::connect(addr);
+            c.send_hello(&format!("m{i}"), &[]);
+            c.send_join("big");
+            c
+        })
+        .collect();
+    let mut pinger = Client::connect(addr);
+    pinger.send_hello("pinger", &[]);
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while server.chat().members("big").map_or(0, |m| m.len()) < MEMBERS
+        || server.chat().sessions() < MEMBERS + 1
+        || busy(&server)
+    {
+        assert!(Instant::now() < deadline, "the members did not all join");
+        turn(
+            &mut poll,
+            &mut events,
+            &mut server,
+            Duration::from_millis(50),
+        );
+    }
+    for (i, c) in members.iter_mut().enumerate() {
+        c.expect_welcome();
+        c.expect_presence(kind::JOIN, "big", &format!("m{i}"));
+    }
+    pinger.expect_welcome();
+    let msg_id = server.chat().last_msg_id();
+
+    // The round: the SAY is read and the first slice written.
+    members[0].send_say("big", "one");
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while server.chat().last_msg_id() == msg_id {
+        assert!(Instant::now() < deadline, "the SAY was not read");
+        turn(&mut poll, &mut events, &mut server, DEFAULT_TIMEOUT);
+    }
+    let written = members.iter().filter(|c| has_bytes(c)).count();
+
+    // A PING from outside the room, one from the last member (its chain not written yet),
+    // and a second SAY, all while the rest of the round waits. The next turn waits for them
+    // (a caller may block in poll for its own reasons: the round only waits longer).
+    pinger.send_ping(b"outside");
+    members[MEMBERS - 1].send_ping(b"inside");
+    members[0].send_say("big", "two");
+    turn(&mut poll, &mut events, &mut server, DEFAULT_TIMEOUT);
+    pinger.expect_pong(b"outside");
+    let by_pong = members.iter().filter(|c| has_bytes(c)).count();
+    assert!(
+        written < MEMBERS && by_pong < MEMBERS,
+        "the PONG came after the whole round: {written} of {MEMBERS} members written by the \
+         first flush, {by_pong} when the PONG was out"
+    );
+    assert!(
+        busy(&server),
+        "the rest of the round waits for the next turns"
+    );
+
+    // The rest of the round, and the second message, go out in the next turns.
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while server.chat().last_msg_id() < msg_id + 2 || busy(&server) {
+        assert!(Instant::now() < deadline, "the round was not finished");
+        turn(
+            &mut poll,
+            &mut events,
+            &mut server,
+            Duration::from_millis(50),
+        );
+    }
+    assert!(server.stats().iterations > 2);
+    let last = MEMBERS - 1;
+    for (i, c) in members.iter_mut().enumerate() {
+        c.expect_message("big", "m0", "one");
+        if i == last {
+            // Its PONG went ahead of what was still queued for it, but not ahead of "one".
+            let rest = [c.recv(), c.recv()];
+            let pong = rest.iter().position(|f| f.op == sop::PONG);
+            let two = rest.iter().position(|f| f.op == sop::MESSAGE);
+            assert!(
+                pong.is_some() && two.is_some(),
+                "m{i}: expected its PONG and \"two\", got {rest:?}"
+            );
+            let two = &rest[two.unwrap_or(0)];
+            assert_eq!(two.message().text, "two", "m{i}");
+        } else {
+            c.expect_message("big", "m0", "two");
+        }
+        assert!(!has_bytes(c), "m{i}: more than the two messages");
+    }
+    assert!(!has_bytes(&pinger), "the pinger got more than its PONG");
+}

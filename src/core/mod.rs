@@ -1210,8 +1210,13 @@ impl Chat {
         self.closes.pop_front()
     }
 
-    /// Everything queued since the last call: for each connection once, its bytes in order.
-    /// Dropping the returned value discards whatever was not taken from it.
+    /// What is queued and not yet taken: for each connection, its bytes in order, answers
+    /// to a connection's own input (`Chunks::is_reply`) before fan-out. Take as much of it as
+    /// you like: what you do not take stays queued for the next call, and inputs handled
+    /// meanwhile add to it (a connection already taken from comes again, behind everyone
+    /// queued, with only its newer bytes; a reply comes before what is left). So a driver may
+    /// write a large round in slices and read in between, and a reply read meanwhile goes
+    /// out before the rest of the round.
     #[must_use]
     pub fn poll_output(&mut self) -> Output<'_> {
         self.outbox.take()

@@ -14,15 +14,26 @@
 //! the current one holds [`PAGE_SIZE`] bytes, so a reference keeps at most one page (and at
 //! most one frame beyond its size) alive, not a whole round's output.
 //!
-//! A round ends when the driver takes the output ([`Outbox::take`]); the next write starts a
-//! new round. A page nobody references any more is cleared and reused; one still referenced is
-//! left to its holders (freed when the last lets go) and a fresh page takes its place. Chains
-//! are keyed by slot and stamped with the full `ConnId` and the round, so a stale chain (a
-//! closed connection whose slot was reused) is never confused with a live one.
+//! A driver takes the round's output chain by chain ([`Outbox::take`]), and may stop at any
+//! point: a cursor over the `first` and `dirty` lists remembers where, and the next `take`
+//! goes on from there (a shell that writes a thousand members' chains in slices, reading new
+//! input between them, without parking anyone's bytes). Frames sent meanwhile join the same
+//! round: a connection whose chain is still ahead of the cursor gets them appended to it (so
+//! they go out in the same `writev`); one whose chain was already taken starts a new chain,
+//! listed behind everything listed so far, so its bytes reach the driver after the ones it
+//! took. A reply (to the connection whose input is being handled) lists its chain in `first`,
+//! which the cursor serves before going on through `dirty`: an answer waits for at most what
+//! the driver takes in one go, not for the whole round. The round ends once the driver has
+//! taken everything; the next frame starts a new one. A page nobody references any more is
+//! then cleared and reused; one still referenced is left to its holders (freed when the last
+//! lets go) and a fresh page takes its place. Chains are keyed by slot and stamped with the
+//! full `ConnId` and the round, so a stale chain (a closed connection whose slot was reused)
+//! is never confused with a live one.
 //!
 //! Invariants (checked with `debug_assert!`): ranges lie inside their page, `start <= end`, a
-//! chain's ranges are in the order they were sent, and every page of the current round is
-//! unshared while the round is being written.
+//! chain's ranges are in the order they were sent, a chain is taken at most once, and a page
+//! is written only while nobody else holds it (a round resumed after its driver parked a
+//! reference to the current page goes on in a fresh one).
 
 use std::sync::Arc;
 
@@ -115,9 +126,14 @@ pub(crate) struct Outbox {
     first: Vec<(ConnId, u32)>,
     /// Entries of `dirty` and `first` so far this round (the serial of the next one).
     serials: u32,
+    /// The driver's cursor: entries of `first` and of `dirty` taken so far this round.
+    first_pos: usize,
+    dirty_pos: usize,
     /// The connection whose input is being handled (`ConnId::to_u64`, 0 for none).
     pub(crate) replying: u64,
     round: u32,
+    /// The driver has begun taking this round: once it has taken everything, the next frame
+    /// starts a new round.
     taken: bool,
     /// Frames addressed to connections, by opcode (one per recipient).
     pub(crate) frames_out: Vec<u64>,
@@ -141,7 +157,7 @@ impl Outbox {
     }
 
     fn start_round_if_taken(&mut self) {
-        if self.taken {
+        if self.taken && self.is_empty() {
             if let Some(last) = self.pages.last() {
                 self.earlier += last.len() as u64;
             }
@@ -157,6 +173,8 @@ impl Outbox {
             self.ranges.clear();
             self.dirty.clear();
             self.first.clear();
+            self.first_pos = 0;
+            self.dirty_pos = 0;
             self.serials = 0;
             // Round 0 is never current, so a zeroed chain is never live.
             self.round = self.round.wrapping_add(1).max(1);
@@ -169,9 +187,12 @@ impl Outbox {
     /// before the next call.
     pub(crate) fn buf(&mut self) -> (&mut Vec<u8>, usize) {
         self.start_round_if_taken();
-        let full = match self.pages.last() {
+        let room_for_pages = self.pages.len() < MAX_PAGES;
+        let full = match self.pages.last_mut() {
             None => true,
-            Some(p) => p.len() >= PAGE_SIZE && self.pages.len() < MAX_PAGES,
+            // Shared: the driver parked a reference to it mid-round; writing on would copy
+            // the page (`make_mut`), a fresh one costs nothing.
+            Some(p) => (p.len() >= PAGE_SIZE || Arc::get_mut(p).is_none()) && room_for_pages,
         };
         if full {
             if let Some(p) = self.pages.last() {
@@ -185,13 +206,8 @@ impl Outbox {
         }
         let index = self.pages.len() - 1;
         let page = &mut self.pages[index];
-        debug_assert!(
-            Arc::get_mut(page).is_some(),
-            "a page is written while shared"
-        );
-        // Never shared while its round is being written (a driver only gets references to a
-        // taken round's pages, and those pages are replaced above); `make_mut` would copy a
-        // shared page rather than let a reference see bytes change.
+        // Unshared (a shared page was replaced above) unless the round ran out of pages;
+        // `make_mut` then copies it rather than let a reference see bytes change.
         let bytes = Arc::make_mut(page);
         let at = bytes.len();
         (bytes, at)
@@ -310,11 +326,13 @@ impl Outbox {
     /// an earlier entry for it is stale from now on.
     #[inline]
     fn list(&mut self, to: ConnId, first: bool) {
-        // More entries in one round than serials would only happen past half a million
-        // connections touched in one iteration, which the fd limit does not allow.
-        debug_assert!(self.serials <= SERIAL_MASK);
+        // Past 2^19 entries in one round (a round resumed over many slices, each listing
+        // again the members it had written) serials wrap: a stale entry may then match its
+        // connection's live chain and hand it out at the stale entry's place. A chain is
+        // handed out once whatever the entry, so only the order among connections changes,
+        // never one connection's bytes.
         let serial = self.serials & SERIAL_MASK;
-        self.serials += 1;
+        self.serials = self.serials.wrapping_add(1);
         let chain = &mut self.chains[to.slot()];
         chain.tag = (chain.tag & !(FIRST | SERIAL_MASK)) | serial | if first { FIRST } else { 0 };
         if first {
@@ -333,23 +351,25 @@ impl Outbox {
         }
     }
 
-    /// Whether anything is waiting to be taken.
+    /// Whether nothing is waiting to be taken (entries left may all be stale: taking them
+    /// then yields nothing).
     pub(crate) fn is_empty(&self) -> bool {
-        self.taken || (self.dirty.is_empty() && self.first.is_empty())
+        self.first_pos >= self.first.len() && self.dirty_pos >= self.dirty.len()
     }
 
-    /// Ends the round and hands everything queued in it to the caller.
+    /// Hands the caller what is queued and not yet taken, chain by chain from the cursor on;
+    /// what it does not take stays for the next call.
     pub(crate) fn take(&mut self) -> Output<'_> {
-        let round = if self.taken { 0 } else { self.round };
         self.taken = true;
         Output {
             pages: &self.pages,
             ranges: &self.ranges,
-            chains: &self.chains,
+            chains: &mut self.chains,
             first: &self.first,
             dirty: &self.dirty,
-            round,
-            pos: 0,
+            round: self.round,
+            first_pos: &mut self.first_pos,
+            dirty_pos: &mut self.dirty_pos,
         }
     }
 }
@@ -404,21 +424,24 @@ impl std::ops::Deref for SharedBytes {
     }
 }
 
-/// One round of output, connection by connection. See [`crate::core::Chat::poll_output`].
+/// The core's output not yet taken, connection by connection. See
+/// [`crate::core::Chat::poll_output`].
 ///
-/// Each connection appears once, with its bytes in the order the core produced them, as a few
+/// Each connection appears with its bytes in the order the core produced them, as a few
 /// slices borrowed from the core's pages (write them with one `writev`). Whatever is not taken
-/// from it is dropped with it.
+/// from it stays queued, in order, for the next `poll_output`. A connection appears again in
+/// a later `poll_output` only with bytes produced after the ones it was given here.
 #[derive(Debug)]
 pub struct Output<'a> {
     pages: &'a [Arc<Vec<u8>>],
     ranges: &'a [Range],
-    chains: &'a [Chain],
+    chains: &'a mut [Chain],
     first: &'a [(ConnId, u32)],
     dirty: &'a [(ConnId, u32)],
     round: u32,
-    /// Position in `first`, then (from `first.len()` on) in `dirty`.
-    pos: usize,
+    /// The outbox's cursor: `first` is served up to its end before `dirty` goes on.
+    first_pos: &'a mut usize,
+    dirty_pos: &'a mut usize,
 }
 
 impl<'a> Iterator for Output<'a> {
@@ -426,13 +449,15 @@ impl<'a> Iterator for Output<'a> {
 
     fn next(&mut self) -> Option<(ConnId, Chunks<'a>)> {
         loop {
-            let entry = match self.pos.checked_sub(self.first.len()) {
-                None => self.first.get(self.pos),
-                Some(i) => self.dirty.get(i),
+            let &(id, serial) = if let Some(e) = self.first.get(*self.first_pos) {
+                *self.first_pos += 1;
+                e
+            } else {
+                let e = self.dirty.get(*self.dirty_pos)?;
+                *self.dirty_pos += 1;
+                e
             };
-            let &(id, serial) = entry?;
-            self.pos += 1;
-            let c = &self.chains[id.slot()];
+            let c = &mut self.chains[id.slot()];
             // A connection discarded (or whose slot was reused) mid-round is listed once per
             // chain it had; only the entry that started the live chain yields it.
             if c.id != id.to_u64() || c.round != self.round || c.serial() != serial {
@@ -445,17 +470,19 @@ impl<'a> Iterator for Output<'a> {
                 len += (r.end - r.start) as usize;
                 i = r.next;
             }
-            return Some((
-                id,
-                Chunks {
-                    pages: self.pages,
-                    ranges: self.ranges,
-                    next: c.head,
-                    last: Some((c.page(), c.start, c.end)),
-                    len,
-                    reply: c.is_first(),
-                },
-            ));
+            let chunks = Chunks {
+                pages: self.pages,
+                ranges: self.ranges,
+                next: c.head,
+                last: Some((c.page(), c.start, c.end)),
+                len,
+                reply: c.is_first(),
+            };
+            // Taken: whatever is sent to this connection from now on starts a new chain,
+            // listed behind everything listed so far, so it reaches the driver after these
+            // bytes. (Round 0 is never current.)
+            c.round = 0;
+            return Some((id, chunks));
         }
     }
 }
@@ -557,7 +584,9 @@ mod tests {
             let mut o = out.take();
             let (id, chunks) = o.next().expect("a");
             assert_eq!(id, a);
-            chunks.share_from(10).collect()
+            let held = chunks.share_from(10).collect();
+            assert_eq!(o.next().map(|(id, _)| id), Some(b));
+            held
         };
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].len(), 90);
@@ -576,6 +605,91 @@ mod tests {
         assert_eq!(out.pages[0].len(), 10);
         assert_eq!(out.produced(), 210);
         drop(held);
+    }
+
+    /// Everything `take` yields now, as (connection, bytes).
+    fn drain(out: &mut Outbox) -> Vec<(ConnId, Vec<u8>)> {
+        out.take()
+            .map(|(id, c)| (id, c.flatten().copied().collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_round_taken_in_slices_keeps_each_connections_order_and_lets_replies_ahead() {
+        let mut out = Outbox::new();
+        let members: Vec<ConnId> = (0..6).map(|i| ConnId::new(i, 1)).collect();
+        let pinger = ConnId::new(9, 1);
+        let (s, e) = frame(&mut out, b'1', 10);
+        out.send_all(&members, None, s, e);
+        // The driver writes two members, then stops (the rest of its slice budget is spent).
+        let got: Vec<ConnId> = out.take().take(2).map(|(id, _)| id).collect();
+        assert_eq!(got, members[..2]);
+        assert!(!out.is_empty());
+        // Meanwhile: a second message to everyone, a PING answered, a reply to a member
+        // still waiting (its chain goes ahead whole).
+        let (s, e) = frame(&mut out, b'2', 10);
+        out.send_all(&members, None, s, e);
+        out.replying = pinger.to_u64();
+        let (s, e) = frame(&mut out, b'P', 4);
+        out.send(pinger, s, e);
+        out.replying = members[4].to_u64();
+        let (s, e) = frame(&mut out, b'R', 4);
+        out.send(members[4], s, e);
+        out.replying = 0;
+        let rest = drain(&mut out);
+        assert!(out.is_empty());
+        let ids: Vec<ConnId> = rest.iter().map(|(id, _)| *id).collect();
+        // Replies first, then the members not yet written (both messages in one chain),
+        // then the two written before, with only the second message.
+        assert_eq!(
+            ids,
+            [
+                pinger, members[4], members[2], members[3], members[5], members[0], members[1]
+            ]
+        );
+        let bytes = |b: &[(u8, usize)]| -> Vec<u8> {
+            b.iter()
+                .flat_map(|&(c, n)| std::iter::repeat_n(c, n))
+                .collect()
+        };
+        assert_eq!(rest[0].1, bytes(&[(b'P', 4)]));
+        assert_eq!(rest[1].1, bytes(&[(b'1', 10), (b'2', 10), (b'R', 4)]));
+        assert_eq!(rest[2].1, bytes(&[(b'1', 10), (b'2', 10)]));
+        assert_eq!(rest[5].1, bytes(&[(b'2', 10)]));
+        // The round is over: the next frame starts a new one, the pages are reused.
+        let (s, e) = frame(&mut out, b'3', 10);
+        out.send(members[0], s, e);
+        assert_eq!(out.pages.len(), 1);
+        assert_eq!(drain(&mut out), [(members[0], bytes(&[(b'3', 10)]))]);
+    }
+
+    #[test]
+    fn a_page_parked_mid_round_is_not_written_again() {
+        let mut out = Outbox::new();
+        let (a, b) = (ConnId::new(0, 1), ConnId::new(1, 1));
+        let (s, e) = frame(&mut out, b'x', 4096);
+        out.send_all(&[a, b], None, s, e);
+        let held: Vec<SharedBytes> = {
+            let mut o = out.take();
+            let (_, chunks) = o.next().expect("a");
+            chunks.share_from(0).collect()
+        };
+        // The round goes on (b is not taken) and the page a's socket refused is held: the
+        // next frame goes to a fresh page, not a copy of the held one.
+        let first_page = Arc::as_ptr(&out.pages[0]);
+        let (s, e) = frame(&mut out, b'y', 100);
+        out.send_all(&[a, b], None, s, e);
+        assert_eq!(out.pages.len(), 2);
+        assert_eq!(Arc::as_ptr(&out.pages[0]), first_page);
+        assert!(held[0].same_page(&SharedBytes {
+            page: Arc::clone(&out.pages[0]),
+            start: 0,
+            end: 0,
+        }));
+        let rest = drain(&mut out);
+        assert_eq!(rest[0].0, b);
+        assert_eq!(rest[0].1.len(), 4196);
+        assert_eq!(rest[1], (a, vec![b'y'; 100]));
     }
 
     #[test]

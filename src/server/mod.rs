@@ -75,6 +75,10 @@ const FANOUT_BUDGETS: usize = 16;
 /// thousand members of one room cut at once would be half a million frames in one iteration.
 const CUTS_PER_ITERATION: usize = 16;
 
+/// Connections one `flush` writes before it returns with the rest of the round for the next
+/// iterations (`ServerConfig::flush_slice`): 256 `writev`s, about 1 ms here.
+const FLUSH_SLICE: usize = 256;
+
 /// Reads of connections still in their TLS handshake per iteration (each may cost a
 /// handshake's crypto, about 150 us here: 64 of them, about 10 ms); the rest wait for the next.
 const HANDSHAKES_PER_ITERATION: usize = 64;
@@ -137,6 +141,14 @@ pub struct ServerConfig {
     /// nodes of a cluster on one host) listen on one address, and the kernel spreads new
     /// connections among them.
     pub reuseport: bool,
+    /// Connections one [`Server::flush`] writes before it returns and leaves the rest of the
+    /// round's output, in place, for the next iterations (default 256; 0: the whole round in
+    /// one `flush`). A message to a thousand members is a thousand `writev`s (about 5 ms
+    /// here); in slices, the loop polls between them (`poll_timeout` says now), reads what
+    /// came meanwhile (a PING) and answers it before the round goes on where it stopped.
+    /// Nothing is parked or copied to stop: the core keeps the round and a cursor. The
+    /// iteration's budgets (reads, frames, writes) run until the round is all written.
+    pub flush_slice: usize,
 }
 
 impl Default for ServerConfig {
@@ -152,6 +164,7 @@ impl Default for ServerConfig {
             send_buffer: 256 * 1024,
             max_conns_per_ip: 0,
             reuseport: false,
+            flush_slice: FLUSH_SLICE,
         }
     }
 }
@@ -181,8 +194,11 @@ pub struct ServerStats {
     pub writes: u64,
     /// Calls to `flush` (one per loop iteration).
     pub iterations: u64,
+    /// Calls to `flush` that returned with part of the round's output still to write
+    /// (`ServerConfig::flush_slice`): the next iterations write it, after their events.
+    pub flush_slices: u64,
     /// Time spent handling one iteration (from its first event or timeout to the end of its
-    /// flush): bucket `i` counts iterations that took less than 2^i microseconds (the last
+    /// flush, whether that flush wrote the whole round or a slice of it): bucket `i` counts iterations that took less than 2^i microseconds (the last
     /// bucket counts everything longer).
     pub iteration_us: [u64; ITERATION_BUCKETS],
     /// Sum of all iteration times, in microseconds.
@@ -271,7 +287,12 @@ pub struct Server {
     chat: Chat,
     scratch: Box<[u8]>,
     read_again: Vec<ConnId>,
-    /// `Chat::frames_addressed` when this iteration began (for `iteration_frames`).
+    /// The round being written, if a `flush` returned before the end of it.
+    round: Option<Round>,
+    /// Read budgets' epoch: one per round (a round's reads, in whichever iteration, share
+    /// one budget).
+    epoch: u32,
+    /// `Chat::frames_addressed` when this round began (for `iteration_frames`).
     frames_at_start: u64,
     /// Slow consumers found while the iteration's frame budget was spent, oldest first,
     /// cut in the next iterations (`Conn::cut_pending`).
@@ -376,6 +397,8 @@ impl Server {
             chat,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             read_again: Vec::new(),
+            round: None,
+            epoch: 0,
             frames_at_start: 0,
             cuts: VecDeque::new(),
             cuts_made: 0,
@@ -829,7 +852,7 @@ impl Server {
         let mut scratch = std::mem::take(&mut self.scratch);
         let budget = self.read_budget();
         let fanout_budget = self.fanout_budget();
-        let epoch = self.stats.iterations as u32;
+        let epoch = self.epoch;
         loop {
             let iteration_full = self.chat.frames_addressed() - self.frames_at_start
                 >= self.cfg.iteration_frames.max(1);
@@ -1068,54 +1091,77 @@ impl Server {
 
     // ----- end of iteration -----
 
-    /// Ends the loop iteration. First the connections that stopped at their read budget in
-    /// the previous iteration read on (their turn comes after everyone else's events, so one
-    /// flooding peer cannot starve the others); then everything the core produced since the
-    /// last call goes out (one `writev` per connection) and the closes it asked for happen.
+    /// Ends the loop iteration. At the start of a round, the connections that stopped at
+    /// their read budget in the previous one read on (their turn comes after everyone else's
+    /// events, so one flooding peer cannot starve the others); then what the core produced
+    /// goes out (one `writev` per connection), answers first, and once the round is all
+    /// written the closes it asked for happen. Past `ServerConfig::flush_slice` connections
+    /// it returns with the rest of the round still queued in the core, and
+    /// [`poll_timeout`](Self::poll_timeout) says now: the next iteration's events are read
+    /// (their answers jump the queue), and its `flush` goes on where this one stopped.
     /// Call once per loop iteration, every iteration, after the events and `handle_timeout`.
     pub fn flush(&mut self, now: Instant) {
         self.now = self.now.max(now);
-        // A new read epoch first: the deferred reads spend the next iteration's budget.
         self.stats.iterations += 1;
         let start = *self.iteration_start.get_or_insert(now);
-        let mut budget = Budget::new(self.cfg.write_budget, start);
-        self.read_leftovers(now);
-        while self.may_cut() {
-            let Some(id) = self.cuts.pop_front() else {
-                break;
-            };
-            if let Some(c) = self.conn(id).filter(|c| c.cut_pending) {
-                c.cut_pending = false;
-                self.overflow(now, id);
+        let mut round = match self.round.take() {
+            Some(round) => round,
+            None => {
+                // A new read epoch first: the deferred reads spend the new round's budget.
+                self.epoch = self.epoch.wrapping_add(1);
+                self.read_leftovers(now);
+                while self.may_cut() {
+                    let Some(id) = self.cuts.pop_front() else {
+                        break;
+                    };
+                    if let Some(c) = self.conn(id).filter(|c| c.cut_pending) {
+                        c.cut_pending = false;
+                        self.overflow(now, id);
+                    }
+                }
+                Round {
+                    budget: Budget::new(self.cfg.write_budget, start),
+                    queue_served: false,
+                }
             }
-        }
+        };
         let base = self.base;
         let max_pending = self.cfg.chat.max_pending;
         let mut failed: Vec<(ConnId, WriteError)> = Vec::new();
         let mut wrote: Vec<(ConnId, Wrote)> = Vec::new();
-        let mut queue_served = false;
+        let mut slice_left = match self.cfg.flush_slice {
+            0 => usize::MAX,
+            n => n,
+        };
+        let budget = &mut round.budget;
+        let queue_served = &mut round.queue_served;
         loop {
             while let Some((id, reason)) = self.chat.poll_close() {
                 self.begin_close(id, reason);
             }
-            if !self.chat.has_output() {
+            if slice_left == 0 || !self.chat.has_output() {
                 break;
             }
-            for (id, chunks) in self.chat.poll_output() {
+            let mut output = self.chat.poll_output();
+            while slice_left > 0 {
+                let Some((id, chunks)) = output.next() else {
+                    break;
+                };
+                slice_left -= 1;
                 let reply = chunks.is_reply();
-                if !reply && !queue_served {
-                    // Replies to this iteration's requests went first (they are what a
-                    // client waits for); then the output that waited for this iteration's
-                    // budget, oldest first; then the rest of this iteration's, within what is
-                    // left of the budget.
-                    queue_served = true;
+                if !reply && !*queue_served {
+                    // Replies to this round's requests went first (they are what a client
+                    // waits for); then the output that waited for this round's budget,
+                    // oldest first; then the rest of this round's, within what is left of
+                    // the budget.
+                    *queue_served = true;
                     write_queued(
                         &mut self.conns,
                         &mut self.write_queue,
                         &self.registry,
                         base,
                         &mut self.stats,
-                        &mut budget,
+                        budget,
                         &mut wrote,
                     );
                 }
@@ -1162,14 +1208,25 @@ impl Server {
                 self.after_write(id, w);
             }
         }
-        if !queue_served {
+        if self.chat.has_output() {
+            // A slice: the rest of the round stays in the core, and its closes wait for it
+            // (a closing connection's last frames may be in it).
+            self.round = Some(round);
+            self.stats.flush_slices += 1;
+            self.stats.events_dropped = self.events.dropped;
+            if let Some(start) = self.iteration_start.take() {
+                self.stats.record_iteration(start.elapsed());
+            }
+            return;
+        }
+        if !round.queue_served {
             write_queued(
                 &mut self.conns,
                 &mut self.write_queue,
                 &self.registry,
                 base,
                 &mut self.stats,
-                &mut budget,
+                &mut round.budget,
                 &mut wrote,
             );
             for (id, w) in wrote.drain(..) {
@@ -1305,12 +1362,15 @@ impl Server {
     /// When the server next needs the loop to come round (`None`: nothing is due; block until
     /// an event): the earliest of the core's timers, close deadlines and the end of a
     /// shutdown's grace period, or an instant already past when work is waiting that no event
-    /// will announce (output queued since the last [`flush`](Self::flush), or connections
-    /// whose reads the read budget deferred: the next `flush` reads them). Merge it with your
+    /// will announce (output queued since the last [`flush`](Self::flush), the rest of a round
+    /// a `flush` wrote a slice of, or connections whose reads the read budget deferred: the
+    /// next `flush` reads them). Poll with a zero timeout then: events that came meanwhile
+    /// are read before the next slice, which answers them first. Merge it with your
     /// own deadlines and block in `poll` for `deadline.saturating_duration_since(now)`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         if !self.read_again.is_empty()
+            || self.round.is_some()
             || !self.cuts.is_empty()
             || !self.write_queue.is_empty()
             || !self.closing.is_empty()
@@ -1540,7 +1600,15 @@ impl Server {
     }
 }
 
-/// What one iteration may still write.
+/// A round being written: what carries over from one slice (`flush`) to the next.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    budget: Budget,
+    /// The output that waited for this round's budget has had its turn.
+    queue_served: bool,
+}
+
+/// What one round may still write.
 ///
 /// Bytes, not system calls: a budget on `writev` calls (tried: 256 an iteration) kept
 /// iterations short under a thousand-member fan-out, but parking the output of everyone past
