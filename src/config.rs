@@ -211,8 +211,8 @@ pub struct Args {
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address [default: off].
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Join a cluster through this Redis: redis://HOST:PORT[/DB] [default: off, one process
-    /// is the whole chat]. See docs/CLUSTER.md.
+    /// Join a cluster through this Redis: redis://[[USER]:PASSWORD@]HOST:PORT[/DB] [default:
+    /// off, one process is the whole chat]. See docs/CLUSTER.md.
     #[arg(long, value_name = "URL")]
     pub cluster: Option<String>,
     /// Listen with SO_REUSEPORT: several processes on one address (one per core; the nodes

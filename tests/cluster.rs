@@ -1141,3 +1141,62 @@ fn a_node_cut_off_from_redis_recovers_what_its_members_missed() {
 fn a_node_cut_off_from_redis_without_history_counts_what_its_members_missed() {
     cut_off_and_back(false);
 }
+
+/// Sends one inline command to Redis at `port` and returns its first reply line.
+fn redis_command(port: u16, command: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to Redis");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(format!("{command}\r\n").as_bytes())
+        .expect("write to Redis");
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .expect("Redis's reply");
+    line
+}
+
+/// A Redis that asks for a password: a node with it in its URL (`redis://:PASSWORD@`) joins
+/// the cluster and serves; one with a wrong password logs Redis's refusal, without the
+/// password, and keeps trying.
+#[test]
+fn a_redis_with_a_password_is_joined_with_the_urls_credentials() {
+    let redis = Redis::start();
+    assert_eq!(
+        redis_command(redis.port(), "CONFIG SET requirepass s3cret"),
+        "+OK\r\n"
+    );
+    let port = redis.port();
+    let a = start_node_with(&format!("redis://:s3cret@127.0.0.1:{port}"), "a", &[]);
+    let b = start_node_with(
+        &format!("redis://default:s3cret@127.0.0.1:{port}"),
+        "b",
+        &[],
+    );
+    let (mut alice, _bob) = alice_and_bob(&a, &b);
+    alice.say("lobby", "through a Redis with a password");
+    let wrong = start_node(&format!("redis://:n0tthis@127.0.0.1:{port}"), "c");
+    let deadline = Instant::now() + CONNECT;
+    while !wrong
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("refused the credentials"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal is logged: {:?}",
+            wrong.log_lines()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for s in [&a, &b, &wrong] {
+        let leaked: Vec<_> = s
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("s3cret") || l.contains("n0tthis"))
+            .collect();
+        assert!(leaked.is_empty(), "a password in the log: {leaked:?}");
+    }
+    assert_eq!(connected_times(&wrong), 0);
+}

@@ -601,6 +601,8 @@ pub struct BackboneStats {
 /// What a reply on `Cmd` answers, in the order the commands were sent.
 #[derive(Debug, Clone)]
 enum Pending {
+    /// `AUTH`, before anything else on `Cmd`.
+    Auth,
     Setup,
     Say,
     Presence,
@@ -663,6 +665,15 @@ struct RoomSub {
     catchup: Option<(u64, u64)>,
 }
 
+/// A password, kept out of `Debug` output.
+struct Secret(Box<str>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
 /// The sans-IO backbone (see the module documentation).
 #[derive(Debug)]
 pub struct Backbone {
@@ -702,6 +713,8 @@ pub struct Backbone {
     history: (usize, u64, usize),
     /// This node's members, room → nicks, registered again on every connection.
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
+    /// `AUTH`'s user (None: Redis's `default`) and password, sent first on both links.
+    auth: Option<(Option<Box<str>>, Secret)>,
     next_reap: Option<Instant>,
     /// After a reconnection: subscription confirmations still to come for the rooms
     /// subscribed again, then the catch-ups not answered yet. While either is non-zero,
@@ -748,6 +761,7 @@ impl Backbone {
             answers_out: Vec::new(),
             history: (0, 0, 0),
             members: HashMap::new(),
+            auth: None,
             next_reap: None,
             resubscribing: 0,
             catchups: 0,
@@ -758,6 +772,11 @@ impl Backbone {
             delivered: 0,
             stats: BackboneStats::default(),
         }
+    }
+
+    /// Logs in with `AUTH [user] password` first on every connection (`redis://user:pass@`).
+    pub fn set_auth(&mut self, user: Option<&str>, password: &str) {
+        self.auth = Some((user.map(Into::into), Secret(password.into())));
     }
 
     /// Keeps each room's last `per_room` messages in the cluster's history (a Redis stream
@@ -809,8 +828,19 @@ impl Backbone {
     pub fn handle_connected(&mut self, link: Link, now: Instant) {
         self.links[link.index()].connected = true;
         let name = format!("chatloop-{}", self.node);
+        // `AUTH` first: Redis answers nothing else before it when it asks for a password.
+        let auth: Option<Vec<Vec<u8>>> = self.auth.as_ref().map(|(user, password)| {
+            let mut args = vec![b"AUTH".to_vec()];
+            args.extend(user.as_ref().map(|u| u.as_bytes().to_vec()));
+            args.push(password.0.as_bytes().to_vec());
+            args
+        });
+        let auth: Option<Vec<&[u8]>> = auth.as_ref().map(|a| a.iter().map(Vec::as_slice).collect());
         match link {
             Link::Cmd => {
+                if let Some(auth) = &auth {
+                    self.command(now, Pending::Auth, auth);
+                }
                 if self.db != 0 {
                     self.command(
                         now,
@@ -865,6 +895,9 @@ impl Backbone {
                 }
             }
             Link::Sub => {
+                if let Some(auth) = &auth {
+                    push_command(&mut self.links[1].out, auth);
+                }
                 // Before SUBSCRIBE: a subscribed RESP2 connection takes no other command.
                 push_command(
                     &mut self.links[1].out,
@@ -1750,6 +1783,9 @@ impl Backbone {
             return Err(format!("a reply nobody asked for: {frame:?}"));
         };
         match (what, &frame) {
+            (Pending::Auth, OwnedFrame::Error(e)) => {
+                return Err(format!("Redis refused the credentials: {e}"));
+            }
             (Pending::Setup, OwnedFrame::Error(e)) => {
                 return Err(format!("setup refused: {e} (Redis 7 or later is needed)"));
             }

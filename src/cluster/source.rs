@@ -59,8 +59,12 @@ impl BackboneSource {
     ) -> std::io::Result<Self> {
         let seed =
             u64::from(std::process::id()) ^ now.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        let mut backbone = Backbone::new(node, url.db, seed, now);
+        if let Some(password) = &url.password {
+            backbone.set_auth(url.user.as_deref(), password);
+        }
         Ok(BackboneSource {
-            backbone: Backbone::new(node, url.db, seed, now),
+            backbone,
             url,
             streams: [None, None],
             registry: registry.try_clone()?,

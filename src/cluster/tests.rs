@@ -265,15 +265,65 @@ fn urls() {
     assert_eq!((u.host.as_str(), u.port, u.db), ("10.0.0.1", 6380, 2));
     let u: RedisUrl = "redis://localhost".parse().expect("defaults");
     assert_eq!((u.host.as_str(), u.port, u.db), ("localhost", 6379, 0));
+    assert_eq!((u.user, u.password), (None, None));
+    let u: RedisUrl = "redis://:s%40cr%3At@h:7000/1".parse().expect("password");
+    assert_eq!((u.host.as_str(), u.port, u.db), ("h", 7000, 1));
+    assert_eq!((u.user, u.password.as_deref()), (None, Some("s@cr:t")));
+    let u: RedisUrl = "redis://chat:pw@h".parse().expect("user and password");
+    assert_eq!(
+        (u.user.as_deref(), u.password.as_deref()),
+        (Some("chat"), Some("pw"))
+    );
+    assert!(
+        !format!("{u:?}").contains("pw"),
+        "Debug hides the password: {u:?}"
+    );
     for bad in [
         "localhost:6379",
         "redis://",
         "redis://h:x",
         "redis://h/x",
-        "redis://u:p@h",
+        "redis://u@h",
+        "redis://:p%zz@h",
     ] {
         assert!(bad.parse::<RedisUrl>().is_err(), "{bad}");
     }
+    // An error never shows the password.
+    let e = "redis://chat:topsecret@h:port"
+        .parse::<RedisUrl>()
+        .expect_err("bad port");
+    assert!(
+        !e.contains("topsecret") && e.contains("chat:<hidden>@h"),
+        "{e}"
+    );
+}
+
+#[test]
+fn credentials_are_sent_first_on_both_links_and_a_refusal_fails_the_link() {
+    let now = Instant::now();
+    let mut b = Backbone::new("n1", 0, 7, now);
+    b.set_auth(Some("chat"), "pw");
+    assert!(
+        !format!("{b:?}").contains("pw\""),
+        "Debug hides the password"
+    );
+    assert!(b.poll_connect(now));
+    b.handle_connected(Link::Cmd, now);
+    b.handle_connected(Link::Sub, now);
+    assert_eq!(commands(&mut b, Link::Cmd)[0], ["AUTH", "chat", "pw"]);
+    assert_eq!(commands(&mut b, Link::Sub)[0], ["AUTH", "chat", "pw"]);
+    let e = b
+        .handle_data(
+            Link::Cmd,
+            b"-WRONGPASS invalid username-password pair\r\n",
+            now,
+        )
+        .expect_err("refused");
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(
+        b.handle_data(Link::Sub, b"-WRONGPASS no\r\n", now).is_err(),
+        "the subscriber's too"
+    );
 }
 
 #[test]
