@@ -81,6 +81,51 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // A burst of JOINs into one room below --presence-limit: each JOIN's PRESENCE goes to
+    // every member already there, n(n+1)/2 frames in all (the isolation attack's join phase).
+    for n in [500usize, 1_000] {
+        let frames = (n * (n + 1) / 2) as u64;
+        g.throughput(Throughput::Elements(frames));
+        g.sample_size(10);
+        let join = frame(ClientMsg::Join { room: "burst" });
+        g.bench_function(format!("join_burst_of_{n}_presence_frames"), |b| {
+            b.iter_batched(
+                || {
+                    let t0 = Instant::now();
+                    let mut chat = Chat::new(ChatConfig::default(), t0);
+                    let mut gens = Generations::new();
+                    let ids: Vec<_> = (0..n)
+                        .map(|i| {
+                            let id = gens.next(i);
+                            chat.handle_open(t0, id, None);
+                            let nick = format!("user{i}");
+                            let hello = frame(ClientMsg::Hello {
+                                nick: &nick,
+                                token: None,
+                            });
+                            chat.handle_data(t0, id, &hello);
+                            id
+                        })
+                        .collect();
+                    for _ in chat.poll_output() {}
+                    (chat, ids, t0)
+                },
+                |(mut chat, ids, t0)| {
+                    for &id in &ids {
+                        chat.handle_data(t0, id, &join);
+                    }
+                    let mut bytes = 0;
+                    for (_, chunks) in chat.poll_output() {
+                        for c in chunks {
+                            bytes += c.len();
+                        }
+                    }
+                    black_box(bytes)
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 
