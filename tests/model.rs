@@ -461,6 +461,7 @@ const NO_CONTINUITY: Config = Config {
     history: 0,
     history_age_ms: 0,
     history_bytes: HISTORY_BYTES,
+    cluster: false,
 };
 
 const CLIENTS: usize = 8;
@@ -1538,7 +1539,8 @@ fn match_items(want: &[Item], got: &[Frame]) -> Result<(), String> {
     let mut i = 0;
     for item in want {
         match item {
-            Item::One(f) => {
+            // (A float is the cluster's; one process keeps it in place.)
+            Item::One(f) | Item::Float { frame: f, .. } => {
                 if got.get(i) != Some(f) {
                     return Err(format!("frame {i} is {:?}, model {f:?}", got.get(i)));
                 }

@@ -51,6 +51,12 @@ pub struct Config {
     pub history_age_ms: u64,
     /// `--history-bytes`.
     pub history_bytes: usize,
+    /// Several nodes through Redis (PROTOCOL.md section 10; tests/model_cluster.rs): a
+    /// room's history outlives the room (10.2), msg_ids are the cluster's (10.1: the model
+    /// numbers messages 1, 2, 3... and the harness binds each number to the id the cluster
+    /// gave it, [`Model::ids`]), and the ERROR for a SAY refused right after another SAY may
+    /// come before that SAY's MESSAGE ([`Item::Float`]).
+    pub cluster: bool,
 }
 
 /// The history epoch the harness gives the core (`Chat::set_history_epoch`).
@@ -85,6 +91,10 @@ pub enum Item {
     AnyOrder(Vec<Frame>),
     /// One WHO's answer: ROSTER frames for `room` listing exactly `nicks` (sorted here).
     Roster { room: String, nicks: Vec<String> },
+    /// In a cluster (PROTOCOL.md 10.2): the ERROR (`bad_room`, `not_in_room`) for a SAY the
+    /// node refuses itself, sent right after another SAY: it may come before the `past`
+    /// items just before it (the MESSAGEs and such ERRORs of the SAYs right before it).
+    Float { frame: Frame, past: usize },
 }
 
 /// What a step must produce.
@@ -450,6 +460,15 @@ pub struct Model {
     rooms: BTreeMap<String, Room>,
     /// Rooms that closed after messages: the newest msg_id each had (section 12.3).
     closed: BTreeMap<String, u64>,
+    /// In a cluster, the history of rooms that have no member now: it outlives the room
+    /// (PROTOCOL.md 10.2) and is the room's again when it is created again.
+    kept_rooms: BTreeMap<String, Stream>,
+    /// In a cluster: the msg_id the cluster gave each of the model's numbers (filled in by
+    /// the harness as frames show them). HISTORY's `since` and `before` are the cluster's.
+    pub ids: BTreeMap<u64, u64>,
+    /// In a cluster: where the current run of consecutive SAYs of this batch of input began
+    /// in the sender's output (for [`Item::Float`]).
+    say_run: Option<usize>,
     next_msg_id: u64,
     /// Tokens come from a counter: 1, 2, 3... as 16 big-endian bytes.
     next_token: u128,
@@ -476,6 +495,9 @@ impl Model {
             next_held: 0,
             rooms: BTreeMap::new(),
             closed: BTreeMap::new(),
+            kept_rooms: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            say_run: None,
             next_msg_id: 1,
             next_token: 1,
             generations: vec![0; clients],
@@ -755,7 +777,9 @@ impl Model {
     /// every possible outcome (more than one only when a max-pending decision depends on
     /// ERROR details).
     pub fn data(&self, client: usize, chunks: &[&[u8]]) -> Vec<(Model, Obs)> {
-        let mut states = vec![(self.clone(), Obs::default())];
+        let mut start = self.clone();
+        start.say_run = None;
+        let mut states = vec![(start, Obs::default())];
         for chunk in chunks {
             let mut next = Vec::new();
             for (mut m, mut obs) in states {
@@ -857,6 +881,13 @@ impl Model {
         obs: &mut Obs,
     ) {
         let welcomed = self.conns[&client].welcomed;
+        // Consecutive SAYs (section 10.2's exception): where their run began in the
+        // sender's output.
+        let run = self.say_run.take();
+        if opcode == op::SAY {
+            let id = self.id(client);
+            self.say_run = Some(run.unwrap_or_else(|| obs.out.get(&id).map_or(0, Vec::len)));
+        }
         if !(op::HELLO..=op::HISTORY).contains(&opcode) {
             return self.error(obs, client, 4, false);
         }
@@ -864,6 +895,18 @@ impl Model {
             return self.error(obs, client, 6, false);
         }
         let Some(msg) = decode(opcode, payload) else {
+            if let (Some(start), op::SAY, true) = (run, opcode, self.cfg.cluster) {
+                // A malformed SAY right after another SAY: the node refuses it itself too
+                // (tests/model_cluster.rs decides whether its ERROR may float).
+                let id = self.id(client);
+                let f = Frame::Error {
+                    code: 5,
+                    fatal: false,
+                };
+                let past = obs.out.get(&id).map_or(0, Vec::len) - start;
+                let cost = frame_cost(&f);
+                return obs.push(id, Item::Float { frame: f, past }, cost);
+            }
             return self.error(obs, client, 5, false);
         };
         let id = self.id(client);
@@ -873,11 +916,25 @@ impl Model {
             Msg::Join(room) => self.join(client, room, obs),
             Msg::Leave(room) => self.leave(client, &room, obs),
             Msg::Say(room, text) => {
-                if !valid_room(&room) {
-                    return self.error(obs, client, 10, false);
-                }
-                if !self.is_member(&room, client) {
-                    return self.error(obs, client, 11, false);
+                let code = if !valid_room(&room) {
+                    10
+                } else if !self.is_member(&room, client) {
+                    11
+                } else {
+                    0
+                };
+                if code != 0 {
+                    let f = Frame::Error { code, fatal: false };
+                    return match run {
+                        // PROTOCOL.md 10.2: right after another SAY, this ERROR may come
+                        // before that SAY's MESSAGE.
+                        Some(start) if self.cfg.cluster => {
+                            let past = obs.out.get(&id).map_or(0, Vec::len) - start;
+                            let cost = frame_cost(&f);
+                            obs.push(id, Item::Float { frame: f, past }, cost);
+                        }
+                        _ => obs.send(id, f),
+                    };
                 }
                 let from = self.conns[&client].nick.clone();
                 self.broadcast(&room, &from, &text, obs);
@@ -1047,14 +1104,20 @@ impl Model {
             self.closed.remove(&room).unwrap_or(0)
         };
         let mark = self.next_msg_id;
+        // In a cluster the room's history outlived it (PROTOCOL.md 10.2).
+        let kept = if self.cfg.cluster {
+            self.kept_rooms.remove(&room)
+        } else {
+            None
+        };
         self.rooms
             .entry(room.clone())
             .or_insert_with(|| Room {
                 members: BTreeMap::new(),
-                history: Stream {
+                history: kept.unwrap_or(Stream {
                     entries: VecDeque::new(),
                     floor: last,
-                },
+                }),
             })
             .members
             .insert(Who::Conn(client), mark);
@@ -1076,7 +1139,10 @@ impl Model {
     fn remove_member(&mut self, room: &str, who: Who) {
         let r = self.rooms.get_mut(room).unwrap();
         r.members.remove(&who);
-        if r.members.is_empty() {
+        if r.members.is_empty() && self.cfg.cluster {
+            let h = self.rooms.remove(room).unwrap().history;
+            self.kept_rooms.insert(room.to_string(), h);
+        } else if r.members.is_empty() {
             let h = &self.rooms.remove(room).unwrap().history;
             let newest = h.entries.back().map_or(h.floor, |e| e.id.max(h.floor));
             if newest > 0 {
@@ -1124,7 +1190,7 @@ impl Model {
     fn history(&mut self, client: usize, q: Query, budget: &mut usize, obs: &mut Obs) {
         let whispers = q.room.is_empty();
         let me = Who::Conn(client);
-        let (stream, mut until) = if whispers {
+        let (stream, mark) = if whispers {
             (self.conns[&client].whispers.as_ref(), u64::MAX)
         } else {
             if !valid_room(&q.room) {
@@ -1138,12 +1204,24 @@ impl Model {
             let mark = room.members[&me];
             (Some(&room.history), mark)
         };
-        if q.before > 0 {
-            until = until.min(q.before);
-        }
         // A `since` of another server run is treated as 0, and the answer is at least gap.
         let other_run = q.epoch != 0 && q.epoch != EPOCH && q.since > 0;
         let since = if other_run { 0 } else { q.since };
+        // `since` and `before` are msg_ids as the client saw them (the cluster's, in a
+        // cluster); the mark is the model's own number.
+        let ids = &self.ids;
+        let cluster = self.cfg.cluster;
+        let seen = |id: u64| {
+            if cluster {
+                *ids.get(&id)
+                    .unwrap_or_else(|| panic!("message {id} has no cluster msg_id yet"))
+            } else {
+                id
+            }
+        };
+        let in_range = |id: u64| {
+            (since == 0 || since < seen(id)) && id < mark && (q.before == 0 || seen(id) < q.before)
+        };
         let cap = if whispers {
             self.per_held()
         } else {
@@ -1152,11 +1230,7 @@ impl Model {
         let limit = (q.limit as usize).min(cap);
         let none = Stream::default();
         let stream = stream.unwrap_or(&none);
-        let range: Vec<&Entry> = stream
-            .entries
-            .iter()
-            .filter(|e| since < e.id && e.id < until)
-            .collect();
+        let range: Vec<&Entry> = stream.entries.iter().filter(|e| in_range(e.id)).collect();
         // The newest of the range: at most `limit`, at most `budget` bytes of frames, but at
         // least one message however large while any budget is left.
         let mut sent = 0;
@@ -1171,7 +1245,7 @@ impl Model {
         *budget = budget.saturating_sub(bytes);
         let mut status = if sent < range.len() {
             MORE
-        } else if since < stream.floor && stream.floor < until {
+        } else if stream.floor > 0 && in_range(stream.floor) {
             GAP
         } else {
             COMPLETE
