@@ -163,8 +163,9 @@ redis.register_function('chatloop_say', function(keys, args)\n\
         redis.call('HDEL', keys[7], keys[4])\n\
       end\n\
     elseif len >= tonumber(args[3]) then\n\
-      local first = redis.call('XRANGE', keys[4], '-', '+', 'COUNT', 1)[1]\n\
-      if first then gone = #first[2][2] + 128 end\n\
+      local old = redis.call('XRANGE', keys[4], '-', '+', 'COUNT', len - tonumber(args[3]) + 1)\n\
+      for _, e in ipairs(old) do gone = gone + #e[2][2] + 128 end\n\
+      if #old > 0 then redis.call('SET', keys[8], string.match(old[#old][1], '^(%d+)'), 'PX', keep) end\n\
     end\n\
     local added = redis.pcall('XADD', keys[4], 'MAXLEN', args[3], id .. '-0', 'p', args[1], 't', string.format('%.0f', now))\n\
     if type(added) == 'string' then\n\
@@ -208,7 +209,8 @@ redis.register_function('chatloop_epoch', function(keys, args)\n\
 end)\n\
 redis.register_function('chatloop_history', function(keys, args)\n\
   local limit, budget, age = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])\n\
-  local floor, cut, n, total, out = tonumber(redis.call('GET', keys[2]) or '0'), 0, 0, 0, {}\n\
+  local lost = redis.call('GET', keys[2])\n\
+  local floor, cut, n, total, out = tonumber(lost or '0'), 0, 0, 0, {}\n\
   if redis.call('EXISTS', keys[1]) == 0 then\n\
     floor = math.max(floor, tonumber(redis.call('GET', keys[3]) or '0'))\n\
   else\n\
@@ -219,7 +221,7 @@ redis.register_function('chatloop_history', function(keys, args)\n\
       elseif info[i] == 'entries-added' then added = info[i + 1]\n\
       elseif info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end\n\
     end\n\
-    if added > len and first then floor = math.max(floor, tonumber(string.match(first, '^(%d+)')) - 1) end\n\
+    if added > len and first and not lost then floor = math.max(floor, tonumber(string.match(first, '^(%d+)')) - 1) end\n\
     local t = redis.call('TIME')\n\
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n\
     for _, e in ipairs(redis.call('XREVRANGE', keys[1], args[5], args[4], 'COUNT', limit + 1)) do\n\

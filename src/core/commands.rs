@@ -300,7 +300,7 @@ impl Chat {
         };
         if self.cfg.relay {
             self.rooms[rid.0].joining.push(conn);
-            self.crossing.insert(conn);
+            self.crossing.insert(conn, true);
         }
         let Some(nick) = self.state(conn).map(|s| s.nick.clone()) else {
             return;
@@ -390,7 +390,7 @@ impl Chat {
                 from: nick,
                 text: text.into(),
             });
-            self.crossing.insert(conn);
+            self.crossing.entry(conn).or_insert(false);
             return;
         }
         self.broadcast_message(rid, Some(conn), &nick, text);

@@ -427,9 +427,11 @@ pub struct Chat {
     /// cluster (`handle_process_number`), so that no two nodes give the same one.
     wire_ids: Option<(u64, u64)>,
     /// With `cfg.relay`: connections whose SAYs or JOINs may still be crossing the cluster
-    /// (their MESSAGE or PRESENCE not back yet). Their next command answered on this node
-    /// waits for a barrier first, so answers keep the order of commands.
-    crossing: std::collections::HashSet<ConnId>,
+    /// (their MESSAGE or PRESENCE not back yet), and whether a JOIN is among them. Their next
+    /// command answered on this node waits for a barrier first, so answers keep the order of
+    /// commands; after a JOIN every next command does (a JOIN's PRESENCE waits in the
+    /// backbone for the room's subscription, so a SAY to another room would overtake it).
+    crossing: HashMap<ConnId, bool>,
     /// The folded nicks of `awaiting` claims, so a second local HELLO for one finds it taken.
     claimed: HashMap<Box<str>, ConnId>,
     /// Sessions whose connection was lost, held for `resume_window` (see `continuity`),
@@ -506,6 +508,9 @@ enum Awaiting {
     /// Its HELLO's token: another node's session, or none (then the HELLO goes on as a
     /// new session's, with this nick).
     Resume { nick: Box<str>, token: SessionToken },
+    /// A fatal protocol error in its input, sent (and the connection closed) when the
+    /// barrier behind its crossing SAYs comes back; what it sends meanwhile is dropped.
+    Fatal { code: ErrorCode, text: Box<str> },
 }
 
 /// Slots in the timer wheel: with the default 100 ms tick, one revolution is 102.4 s, longer
@@ -581,7 +586,7 @@ impl Chat {
             relay: VecDeque::new(),
             awaiting: HashMap::new(),
             relay_up: false,
-            crossing: std::collections::HashSet::new(),
+            crossing: HashMap::new(),
             wire_ids: None,
             claimed: HashMap::new(),
             held: Slab::new(),
@@ -867,7 +872,10 @@ impl Chat {
         let now_us = self.us_ceil(now);
         self.latest_us = self.latest_us.max(now_us);
         if self.cfg.relay {
-            if let Some((_, held)) = self.awaiting.get_mut(&conn) {
+            if let Some((waiting, held)) = self.awaiting.get_mut(&conn) {
+                if matches!(waiting, Awaiting::Fatal { .. }) {
+                    return; // closed once its output has crossed: nothing more is read
+                }
                 // Its HELLO or WHISPER waits for the cluster; what follows it waits too,
                 // within bounds.
                 held.extend_from_slice(data);
@@ -938,10 +946,13 @@ impl Chat {
         loop {
             match deframer.next(&mut data, self.cfg.max_frame) {
                 Ok(Some(f)) => {
+                    let joining = self.crossing.get(&conn).copied();
                     if self.cfg.relay
                         && self.relay_up
-                        && self.crossing.contains(&conn)
-                        && !matches!(f.opcode, op::SAY | op::WHO | op::WHISPER | op::PONG)
+                        && joining.is_some_and(|join| {
+                            f.opcode != op::PONG
+                                && (join || !self.crosses(conn, f.opcode, f.payload))
+                        })
                     {
                         // Its SAYs or JOINs are still crossing the cluster, and this command
                         // is answered here: it waits for a barrier, so that its answer (a
@@ -992,6 +1003,16 @@ impl Chat {
                 Err(e) => {
                     log::debug!("conn {conn}: {e}");
                     let code = e.code();
+                    if self.cfg.relay && self.relay_up && self.crossing.remove(&conn).is_some() {
+                        // Its SAYs' MESSAGEs are still crossing the cluster: the ERROR and
+                        // the close come after them, as on one server. Nothing it sends
+                        // meanwhile is read.
+                        let text = e.to_string().into_boxed_str();
+                        self.awaiting
+                            .insert(conn, (Awaiting::Fatal { code, text }, Vec::new()));
+                        self.relay.push_back(Relay::Barrier { conn });
+                        return None;
+                    }
                     self.fatal(conn, code, &e.to_string(), CloseReason::Protocol(code));
                     return None;
                 }
@@ -1080,6 +1101,26 @@ impl Chat {
                 self.remove_session(conn, Some(PresenceKind::Quit), CloseReason::Quit);
                 self.closes.push_back((conn, CloseReason::Quit));
             }
+        }
+    }
+
+    /// Whether a command from `conn` goes through the cluster, its answer coming back in
+    /// order behind what its earlier SAYs sent: a SAY, WHO or WHISPER the node will not
+    /// refuse itself. One it refuses (a malformed payload, a bad room, not a member) is
+    /// answered here, so it waits for a barrier like any command answered here. (A policy
+    /// hook's veto is not foreseen: the hook runs once, when the command is handled.)
+    fn crosses(&self, conn: ConnId, opcode: u8, payload: &[u8]) -> bool {
+        match ClientMsg::decode(opcode, payload) {
+            Ok(ClientMsg::Say { room, .. }) => {
+                protocol::valid_room(room)
+                    && self.room_index.get(room).is_some_and(|rid| {
+                        self.state(conn)
+                            .is_some_and(|s| s.rooms.iter().any(|&(r, _)| r == *rid))
+                    })
+            }
+            Ok(ClientMsg::Who { room }) => protocol::valid_room(room),
+            Ok(ClientMsg::Whisper { .. }) => true,
+            _ => false,
         }
     }
 
@@ -1477,6 +1518,11 @@ impl Chat {
                     self.resume_input(now, conn, held);
                 }
             }
+            Some((Awaiting::Fatal { .. }, _)) => {
+                if let Some((Awaiting::Fatal { code, text }, _)) = self.awaiting.remove(&conn) {
+                    self.fatal(conn, code, &text, CloseReason::Protocol(code));
+                }
+            }
             _ => {}
         }
     }
@@ -1727,7 +1773,15 @@ impl Chat {
         assert_eq!(claims, self.claimed.len());
         for (conn, (a, _)) in &self.awaiting {
             let Awaiting::Claim(nick) = a else {
-                assert!(self.state(*conn).is_some_and(|s| s.welcomed), "{conn}");
+                match a {
+                    // A HELLO with a token: its session's node is asked first.
+                    Awaiting::Resume { .. } => {
+                        assert!(self.state(*conn).is_some_and(|s| !s.welcomed), "{conn}")
+                    }
+                    // Any connection's input may be bad.
+                    Awaiting::Fatal { .. } => assert!(self.state(*conn).is_some(), "{conn}"),
+                    _ => assert!(self.state(*conn).is_some_and(|s| s.welcomed), "{conn}"),
+                }
                 continue;
             };
             assert_eq!(self.claimed.get(&fold(nick)), Some(conn));
