@@ -994,7 +994,7 @@ fn has_bytes(c: &Client) -> bool {
     got
 }
 
-/// A message to 600 members is 600 `writev`s, written over several iterations (256 per
+/// A message to 600 members is 600 `writev`s, written over several iterations (64 per
 /// `flush`, the default `flush_slice`), and a PING read between two of them is answered
 /// before the rest of the round: when its PONG is in the pinger's socket, most members have
 /// not been written yet. The server runs in this thread, turned by hand, so "while the round

@@ -165,6 +165,8 @@ fn run(args: &Args) -> Result<(), String> {
         .into_iter()
         .flatten()
         .min();
+        // Zero while a flush left part of its round (`ServerConfig::flush_slice`): this poll
+        // then only picks up what came meanwhile, answered before the round goes on.
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {

@@ -76,8 +76,11 @@ const FANOUT_BUDGETS: usize = 16;
 const CUTS_PER_ITERATION: usize = 16;
 
 /// Connections one `flush` writes before it returns with the rest of the round for the next
-/// iterations (`ServerConfig::flush_slice`): 256 `writev`s, about 1 ms here.
-const FLUSH_SLICE: usize = 256;
+/// iterations (`ServerConfig::flush_slice`): 64 `writev`s, about 0.2-0.3 ms here, so an answer
+/// waits for at most that much of someone else's fan-out. (256 gave a PING round trip p50 of
+/// 1-3 ms under a 1,000-member fan-out against 0.3-0.4 ms; a flush costs a few microseconds
+/// more per slice, and 64 `writev`s are 150 us or more.)
+const FLUSH_SLICE: usize = 64;
 
 /// Reads of connections still in their TLS handshake per iteration (each may cost a
 /// handshake's crypto, about 150 us here: 64 of them, about 10 ms); the rest wait for the next.
@@ -142,8 +145,8 @@ pub struct ServerConfig {
     /// connections among them.
     pub reuseport: bool,
     /// Connections one [`Server::flush`] writes before it returns and leaves the rest of the
-    /// round's output, in place, for the next iterations (default 256; 0: the whole round in
-    /// one `flush`). A message to a thousand members is a thousand `writev`s (about 5 ms
+    /// round's output, in place, for the next iterations (default 64; 0: the whole round in
+    /// one `flush`). A message to a thousand members is a thousand `writev`s (2.5-5 ms
     /// here); in slices, the loop polls between them (`poll_timeout` says now), reads what
     /// came meanwhile (a PING) and answers it before the round goes on where it stopped.
     /// Nothing is parked or copied to stop: the core keeps the round and a cursor. The
