@@ -1973,3 +1973,33 @@ fn held_whispers_follow_a_session_twice() {
     ];
     run_ops(&redis, &case, &ops, false, true).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A session resumed from another node with a SAY and a WHISPER pipelined behind its HELLO:
+/// the SAY's room was new to this node (its subscription under way), so the SAY waited in the
+/// backbone while the WHISPER, sent at once, overtook it, and the sender saw its whisper
+/// first (found by the strict property). Now what follows a resume waits for a barrier, and
+/// a barrier waits for the node's subscriptions.
+#[test]
+fn a_say_and_a_whisper_after_a_resume_keep_their_order() {
+    let redis = Redis::start();
+    let ops = vec![
+        Op::Connect(
+            0,
+            0,
+            vec![
+                Gen::Hello(nick("alice"), Tok::None),
+                Gen::Join(room("lobby")),
+            ],
+        ),
+        Op::Connect(1, 1, vec![]),
+        send(
+            1,
+            vec![
+                Gen::Hello(nick("alice"), Tok::Of(0)),
+                Gen::Say(room("lobby"), text("hi")),
+                Gen::Whisper(nick("alice"), text("ok")),
+            ],
+        ),
+    ];
+    run_ops(&redis, &default_case(), &ops, false, true).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -1169,8 +1169,10 @@ impl Backbone {
             Relay::Barrier { conn } => {
                 if !self.is_up() {
                     self.deliveries.push_back(Delivery::Barrier { conn });
-                } else if self.rooms.values().any(|r| !r.held.is_empty()) {
-                    // After what is held: it is published when its room is ready.
+                } else if !self.settled() {
+                    // After what is held, and after every subscription this node is making:
+                    // a command the barrier lets through may go to such a room, and would be
+                    // held there, behind what follows it.
                     self.barriers.push(conn);
                 } else {
                     self.publish_barrier(now, conn);
@@ -1297,6 +1299,14 @@ impl Backbone {
     }
 
     // ----- inside -----
+
+    /// No room holds anything, and every room this node wants is subscribed: what is sent
+    /// now goes out in order.
+    fn settled(&self) -> bool {
+        self.rooms
+            .values()
+            .all(|r| r.held.is_empty() && (!r.wanted || r.awaiting == 0))
+    }
 
     fn is_ready(&self, room: &str) -> bool {
         self.is_up()
@@ -1773,7 +1783,7 @@ impl Backbone {
                 self.publish(now, &room, o);
             }
         }
-        if self.rooms.values().all(|r| r.held.is_empty()) {
+        if self.settled() {
             for conn in std::mem::take(&mut self.barriers) {
                 self.publish_barrier(now, conn);
             }

@@ -1431,6 +1431,12 @@ impl Chat {
         self.outbox.replying = conn.to_u64();
         self.welcome(now, conn);
         self.outbox.replying = 0;
+        if !rooms.is_empty() {
+            // Its rooms may be new to this node, their subscriptions under way: what it sent
+            // after its HELLO waits for a barrier, as after a JOIN, so that a SAY held for
+            // such a room is not overtaken by what follows it.
+            self.crossing.insert(conn, true);
+        }
         self.resume_input(now, conn, held);
         true
     }
