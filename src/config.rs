@@ -228,13 +228,18 @@ pub struct Args {
     /// Kernel send buffer per connection, SO_SNDBUF (0 = the kernel's autotuning).
     #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
     pub send_buffer: usize,
-    /// Most bytes written to sockets per loop iteration, and most fan-out one sender may
-    /// cause per iteration (the rest waits for the next one).
+    /// Most bytes written to sockets per round of output, and most fan-out one sender may
+    /// cause per round (the rest waits for the next one).
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub write_budget: usize,
-    /// Most frames (one per recipient) one loop iteration's inputs may address before it
-    /// reads no more; the rest is read in the next. Also bounds the slow consumers cut per
-    /// iteration beyond 16.
+    /// Connections written per loop iteration while a round of output is written (0: a
+    /// whole round in one iteration); the loop reads between slices, so a reply does not wait
+    /// for a big fan-out to be written.
+    #[arg(long, default_value_t = 64)]
+    pub flush_slice: usize,
+    /// Most frames (one per recipient) one round's inputs may address before it reads no
+    /// more; the rest is read in the next. Also bounds the slow consumers cut per round
+    /// beyond 16.
     #[arg(long, default_value_t = 256 * 1024)]
     pub iteration_frames: u64,
     /// Flood control: commands per second one connection may send on average (0 = off);
@@ -309,6 +314,7 @@ impl Args {
             shutdown_grace: self.shutdown_grace,
             send_buffer: self.send_buffer,
             write_budget: self.write_budget,
+            flush_slice: self.flush_slice,
             iteration_frames: self.iteration_frames,
             max_conns_per_ip: self.max_conns_per_ip,
             reuseport: self.reuseport,

@@ -486,3 +486,39 @@ fn connections_per_address_are_limited_when_asked() {
     again.quit("bye");
     again.expect_closed();
 }
+
+/// `--flush-slice N`: a round of output to more members than N is written N connections per
+/// loop iteration, the loop reading in between (`chatloop_flush_slices_total` counts the
+/// iterations that left part of a round); `0` writes a round in one iteration. Either way
+/// every member gets the message once.
+#[test]
+fn a_round_is_written_in_slices_of_flush_slice_connections() {
+    for (slice, sliced) in [("1", true), ("0", false)] {
+        let server = Server::start(&["--flush-slice", slice, "--metrics", "127.0.0.1:0"]);
+        let mut members: Vec<Client> = (0..4)
+            .map(|i| {
+                let mut c = server.login(&format!("m{i}"));
+                c.join("big");
+                c
+            })
+            .collect();
+        for c in &mut members {
+            c.barrier(); // the PRESENCE of those who joined after it
+        }
+        let before = server.scrape().get("chatloop_flush_slices_total");
+        members[0].say("big", "one round");
+        for c in &mut members[1..] {
+            c.expect_message("big", "m0", "one round");
+        }
+        for c in &mut members {
+            c.assert_no_pending();
+        }
+        let slices = server.scrape().get("chatloop_flush_slices_total") - before;
+        if sliced {
+            // Four members, one a flush: three flushes left part of the round.
+            assert!(slices >= 3, "--flush-slice 1: {slices} slices");
+        } else {
+            assert_eq!(slices, 0, "--flush-slice 0 never slices");
+        }
+    }
+}

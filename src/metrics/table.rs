@@ -392,6 +392,12 @@ pub static TABLE: &[Metric] = &[
         series: Series::Single(|s| s.shell.writes_deferred),
     },
     Metric {
+        name: "chatloop_flush_slices_total",
+        kind: Kind::Counter,
+        help: "Loop iterations that wrote part of a round of output and left the rest for the next iterations (--flush-slice), reading in between.",
+        series: Series::Single(|s| s.shell.flush_slices),
+    },
+    Metric {
         name: "chatloop_fanout_pauses_total",
         kind: Kind::Counter,
         help: "Times a sender stopped being read for the rest of an iteration because its input had caused a write budget's worth of fan-out.",
