@@ -717,6 +717,8 @@ pub struct Backbone {
     members: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
     /// `AUTH`'s user (None: Redis's `default`) and password, sent first on both links.
     auth: Option<(Option<Box<str>>, Secret)>,
+    /// `Sub`'s `AUTH` has not been answered yet (its reply is the link's first).
+    sub_auth: bool,
     next_reap: Option<Instant>,
     /// After a reconnection: subscription confirmations still to come for the rooms
     /// subscribed again, then the catch-ups not answered yet. While either is non-zero,
@@ -764,6 +766,7 @@ impl Backbone {
             history: (0, 0, 0),
             members: HashMap::new(),
             auth: None,
+            sub_auth: false,
             next_reap: None,
             resubscribing: 0,
             catchups: 0,
@@ -899,6 +902,7 @@ impl Backbone {
             Link::Sub => {
                 if let Some(auth) = &auth {
                     push_command(&mut self.links[1].out, auth);
+                    self.sub_auth = true;
                 }
                 // Before SUBSCRIBE: a subscribed RESP2 connection takes no other command.
                 push_command(
@@ -995,6 +999,7 @@ impl Backbone {
         for l in &mut self.links {
             *l = LinkState::default();
         }
+        self.sub_auth = false;
         for r in self.rooms.values_mut() {
             r.awaiting = 0;
         }
@@ -1906,8 +1911,10 @@ impl Backbone {
 
     fn handle_push(&mut self, frame: OwnedFrame, now: Instant) -> Result<(), String> {
         let OwnedFrame::Array(parts) = frame else {
-            // The reply to CLIENT SETNAME, before the first SUBSCRIBE.
+            // The replies to AUTH and CLIENT SETNAME, before the first SUBSCRIBE.
+            let auth = std::mem::take(&mut self.sub_auth);
             return match frame {
+                OwnedFrame::Error(e) if auth => Err(format!("Redis refused the credentials: {e}")),
                 OwnedFrame::Error(e) => Err(format!("subscriber setup refused: {e}")),
                 _ => Ok(()),
             };
