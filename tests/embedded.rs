@@ -1114,3 +1114,55 @@ fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
     }
     assert!(!has_bytes(&pinger), "the pinger got more than its PONG");
 }
+
+/// Output that keeps coming while a round is written in slices (an application's posts every
+/// iteration here; messages from other nodes in a cluster) joins the round, and a member
+/// already written gets a new chain at its end: without a cap the round never ended, and its
+/// deferred reads, cuts and closes never ran. A round takes at most 256 slices, then the rest
+/// is written whole: posting every iteration, rounds still end.
+#[test]
+fn a_round_fed_every_iteration_still_ends() {
+    use chatloop::core::ChatConfig;
+
+    const MEMBERS: usize = 300;
+    let mut poll = Poll::new().expect("poll");
+    let cfg = ServerConfig {
+        chat: ChatConfig {
+            presence_limit: 1,
+            ..ChatConfig::default()
+        },
+        max_connections: MEMBERS + 16,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(cfg, poll.registry(), Token(0), Instant::now()).expect("server");
+    let addr = server.listen(any_port()).expect("listen");
+    let mut events = Events::with_capacity(1024);
+    let _members: Vec<Client> = (0..MEMBERS)
+        .map(|i| {
+            let mut c = Client::connect(addr);
+            c.send_hello(&format!("m{i}"), &[]);
+            c.send_join("big");
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while server.chat().members("big").map_or(0, |m| m.len()) < MEMBERS || busy(&server) {
+        assert!(Instant::now() < deadline, "the members did not all join");
+        turn(
+            &mut poll,
+            &mut events,
+            &mut server,
+            Duration::from_millis(50),
+        );
+    }
+    let mut ended = 0;
+    for _ in 0..1_000 {
+        assert!(server.post("big", "tick"));
+        turn(&mut poll, &mut events, &mut server, Duration::ZERO);
+        ended += usize::from(!busy(&server));
+    }
+    assert!(
+        ended >= 2,
+        "a round fed every iteration must still end: {ended} of 1,000 iterations ended one"
+    );
+}

@@ -82,6 +82,13 @@ const CUTS_PER_ITERATION: usize = 16;
 /// more per slice, and 64 `writev`s are 150 us or more.)
 const FLUSH_SLICE: usize = 64;
 
+/// Slices one round may take; the flush after them writes the rest of it whole. Frames made
+/// between slices join the round (a connection already written gets a new chain at its end),
+/// so output that keeps coming (messages from other nodes every iteration, an embedder's
+/// posts) could otherwise keep one round open for ever, and with it the round's budgets,
+/// deferred reads, cuts and closes. 256 slices of 64 cover a 16,000-member round.
+const MAX_ROUND_SLICES: u32 = 256;
+
 /// Reads of connections still in their TLS handshake per iteration (each may cost a
 /// handshake's crypto, about 150 us here: 64 of them, about 10 ms); the rest wait for the next.
 const HANDSHAKES_PER_ITERATION: usize = 64;
@@ -1124,6 +1131,7 @@ impl Server {
                 }
                 Round {
                     budget: Budget::new(self.cfg.write_budget, start),
+                    slices: 0,
                     queue_served: false,
                 }
             }
@@ -1134,6 +1142,7 @@ impl Server {
         let mut wrote: Vec<(ConnId, Wrote)> = Vec::new();
         let mut slice_left = match self.cfg.flush_slice {
             0 => usize::MAX,
+            _ if round.slices >= MAX_ROUND_SLICES => usize::MAX,
             n => n,
         };
         let budget = &mut round.budget;
@@ -1214,6 +1223,7 @@ impl Server {
         if self.chat.has_output() {
             // A slice: the rest of the round stays in the core, and its closes wait for it
             // (a closing connection's last frames may be in it).
+            round.slices += 1;
             self.round = Some(round);
             self.stats.flush_slices += 1;
             self.stats.events_dropped = self.events.dropped;
@@ -1607,6 +1617,8 @@ impl Server {
 #[derive(Debug, Clone, Copy)]
 struct Round {
     budget: Budget,
+    /// Flushes that left part of this round (see `MAX_ROUND_SLICES`).
+    slices: u32,
     /// The output that waited for this round's budget has had its turn.
     queue_served: bool,
 }
