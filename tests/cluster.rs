@@ -1199,4 +1199,15 @@ fn a_redis_with_a_password_is_joined_with_the_urls_credentials() {
         assert!(leaked.is_empty(), "a password in the log: {leaked:?}");
     }
     assert_eq!(connected_times(&wrong), 0);
+    let warned = wrong
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("[WARN]") && l.contains("refused the credentials"))
+        .count();
+    assert_eq!(
+        warned,
+        1,
+        "said once at warning level: {:?}",
+        wrong.log_lines()
+    );
 }

@@ -81,8 +81,10 @@ const MSG_ID_KEY: &str = "chatloop:msg_id";
 /// when a cut-off node could not count.
 const SEQ_KEY: &str = "chatloop:seq:";
 const SEQ_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
-/// Most bytes of messages one catch-up (`chatloop_catchup`) brings back per room from its
-/// history after a reconnection: one answer is one pushed message, read whole.
+/// Most bytes of messages the catch-ups (`chatloop_catchup`) of one reconnection bring back
+/// from the rooms' history, shared evenly by the rooms: the answers are pushed on this node's
+/// subscription, which Redis cuts past its pub/sub output limit (32 MB by default, and 8 MB
+/// for a minute), and one answer is read whole.
 const CATCHUP_BYTES: usize = 4 << 20;
 /// A room's kept messages (`--history`): a stream whose entry ids are the msg_ids.
 const HISTORY_KEY: &str = "chatloop:history:";
@@ -195,7 +197,7 @@ redis.register_function('chatloop_catchup', function(keys, args)\n\
   if keys[2] then\n\
     for _, e in ipairs(redis.call('XRANGE', keys[2], '(' .. args[3] .. '-0', '+', 'COUNT', args[4])) do\n\
       local p = e[2][2]\n\
-      if total + #p > tonumber(args[5]) and #out > 0 then break end\n\
+      if total + #p > tonumber(args[5]) then break end\n\
       total = total + #p\n\
       out[#out + 1] = string.match(e[1], '^(%d+)') .. ' ' .. #p .. ' ' .. p\n\
     end\n\
@@ -719,6 +721,8 @@ pub struct Backbone {
     auth: Option<(Option<Box<str>>, Secret)>,
     /// `Sub`'s `AUTH` has not been answered yet (its reply is the link's first).
     sub_auth: bool,
+    /// A refusal of the credentials was logged as a warning since the last connection.
+    auth_warned: bool,
     next_reap: Option<Instant>,
     /// After a reconnection: subscription confirmations still to come for the rooms
     /// subscribed again, then the catch-ups not answered yet. While either is non-zero,
@@ -767,6 +771,7 @@ impl Backbone {
             members: HashMap::new(),
             auth: None,
             sub_auth: false,
+            auth_warned: false,
             next_reap: None,
             resubscribing: 0,
             catchups: 0,
@@ -1017,6 +1022,11 @@ impl Backbone {
             log::warn!(
                 "cluster: lost Redis ({why}); {in_flight} SAYs in flight; retrying in {delay:?}"
             );
+        } else if why.contains("refused the credentials") && !self.auth_warned {
+            // An operator's mistake, not an outage: said once at warning level, then retried
+            // quietly like an unreachable Redis.
+            self.auth_warned = true;
+            log::warn!("cluster: {why}; retrying with backoff");
         } else {
             log::debug!("cluster: Redis unreachable ({why}); retrying in {delay:?}");
         }
@@ -1811,6 +1821,7 @@ impl Backbone {
             (Pending::Setup, _) if !self.stats.up => {
                 self.stats.up = true;
                 self.stats.connects += 1;
+                self.auth_warned = false;
                 self.backoff = BACKOFF_MIN;
                 log::info!("cluster: connected to Redis as node {}", self.node);
             }
@@ -2066,7 +2077,7 @@ impl Backbone {
             .filter_map(|(n, r)| Some((n.clone(), r.catchup.filter(|_| r.wanted)?.1)))
             .collect();
         let own = format!("{WHISPER_CHANNEL}{}", self.ident);
-        let budget = CATCHUP_BYTES.to_string();
+        let budget = (CATCHUP_BYTES / rooms.len().max(1)).to_string();
         let limit = HISTORY_PAGE.to_string();
         for (room, since) in rooms {
             let seq = format!("{SEQ_KEY}{room}");
@@ -2118,21 +2129,30 @@ impl Backbone {
                 }
             }
             // A count below the last one seen started again (it expired, or Redis lost its
-            // data): what went by then cannot be counted.
-            let missed = if seq >= last_seq {
+            // data): what went by then cannot be counted, but what the history kept after
+            // the last message received was missed all the same.
+            let counted = if seq >= last_seq {
                 (seq - last_seq).saturating_sub(live)
             } else {
                 0
             };
-            self.stats.missed += missed;
-            let room: Box<str> = room.into();
+            let missed: Entries = entries
+                .into_iter()
+                .filter(|(id, _, _)| *id > last_id && first_live.is_none_or(|f| *id < f))
+                .collect();
+            self.stats.missed += counted.max(missed.len() as u64);
+            let newest = missed.last().map_or(last_id, |e| e.0);
+            let name: Box<str> = room.into();
             self.recovered.extend(
-                entries
+                missed
                     .into_iter()
-                    .filter(|(id, _, _)| *id > last_id && first_live.is_none_or(|f| *id < f))
-                    .take(missed as usize)
-                    .map(|(id, from, text)| (id, room.clone(), from, text)),
+                    .map(|(id, from, text)| (id, name.clone(), from, text)),
             );
+            // A room with nothing live yet starts from what the catch-up saw, so that the next
+            // cut is caught up, or counted, from here.
+            if let Some(r) = self.rooms.get_mut(room) {
+                r.last = r.last.or(Some((seq, newest)));
+            }
         }
         self.catch_up_answered();
     }
@@ -2156,11 +2176,22 @@ impl Backbone {
             return;
         }
         self.stalling = false;
-        for r in self.rooms.values_mut() {
-            // Not caught up: a room that received nothing since starts from where it was,
-            // and a later message's number counts the gap.
-            if let Some(from) = r.catchup.take() {
-                r.last = r.last.or(Some(from));
+        for (name, r) in self.rooms.iter_mut() {
+            // Not caught up (a link failed, or Redis refused): a room that received nothing
+            // since starts from where it was, and a later message's number counts the gap;
+            // one that did counts the gap before its first live message now.
+            let Some(from) = r.catchup.take() else {
+                continue;
+            };
+            let from_seq = from.0;
+            let first_live = self.stalled.iter().find_map(|(d, s)| match d {
+                Delivery::Message { room, .. } if *s > 0 && room.as_str() == &**name => Some(*s),
+                _ => None,
+            });
+            match first_live {
+                Some(s) if s > from_seq + 1 => self.stats.missed += s - from_seq - 1,
+                Some(_) => {}
+                None => r.last = r.last.or(Some(from)),
             }
         }
         let mut recovered = std::mem::take(&mut self.recovered);

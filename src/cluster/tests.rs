@@ -713,6 +713,7 @@ fn a_reconnected_node_counts_and_recovers_what_it_missed_before_anything_newer()
     let mut asks = commands(&mut b, Link::Cmd);
     asks.sort();
     let own = format!("chatloop:whisper:{}", ident(&b));
+    // 4 MiB of history in all for one reconnection's catch-ups, shared by the rooms.
     assert_eq!(
         asks,
         [
@@ -726,7 +727,7 @@ fn a_reconnected_node_counts_and_recovers_what_it_missed_before_anything_newer()
                 "a",
                 "10",
                 "4096",
-                "4194304"
+                "2097152"
             ],
             [
                 "FCALL",
@@ -738,7 +739,7 @@ fn a_reconnected_node_counts_and_recovers_what_it_missed_before_anything_newer()
                 "c",
                 "12",
                 "4096",
-                "4194304"
+                "2097152"
             ]
         ]
     );
@@ -871,4 +872,45 @@ fn a_whisper_whose_node_was_not_subscribed_is_counted_not_refused() {
         })
     );
     assert_eq!(b.stats().whispers_lost, 1);
+}
+
+#[test]
+fn catch_ups_keep_their_place_through_quiet_rooms_restarted_counts_and_failed_links() {
+    let now = Instant::now();
+    let mut b = with_rooms(now, &["a"]);
+    // A quiet catch-up (nothing missed, nothing live): the room starts again from its count,
+    // so the next cut is caught up from there.
+    reconnect(&mut b, now);
+    b.handle_data(Link::Sub, &subscribed("a"), now)
+        .expect("confirmed");
+    commands(&mut b, Link::Cmd);
+    b.handle_data(Link::Sub, &caught_up(&b, "a", 1, &[]), now)
+        .expect("a");
+    assert_eq!(b.stats().missed, 0);
+    reconnect(&mut b, now);
+    b.handle_data(Link::Sub, &subscribed("a"), now)
+        .expect("confirmed");
+    let asks = commands(&mut b, Link::Cmd);
+    assert_eq!(asks.len(), 1, "caught up again from where it was: {asks:?}");
+    assert_eq!(asks[0][7], "10");
+    // The count started again (expired) while the history kept two messages after the last
+    // one received: they were missed all the same, and are delivered.
+    b.handle_data(
+        Link::Sub,
+        &caught_up(&b, "a", 2, &[(14, "x"), (16, "y")]),
+        now,
+    )
+    .expect("a");
+    assert_eq!(drain(&mut b), [("a".into(), 14), ("a".into(), 16)]);
+    assert_eq!((b.stats().missed, b.stats().recovered), (2, 2));
+    // A link that fails during a catch-up, after a live message numbered past the gap: the
+    // gap before it is counted now (the next catch-up starts after that message).
+    reconnect(&mut b, now);
+    b.handle_data(Link::Sub, &subscribed("a"), now)
+        .expect("confirmed");
+    b.handle_data(Link::Sub, &room_message("a", 40, 7, "live"), now)
+        .expect("live");
+    b.handle_disconnected(now, "reset");
+    assert_eq!(drain(&mut b), [("a".into(), 40)]);
+    assert_eq!(b.stats().missed, 2 + 4, "counts 3 to 6 went by");
 }
