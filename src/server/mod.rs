@@ -1039,6 +1039,14 @@ impl Server {
                 self.chat.handle_close(self.now, id, reason);
                 self.close_now(id, reason);
             }
+            // Its backlog is out, but the round being written may still hold its last
+            // frames (an ERROR made for another connection's input, `session_taken_over`):
+            // it is closed with the round's other closes, after them.
+            Wrote::LastBytes(_) if self.chat.has_output() => {
+                if !self.closing.contains(&id) {
+                    self.closing.push(id);
+                }
+            }
             Wrote::LastBytes(reason) => self.close_now(id, reason),
         }
     }
