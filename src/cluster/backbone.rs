@@ -729,9 +729,10 @@ pub struct Backbone {
     /// what arrives on `Sub` is `stalled`.
     resubscribing: usize,
     catchups: usize,
-    /// Whether deliveries from `Sub` wait for the catch-ups (see `finish_catch_up`), and
-    /// `stats.missed` when they began (for the round's log line).
+    /// Whether deliveries from `Sub` wait for the catch-ups (see `finish_catch_up`), since
+    /// when (bounded by `REPLY_TIMEOUT`), and `stats.missed` when they began (for the log).
     stalling: bool,
+    stall_since: Option<Instant>,
     missed_before: u64,
     /// What arrived on `Sub` while stalling, in order, with each room message's number in
     /// its room (0 for anything else).
@@ -776,6 +777,7 @@ impl Backbone {
             resubscribing: 0,
             catchups: 0,
             stalling: false,
+            stall_since: None,
             missed_before: 0,
             stalled: Vec::new(),
             recovered: Vec::new(),
@@ -933,6 +935,7 @@ impl Backbone {
                 if self.stalling {
                     self.resubscribing = rooms.len();
                     self.missed_before = self.stats.missed;
+                    self.stall_since = Some(now);
                 }
                 for room in rooms {
                     self.subscribe(&room, true);
@@ -1288,15 +1291,27 @@ impl Backbone {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stall = self.pending.front().map(|&(_, t)| t + REPLY_TIMEOUT);
-        [self.retry_at, self.next_ping, self.next_reap, stall]
-            .into_iter()
-            .flatten()
-            .min()
+        let catch_up = self.stall_since.map(|t| t + REPLY_TIMEOUT);
+        [
+            self.retry_at,
+            self.next_ping,
+            self.next_reap,
+            stall,
+            catch_up,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs what is due: a `PING`. Returns `Err` when a reply is overdue (Redis stalled): the
     /// shell resets the links as after a failure. A spurious call does nothing.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), String> {
+        if self.stall_since.is_some_and(|t| now >= t + REPLY_TIMEOUT) {
+            // The subscriptions or the catch-ups' answers did not come back (a half-dead
+            // subscriber link): what waits for them would wait for ever.
+            return Err(format!("no catch-up from Redis in {REPLY_TIMEOUT:?}"));
+        }
         if let Some(&(_, sent)) = self.pending.front() {
             if now >= sent + REPLY_TIMEOUT {
                 return Err(format!("no reply from Redis in {REPLY_TIMEOUT:?}"));
@@ -2176,6 +2191,7 @@ impl Backbone {
             return;
         }
         self.stalling = false;
+        self.stall_since = None;
         for (name, r) in self.rooms.iter_mut() {
             // Not caught up (a link failed, or Redis refused): a room that received nothing
             // since starts from where it was, and a later message's number counts the gap;

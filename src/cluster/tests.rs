@@ -914,3 +914,24 @@ fn catch_ups_keep_their_place_through_quiet_rooms_restarted_counts_and_failed_li
     assert_eq!(drain(&mut b), [("a".into(), 40)]);
     assert_eq!(b.stats().missed, 2 + 4, "counts 3 to 6 went by");
 }
+
+#[test]
+fn a_catch_up_that_never_comes_back_fails_the_link() {
+    let now = Instant::now();
+    let mut b = with_rooms(now, &["a"]);
+    reconnect(&mut b, now);
+    let later = now + Duration::from_secs(10);
+    b.handle_data(Link::Sub, &subscribed("a"), later)
+        .expect("confirmed");
+    b.handle_data(Link::Sub, &room_message("a", 40, 3, "waits"), later)
+        .expect("live");
+    // The FCALL is answered on the command link; its answer on the subscription never comes.
+    let deadline = b.poll_timeout().expect("a deadline");
+    assert!(deadline <= later + REPLY_TIMEOUT);
+    let e = b
+        .handle_timeout(later + REPLY_TIMEOUT)
+        .expect_err("the link is failed");
+    assert!(e.contains("no catch-up"), "{e}");
+    b.handle_disconnected(later + REPLY_TIMEOUT, "no catch-up");
+    assert_eq!(drain(&mut b), [("a".into(), 40)], "what waited goes out");
+}
