@@ -1002,28 +1002,27 @@ fn has_bytes(c: &Client) -> bool {
 /// round's message once, then a second message sent meanwhile, in order; a member whose
 /// chain was still waiting when it sent its own PING gets the first message before its PONG.
 /// Before slicing (one `flush` wrote the whole round), the PONG came after all 600.
-#[test]
-fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
+/// A server turned by hand (`turn`) with `members` clients, `m0`, `m1`..., welcomed and in
+/// room `big`, the loop idle again. Joins tell only the joiner (`presence_limit` 1): 600
+/// joins are not 180,000 PRESENCE frames.
+fn big_room(members: usize) -> (Poll, Events, Server, SocketAddr, Vec<Client>) {
     use chatloop::core::ChatConfig;
 
-    const MEMBERS: usize = 600;
     let mut poll = Poll::new().expect("poll");
     let cfg = ServerConfig {
         chat: ChatConfig {
-            // Joins tell only the joiner: 600 joins are not 180,000 PRESENCE frames.
             presence_limit: 1,
             ..ChatConfig::default()
         },
-        max_connections: MEMBERS + 16,
+        max_connections: members + 16,
         ..ServerConfig::default()
     };
     let mut server = Server::new(cfg, poll.registry(), Token(0), Instant::now()).expect("server");
     let addr = server.listen(any_port()).expect("listen");
     let mut events = Events::with_capacity(1024);
-
     // Connected (the kernel completes the handshake without the loop), their HELLO and
     // JOIN written; the loop then serves them.
-    let mut members: Vec<Client> = (0..MEMBERS)
+    let clients: Vec<Client> = (0..members)
         .map(|i| {
             let mut c = Client::connect(addr);
             c.send_hello(&format!("m{i}"), &[]);
@@ -1031,14 +1030,28 @@ fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
             c
         })
         .collect();
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while server.chat().members("big").map_or(0, |m| m.len()) < members || busy(&server) {
+        assert!(Instant::now() < deadline, "the members did not all join");
+        turn(
+            &mut poll,
+            &mut events,
+            &mut server,
+            Duration::from_millis(50),
+        );
+    }
+    (poll, events, server, addr, clients)
+}
+
+#[test]
+fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
+    const MEMBERS: usize = 600;
+    let (mut poll, mut events, mut server, addr, mut members) = big_room(MEMBERS);
     let mut pinger = Client::connect(addr);
     pinger.send_hello("pinger", &[]);
     let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    while server.chat().members("big").map_or(0, |m| m.len()) < MEMBERS
-        || server.chat().sessions() < MEMBERS + 1
-        || busy(&server)
-    {
-        assert!(Instant::now() < deadline, "the members did not all join");
+    while server.chat().sessions() < MEMBERS + 1 || busy(&server) {
+        assert!(Instant::now() < deadline, "the pinger was not welcomed");
         turn(
             &mut poll,
             &mut events,
@@ -1122,39 +1135,7 @@ fn a_ping_read_while_a_round_is_written_is_answered_before_the_rest_of_it() {
 /// is written whole: posting every iteration, rounds still end.
 #[test]
 fn a_round_fed_every_iteration_still_ends() {
-    use chatloop::core::ChatConfig;
-
-    const MEMBERS: usize = 300;
-    let mut poll = Poll::new().expect("poll");
-    let cfg = ServerConfig {
-        chat: ChatConfig {
-            presence_limit: 1,
-            ..ChatConfig::default()
-        },
-        max_connections: MEMBERS + 16,
-        ..ServerConfig::default()
-    };
-    let mut server = Server::new(cfg, poll.registry(), Token(0), Instant::now()).expect("server");
-    let addr = server.listen(any_port()).expect("listen");
-    let mut events = Events::with_capacity(1024);
-    let _members: Vec<Client> = (0..MEMBERS)
-        .map(|i| {
-            let mut c = Client::connect(addr);
-            c.send_hello(&format!("m{i}"), &[]);
-            c.send_join("big");
-            c
-        })
-        .collect();
-    let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    while server.chat().members("big").map_or(0, |m| m.len()) < MEMBERS || busy(&server) {
-        assert!(Instant::now() < deadline, "the members did not all join");
-        turn(
-            &mut poll,
-            &mut events,
-            &mut server,
-            Duration::from_millis(50),
-        );
-    }
+    let (mut poll, mut events, mut server, _addr, _members) = big_room(300);
     let mut ended = 0;
     for _ in 0..1_000 {
         assert!(server.post("big", "tick"));

@@ -935,3 +935,19 @@ fn a_catch_up_that_never_comes_back_fails_the_link() {
     b.handle_disconnected(later + REPLY_TIMEOUT, "no catch-up");
     assert_eq!(drain(&mut b), [("a".into(), 40)], "what waited goes out");
 }
+
+#[test]
+fn a_malformed_catch_up_from_redis_is_logged_and_ends_the_wait_without_a_panic() {
+    let now = Instant::now();
+    let mut b = with_rooms(now, &["a"]);
+    reconnect(&mut b, now);
+    b.handle_data(Link::Sub, &subscribed("a"), now)
+        .expect("confirmed");
+    b.handle_data(Link::Sub, &room_message("a", 40, 3, "waits"), now)
+        .expect("live");
+    // No count, an entry cut short: ignored, and what waited goes out.
+    let own = format!("chatloop:whisper:{}", ident(&b));
+    b.handle_data(Link::Sub, &pushed(&own, b"Gx:a\n40 99 \x03bob"), now)
+        .expect("not a link failure");
+    assert_eq!(drain(&mut b), [("a".into(), 40)]);
+}
